@@ -1,0 +1,34 @@
+# One entry point for users and CI. Every target creates .venv from requirements.txt if missing.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean-venv
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+## make demo: the whole pipeline on the embedded SynthGRID corpus (data -> pretrain -> finetune -> attack -> FL+DP -> table)
+demo: $(STAMP)
+	$(PY) -m scripts.demo
+
+## make test: the fast test suite
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+## make test-slow: end-to-end tests (minutes)
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+## make bench: speed / memory benchmarks -> benchmarks/results/*.json and report.md
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean-venv:
+	rm -rf $(VENV)

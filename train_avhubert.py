@@ -1,0 +1,24 @@
+"""ASR entry point: prepare | pretrain | finetune | evaluate | export.
+
+    python train_avhubert.py task=pretrain
+    python train_avhubert.py task=finetune masks=both loss=ctc_contrastive
+    python train_avhubert.py experiment=fl_dp_wav2vec2      # the Wav2Vec2 FL + DP variant
+
+The Wav2Vec2 federated/DP variant is selected by config (model.family=wav2vec2
+or federated != none). Composition only: the work lives in training/tasks.py.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import training.config  # noqa: F401  (registers schemas and resolvers)
+from training.tasks import run_asr_task
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_asr_task(cfg)
+
+
+if __name__ == "__main__":
+    main()

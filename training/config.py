@@ -1,0 +1,306 @@
+"""Structured-config schemas for `conf/`.
+
+Each config group's YAML files extend the dataclass registered here under
+`schema/<group>` (`defaults: [/schema/<group>@_here_, _self_]`), so Hydra checks
+every override against a type: `trainer.max_steps=abc` or `masks.positon=...`
+fail at composition with Hydra's own message instead of becoming a silent
+default. Models and privacy modules never import this file: entry code turns
+these configs into plain constructor arguments.
+
+Importing this module registers the schemas and the custom resolvers; both entry
+scripts and `data.prepare` do it before `@hydra.main` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- groups
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING  # prepared corpora live in <data_dir>/<data.name>
+    runs_dir: str = MISSING
+    run_dir: str = MISSING  # one directory per (data, model, adapter, masks, loss, fl, dp, compression, seed)
+    pretrained_dir: str = MISSING  # embedded pretrained checkpoints
+
+
+@dataclass
+class SplitsConfig:
+    """Number of speakers per speaker-disjoint split (SynthGRID)."""
+
+    public: int = 12
+    train: int = 12
+    valid: int = 2
+    test: int = 4
+    attacker_train: int = 12
+    attacker_trials: int = 8
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # synthgrid | lrs3 | voxceleb2 | grid
+    dir: str = MISSING  # prepared corpus directory (manifests/, audio/, video/)
+    raw_dir: Optional[str] = None  # real corpora: where the downloaded archives were unpacked
+    seed: int = 1234  # corpus seed (independent of the training seed)
+    num_speakers: int = 50
+    utterances_per_speaker: int = 24
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    trials_per_speaker: int = 40  # verification trials per held-out speaker (half target, half non-target)
+    sample_rate: int = 16000
+    fps: int = 25
+    roi_size: int = 96
+    crop_size: int = 88
+    image_mean: float = 0.421
+    image_std: float = 0.165
+    stack_order_audio: int = 4
+    normalize_audio: bool = True
+    max_av_length_mismatch: int = 2  # video frames; beyond this an utterance is invalid
+    tokenizer: str = "char"  # char | sentencepiece
+    sentencepiece_vocab: int = 64
+    num_workers: int = 2  # preparation worker processes / DataLoader workers
+    on_error: str = "raise"  # raise | skip (skips are counted and reported at the end of the stage)
+    max_missing_face_frac: float = 0.2  # real corpora: utterances with more frames without a face are skipped
+    subset: Optional[str] = None  # real corpora: e.g. lrs3 30h | 433h fine-tuning subset
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # avhubert_tiny | avhubert_base | avhubert_large | wav2vec2_tiny | wav2vec2_base
+    family: str = "avhubert"  # avhubert | wav2vec2
+    checkpoint: Optional[str] = None  # path to a pretrained checkpoint (fairseq .pt, HF dir/safetensors, ours)
+    checkpoint_format: str = "auto"  # auto | fairseq | hf | ours
+    encoder_embed_dim: int = 768
+    encoder_layers: int = 12
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    resnet_stem_channels: int = 64
+    audio_feat_dim: int = 104
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    final_dim: int = 256
+    modality_fuse: str = "concat"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    dropout_input: float = 0.0
+    dropout_features: float = 0.0
+    final_dropout: float = 0.1
+    encoder_layerdrop: float = 0.0
+    modality_dropout: float = 0.5
+    audio_dropout: float = 0.5
+    freeze_frontends: bool = True
+    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
+
+
+@dataclass
+class AdapterConfig:
+    name: str = MISSING  # none | lora | adalora
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    r: int = 8
+    init_r: int = 12
+    target_r: int = 4
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    tinit_frac: float = 0.1  # AdaLoRA tinit = tinit_frac * total_step
+    tfinal_frac: float = 0.3  # AdaLoRA tfinal = tfinal_frac * total_step
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+
+@dataclass
+class MasksConfig:
+    name: str = MISSING  # none | additive | multiplicative | both
+    additive: bool = False
+    multiplicative: bool = False
+    position: str = "frontend"  # frontend | encoder
+    layer: int = 0  # encoder position: after this encoder layer (0-based)
+    init_scale: float = 1.0  # initial noise standard deviation (relative to feature scale)
+    noise_at_eval: bool = True
+
+
+class LossConfig:
+    name: str = MISSING  # ctc | ctc_contrastive
+    tag: str = MISSING  # run-directory tag (includes lambda/temperature when contrastive)
+    contrastive: bool = False
+    # `lambda` is a Python keyword; YAML and the command line still say loss.lambda
+    temperature: float = 0.1
+    pooling: str = "utterance"  # utterance | frame
+    other_speaker_negatives: bool = False
+    projection_dim: int = 128
+
+
+@dataclass
+class DPConfig:
+    name: str = MISSING  # none | local | central
+    tag: str = MISSING
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0  # local: per-sample clipping bound
+    clipping_norm: float = 1.0  # central: per-client update clipping bound
+    noise_multiplier: Optional[float] = None  # central: if None, derived from the budget
+    accountant: str = "rdp"  # rdp | prv
+    grad_sample_mode: str = "hooks"  # hooks | ghost | functorch
+    poisson_sampling: bool = True
+
+
+@dataclass
+class FederatedConfig:
+    name: str = MISSING  # none | fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
+    tag: str = MISSING
+    num_clients: int = 4
+    num_rounds: int = 5
+    local_epochs: int = 1
+    local_steps: Optional[int] = None
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    proximal_mu: float = 0.01
+    backend: str = "ray"  # ray | sequential (in-process simulation of the same apps)
+    max_update_norm: float = 1.0e6  # updates larger than this are rejected as malformed
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class CompressionConfig:
+    name: str = MISSING  # none | int8 | topk
+    topk_fraction: float = 0.05
+    error_feedback: bool = True
+
+
+@dataclass
+class AttackerConfig:
+    name: str = MISSING  # rjca | audio_only | video_only
+    scenario: str = "semi_informed"  # ignorant | lazy_informed | semi_informed
+    input: str = "protected"  # raw | clean | protected
+    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
+    segments: int = 8
+    segment_frames: int = 25
+    embed_dim: int = 192
+    hidden_dim: int = 128
+    recursions: int = 2
+    aam_margin: float = 0.2
+    aam_scale: float = 30.0
+    lr: float = 1.0e-3
+    weight_decay: float = 2.0e-5
+    epochs: int = 20
+    batch_size: int = 32
+    score_norm: str = "none"  # none | snorm
+    lazy_seed_offset: int = 1000  # lazy-informed: mask instance drawn with seed + offset
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    max_steps: int = 1000
+    lr: float = 1.0e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_frac: float = 0.1
+    schedule: str = "tri_stage"  # tri_stage | cosine | constant
+    hold_frac: float = 0.4
+    grad_clip: float = 1.0
+    batch_size: int = 16  # utterances per batch (P x K when the speaker sampler is on)
+    speakers_per_batch: int = 4  # P
+    utterances_per_speaker: int = 4  # K
+    sampler: str = "bucket"  # bucket | speaker (P x K)
+    eval_every: int = 200
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
+    num_workers: int = 0
+    precision: str = "fp32"
+    cache_frontends: bool = False
+    compile: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # csv | wandb
+    project: str = "privacy-avsr"
+    mode: str = "offline"  # wandb: offline | online | disabled
+
+
+@dataclass
+class EvalConfig:
+    modalities: list[str] = field(default_factory=lambda: ["audio_video", "audio", "video"])
+    noise_types: list[str] = field(default_factory=lambda: ["babble", "white"])
+    snrs: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0])
+    decoder: str = "greedy"  # greedy | beam
+    beam_size: int = 20
+    split: str = "test"
+
+
+@dataclass
+class Config:
+    defaults: list[Any] = field(default_factory=list)
+    task: str = "finetune"  # prepare | pretrain | finetune | evaluate | export
+    seed: int = 1
+    run_name: str = MISSING
+    paths: PathsConfig = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    adapter: AdapterConfig = MISSING
+    masks: MasksConfig = MISSING
+    loss: LossConfig = MISSING
+    dp: DPConfig = MISSING
+    federated: FederatedConfig = MISSING
+    compression: CompressionConfig = MISSING
+    attacker: AttackerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# The contrastive weight is `loss.lambda` on the command line, as in the paper.
+# A keyword cannot be a Python parameter name, so the schema gets the field by
+# name and no generated __init__ (OmegaConf reads fields, never calls it).
+LossConfig.__annotations__["lambda"] = "float"
+setattr(LossConfig, "lambda", 0.1)
+LossConfig = dataclass(init=False, repr=False, eq=False)(LossConfig)
+
+GROUP_SCHEMAS = {
+    "paths": PathsConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "masks": MasksConfig,
+    "loss": LossConfig,
+    "dp": DPConfig,
+    "federated": FederatedConfig,
+    "compression": CompressionConfig,
+    "attacker": AttackerConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
+def _run_tags(*parts: Any) -> str:
+    """Join run-name parts, dropping the ones that say a component is off."""
+    kept = [str(p) for p in parts if str(p) not in ("none", "", "None")]
+    return "-".join(kept) if kept else "base"
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=schema)
+    if not OmegaConf.has_resolver("run_tags"):
+        OmegaConf.register_new_resolver("run_tags", _run_tags)
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+register()
