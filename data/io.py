@@ -1,0 +1,98 @@
+"""Reading and writing the corpus files: 16 kHz mono wav (soundfile) and grayscale mp4 (PyAV).
+
+Every failure raises `MediaError` naming the file and what was expected, so a
+stage can either stop with that message or count a skip (`data.on_error=skip`).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+class MediaError(ValueError):
+    """An audio or video file that is missing, unreadable, truncated or in the wrong format."""
+
+
+def read_wav(path: str | Path, expected_rate: int | None = 16000) -> np.ndarray:
+    """Mono float32 samples in [-1, 1]. Raises MediaError for missing/corrupt files or a wrong rate."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: audio file not found")
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
+        raise MediaError(f"{path}: cannot read audio ({e}); expected a 16 kHz mono wav") from e
+    if expected_rate is not None and rate != expected_rate:
+        raise MediaError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz")
+    if samples.shape[0] == 0:
+        raise MediaError(f"{path}: audio has no samples")
+    return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+
+
+def write_wav(path: str | Path, samples: np.ndarray, rate: int = 16000) -> None:
+    """Write 16-bit PCM mono (deterministic bytes for identical input)."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sf.write(str(tmp), np.clip(samples, -1.0, 1.0).astype(np.float32), rate, subtype="PCM_16", format="WAV")
+    tmp.replace(path)
+
+
+def read_video(path: str | Path, expected_fps: float | None = 25.0) -> np.ndarray:
+    """Grayscale frames as uint8 [T, H, W]. Raises MediaError for missing/corrupt files or a wrong frame rate."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            if expected_fps is not None and fps is not None and abs(fps - expected_fps) > 1e-3:
+                raise MediaError(f"{path}: {fps:g} fps, expected {expected_fps:g} fps")
+            frames = [f.to_ndarray(format="gray") for f in container.decode(stream)]
+    except MediaError:
+        raise
+    except Exception as e:  # av.error.* for truncated / non-video files
+        raise MediaError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise MediaError(f"{path}: video has no decodable frames (truncated?)")
+    return np.stack(frames)
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, crf: int = 18) -> None:
+    """Write grayscale uint8 frames [T, H, W] as an H.264 mp4 (single-threaded, so bytes are reproducible)."""
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"write_video expects uint8 [T, H, W] frames, got {frames.dtype} {frames.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        stream.thread_count = 1
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        container.metadata["encoder"] = ""  # no version string: reproducible bytes across runs
+        for i, gray in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(gray, format="gray")
+            frame.pts = i
+            for packet in stream.encode(frame.reformat(format="yuv420p")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
