@@ -209,7 +209,9 @@ class TrainerConfig:
     warmup_frac: float = 0.1
     schedule: str = "tri_stage"  # tri_stage | cosine | constant
     hold_frac: float = 0.4
-    grad_clip: float = 1.0
+    init_lr_scale: float = 0.01  # warm-up starts at init_lr_scale * lr (fairseq tri-stage default)
+    final_lr_scale: float = 0.05  # tri_stage / cosine end at final_lr_scale * lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     batch_size: int = 16  # utterances per batch (P x K when the speaker sampler is on)
     speakers_per_batch: int = 4  # P
     utterances_per_speaker: int = 4  # K
@@ -218,7 +220,9 @@ class TrainerConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_checkpoints: int = 2
-    max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
+    resume: bool = True  # continue from the newest complete checkpoint in the stage directory
+    max_bad_steps: int = 5  # consecutive NaN/inf losses or gradients before training stops
+    progress_bar: bool = True  # tqdm; shown only on rank 0 and when stderr is a terminal
     num_workers: int = 0
     precision: str = "fp32"
     cache_frontends: bool = False
