@@ -1,0 +1,254 @@
+"""Recognition metrics (WER / CER) and speaker-verification metrics (EER, minDCF, DET).
+
+Plain numpy / jiwer / matplotlib; no Hydra, no torch. Every metric returns a
+fraction in [0, 1] (multiply by 100 for the percentages tables usually show).
+
+Verification convention used throughout
+---------------------------------------
+A trial is *accepted* when ``score >= threshold``. Labels are 1 for target
+(same-speaker) trials and 0 for non-target trials. For a threshold ``t``:
+
+* FRR(t) = P_miss(t) = #{target scores < t} / #targets
+* FAR(t) = P_fa(t)   = #{non-target scores >= t} / #non-targets
+
+The operating points swept are every distinct score (each one as a threshold)
+plus one threshold just above the largest score (``np.nextafter(max, inf)``,
+"reject everything"). The smallest score as threshold is "accept everything"
+(FRR = 0, FAR = 1), so the sweep covers both ends of the DET curve and ties
+between scores are handled exactly (tied trials switch decision together).
+
+EER: FAR(t) - FRR(t) is non-increasing along the sweep. The EER is taken where
+it changes sign, by linear interpolation between the two neighbouring operating
+points i, i+1 (the segment joining them on the ROC): with
+``d = FAR - FRR`` and ``alpha = d_i / (d_i - d_{i+1})``,
+``EER = FAR_i + alpha * (FAR_{i+1} - FAR_i)`` (= the FRR at the same alpha) and
+the reported threshold is interpolated with the same alpha. If some operating
+point has FAR == FRR exactly, that point is the EER and its threshold is
+returned. This equals the usual "brentq on the interpolated ROC" value, and
+differs from the ROC-convex-hull EER of BOSARIS when the ROC is not convex.
+
+minDCF (NIST SRE / VoxCeleb definition):
+``C_det(t) = C_miss * P_miss(t) * P_target + C_fa * P_fa(t) * (1 - P_target)``,
+minimised over all swept thresholds, normalised by the cost of the best
+trivial system ``C_def = min(C_miss * P_target, C_fa * (1 - P_target))``, so it
+is <= 1 (the accept-all and reject-all points are always in the sweep).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "word_error_rate",
+    "char_error_rate",
+    "wer_details",
+    "det_curve",
+    "equal_error_rate",
+    "min_dcf",
+    "speaker_verification_metrics",
+    "plot_det_curve",
+]
+
+
+# --------------------------------------------------------------------------- WER / CER
+def _check_transcripts(refs: Sequence[str], hyps: Sequence[str]) -> tuple[list[str], list[str]]:
+    refs, hyps = list(refs), list(hyps)
+    if len(refs) != len(hyps):
+        raise ValueError(f"refs and hyps must have the same length, got {len(refs)} references and {len(hyps)} hypotheses")
+    if not refs:
+        raise ValueError("refs is empty: need at least one reference transcript")
+    for name, items in (("refs", refs), ("hyps", hyps)):
+        for i, s in enumerate(items):
+            if not isinstance(s, str):
+                raise ValueError(f"{name}[{i}] must be a str, got {type(s).__name__}: {s!r}")
+    return refs, hyps
+
+
+def wer_details(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
+    """Corpus-level word alignment counts (whitespace tokenisation, case-sensitive).
+
+    Returns ``{"wer", "substitutions", "deletions", "insertions", "hits", "ref_words"}``.
+    Empty individual references are allowed (their hypothesis words count as
+    insertions) as long as the corpus has at least one reference word.
+    """
+    import jiwer
+
+    refs, hyps = _check_transcripts(refs, hyps)
+    ref_words = sum(len(r.split()) for r in refs)
+    if ref_words == 0:
+        raise ValueError("all reference transcripts are empty: WER is undefined")
+    out = jiwer.process_words(refs, hyps)
+    return {
+        "wer": float(out.wer),
+        "substitutions": int(out.substitutions),
+        "deletions": int(out.deletions),
+        "insertions": int(out.insertions),
+        "hits": int(out.hits),
+        "ref_words": int(ref_words),
+    }
+
+
+def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus-level WER = (S + D + I) / N as a fraction (may exceed 1)."""
+    return wer_details(refs, hyps)["wer"]
+
+
+def char_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Corpus-level CER as a fraction; characters include the spaces between words (jiwer's convention)."""
+    import jiwer
+
+    refs, hyps = _check_transcripts(refs, hyps)
+    if sum(len(r) for r in refs) == 0:
+        raise ValueError("all reference transcripts are empty: CER is undefined")
+    return float(jiwer.process_characters(refs, hyps).cer)
+
+
+# --------------------------------------------------------------------------- verification
+def _check_trials(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    labels_arr = np.asarray(labels)
+    if scores.ndim != 1 or labels_arr.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D, got shapes {scores.shape} and {labels_arr.shape}")
+    if scores.shape != labels_arr.shape:
+        raise ValueError(f"scores and labels must have the same length, got {scores.shape[0]} and {labels_arr.shape[0]}")
+    if scores.size == 0:
+        raise ValueError("no trials: scores is empty")
+    n_nan = int(np.isnan(scores).sum())
+    if n_nan:
+        raise ValueError(f"scores contain {n_nan} NaN value(s) of {scores.size} (first at index {int(np.flatnonzero(np.isnan(scores))[0])})")
+    n_inf = int(np.isinf(scores).sum())
+    if n_inf:
+        raise ValueError(f"scores contain {n_inf} infinite value(s) of {scores.size}")
+    uniq = np.unique(labels_arr)
+    bad = [u for u in uniq.tolist() if u not in (0, 1, True, False)]
+    if bad:
+        raise ValueError(f"labels must be 0 (non-target) or 1 (target), got values {bad[:5]}")
+    labels_arr = labels_arr.astype(bool)
+    n_tar = int(labels_arr.sum())
+    if n_tar == 0 or n_tar == labels_arr.size:
+        which = "non-target (0)" if n_tar == 0 else "target (1)"
+        raise ValueError(f"labels contain a single class (all {labels_arr.size} trials are {which}): need both target and non-target trials")
+    return scores, labels_arr
+
+
+def det_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FAR, FRR at every swept threshold (increasing), see the module docstring.
+
+    Returns ``(far, frr, thresholds)``, each of length (#distinct scores + 1);
+    far is non-increasing, frr non-decreasing, far[0] = 1, frr[0] = 0,
+    far[-1] = 0, frr[-1] = 1.
+    """
+    scores, labels = _check_trials(scores, labels)
+    order = np.argsort(scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    n_tar = y.sum()
+    n_non = y.size - n_tar
+    # Counts of targets / non-targets strictly below each distinct score.
+    distinct, first_idx = np.unique(s, return_index=True)
+    tar_below = np.concatenate([[0], np.cumsum(y)])[first_idx]
+    non_below = np.concatenate([[0], np.cumsum(~y)])[first_idx]
+    thresholds = np.append(distinct, np.nextafter(distinct[-1], np.inf))
+    tar_below = np.append(tar_below, n_tar)
+    non_below = np.append(non_below, n_non)
+    frr = tar_below / n_tar
+    far = 1.0 - non_below / n_non
+    return far, frr, thresholds
+
+
+def equal_error_rate(scores, labels) -> tuple[float, float]:
+    """Exact EER (fraction) and its threshold, interpolated on the ROC (module docstring)."""
+    far, frr, thr = det_curve(scores, labels)
+    d = far - frr  # starts at +1, ends at -1, non-increasing
+    exact = np.flatnonzero(d == 0)
+    if exact.size:
+        i = int(exact[0])
+        return float(far[i]), float(thr[i])
+    i = int(np.flatnonzero(d > 0)[-1])  # last point with FAR > FRR; i+1 has FAR < FRR
+    alpha = d[i] / (d[i] - d[i + 1])
+    eer = far[i] + alpha * (far[i + 1] - far[i])
+    threshold = thr[i] + alpha * (thr[i + 1] - thr[i])
+    return float(eer), float(threshold)
+
+
+def min_dcf(scores, labels, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, float]:
+    """Normalised minimum detection cost and the threshold that attains it."""
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must be in (0, 1), got {p_target}")
+    if c_miss <= 0 or c_fa <= 0:
+        raise ValueError(f"c_miss and c_fa must be positive, got c_miss={c_miss}, c_fa={c_fa}")
+    far, frr, thr = det_curve(scores, labels)
+    c_det = c_miss * frr * p_target + c_fa * far * (1.0 - p_target)
+    i = int(np.argmin(c_det))
+    c_def = min(c_miss * p_target, c_fa * (1.0 - p_target))
+    return float(c_det[i] / c_def), float(thr[i])
+
+
+def speaker_verification_metrics(scores, labels) -> dict[str, float]:
+    """The numbers a verification run reports (flat keys for metrics.json)."""
+    scores, labels = _check_trials(scores, labels)
+    eer, eer_thr = equal_error_rate(scores, labels)
+    dcf01, _ = min_dcf(scores, labels, p_target=0.01)
+    dcf05, _ = min_dcf(scores, labels, p_target=0.05)
+    return {
+        "eer": eer,
+        "eer_threshold": eer_thr,
+        "min_dcf_p0.01": dcf01,
+        "min_dcf_p0.05": dcf05,
+        "num_target_trials": int(labels.sum()),
+        "num_nontarget_trials": int((~labels).sum()),
+    }
+
+
+# --------------------------------------------------------------------------- plotting
+_DET_TICKS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99]
+
+
+def plot_det_curve(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                   title: str | None = None) -> Path:
+    """Draw DET curves (FRR vs FAR on normal-deviate axes) for several systems into ``path``.
+
+    ``curves`` maps a legend name to ``(far, frr)`` as returned by :func:`det_curve`.
+    Rates of exactly 0 or 1 have no normal deviate; they are clipped to
+    [0.05 %, 99.95 %] so the curve's ends stay on the plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    if not curves:
+        raise ValueError("plot_det_curve: curves is empty, nothing to plot")
+    eps = 5e-4
+    fig, ax = plt.subplots(figsize=(5, 5))
+    try:
+        for name, (far, frr) in curves.items():
+            far = np.clip(np.asarray(far, dtype=float), eps, 1 - eps)
+            frr = np.clip(np.asarray(frr, dtype=float), eps, 1 - eps)
+            if far.shape != frr.shape:
+                raise ValueError(f"plot_det_curve: curve {name!r} has far of shape {far.shape} but frr of shape {frr.shape}")
+            ax.plot(norm.ppf(far), norm.ppf(frr), label=str(name))
+        ticks = norm.ppf(_DET_TICKS)
+        labels = [f"{100 * t:g}" for t in _DET_TICKS]
+        ax.set_xticks(ticks, labels)
+        ax.set_yticks(ticks, labels)
+        lim = norm.ppf([eps, 1 - eps])
+        ax.set_xlim(*lim)
+        ax.set_ylim(*lim)
+        ax.plot(lim, lim, color="0.7", lw=0.8, ls="--")  # EER line
+        ax.set_xlabel("False acceptance rate (%)")
+        ax.set_ylabel("False rejection rate (%)")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, lw=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
