@@ -113,3 +113,44 @@ class SkipCounter:
             lines = [f"  {n} x {r} (e.g. {self.examples[r]})" for r, n in self.reasons.most_common()]
             log.warning("%s: %d items skipped:\n%s", self.stage, self.total, "\n".join(lines))
         return {f"skipped/{r}": n for r, n in self.reasons.items()} | {"skipped/total": self.total}
+
+
+class Stage:
+    """One stage of a run: `<run_dir>/<name>/` with config.yaml, status.json and metrics.json.
+
+        with Stage(cfg, "finetune") as stage:
+            ...
+            stage.metrics.update(wer=0.05)
+
+    status.json says running / done / failed (with the error), so an interrupted
+    or crashed stage is visible to `scripts.make_tables` instead of vanishing.
+    """
+
+    def __init__(self, cfg: Any, name: str):
+        self.cfg = cfg
+        self.name = name
+        self.dir = stage_dir(cfg, name)
+        self.metrics: dict[str, Any] = {}
+
+    def _status(self, status: str, **extra: Any) -> None:
+        atomic_write_text(self.dir / "status.json", json.dumps({"status": status, **extra}) + "\n")
+
+    @property
+    def done(self) -> bool:
+        path = self.dir / "status.json"
+        return path.is_file() and json.loads(path.read_text()).get("status") == "done" and (self.dir / "metrics.json").is_file()
+
+    def __enter__(self) -> "Stage":
+        save_config(self.dir, self.cfg)
+        self._status("running")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            write_metrics(self.dir, self.metrics)
+            self._status("done")
+        else:
+            if self.metrics:
+                write_metrics(self.dir, self.metrics)
+            self._status("failed", error=f"{exc_type.__name__}: {exc}"[:2000])
+        return False

@@ -1,0 +1,340 @@
+"""Turn `runs/**/<stage>/metrics.json` into markdown/LaTeX tables and privacy-utility plots.
+
+    python -m scripts.make_tables                       # all runs under ./runs
+    python -m scripts.make_tables --runs-dir runs --out results --seeds-agg mean_std
+
+Every run directory (`<runs>/<data>/<run_name>/s<seed>`) is one row before
+seed aggregation; its stages contribute columns as `<stage>:<metric>`. Rows are
+grouped by the config axes that identify a system (everything but the seed), and
+numbers become mean +- std over seeds. A stage that started but did not finish
+(`status.json` says running/failed, or no metrics.json) is listed in a
+"failed or incomplete" section: never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# The config keys that identify a system (a table row); seeds are aggregated.
+AXES = (
+    "data.name",
+    "model.name",
+    "adapter.name",
+    "masks.name",
+    "loss.name",
+    "loss.lambda",
+    "federated.name",
+    "dp.name",
+    "dp.target_epsilon",
+    "compression.name",
+)
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    config: dict
+    metrics: dict[str, float] = field(default_factory=dict)  # "<stage>:<key>" -> value
+    problems: list[str] = field(default_factory=list)
+    det_scores: dict[str, Path] = field(default_factory=dict)  # attack stage -> scores.txt
+
+    def axis(self, key: str):
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    @property
+    def system(self) -> tuple:
+        axes = [self.axis(k) for k in AXES]
+        # lambda / epsilon only distinguish systems where they are used
+        if self.axis("loss.name") != "ctc_contrastive":
+            axes[AXES.index("loss.lambda")] = None
+        if self.axis("dp.name") in (None, "none"):
+            axes[AXES.index("dp.target_epsilon")] = None
+        return tuple(axes)
+
+    @property
+    def seed(self):
+        return self.axis("seed")
+
+
+def _stage_name(run_dir: Path, stage_dir: Path) -> str:
+    return stage_dir.relative_to(run_dir).as_posix()
+
+
+def find_runs(runs_dir: Path) -> list[Run]:
+    """Every directory holding stage folders with config.yaml; run_dir = parent of the stage folders."""
+    runs: dict[Path, Run] = {}
+    for cfg_path in sorted(runs_dir.glob("**/config.yaml")):
+        stage_dir = cfg_path.parent
+        if ".hydra" in stage_dir.parts:
+            continue
+        try:
+            config = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            print(f"warning: {cfg_path}: unreadable config ({e}); skipped")
+            continue
+        run_dir_value = (config.get("paths") or {}).get("run_dir")
+        run_dir = Path(run_dir_value) if run_dir_value else stage_dir.parent
+        if not str(stage_dir.resolve()).startswith(str(run_dir.resolve())):
+            run_dir = stage_dir.parent  # runs moved since: fall back to the directory layout
+        run_dir = run_dir.resolve()
+        run = runs.setdefault(run_dir, Run(run_dir=run_dir, config=config))
+        stage = _stage_name(run_dir, stage_dir.resolve())
+        status_path = stage_dir / "status.json"
+        status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        metrics_path = stage_dir / "metrics.json"
+        if status.get("status") in ("failed", "running") or not metrics_path.is_file():
+            reason = status.get("error") or status.get("status") or "no metrics.json"
+            run.problems.append(f"{stage}: {reason}")
+            continue
+        for key, value in json.loads(metrics_path.read_text()).items():
+            run.metrics[f"{stage}:{key}"] = float("nan") if value is None else value
+        if (stage_dir / "scores.txt").is_file():
+            run.det_scores[stage] = stage_dir / "scores.txt"
+    return list(runs.values())
+
+
+def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+@dataclass
+class Column:
+    title: str
+    key: str  # "<stage>:<metric>"
+    scale: float = 100.0  # fractions shown as %
+    digits: int = 1
+
+
+MASK_TABLE = [
+    Column("WER AV clean", "evaluate:wer/audio_video/clean"),
+    Column("WER A clean", "evaluate:wer/audio/clean"),
+    Column("WER V clean", "evaluate:wer/video/clean"),
+    Column("WER AV babble 0 dB", "evaluate:wer/audio_video/babble_0"),
+    Column("WER A babble 0 dB", "evaluate:wer/audio/babble_0"),
+    Column("probe spk acc", "finetune:probe/speaker_acc"),
+    Column("probe EER", "finetune:probe/eer"),
+    Column("EER ignorant", "attack/ignorant:eer"),
+    Column("EER lazy-inf.", "attack/lazy_informed:eer"),
+    Column("EER semi-inf.", "attack/semi_informed:eer"),
+]
+FL_TABLE = [
+    Column("WER", "federated:wer"),
+    Column("CER", "federated:cer"),
+    Column("ε spent (max client)", "federated:epsilon/max", scale=1.0, digits=2),
+    Column("rounds", "federated:rounds", scale=1.0, digits=0),
+    Column("KB sent / client / round", "federated:bytes_per_client_round", scale=1e-3, digits=1),
+]
+
+
+def _label(run: Run) -> str:
+    parts = [str(run.axis("model.name")), str(run.axis("adapter.name"))]
+    if str(run.axis("model.name")).startswith("wav2vec2"):
+        parts = [str(run.axis("model.name"))]
+        fed, dp = run.axis("federated.name"), run.axis("dp.name")
+        parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
+        if dp not in (None, "none"):
+            parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')}")
+        if run.axis("compression.name") not in (None, "none"):
+            parts.append(str(run.axis("compression.name")))
+        return ", ".join(parts)
+    parts.append(f"masks={run.axis('masks.name')}")
+    if run.axis("loss.name") == "ctc_contrastive":
+        parts.append(f"contrastive λ={run.axis('loss.lambda')}")
+    return ", ".join(parts)
+
+
+def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Rows grouped by system; only columns with at least one value are kept."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if any(c.key in run.metrics for c in columns):
+            groups[run.system].append(run)
+    used = [c for c in columns if any(c.key in r.metrics for rs in groups.values() for r in rs)]
+    header = ["system", "seeds"] + [c.title for c in used]
+    rows, raw = [], []
+    for system, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        row = [_label(members[0]), str(len(members))]
+        record = {"label": _label(members[0]), "n_seeds": len(members)}
+        for c in used:
+            values = [r.metrics.get(c.key) for r in members]
+            row.append(fmt(values, c.scale, c.digits))
+            finite = [v for v in values if v is not None and not math.isnan(v)]
+            record[c.key] = statistics.mean(finite) if finite else None
+        rows.append(row)
+        raw.append(record)
+    return header, rows, raw
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(header: list[str], rows: list[list[str]], caption: str) -> str:
+    esc = lambda s: s.replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%").replace("λ", r"$\lambda$").replace("ε", r"$\varepsilon$")
+    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule"]
+    out.append(" & ".join(esc(h) for h in header) + r" \\")
+    out.append(r"\midrule")
+    out += [" & ".join(esc(c) for c in r) + r" \\" for r in rows]
+    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(caption)}}}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when we want low WER (x) and high EER (y)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
+    pts = [(r[wer_key], r[eer_key], r["label"]) for r in raw if r.get(wer_key) is not None and r.get(eer_key) is not None]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
+    ax.scatter(xs, ys, color="tab:blue")
+    for x, y, (_, _, label) in zip(xs, ys, pts):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+    ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50%)")
+    ax.set_xlabel("WER AV clean (%)  (lower is better)")
+    ax.set_ylabel(f"attacker EER (%)  [{eer_key.split(':')[0]}]  (higher is more private)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
+    pts = [
+        (r.metrics["federated:epsilon/max"], r.metrics["federated:wer"], r.axis("dp.name"), r.axis("compression.name"))
+        for r in runs
+        if "federated:epsilon/max" in r.metrics and "federated:wer" in r.metrics and r.axis("dp.name") not in (None, "none")
+    ]
+    base = [r.metrics["federated:wer"] for r in runs if "federated:wer" in r.metrics and r.axis("dp.name") in (None, "none")]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dp_kind in sorted({p[2] for p in pts}):
+        for comp in sorted({p[3] for p in pts}):
+            sel = sorted((p for p in pts if p[2] == dp_kind and p[3] == comp), key=lambda p: p[0])
+            if sel:
+                ax.plot([p[0] for p in sel], [100 * p[1] for p in sel], "o-", label=f"{dp_kind} DP, {comp}")
+    for w in sorted(set(base))[:3]:
+        ax.axhline(100 * w, ls=":", color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε spent (δ = 1e-5)")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("Wav2Vec2 FL + DP: privacy budget vs WER (dotted: no DP)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def plot_det_overlay(runs: list[Run], path: Path) -> bool:
+    from training.metrics import det_curve, plot_det_curve
+
+    curves = {}
+    for run in runs:
+        for stage, scores_path in run.det_scores.items():
+            rows = [line.split() for line in scores_path.read_text().splitlines() if line.strip()]
+            if not rows:
+                continue
+            labels = [int(r[0]) for r in rows]
+            scores = [float(r[-1]) for r in rows]
+            if len(set(labels)) < 2:
+                continue
+            far, frr, _ = det_curve(scores, labels)
+            curves[f"{_label(run)} [{stage.split('/')[-1]}] s{run.seed}"] = (far, frr)
+    if not curves:
+        return False
+    plot_det_curve(curves, path)
+    return True
+
+
+def make_tables(runs_dir: Path, out_dir: Path, context: str = "") -> str:
+    runs = find_runs(runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    header, rows, raw_masks = build_table(runs, MASK_TABLE)
+    if rows:
+        sections.append(("AV-HuBERT + masks: utility (WER, %) and identity leakage (probe, attacker EER, %)", "masks", header, rows))
+    header_fl, rows_fl, _ = build_table(runs, FL_TABLE)
+    if rows_fl:
+        sections.append(("Wav2Vec2 federated + DP (WER/CER in %)", "fl_dp", header_fl, rows_fl))
+    md = [f"<!-- generated by `python -m scripts.make_tables --runs-dir {runs_dir}`; do not edit by hand -->\n"]
+    if context:
+        md.append(context.strip() + "\n")
+    for title, name, h, r in sections:
+        md.append(f"### {title}\n\n" + to_markdown(h, r))
+        (out_dir / f"{name}.md").write_text(to_markdown(h, r))
+        (out_dir / f"{name}.tex").write_text(to_latex(h, r, title))
+    plots = []
+    for scenario in ("semi_informed", "lazy_informed", "ignorant"):
+        if plot_privacy_utility(raw_masks, out_dir / f"privacy_utility_{scenario}.png", "evaluate:wer/audio_video/clean", f"attack/{scenario}:eer"):
+            plots.append(f"privacy_utility_{scenario}.png")
+    if plot_epsilon_wer(runs, out_dir / "epsilon_wer.png"):
+        plots.append("epsilon_wer.png")
+    if plot_det_overlay(runs, out_dir / "det_overlay.png"):
+        plots.append("det_overlay.png")
+    if plots:
+        md.append("Plots: " + ", ".join(f"`{out_dir / p}`" for p in plots) + "\n")
+    problems = [(r.run_dir, p) for r in runs for p in r.problems]
+    if problems:
+        md.append("### Failed or incomplete stages\n\n" + "\n".join(f"- `{d}`: {p}" for d, p in problems) + "\n")
+    if not sections and not problems:
+        md.append(f"No runs with metrics under `{runs_dir}`.\n")
+    text = "\n".join(md)
+    (out_dir / "tables.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <runs-dir>/tables)")
+    parser.add_argument("--context", default="", help="a line stating data, model size, seeds and hardware")
+    args = parser.parse_args(argv)
+    if not args.runs_dir.is_dir():
+        raise SystemExit(f"error: runs directory {args.runs_dir} does not exist (run train_avhubert.py first)")
+    print(make_tables(args.runs_dir, args.out or args.runs_dir / "tables", args.context))
+
+
+if __name__ == "__main__":
+    main()
