@@ -1,0 +1,250 @@
+"""Compression of client model updates (what a client actually uploads).
+
+Flower has no update compression of its own, so it lives here, in user code.
+A compressor turns the client's UPDATE ``delta = local_weights - global_weights``
+(a dict ``parameter name -> array``) into a *payload*: a flat dict of small
+numpy arrays whose keys are ``"<parameter name>::<field>"``. The payload is
+exactly what goes into the reply ``ArrayRecord``; the server calls
+:func:`decompress` to get the delta back.
+
+Payload fields per parameter
+----------------------------
+* no compression: ``::dense`` float32, the delta itself.
+* :class:`Int8Quantizer`: ``::q`` int8 (flattened), ``::scale`` float32 (one per
+  block, or one per tensor), ``::shape`` int64. Value ``x`` in a block with
+  ``scale = max|block| / 127`` is sent as ``q = round(x / scale)``; the decoded
+  ``q * scale`` differs from ``x`` by at most ``scale / 2`` (rounding), and
+  ``scale <= max|block| / 127``. About 4x smaller than float32.
+* :class:`TopKSparsifier`: ``::idx`` int32 flat indices and ``::val`` float32
+  values of the ``k = ceil(fraction * numel)`` largest-magnitude entries, and
+  ``::shape`` int64. 8 bytes per kept entry.
+
+Error feedback (top-k)
+----------------------
+What top-k drops is not lost: the client keeps it in a residual and adds it to
+the next round's update before selecting (Stich et al. 2018; Karimireddy et al.
+2019). The residual is per client and persists across rounds; the ClientApp
+stores it in ``context.state`` (see :meth:`TopKSparsifier.state_dict`). Then the
+sum of what was sent over T rounds equals the sum of the true updates minus the
+current residual, whose size stays bounded, so the error of the sum does not
+grow with T.
+
+Compression and differential privacy
+------------------------------------
+With DP, compress AFTER clipping and noising. Anything computed from the
+privatised update is post-processing and costs no privacy. The other order is
+unsafe: the top-k support (which coordinates are sent) and the quantisation
+scale (the max magnitude) are functions of the raw update, so sending them
+un-noised leaks information that the DP analysis does not cover. The
+error-feedback residual is computed from the noised update too, so it never
+holds un-noised data. (With central DP the server clips and noises the
+aggregate: there the client's compressed update is not privatised at all, and
+the trust assumption is the usual one of central DP, a trusted server.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+SEPARATOR = "::"
+PAYLOAD_FIELDS = ("dense", "q", "scale", "shape", "idx", "val")
+
+
+def _as_numpy(value: ArrayLike) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().to(torch.float32).numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def payload_key(name: str, field: str) -> str:
+    return f"{name}{SEPARATOR}{field}"
+
+
+def split_payload_key(key: str) -> tuple[str, str]:
+    name, sep, field = key.rpartition(SEPARATOR)
+    if not sep or not name or field not in PAYLOAD_FIELDS:
+        raise ValueError(f"payload key {key!r} is not of the form '<parameter>{SEPARATOR}<field>' with field in {PAYLOAD_FIELDS}")
+    return name, field
+
+
+class NoCompression:
+    """Sends the float32 delta as is (the baseline for byte counts)."""
+
+    name = "none"
+
+    def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        return {payload_key(name, "dense"): _as_numpy(value) for name, value in delta.items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        pass
+
+
+class Int8Quantizer:
+    """Symmetric int8 quantisation with one scale per tensor (`block_size=None`) or per block of `block_size` values."""
+
+    name = "int8"
+
+    def __init__(self, block_size: int | None = None):
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"Int8Quantizer block_size must be >= 1 or None (per tensor), got {block_size}")
+        self.block_size = block_size
+
+    def quantize(self, value: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        flat = _as_numpy(value).reshape(-1)
+        block = self.block_size or max(flat.size, 1)
+        num_blocks = max(math.ceil(flat.size / block), 1)
+        padded = np.zeros(num_blocks * block, dtype=np.float32)
+        padded[: flat.size] = flat
+        blocks = padded.reshape(num_blocks, block)
+        scale = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
+        # an all-zero block has scale 0: any q decodes to 0, so divide by 1 instead
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
+        return q.reshape(-1)[: flat.size], scale
+
+    def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        payload: dict[str, np.ndarray] = {}
+        for name, value in delta.items():
+            array = _as_numpy(value)
+            q, scale = self.quantize(array)
+            payload[payload_key(name, "q")] = q
+            payload[payload_key(name, "scale")] = scale
+            payload[payload_key(name, "shape")] = np.asarray(array.shape, dtype=np.int64)
+        return payload
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        pass
+
+
+class TopKSparsifier:
+    """Keeps the `fraction` largest-magnitude entries of each tensor; with error feedback the rest is carried over."""
+
+    name = "topk"
+
+    def __init__(self, fraction: float, error_feedback: bool = True):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"TopKSparsifier fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.error_feedback = error_feedback
+        self.residual: dict[str, np.ndarray] = {}
+
+    def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        payload: dict[str, np.ndarray] = {}
+        for name, value in delta.items():
+            array = _as_numpy(value)
+            flat = array.reshape(-1).copy()
+            if self.error_feedback and name in self.residual:
+                residual = self.residual[name]
+                if residual.shape != flat.shape:
+                    raise ValueError(
+                        f"top-k residual for {name!r} has {residual.size} values but the update has {flat.size}; "
+                        "the model changed between rounds"
+                    )
+                flat += residual
+            k = min(flat.size, max(1, math.ceil(self.fraction * flat.size)))
+            if k == flat.size:
+                idx = np.arange(flat.size)
+            else:
+                idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+            idx = np.sort(idx).astype(np.int32)
+            val = flat[idx].astype(np.float32)
+            if self.error_feedback:
+                leftover = flat.copy()
+                leftover[idx] = 0.0
+                self.residual[name] = leftover
+            payload[payload_key(name, "idx")] = idx
+            payload[payload_key(name, "val")] = val
+            payload[payload_key(name, "shape")] = np.asarray(array.shape, dtype=np.int64)
+        return payload
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The per-client residual (kept on the client, never sent)."""
+        return {name: value.copy() for name, value in self.residual.items()}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.residual = {name: np.asarray(value, dtype=np.float32).reshape(-1).copy() for name, value in state.items()}
+
+
+Compressor = Union[NoCompression, Int8Quantizer, TopKSparsifier]
+
+
+def build_compressor(
+    name: str, topk_fraction: float = 0.05, error_feedback: bool = True, int8_block_size: int | None = None
+) -> Compressor:
+    if name == "none":
+        return NoCompression()
+    if name == "int8":
+        return Int8Quantizer(block_size=int8_block_size)
+    if name == "topk":
+        return TopKSparsifier(topk_fraction, error_feedback=error_feedback)
+    raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
+
+
+def decompress(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Payload -> float32 delta per parameter. Raises ValueError on a malformed payload."""
+    fields: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in payload.items():
+        name, field = split_payload_key(key)
+        fields.setdefault(name, {})[field] = np.asarray(value)
+    delta: dict[str, np.ndarray] = {}
+    for name, parts in fields.items():
+        kinds = set(parts)
+        if kinds == {"dense"}:
+            delta[name] = parts["dense"].astype(np.float32)
+            continue
+        shape = _shape(name, parts)
+        numel = int(np.prod(shape)) if len(shape) else 1
+        if kinds == {"q", "scale", "shape"}:
+            q, scale = parts["q"], parts["scale"].astype(np.float32).reshape(-1)
+            if q.dtype != np.int8 or q.size != numel or scale.size < 1:
+                raise ValueError(f"int8 payload for {name!r}: q has dtype {q.dtype} and {q.size} values, expected int8 x {numel}")
+            block = max(math.ceil(numel / scale.size), 1)
+            if numel and math.ceil(numel / block) != scale.size:
+                raise ValueError(f"int8 payload for {name!r}: {scale.size} scales do not tile {numel} values")
+            per_value = np.repeat(scale, block)[:numel]
+            delta[name] = (q.reshape(-1).astype(np.float32) * per_value).reshape(shape)
+        elif kinds == {"idx", "val", "shape"}:
+            idx, val = parts["idx"].reshape(-1), parts["val"].reshape(-1)
+            if idx.size != val.size:
+                raise ValueError(f"top-k payload for {name!r}: {idx.size} indices but {val.size} values")
+            if not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= numel)):
+                raise ValueError(f"top-k payload for {name!r}: indices must be integers in [0, {numel})")
+            if np.unique(idx).size != idx.size:
+                raise ValueError(f"top-k payload for {name!r}: repeated indices")
+            dense = np.zeros(numel, dtype=np.float32)
+            dense[idx] = val.astype(np.float32)
+            delta[name] = dense.reshape(shape)
+        else:
+            raise ValueError(f"payload for {name!r} has fields {sorted(kinds)}; expected one of dense | q+scale+shape | idx+val+shape")
+    return delta
+
+
+def _shape(name: str, parts: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+    shape = parts["shape"]
+    if shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer) or (shape.size and shape.min() < 0):
+        raise ValueError(f"payload for {name!r}: '::shape' must be a 1-d array of non-negative integers, got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the payload as it travels: the serialised arrays of the ArrayRecord (data incl. numpy headers, plus keys)."""
+    from flwr.app import Array, ArrayRecord
+
+    record = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in payload.items()})
+    return int(record.count_bytes())
+
+
+def dense_nbytes(delta: Mapping[str, ArrayLike]) -> int:
+    """Bytes the same update would take uncompressed (float32), for the compression ratio."""
+    return payload_nbytes(NoCompression().compress(delta))
