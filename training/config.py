@@ -127,7 +127,9 @@ class MasksConfig:
     position: str = "frontend"  # frontend | encoder
     layer: int = 0  # encoder position: after this encoder layer (0-based)
     init_scale: float = 1.0  # initial noise standard deviation (relative to feature scale)
-    noise_at_eval: bool = True
+    min_scale: float = 0.0  # floor on the relative noise std (keeps the masks from learning to vanish)
+    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])  # frontend position: masked front-ends
+    noise_at_eval: bool = True  # the protected representation is noisy at inference too (docs/method.md)
 
 
 class LossConfig:
@@ -137,8 +139,8 @@ class LossConfig:
     # `lambda` is a Python keyword; YAML and the command line still say loss.lambda
     temperature: float = 0.1
     pooling: str = "utterance"  # utterance | frame
-    other_speaker_negatives: bool = False
-    projection_dim: int = 128
+    other_speaker_negatives: bool = False  # ablation: every other utterance is a negative, not only same-speaker ones
+    projection_dim: int = 128  # contrastive projection head output (head is dropped after training)
 
 
 @dataclass
@@ -180,22 +182,38 @@ class CompressionConfig:
 
 @dataclass
 class AttackerConfig:
+    """RJCA attacker. Model fields mirror models.rjca.RJCAConfig (build it with
+    RJCAConfig.from_dict(attacker) plus input_kind = "raw" if input == "raw" else
+    "features" and audio_feat_dim / video_feat_dim from the features attacked)."""
+
     name: str = MISSING  # rjca | audio_only | video_only
     scenario: str = "semi_informed"  # ignorant | lazy_informed | semi_informed
     input: str = "protected"  # raw | clean | protected
     modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
-    segments: int = 8
-    segment_frames: int = 25
-    embed_dim: int = 192
-    hidden_dim: int = 128
-    recursions: int = 2
+    segments: int = 8  # L segment embeddings per utterance (boundaries adapt to its length)
+    recursions: int = 2  # joint cross-attention steps, each with its own weights
+    audio_dim: int = 192  # per-segment audio embedding d_a
+    video_dim: int = 256  # per-segment visual embedding d_v
+    embed_dim: int = 192  # final speaker embedding
+    ecapa_channels: int = 256  # ECAPA-TDNN width C (divisible by ecapa_res2net_scale)
+    ecapa_res2net_scale: int = 8
+    ecapa_se_channels: int = 64
+    visual_cnn_widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # raw ROI frames only
+    visual_channels: int = 256
+    visual_temporal_layers: int = 2
+    attention_dropout: float = 0.6
+    lstm_layers: int = 2
+    lstm_dropout: float = 0.1
+    pool_attention_dim: int = 128
     aam_margin: float = 0.2
     aam_scale: float = 30.0
     lr: float = 1.0e-3
+    lr_decay: float = 0.95  # per epoch (the original uses 0.65 over many more epochs)
     weight_decay: float = 2.0e-5
     epochs: int = 20
     batch_size: int = 32
     score_norm: str = "none"  # none | snorm
+    snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
     lazy_seed_offset: int = 1000  # lazy-informed: mask instance drawn with seed + offset
 
 
