@@ -350,6 +350,13 @@ class EncoderLayerMask(nn.Module):
         return self.mask.mean_log_sigma()
 
 
+def mask_kind(additive: bool, multiplicative: bool) -> str:
+    """The build_masks `kind` for the config booleans (masks.name may carry a position tag)."""
+    return {(False, False): "none", (True, False): "additive", (False, True): "multiplicative", (True, True): "both"}[
+        (bool(additive), bool(multiplicative))
+    ]
+
+
 def build_masks(
     kind: str,
     position: str = "frontend",

@@ -243,3 +243,9 @@ def test_min_scale_floors_the_noise():
         add.rho_a.fill_(-80.0)
     assert torch.allclose(add.sigma(), torch.full((D,), 0.2))
     assert math.isfinite(build_masks("both", dim=D, min_scale=0.1).mean_log_sigma().item())
+
+
+def test_mask_kind_from_config_booleans():
+    from privacy.masks import mask_kind
+
+    assert [mask_kind(a, m) for a, m in ((0, 0), (1, 0), (0, 1), (1, 1))] == ["none", "additive", "multiplicative", "both"]
