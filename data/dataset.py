@@ -145,6 +145,7 @@ class AVSRDataset(Dataset):
         self.normalize_audio = normalize_audio
         self.crop_size, self.image_mean, self.image_std = crop_size, image_mean, image_std
         self.skips = SkipCounter(f"dataset {split}")
+        self._wrd_path = manifest_dir(data_dir) / f"{split}.wrd"
         self.noise = self._check_noise(noise)
 
         if on_error == "raise":
@@ -177,7 +178,7 @@ class AVSRDataset(Dataset):
 
     # ------------------------------------------------------------------ validation
     def _fail(self, reason: str, message: str) -> DatasetError:
-        return DatasetError(reason, f"split {self.split!r}, utterance: {message}")
+        return DatasetError(reason, f"split {self.split!r}, utterance {message}")
 
     def _load_waveform(self, u: Utterance) -> np.ndarray:
         import soundfile as sf
@@ -214,13 +215,13 @@ class AVSRDataset(Dataset):
 
     def _encode(self, u: Utterance) -> Optional[list[int]]:
         if not u.text.split():
-            raise self._fail("empty_transcript", f"{u.id}: empty transcript")
+            raise self._fail("empty_transcript", f"{u.id}: {self._wrd_path}: empty transcript")
         if self.tokenizer is None:
             return None
         try:
             return self.tokenizer.encode(u.text, utt_id=u.id)
         except TokenizerError as e:
-            raise self._fail("non_vocabulary_transcript", f"{u.id}: {e}") from e
+            raise self._fail("non_vocabulary_transcript", f"{u.id}: {self._wrd_path}: {e}") from e
 
     def _check_lengths(self, u: Utterance, wav: Optional[np.ndarray], frames: Optional[np.ndarray]) -> None:
         if wav is None or frames is None:
