@@ -1,0 +1,172 @@
+"""Run a federation: Flower's simulation engine (Ray) or a sequential in-process grid.
+
+``run_federated(run_config, num_clients, backend)``:
+
+* ``backend="ray"``: ``flwr.simulation.run_simulation`` with the Ray backend and
+  one CPU per virtual client. Flower 1.42 marks ``run_simulation`` deprecated in
+  favour of ``flwr run`` with a local-simulation SuperLink; it still works, needs
+  no ``~/.flwr/config.toml`` and takes app objects (so the run config can be
+  given as a Python dict), which is why it is used here. Its deprecation warning
+  is logged once per call; it does not affect the run.
+* ``backend="sequential"``: :class:`InProcessGrid` implements Flower's ``Grid``
+  by calling the same ClientApp on each message in turn, in this process, with
+  one persistent ``Context`` per virtual node (as a SuperNode keeps it). An
+  exception in a client becomes an error reply, as in the real runtimes. No Ray,
+  no threads: for debugging, deterministic tests, and benchmark comparison.
+
+Both run :func:`privacy.federated.server_app.run_server`; results are read back
+from the run directory (``federated_rounds.json``, ``global_model.npz``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_JSON, make_server_app, run_server
+from privacy.federated.settings import resolve_run_config
+
+log = logging.getLogger(__name__)
+
+CLIENT_EXCEPTION_CODE = 1  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def _set_task_identity(run_id: int) -> None:
+    """Flower stamps run/task ids on new messages; outside its runtimes someone must set them once."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (node ids 1..N, partition-id = node id - 1)."""
+
+    def __init__(
+        self,
+        client_app: ClientApp | Callable[[int], ClientApp],
+        num_nodes: int,
+        run_config: Mapping[str, Any],
+        run_id: int = 1,
+    ):
+        from flwr.supercore.run import Run
+
+        _set_task_identity(run_id)
+        self._run = Run.create_empty(run_id=run_id)
+        self._apps = client_app if callable(client_app) and not isinstance(client_app, ClientApp) else (lambda node_id: client_app)
+        self.contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": node_id - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for node_id in range(1, num_nodes + 1)
+        }
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("InProcessGrid answers in send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("InProcessGrid answers in send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            self.sent.append(message)
+            try:
+                reply = self._apps(node_id)(message, self.contexts[node_id])
+            except Exception as error:  # a crashing client becomes an error reply, as in Flower's runtimes
+                log.warning("node %d raised: %s", node_id, error)
+                reason = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
+                reply = Message(Error(code=CLIENT_EXCEPTION_CODE, reason=reason), reply_to=message)
+            self.received.append(reply)
+            replies.append(reply)
+        return replies
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    rounds_path = run_dir / ROUNDS_JSON
+    if not rounds_path.exists():
+        raise RuntimeError(f"the federation wrote no {rounds_path}: the ServerApp failed (see the log above)")
+    summary = json.loads(rounds_path.read_text())
+    with np.load(run_dir / GLOBAL_MODEL) as data:
+        summary["final_state"] = {k: data[k] for k in data.files}
+    return summary
+
+
+def run_federated(
+    run_config: Mapping[str, Any],
+    num_clients: int,
+    backend: str = "ray",
+    client_app: Optional[ClientApp | Callable[[int], ClientApp]] = None,
+) -> dict[str, Any]:
+    """Run the federation; returns the round summary (see server_app.run_server) plus `final_state`.
+
+    `client_app` (sequential backend only) replaces the ClientApp, or maps a node
+    id to one, e.g. to put a faulty or malicious client into a test federation.
+    """
+    cfg = dict(run_config)
+    cfg["num-clients"] = num_clients
+    temporary = None
+    if not cfg.get("run-dir"):
+        temporary = tempfile.TemporaryDirectory(prefix="federated-")
+        cfg["run-dir"] = temporary.name
+    cfg = resolve_run_config(cfg)
+    run_dir = Path(cfg["run-dir"])
+    try:
+        if backend == "sequential":
+            from privacy.federated.client_app import make_client_app
+
+            grid = InProcessGrid(client_app or make_client_app(cfg), num_clients, cfg)
+            summary = run_server(grid, cfg)
+            summary["grid"] = grid
+            return summary
+        if backend != "ray":
+            raise ValueError(f"backend must be 'ray' or 'sequential', got {backend!r}")
+        if client_app is not None:
+            raise ValueError("a custom client_app is only supported with backend='sequential'")
+        from flwr.simulation import run_simulation
+
+        from privacy.federated.client_app import make_client_app
+
+        log.info("flwr.simulation.run_simulation is deprecated in Flower 1.42 (use `flwr run`); it is used here on purpose, see runner.py")
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=make_client_app(cfg),
+            num_supernodes=num_clients,
+            backend_name="ray",
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": min(num_clients, 2)}},
+        )
+        return _read_results(run_dir)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()

@@ -1,0 +1,150 @@
+"""Flower ServerApp (Message API): rounds of train -> validate/aggregate -> evaluate, with a per-round log.
+
+:func:`run_server` is the whole server logic; the ServerApp's ``main(grid,
+context)`` only calls it, and the sequential runner calls it with an in-process
+grid, so both paths execute the same code. It is Flower's ``Strategy.start``
+loop written out, because it also has to
+
+* write per-round metrics (train loss, eval WER, epsilon and bytes per client,
+  rejected / failed counts) to ``<run-dir>/federated_rounds.json`` and ``.csv``
+  after every round (atomic writes, so a crash leaves the last complete round);
+* stop early when the privacy budget is exhausted: central DP stops BEFORE a
+  release that would exceed ``target-epsilon`` (Flower's accountant raises
+  ``PrivacyBudgetExhausted`` in ``configure_train``); local DP stops once a
+  client reports ``epsilon >= target-epsilon``.
+
+The final global model (trainable parameters) is saved as
+``<run-dir>/global_model.npz``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+from privacy.federated.settings import resolve_run_config
+from privacy.federated.strategy import build_strategy
+from privacy.federated.task import arrays_to_state, federated_state, load_task, state_to_arrays
+
+log = logging.getLogger(__name__)
+
+ROUNDS_JSON = "federated_rounds.json"
+ROUNDS_CSV = "federated_rounds.csv"
+GLOBAL_MODEL = "global_model.npz"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    from training.run import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    _atomic_write(run_dir / ROUNDS_JSON, (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode())
+    buffer = io.StringIO()
+    columns = ["round", "node_id", "partition_id", "status", "train_loss", "epsilon", "bytes_sent", "dense_bytes", "update_norm", "eval_wer", "reason"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for rnd in summary["rounds"]:
+        for client in rnd["clients"]:
+            writer.writerow({"round": rnd["server_round"], "status": "accepted", "eval_wer": rnd["eval"].get("eval_wer", ""), **client})
+        for status in ("rejected", "failed"):
+            for client in rnd[status]:
+                writer.writerow({"round": rnd["server_round"], "status": status, **client})
+    _atomic_write(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    cfg = resolve_run_config(run_config, overrides)
+    num_clients = int(cfg["num-clients"])
+    run_dir = Path(cfg["run-dir"]) if cfg["run-dir"] else None
+    torch.manual_seed(int(cfg["seed"]))
+    task = load_task(cfg)
+    initial = federated_state(task.build_model())
+    strategy, dp_wrapper = build_strategy(cfg, num_clients)
+    strategy.summary()
+
+    arrays = state_to_arrays(initial)
+    train_config = ConfigRecord({"lr": float(cfg["lr"])})
+    stop_reason = "completed"
+    rounds_done = 0
+    t0 = time.time()
+    summary: dict[str, Any] = {"config": dict(cfg), "rounds": []}
+    for server_round in range(1, int(cfg["num-rounds"]) + 1):
+        try:
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+        except PrivacyBudgetExhausted as error:
+            stop_reason = f"central privacy budget exhausted before round {server_round}: {error}"
+            log.warning(stop_reason)
+            break
+        replies = grid.send_and_receive(messages, timeout=float(cfg["round-timeout"]))
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=float(cfg["round-timeout"])))
+        rounds_done = server_round
+
+        record = strategy.rounds[server_round]
+        entry = asdict(record)
+        entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
+        accepted = record.clients
+        entry["train_loss"] = float(np.average([c["train_loss"] for c in accepted], weights=[c["num_examples"] for c in accepted])) if accepted else None
+        entry["max_client_epsilon"] = max((c["epsilon"] for c in accepted), default=0.0)
+        entry["bytes_sent_total"] = sum(c["bytes_sent"] for c in accepted)
+        if dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
+            entry["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
+        summary["rounds"].append(entry)
+        summary.update(rounds_completed=rounds_done, stop_reason=stop_reason, seconds=time.time() - t0)
+        if run_dir is not None:
+            _write_round_log(run_dir, summary)
+        if cfg["dp"] == "local" and entry["max_client_epsilon"] >= float(cfg["target-epsilon"]):
+            stop_reason = f"local privacy budget reached after round {server_round}: epsilon {entry['max_client_epsilon']:.3f} >= {cfg['target-epsilon']}"
+            log.warning(stop_reason)
+            break
+
+    final = arrays_to_state(arrays)
+    summary.update(
+        rounds_completed=rounds_done,
+        stop_reason=stop_reason,
+        seconds=time.time() - t0,
+        noise_multiplier=dp_wrapper.noise_multiplier if dp_wrapper is not None else None,
+        total_rejected=sum(r["num_rejected"] for r in summary["rounds"]),
+        total_failed=sum(r["num_failed"] for r in summary["rounds"]),
+    )
+    if dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
+        summary["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
+    if run_dir is not None:
+        _write_round_log(run_dir, summary)
+        buffer = io.BytesIO()
+        np.savez(buffer, **final)
+        _atomic_write(run_dir / GLOBAL_MODEL, buffer.getvalue())
+    summary["final_state"] = final
+    summary["initial_state"] = initial
+    return summary
+
+
+def make_server_app(overrides: Optional[Mapping[str, Any]] = None) -> ServerApp:
+    overrides = dict(overrides or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context.run_config, overrides)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,96 @@
+"""The flat run config shared by ServerApp and ClientApp.
+
+Flower passes a flat ``run_config`` (``[tool.flwr.app.config]`` in
+privacy/federated/pyproject.toml, overridable with ``flwr run --run-config``;
+or the dict given to :func:`privacy.federated.runner.run_federated`). Keys use
+Flower's hyphen style. :func:`run_config_from_cfg` derives it from the Hydra
+config groups (federated, compression, dp, trainer) so the entry script needs
+no Flower knowledge.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "task": "privacy.federated.task:tiny_synthetic_task",
+    "seed": 0,
+    "num-clients": 2,
+    "num-rounds": 2,
+    "strategy": "fedavg",  # fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
+    "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,
+    "min-train-nodes": 2,
+    "proximal-mu": 0.01,
+    "trimmed-beta": 0.2,
+    "krum-malicious": 0,
+    "server-lr": 0.1,  # fedadam eta
+    "local-epochs": 1,
+    "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
+    "lr": 0.05,
+    "batch-size": 16,
+    "compression": "none",  # none | int8 | topk
+    "topk-fraction": 0.05,
+    "error-feedback": True,
+    "int8-block-size": 0,  # 0: one scale per tensor
+    "dp": "none",  # none | local | central
+    "target-epsilon": 8.0,
+    "target-delta": 1e-5,
+    "max-grad-norm": 1.0,
+    "clipping-norm": 1.0,
+    "noise-multiplier": -1.0,  # < 0: derived from the budget
+    "max-update-norm": 1.0e6,
+    "round-timeout": 3600.0,
+    "run-dir": "",
+}
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+
+
+def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults, then each layer on top (later wins). Unknown keys are an error (typos must not become defaults)."""
+    merged = dict(DEFAULT_RUN_CONFIG)
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in DEFAULT_RUN_CONFIG and not key.startswith(("tiny-", "task-")):
+                raise KeyError(f"unknown federated run_config key {key!r}; known keys: {sorted(DEFAULT_RUN_CONFIG)}")
+            merged[key] = value
+    if merged["strategy"] not in STRATEGIES:
+        raise ValueError(f"run_config['strategy']={merged['strategy']!r}; expected one of {STRATEGIES}")
+    if merged["dp"] not in ("none", "local", "central"):
+        raise ValueError(f"run_config['dp']={merged['dp']!r}; expected none | local | central")
+    return merged
+
+
+def run_config_from_cfg(cfg: Any, task: str, run_dir: str) -> dict[str, Any]:
+    """Hydra config (federated / compression / dp / trainer groups) -> flat run config."""
+    fed, comp, dp, trainer = cfg.federated, cfg.compression, cfg.dp, cfg.trainer
+    return resolve_run_config(
+        {
+            "task": task,
+            "seed": int(cfg.seed),
+            "num-clients": int(fed.num_clients),
+            "num-rounds": int(fed.num_rounds),
+            "strategy": str(fed.name),
+            "fraction-train": float(fed.fraction_train),
+            "min-train-nodes": int(fed.min_train_nodes),
+            "proximal-mu": float(fed.proximal_mu),
+            "local-epochs": int(fed.local_epochs),
+            "local-steps": int(fed.local_steps or 0),
+            "lr": float(trainer.lr),
+            "batch-size": int(trainer.batch_size),
+            "compression": str(comp.name),
+            "topk-fraction": float(comp.topk_fraction),
+            "error-feedback": bool(comp.error_feedback),
+            "int8-block-size": int(getattr(comp, "int8_block_size", 0) or 0),
+            "dp": str(dp.name),
+            "target-epsilon": float(dp.target_epsilon),
+            "target-delta": float(dp.target_delta),
+            "max-grad-norm": float(dp.max_grad_norm),
+            "clipping-norm": float(dp.clipping_norm),
+            "noise-multiplier": -1.0 if dp.noise_multiplier is None else float(dp.noise_multiplier),
+            "max-update-norm": float(fed.max_update_norm),
+            "round-timeout": float(fed.round_timeout),
+            "run-dir": run_dir,
+        }
+    )

@@ -1,0 +1,259 @@
+"""What a federated client trains, behind a small injected interface.
+
+The ClientApp and ServerApp know nothing about Wav2Vec2 or SynthGRID: they load
+a *task factory* named in the run config (``run_config["task"] =
+"package.module:function"``), call it with the run config, and get a
+:class:`FederatedTask`:
+
+* ``build_model() -> nn.Module``: must give the same frozen weights on every
+  node (from a checkpoint, or a seeded init); only trainable parameters travel.
+* ``build_loaders(partition_id, num_partitions) -> (train_loader, eval_loader)``:
+  the client's OWN data; it never leaves the client.
+* ``loss_fn(model, batch) -> (mean loss tensor, batch size)``.
+* ``error_counts(model, batch) -> (word errors, reference words)`` for WER.
+
+The import string works in every runtime (in-process, Ray actors, SuperNode
+subprocesses), which a Python closure would not.
+
+Only model updates leave a client. Nothing in this module puts data, features
+or transcripts in a record: :func:`federated_state` is the trainable
+``named_parameters`` of the model and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+Batch = Any
+
+
+@dataclass
+class FederatedTask:
+    build_model: Callable[[], nn.Module]
+    build_loaders: Callable[[int, int], tuple[Iterable[Batch], Iterable[Batch]]]
+    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+    error_counts: Callable[[nn.Module, Batch], tuple[int, int]]
+
+
+class LocalDP(Protocol):
+    """Sample-level DP-SGD for one client's local training (implemented with Opacus in privacy/dp.py).
+
+    `attach` returns the private (model, optimizer, loader) for this round's training;
+    `epsilon(delta)` is the budget spent by this client over ALL rounds so far.
+    """
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Batch]) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]: ...
+
+    def epsilon(self, delta: float) -> float: ...
+
+
+def load_object(reference: str) -> Any:
+    """'package.module:attribute' -> the attribute."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"run_config['task'] must look like 'package.module:function', got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"cannot import task module {module_name!r} (from run_config['task']={reference!r}): {error}") from error
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise AttributeError(f"module {module_name!r} has no {attribute!r} (from run_config['task']={reference!r})") from None
+
+
+def load_task(run_config: Mapping[str, Any]) -> FederatedTask:
+    if "task" not in run_config:
+        raise KeyError("run_config has no 'task' (a 'package.module:function' returning a FederatedTask)")
+    task = load_object(str(run_config["task"]))(dict(run_config))
+    if not isinstance(task, FederatedTask):
+        raise TypeError(f"{run_config['task']} returned {type(task).__name__}, expected FederatedTask")
+    return task
+
+
+def get_model(run_config: Mapping[str, Any]) -> nn.Module:
+    return load_task(run_config).build_model()
+
+
+# --------------------------------------------------------------------------- state and deltas
+def federated_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The parameters that are trained and exchanged: trainable named_parameters, as float32 numpy."""
+    return {name: p.detach().cpu().to(torch.float32).numpy().copy() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_federated_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy exchanged arrays into the model's trainable parameters; names and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"federated state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.as_tensor(np.asarray(arrays[name]))
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"federated state {name!r} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}")
+            p.copy_(value.to(p.dtype))
+
+
+def state_to_arrays(state: Mapping[str, np.ndarray]):
+    """numpy dict -> flwr ArrayRecord (keys kept in order)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})
+
+
+def arrays_to_state(record) -> dict[str, np.ndarray]:
+    """flwr ArrayRecord -> numpy dict."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def compute_delta(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: (np.asarray(new[name], np.float32) - np.asarray(old[name], np.float32)) for name in old}
+
+
+def apply_delta(old: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: (np.asarray(old[name], np.float32) + np.asarray(delta[name], np.float32)) for name in old}
+
+
+def update_norm(delta: Mapping[str, np.ndarray]) -> float:
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
+# --------------------------------------------------------------------------- local training / evaluation
+def train_local(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]],
+    *,
+    epochs: int = 1,
+    steps: Optional[int] = None,
+    lr: float = 0.05,
+    dp: Optional[LocalDP] = None,
+    prox_mu: float = 0.0,
+    global_params: Optional[Mapping[str, np.ndarray]] = None,
+) -> dict[str, float]:
+    """Local SGD (DP-SGD when `dp` is given) for `epochs`, or exactly `steps` steps if set.
+
+    FedProx: the proximal term mu/2 ||w - w_global||^2 is applied as its exact
+    gradient step, w -= lr * mu * (w - w_global), after each optimiser step,
+    not through the loss. Under DP-SGD this matters: Opacus builds the update
+    from per-sample gradients only, so a data-independent term in the loss would
+    be silently dropped; as a separate step it is post-processing (no privacy
+    cost) and identical to the loss term for plain SGD.
+    """
+    if prox_mu > 0 and global_params is None:
+        raise ValueError("FedProx (prox_mu > 0) needs global_params")
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    anchors = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trainable} if prox_mu > 0 else {}
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(list(trainable.values()), lr=lr)
+    run_model, run_loader = model, loader
+    if dp is not None:
+        run_model, optimizer, run_loader = dp.attach(model, optimizer, loader)
+    run_model.train()
+    total_loss, total_examples, done = 0.0, 0, 0
+    max_epochs = epochs if steps is None else math.inf
+    epoch = 0
+    while epoch < max_epochs and (steps is None or done < steps):
+        for batch in run_loader:
+            if steps is not None and done >= steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss, n = loss_fn(run_model, batch)
+            if n == 0:  # Poisson sampling can draw an empty batch
+                continue
+            loss.backward()
+            optimizer.step()
+            if prox_mu > 0:
+                with torch.no_grad():
+                    for name, p in trainable.items():
+                        p.sub_(lr * prox_mu * (p - anchors[name].to(p.dtype)))
+            total_loss += float(loss.detach()) * n
+            total_examples += n
+            done += 1
+        epoch += 1
+        if steps is not None and done == 0 and epoch > 3:
+            raise RuntimeError("local training made no step in 3 passes over the loader: the client has no data")
+    return {"train_loss": total_loss / max(total_examples, 1), "num-examples": total_examples, "steps": done}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]],
+    error_counts: Callable[[nn.Module, Batch], tuple[int, int]],
+) -> dict[str, float]:
+    """Mean loss and corpus WER (sum of word errors / sum of reference words) over `loader`."""
+    model.eval()
+    total_loss, examples, errors, words = 0.0, 0, 0, 0
+    for batch in loader:
+        loss, n = loss_fn(model, batch)
+        total_loss += float(loss) * n
+        examples += n
+        e, w = error_counts(model, batch)
+        errors += int(e)
+        words += int(w)
+    return {
+        "eval_loss": total_loss / max(examples, 1),
+        "eval_wer": errors / max(words, 1),
+        "num-examples": examples,
+        "word_errors": errors,
+        "words": words,
+    }
+
+
+# --------------------------------------------------------------------------- a tiny task for tests and smoke runs
+def tiny_synthetic_task(run_config: Mapping[str, Any]) -> FederatedTask:
+    """A 2-layer classifier on synthetic speaker-grouped data ("one word per utterance", so WER = error rate).
+
+    Each utterance is a `dim`-d feature vector of one of `classes` words plus a
+    per-speaker offset (the non-IID part); utterances are split over clients
+    with :func:`partition_by_speaker`. Deterministic from run_config['seed'].
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from privacy.federated.partition import partition_by_speaker
+
+    seed = int(run_config.get("seed", 0))
+    dim, classes, hidden = 8, 4, 16
+    num_speakers = int(run_config.get("tiny-speakers", 6))
+    per_speaker = int(run_config.get("tiny-utterances-per-speaker", 24))
+    batch_size = int(run_config.get("batch-size", 16))
+
+    g = torch.Generator().manual_seed(seed + 1)
+    centers = torch.randn(classes, dim, generator=g) * 2.0
+    offsets = torch.randn(num_speakers, dim, generator=g) * 0.5
+    labels = torch.randint(0, classes, (num_speakers * per_speaker,), generator=g)
+    speakers = torch.arange(num_speakers).repeat_interleave(per_speaker)
+    features = centers[labels] + offsets[speakers] + torch.randn(len(labels), dim, generator=g)
+
+    def build_model() -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+    def build_loaders(partition_id: int, num_partitions: int):
+        parts = partition_by_speaker([f"spk{int(s)}" for s in speakers], num_partitions, seed)
+        idx = torch.tensor(parts[partition_id])
+        n_eval = max(1, len(idx) // 4)
+        train_idx, eval_idx = idx[n_eval:], idx[:n_eval]
+        loader_g = torch.Generator().manual_seed(seed + 100 + partition_id)
+        train = DataLoader(TensorDataset(features[train_idx], labels[train_idx]), batch_size=batch_size, shuffle=True, generator=loader_g)
+        test = DataLoader(TensorDataset(features[eval_idx], labels[eval_idx]), batch_size=batch_size)
+        return train, test
+
+    def loss_fn(model: nn.Module, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y), len(y)
+
+    def error_counts(model: nn.Module, batch):
+        x, y = batch
+        return int((model(x).argmax(-1) != y).sum()), len(y)
+
+    return FederatedTask(build_model, build_loaders, loss_fn, error_counts)
