@@ -12,8 +12,8 @@
 
 Every item is checked once up front (`validate()`, run by the constructor): missing,
 corrupt or truncated files, a wrong sample rate, audio and video lengths differing by
-more than `max_av_length_mismatch` video frames, empty transcripts and characters the
-tokenizer does not know. on_error="raise" stops at the first with a `DatasetError`
+more than `max_av_length_mismatch` video frames (also against the manifest's counts,
+which the samplers bucket on), empty transcripts and characters the tokenizer does not know. on_error="raise" stops at the first with a `DatasetError`
 naming the file and what was expected; on_error="skip" drops the item and counts it
 in `self.skips` (training.run.SkipCounter; `self.skips.report()` gives the counts for
 metrics.json), so skips happen before training and indices never shift mid-run.
@@ -239,6 +239,14 @@ class AVSRDataset(Dataset):
         wav = self._load_waveform(u) if ("audio" in self.modalities or self.return_waveform or self.noise) else None
         frames = self._load_frames(u) if "video" in self.modalities else None
         self._check_lengths(u, wav, frames)
+        # bucketing uses the manifest's counts, so a stale manifest is an error too
+        tol = self.max_av_length_mismatch
+        tsv = manifest_dir(self.data_dir) / f"{self.split}.tsv"
+        if frames is not None and abs(len(frames) - u.n_frames) > tol:
+            raise self._fail("manifest_mismatch", f"{u.id}: {tsv} says {u.n_frames} video frames but {u.video} has {len(frames)}")
+        spf = self.sample_rate / self.fps
+        if wav is not None and abs(len(wav) - u.n_samples) > tol * spf:
+            raise self._fail("manifest_mismatch", f"{u.id}: {tsv} says {u.n_samples} audio samples but {u.audio} has {len(wav)}")
 
     def validate(self) -> dict[str, int]:
         """Check every utterance (decodes all media once); returns the skip counts."""

@@ -43,6 +43,9 @@ def _corpus(root: Path, bad: str | None = None) -> tuple[list[Utterance], str]:
             Path(u.video).write_bytes(data[: len(data) // 2])
         elif bad == "missing_file":
             Path(u.audio).unlink()
+        elif bad == "stale_manifest":
+            u = Utterance(u.id, u.video, u.audio, 30, u.n_samples, u.speaker, u.text)
+            named = str(manifest_dir(root) / "train.tsv")
         elif bad in ("empty_transcript", "non_vocabulary"):
             named = str(manifest_dir(root) / "train.wrd")
         utts.insert(3, u)
@@ -135,7 +138,7 @@ def test_dataloader_batches(corpus):
     assert sorted(i for b in bucket for i in b["ids"]) == sorted(u.id for u in ds.utterances)
 
 
-BAD_CASES = ["corrupt_wav", "truncated_mp4", "missing_file", "wrong_rate", "length_mismatch", "empty_transcript", "non_vocabulary", "missing_columns"]
+BAD_CASES = ["corrupt_wav", "truncated_mp4", "missing_file", "wrong_rate", "length_mismatch", "empty_transcript", "non_vocabulary", "missing_columns", "stale_manifest"]
 
 
 @pytest.mark.parametrize("bad", BAD_CASES)
