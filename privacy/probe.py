@@ -27,9 +27,13 @@ def pooled_representations(model_output: Any, padding_mask: Optional[torch.Tenso
     """Utterance means [B, D] of a [B, T, D] representation, ignoring padded frames (True = pad).
 
     `model_output` may be the tensor itself, a mapping with one of the keys
-    x / encoder_out / last_hidden_state, or an object with such an attribute.
+    x / encoder_out / last_hidden_state, or an object with such an attribute; without an
+    explicit padding_mask, the output's own `padding_mask` (if any) is used.
     """
     x = model_output
+    if padding_mask is None and not isinstance(x, torch.Tensor):
+        # models.avhubert.AVHubertOutput carries its own padding mask
+        padding_mask = x.get("padding_mask") if isinstance(x, Mapping) else getattr(x, "padding_mask", None)
     if not isinstance(x, torch.Tensor):
         for key in _OUTPUT_KEYS:
             value = x.get(key) if isinstance(x, Mapping) else getattr(x, key, None)

@@ -73,5 +73,6 @@ def test_pooled_representations_respects_padding_and_output_types():
     torch.testing.assert_close(pooled_representations(x, pad), expected)
     torch.testing.assert_close(pooled_representations({"encoder_out": x}, pad), expected)
     torch.testing.assert_close(pooled_representations(SimpleNamespace(last_hidden_state=x), pad), expected)
+    torch.testing.assert_close(pooled_representations(SimpleNamespace(last_hidden_state=x, padding_mask=pad)), expected)
     with pytest.raises(TypeError, match="pooled_representations"):
         pooled_representations({"logits": x})
