@@ -126,10 +126,14 @@ class Stage:
     or crashed stage is visible to `scripts.make_tables` instead of vanishing.
     """
 
-    def __init__(self, cfg: Any, name: str):
+    def __init__(self, cfg: Any, name: str, directory: str | os.PathLike | None = None):
         self.cfg = cfg
         self.name = name
-        self.dir = stage_dir(cfg, name)
+        if directory is None:
+            self.dir = stage_dir(cfg, name)
+        else:
+            self.dir = Path(directory)
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics: dict[str, Any] = {}
 
     def _status(self, status: str, **extra: Any) -> None:

@@ -1,0 +1,121 @@
+"""The privacy-preserving AV-ASR system of Becker & Martin: AV-HuBERT CTC + feature masks + contrastive head.
+
+    audio, video -> frozen front-ends -> [clean features] -> masks -> [protected features] -> fusion
+                 -> transformer (AdaLoRA) -> CTC
+    loss = CTC + lambda * InfoNCE(pool(protected), pool(clean), negatives = same-speaker utterances)
+
+The protected features are what would leave the device; `protected_features`
+returns them for export. With masks at an encoder position the clean/protected
+pair is the hidden state before/after the mask on that layer instead.
+See docs/method.md for the formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from models.heads import AVHubertForCTC, CTCOutput
+from privacy.contrastive import ProjectionHead, privacy_contrastive_loss
+from privacy.masks import EncoderLayerMask, ModalityMasks
+
+
+@dataclass
+class MaskedOutput:
+    ctc: CTCOutput
+    clean: Optional[torch.Tensor]  # [B, T, D] representation before the masks (fused front-end or layer output)
+    protected: Optional[torch.Tensor]  # [B, T, D] the same after the masks
+
+
+class MaskedAVSR(nn.Module):
+    def __init__(
+        self,
+        asr: AVHubertForCTC,
+        masks: ModalityMasks | EncoderLayerMask | None = None,
+        projection: ProjectionHead | None = None,
+    ):
+        super().__init__()
+        self.asr = asr
+        self.masks = masks
+        self.projection = projection
+
+    @property
+    def core(self):
+        return self.asr.avhubert
+
+    def forward(
+        self,
+        audio: Optional[torch.Tensor] = None,
+        video: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        feat_video: Optional[torch.Tensor] = None,
+        capture: bool = False,
+    ) -> MaskedOutput:
+        """CTC output; with `capture`, also the clean and protected representations [B, T, D]."""
+        captured: dict[str, tuple] = {}
+        frontend_hook = layer_hook = None
+        if isinstance(self.masks, EncoderLayerMask):
+            layer = self.masks.layer
+
+            def layer_hook(i, x):
+                if i != layer:
+                    return x
+                y = self.masks(i, x)
+                if capture:
+                    captured["pair"] = (self.masks(i, x, noise=False), y)
+                return y
+
+        else:
+
+            def frontend_hook(fa, fv):
+                if self.masks is None:
+                    captured["frontend"] = ((fa, fv), (fa, fv))
+                    return fa, fv
+                fa_p, fv_p = self.masks(fa, fv, padding_mask=padding_mask)
+                if capture:
+                    # The clean counterpart is the mask without its random part (x * mu_m),
+                    # so the contrastive term measures what the noise removes.
+                    captured["frontend"] = (self.masks(fa, fv, noise=False, padding_mask=padding_mask), (fa_p, fv_p))
+                return fa_p, fv_p
+
+        ctc = self.asr(audio=audio, video=video, padding_mask=padding_mask, frontend_hook=frontend_hook,
+                       layer_hook=layer_hook, feat_video=feat_video)
+        clean = protected = None
+        if capture:
+            if "pair" in captured:
+                clean, protected = captured["pair"]
+            elif "frontend" in captured:
+                (fa, fv), (fa_p, fv_p) = captured["frontend"]
+                # Fusion without modality dropout: the representation itself, not a training augmentation.
+                clean, protected = self.core.fuse(fa, fv), self.core.fuse(fa_p, fv_p)
+        return MaskedOutput(ctc=ctc, clean=clean, protected=protected)
+
+    def contrastive_loss(self, out: MaskedOutput, speaker_idx: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                         temperature: float, pooling: str = "utterance", other_speaker_negatives: bool = False):
+        if self.projection is None or out.protected is None:
+            raise RuntimeError("contrastive_loss needs a projection head and forward(..., capture=True)")
+        anchor = self.projection(out.protected, padding_mask)
+        positive = self.projection(out.clean, padding_mask)
+        return privacy_contrastive_loss(anchor, positive, speaker_idx, temperature=temperature,
+                                        other_speaker_negatives=other_speaker_negatives,
+                                        padding_mask=padding_mask, pooling=pooling)
+
+    @torch.no_grad()
+    def protected_features(self, audio, video, padding_mask=None, feat_video=None, masks=None):
+        """Per-modality front-end features before and after `masks` (default: this system's masks).
+
+        Returns (clean_audio, clean_video, protected_audio, protected_video), each [B, T, D] or None.
+        """
+        fa, fv = self.core.extract_frontends(audio, None if feat_video is not None else video)
+        if feat_video is not None:
+            fv = feat_video
+        masks = self.masks if masks is None else masks
+        if masks is None:
+            return fa, fv, fa, fv
+        if isinstance(masks, EncoderLayerMask):
+            raise ValueError("export of per-modality protected features needs masks.position=frontend")
+        pa, pv = masks(fa, fv, padding_mask=padding_mask)
+        return fa, fv, pa, pv
