@@ -70,8 +70,9 @@ class AVHubertConfig:
     dropout_input: float = 0.0
     dropout_features: float = 0.0
     encoder_layerdrop: float = 0.0
-    modality_dropout: float = 0.0  # probability that one modality is zeroed in training
-    audio_dropout: float = 0.0  # given a modality drop, probability that it is the audio
+    # The released iter5 configs use 0.5 / 0.5 (fairseq's code default is 0 / 0).
+    modality_dropout: float = 0.5  # probability that one modality is zeroed in training
+    audio_dropout: float = 0.5  # given a modality drop, probability that it is the audio
     masking_type: str = "input"  # input (mask_emb is [audio_feat_dim]) | feature (mask_emb is [D])
     mask_prob_audio: float = 0.8
     mask_length_audio: int = 10

@@ -100,6 +100,17 @@ class ModelConfig:
     audio_dropout: float = 0.5
     freeze_frontends: bool = True
     modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
+    # AV-HuBERT only (models.avhubert.AVHubertConfig.from_dict(model cfg) ignores the fields it lacks)
+    resnet_relu_type: str = "prelu"  # prelu | relu
+    untie_final_proj: bool = True
+    masking_type: str = "input"  # input | feature
+    mask_prob_audio: float = 0.8
+    mask_length_audio: int = 10
+    mask_prob_image: float = 0.3
+    mask_length_image: int = 5
+    selection_type: str = "same_seq"  # same_seq | same_other_seq
+    logit_temp: float = 0.1
+    num_classes: int = 504  # rows of label_embs_concat (k-means clusters + 4 fairseq specials)
 
 
 @dataclass
