@@ -69,12 +69,19 @@ class SERes2NetBlock(nn.Module):
         self.se_up = nn.Conv1d(se_channels, channels, 1)
 
     def forward(self, x: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.tdnn1(x)
+        # Padded frames are re-zeroed before each dilated conv: BN shifts them off
+        # zero, and the conv would otherwise carry them into the valid frames.
+        keep = None if valid_mask is None else valid_mask.unsqueeze(1).to(x.dtype)
+
+        def zero_pad(h):
+            return h if keep is None else h * keep
+
+        h = zero_pad(self.tdnn1(x))
         groups = torch.chunk(h, self.scale, dim=1)
         outs = [groups[0]]
         prev = None
         for conv, g in zip(self.res2net, groups[1:]):
-            prev = conv(g if prev is None else g + prev)
+            prev = zero_pad(conv(g if prev is None else g + prev))
             outs.append(prev)
         h = self.tdnn2(torch.cat(outs, dim=1))
         gate = torch.sigmoid(self.se_up(F.relu(self.se_down(_masked_mean(h, valid_mask)))))

@@ -101,7 +101,8 @@ def test_eer_matches_brentq_on_interpolated_roc():
     scores = np.r_[rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 700)]
     labels = np.r_[np.ones(300), np.zeros(700)]
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    ref = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
+    tpr_at = interp1d(fpr, tpr)
+    ref = brentq(lambda x: 1.0 - x - tpr_at(x), 0.0, 1.0)
     eer, _ = equal_error_rate(scores, labels)
     assert eer == pytest.approx(ref, abs=1e-9)
 
