@@ -328,3 +328,18 @@ def test_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path):
     # resuming a finished run does nothing and reports where it came from
     res = train(model, step_fn, loader, opt, sched, max_steps=2, ckpt_dir=tmp_path, generators=gens, progress_bar=False)
     assert res.step == 2 and res.resumed_from.name == "checkpoint_2.pt"
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_inside_the_run_dir(tmp_path):
+    from types import SimpleNamespace
+
+    from training.logging import logger_from_config
+
+    cfg = SimpleNamespace(name="wandb", project="test", mode="offline")
+    logger = logger_from_config(cfg, tmp_path, {"lr": 1.0})
+    logger.log(1, {"x": 1.0})
+    state = logger.state_dict()
+    logger.close()
+    assert state["wandb_id"] and list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
+    assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "x": 1.0}]

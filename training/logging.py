@@ -142,6 +142,22 @@ class RunLogger:
         self.close()
 
 
+def logger_from_config(logger_cfg: Any, directory: str | os.PathLike, config_dict: Mapping[str, Any] | None = None,
+                       run_name: str | None = None, enabled: bool = True) -> RunLogger:
+    """A RunLogger from a `LoggerConfig` (`name: csv | wandb`, `project`, `mode`)."""
+    if logger_cfg.name not in ("csv", "wandb"):
+        raise ValueError(f"logger.name={logger_cfg.name!r}; expected csv or wandb")
+    return RunLogger(
+        directory,
+        config_dict=config_dict,
+        use_wandb=logger_cfg.name == "wandb" and logger_cfg.mode != "disabled",
+        wandb_project=logger_cfg.project,
+        wandb_mode=logger_cfg.mode,
+        run_name=run_name,
+        enabled=enabled,
+    )
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The entries of a `log.jsonl`, in order."""
     with open(path, encoding="utf-8") as f:

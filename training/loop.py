@@ -217,6 +217,8 @@ def train(
         raise ValueError(f"train: max_steps must be >= 0, got {max_steps}")
     if max_bad_steps < 1:
         raise ValueError(f"train: max_bad_steps must be >= 1, got {max_bad_steps}")
+    if log_every < 1 or eval_every < 0 or ckpt_every < 0:
+        raise ValueError(f"train: need log_every >= 1, eval_every >= 0, ckpt_every >= 0; got {log_every}, {eval_every}, {ckpt_every}")
     raw_model = ddp.unwrap(model)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     if not trainable:
@@ -304,7 +306,7 @@ def train(
 
     show_bar = progress_bar and is_main and sys.stderr.isatty()
     bar = tqdm(total=max_steps, initial=step, disable=not show_bar, dynamic_ncols=True, desc="train")
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = resumed_from
     empty_iterators = 0
     tick = time.perf_counter()
     model.train()
