@@ -70,6 +70,15 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (skips are counted and reported at the end of the stage)
     max_missing_face_frac: float = 0.2  # real corpora: utterances with more frames without a face are skipped
     subset: Optional[str] = None  # real corpora: e.g. lrs3 30h | 433h fine-tuning subset
+    # real corpora (data/corpora/, data/roi.py; see data/README.md "Real corpora")
+    trials_file: Optional[str] = None  # voxceleb2: official verification list (`1 id/clip/n.wav id/clip/n.wav`); None = balanced generated trials
+    valid_utterances: int = 1200  # lrs3: size of the held-out valid set drawn (whole speakers) from trainval, as AV-HuBERT's 1200
+    split_speakers: dict[str, list[str]] = field(default_factory=dict)  # grid: speakers per split; train = every speaker not listed
+    roi_method: str = "dlib_cnn"  # dlib_cnn | dlib_hog | center (no face detection: centre crop of already mouth-centred video)
+    roi_detect_every: int = 5  # run the face detector on every Nth frame; landmarks track the face in between
+    roi_detect_max_side: int = 360  # frames larger than this are downscaled for detection only (CNN time ~ pixels)
+    roi_smooth_window: int = 12  # landmark smoothing window (frames), AV-HuBERT's window_margin
+    max_utterances: Optional[int] = None  # debugging: prepare only the first N source files (sorted)
 
 
 @dataclass
