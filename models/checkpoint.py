@@ -365,12 +365,13 @@ def _check_and_assign(model: nn.Module, source: Mapping[str, torch.Tensor], stri
 
 
 def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.Module, AVHubertConfig, None] = None,
-                             strict: bool = True, final_dropout: Optional[float] = None
-                             ) -> tuple[nn.Module, dict[str, Any]]:
+                             strict: bool = True, final_dropout: Optional[float] = None,
+                             expected_format: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """Load a fairseq / Hugging Face / our AV-HuBERT checkpoint.
 
     model_or_config: an AVHubertModel or AVHubertForCTC to load into, an AVHubertConfig to build one,
-    or None to build from the checkpoint (shapes + cfg). Without a given model, a fine-tuned CTC
+    or None to build from the checkpoint (shapes + cfg). expected_format (auto|fairseq|hf|ours, the
+    `model.checkpoint_format` option) makes a different detected format an error. Without a given model, a fine-tuned CTC
     checkpoint gives an AVHubertForCTC, anything else an AVHubertModel. Loading a checkpoint without a
     CTC head into an AVHubertForCTC keeps the head's fresh initialisation (info['head_loaded'] False).
 
@@ -380,7 +381,11 @@ def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.M
     """
     path = Path(path)
     name = str(path)
+    if expected_format not in ("auto", "fairseq", "hf", "ours"):
+        raise ValueError(f"expected_format must be auto, fairseq, hf or ours; got {expected_format!r}")
     src = _read_source(path)
+    if expected_format != "auto" and src["format"] != expected_format:
+        raise CheckpointError(f"{name}: expected a {expected_format} checkpoint, found the {src['format']} format")
     if src["format"] == "hf":
         body, ignored = _from_hf(src["state"])
         kind, head = "hf", {}

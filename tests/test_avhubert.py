@@ -258,9 +258,10 @@ def test_input_mask_replaces_video_spans_with_frames_of_same_sequence():
 
 def test_pretraining_loss_decreases():
     torch.manual_seed(0)
-    cfg = avhubert_tiny(num_classes=12, dropout=0.0, attention_dropout=0.0, modality_dropout=0.5, audio_dropout=0.5)
+    cfg = avhubert_tiny(num_classes=12, dropout=0.0, attention_dropout=0.0, modality_dropout=0.5, audio_dropout=0.5,
+                        encoder_layers=2, resnet_stem_channels=8, resnet_widths=[8, 8, 16, 16])
     model = AVHubertModel(cfg).train()
-    audio, video = inputs(batch=2, frames=16, size=32)
+    audio, video = inputs(batch=2, frames=16, size=24)
     targets = torch.randint(0, 12, (2, 16), generator=torch.Generator().manual_seed(2))
     padding_mask = torch.zeros(2, 16, dtype=torch.bool)
     padding_mask[1, 12:] = True

@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0, **kw) -> AVHubertModel:
 def run(model, seed: int = 5) -> torch.Tensor:
     model.eval()  # a freshly built model is in training mode (dropout), as torch modules are
     g = torch.Generator().manual_seed(seed)
-    audio, video = torch.randn(2, 104, T, generator=g), torch.randn(2, 1, T, 88, 88, generator=g)
+    audio, video = torch.randn(2, 104, T, generator=g), torch.randn(2, 1, T, 32, 32, generator=g)
     with torch.no_grad():
         out = model(audio=audio, video=video)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -179,7 +179,9 @@ def test_hf_directory_loads_strictly(tmp_path, parametrizations):
     assert "model.encoder.encoder.layers.0.layer_norm.weight" in hf
     save_file(hf, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_size": 128}))
-    model, info = load_avhubert_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="expected a fairseq checkpoint"):
+        load_avhubert_checkpoint(tmp_path, expected_format="fairseq")
+    model, info = load_avhubert_checkpoint(tmp_path, expected_format="hf")
     assert info["format"] == "hf" and info["missing"] == [] and info["unexpected"] == []
     assert info["ignored"] == ["lm_head.weight", "model.decoder.layers.0.self_attn.k_proj.weight"]
     torch.testing.assert_close(run(model), run(source))
@@ -265,3 +267,16 @@ def test_unknown_non_fairseq_globals_are_refused(tmp_path):
     torch.save({"model": {}, "cfg": {}, "extra_state": {"thing": argparse.ArgumentParser}}, path)
     with pytest.raises(CheckpointError, match="ArgumentParser"):
         load_avhubert_checkpoint(path)
+
+
+def test_peft_lora_targets_attention_and_ffn_by_name():
+    peft = pytest.importorskip("peft")
+    model = AVHubertForCTC(tiny_model(), vocab_size=6)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    wrapped = peft.get_peft_model(model, config)
+    lora_layers = [n for n, _ in wrapped.named_modules() if n.endswith("fc1") or n.endswith("q_proj")]
+    assert len(lora_layers) == 2 * model.cfg.encoder_layers
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    out = wrapped(audio=torch.randn(1, 104, T))
+    assert out.logits.shape == (1, T, 6)
