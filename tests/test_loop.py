@@ -141,11 +141,19 @@ class TinyNet(nn.Module):
         return self.out(self.drop(torch.relu(self.norm(self.inp(x)))))
 
 
-def build_task(seed: int = 0, max_steps: int = 10):
+def build_task(seed: int = 0, max_steps: int = 10, sampler: str = "test"):
     seed_everything(seed)
     model = TinyNet()
     noise = torch.Generator().manual_seed(seed + 100)
-    loader = DataLoader(NoisyRegression(), batch_sampler=ResumableBatchSampler(40, 8, seed=seed))
+    if sampler == "test":
+        loader = DataLoader(NoisyRegression(), batch_sampler=ResumableBatchSampler(40, 8, seed=seed))
+    else:  # the project's sampler behind a prefetching DataLoader iterator (no augmentation RNG in workers)
+        from data.samplers import BucketBatchSampler
+
+        x = NoisyRegression().x
+        plain = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+        loader = DataLoader(plain, batch_sampler=BucketBatchSampler(list(range(40)), 8, seed=seed, bucket_batches=2),
+                            num_workers=1, prefetch_factor=3)
     opt = build_optimizer(model, lr=3e-2, weight_decay=0.01)
     sched = build_scheduler(opt, max_steps, schedule="tri_stage", warmup_frac=0.2, hold_frac=0.2, final_lr_scale=0.1)
 
@@ -168,12 +176,12 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("log_every", [1, 4])
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, log_every):
+@pytest.mark.parametrize("log_every,sampler", [(1, "test"), (4, "test"), (2, "project")])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, log_every, sampler):
     common = dict(max_steps=10, log_every=log_every, eval_every=5, ckpt_every=3, grad_clip=1.0, progress_bar=False)
 
     # uninterrupted
-    model, step_fn, eval_fn, loader, opt, sched, gens = build_task()
+    model, step_fn, eval_fn, loader, opt, sched, gens = build_task(sampler=sampler)
     hook_steps_full = []
     logger = RunLogger(tmp_path / "full")
     res = train(model, step_fn, loader, opt, sched, ckpt_dir=tmp_path / "full" / "ckpt", logger=logger, eval_fn=eval_fn,
@@ -183,7 +191,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, log_every):
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # crash during update index 7 (after the checkpoint at step 6 and the logs of step 7)
-    model, step_fn, eval_fn, loader, opt, sched, gens = build_task()
+    model, step_fn, eval_fn, loader, opt, sched, gens = build_task(sampler=sampler)
     frozen_before = model.frozen.clone()
 
     def crash_hook(step):
@@ -197,7 +205,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, log_every):
     logger.close()
 
     # a fresh process: different seeds everywhere, everything must come from the checkpoint
-    model, step_fn, eval_fn, loader, opt, sched, gens = build_task(seed=0)
+    model, step_fn, eval_fn, loader, opt, sched, gens = build_task(seed=0, sampler=sampler)
     torch.manual_seed(999), np.random.seed(999), random.seed(999)
     torch.nn.init.normal_(model.inp.weight)
     gens["noise"].manual_seed(12345)
