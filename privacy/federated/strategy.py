@@ -32,6 +32,7 @@ would under-noise).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable
@@ -175,8 +176,10 @@ class ValidatingStrategy(Strategy):
             weights = apply_delta(self.current, delta)
             kept = {k: v for k, v in metrics.items() if k not in PER_CLIENT_ONLY_METRICS}
             kept[WEIGHT_KEY] = 1.0 if self.uniform_weights else float(metrics["num-examples"])
-            reply.content = RecordDict({"arrays": state_to_arrays({name: weights[name] for name in self.current}), "metrics": MetricRecord(kept)})
-            accepted.append(reply)
+            # a copy: the client's message itself stays as it was received (tests inspect it)
+            rebuilt = copy.copy(reply)
+            rebuilt.content = RecordDict({"arrays": state_to_arrays({name: weights[name] for name in self.current}), "metrics": MetricRecord(kept)})
+            accepted.append(rebuilt)
         log.info(
             "round %d: %d accepted, %d rejected, %d failed", server_round, len(accepted), len(record.rejected), len(record.failed)
         )

@@ -222,7 +222,8 @@ def tiny_synthetic_task(run_config: Mapping[str, Any]) -> FederatedTask:
     from privacy.federated.partition import partition_by_speaker
 
     seed = int(run_config.get("seed", 0))
-    dim, classes, hidden = 8, 4, 16
+    dim, classes = 8, 4
+    hidden = int(run_config.get("tiny-hidden", 16))
     num_speakers = int(run_config.get("tiny-speakers", 6))
     per_speaker = int(run_config.get("tiny-utterances-per-speaker", 24))
     batch_size = int(run_config.get("batch-size", 16))
