@@ -41,7 +41,12 @@ Conv1d incl. groups, LayerNorm, GroupNorm, Embedding, ...). Three things in
    module that has no per-sample sampler (and it only enters the graph through
    an in-place masked assignment); a trainable one makes Opacus' GradSampleModule
    skip/complain. It is frozen (SpecAugment still uses its current value).
-3. Parameters that get no gradient in a step have no ``grad_sample`` and Opacus
+3. With the feature projection trainable, Opacus' backward hooks wrap its
+   output, and wav2vec2 writes SpecAugment masks / padding zeros *in place*
+   into that tensor, which autograd forbids ("Output 0 of BackwardHookFunction
+   is a view and is being modified inplace"). A forward hook returns a copy of
+   the projected features instead (SpecAugment stays on).
+4. Parameters that get no gradient in a step have no ``grad_sample`` and Opacus
    fails with "Per sample gradient is not initialized". The frozen conv feature
    encoder is therefore frozen for good, and ``config.layerdrop`` is set to 0
    (LayerDrop would randomly leave whole layers without gradients).
@@ -261,6 +266,14 @@ def fold_positional_conv_weight_norm(model: nn.Module) -> bool:
     return False
 
 
+def _clone_projected_features(module, args, output):
+    # SpecAugment and padding masking write in place into the projected features; when Opacus
+    # hooks the projection, that tensor is the output of a backward-hook Function and autograd
+    # forbids in-place writes on it. A copy is cheap (B x T x hidden) and keeps the graph valid.
+    hidden_states, norm_hidden_states = output
+    return hidden_states.clone(), norm_hidden_states
+
+
 def make_dp_compatible(
     model: Wav2Vec2ForCTC,
     trainable_layers: Optional[int] = None,
@@ -270,6 +283,9 @@ def make_dp_compatible(
     body = _wav2vec2_body(model)
     folded = fold_positional_conv_weight_norm(model)
     model.config.layerdrop = 0.0
+    if not getattr(body.feature_projection, "_dp_output_cloned", False):
+        body.feature_projection.register_forward_hook(_clone_projected_features)
+        body.feature_projection._dp_output_cloned = True
     model.freeze_feature_encoder()
     if getattr(body, "masked_spec_embed", None) is not None:
         body.masked_spec_embed.requires_grad_(False)

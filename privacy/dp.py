@@ -312,6 +312,35 @@ def local_sample_rate(data_loader) -> float:
     return 1.0 / n
 
 
+class CTCCriterion(nn.Module):
+    """CTC loss over (logits, labels) with a switchable ``reduction``, as Opacus' ghost clipping needs.
+
+    logits: (B, T, V) raw scores; labels: (B, L) token ids padded with -100 (or any negative);
+    input_lengths: (B,) valid frames (default: all T). Per sample the loss is divided by its
+    target length (as Wav2Vec2ForCTC with ctc_loss_reduction="mean"); "mean" then averages
+    over the batch, "sum" sums, "none" returns the (B,) vector.
+    """
+
+    def __init__(self, blank: int = 0, zero_infinity: bool = True, reduction: str = "mean"):
+        super().__init__()
+        self.blank, self.zero_infinity, self.reduction = blank, zero_infinity, reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, input_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch, frames, _ = logits.shape
+        if input_lengths is None:
+            input_lengths = torch.full((batch,), frames, dtype=torch.long, device=logits.device)
+        valid = labels >= 0
+        target_lengths = valid.sum(-1)
+        log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        per_sample = nn.functional.ctc_loss(
+            log_probs, labels.masked_select(valid), input_lengths, target_lengths,
+            blank=self.blank, reduction="none", zero_infinity=self.zero_infinity,
+        ) / target_lengths.clamp(min=1)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
 def make_private_local(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -165,13 +165,17 @@ def test_wav2vec2_tiny_is_opacus_valid_after_make_dp_compatible_and_dp_step_trai
     with pytest.raises(DPPlanError, match="masked_spec_embed"):
         make_private_local(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(torch.randn(8, 4000)), batch_size=4),
                            target_epsilon=8.0, target_delta=1e-2, epochs_or_steps=4, max_grad_norm=1.0)
-    report = make_dp_compatible(model, trainable_layers=2)
+    # SpecAugment on and padded inputs: wav2vec2 writes both in place into the (Opacus-hooked) projected features
+    model.config.mask_time_prob, model.config.mask_time_length = 0.5, 2
+    report = make_dp_compatible(model)
     model.train()
     assert ModuleValidator.validate(model, strict=False) == []
     assert dp_validation_errors(model) == []
 
     gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8, 4000, generator=gen), torch.randint(1, 10, (8, 3), generator=gen))
+    attention_mask = torch.ones(8, 4000, dtype=torch.long)
+    attention_mask[::2, 3000:] = 0
+    data = TensorDataset(torch.randn(8, 4000, generator=gen), torch.randint(1, 10, (8, 3), generator=gen), attention_mask)
     loader = DataLoader(data, batch_size=4, generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -183,9 +187,9 @@ def test_wav2vec2_tiny_is_opacus_valid_after_make_dp_compatible_and_dp_step_trai
         client_accountant=ledger, noise_generator=torch.Generator().manual_seed(0),
     )
     dp_model.train()
-    x, y = next(iter(dp_loader))
+    x, y, mask = next(iter(dp_loader))
     assert len(x) > 0
-    loss = dp_model(input_values=x, labels=y).loss
+    loss = dp_model(input_values=x * mask, attention_mask=mask, labels=y).loss
     loss.backward()
     optimizer.step()
     assert ledger.steps == 1 and sigma > 0
@@ -252,3 +256,47 @@ def test_central_dp_epsilon_matches_independent_accountant_and_grows_with_rounds
     assert eps_10 == pytest.approx(independent_epsilon(1.0, 0.5, 10, DELTA), rel=0.02)
     with pytest.raises(ValueError, match="noise_multiplier > 0"):
         central_dp_epsilon(0.0, 0.5, 10, DELTA)
+
+
+def test_ghost_clipping_gives_the_same_clipped_gradient_as_hooks_on_wav2vec2():
+    from opacus import PrivacyEngine
+
+    from models.wav2vec2 import build_wav2vec2_ctc, make_dp_compatible
+    from privacy.dp import CTCCriterion
+
+    data = TensorDataset(torch.randn(3, 4000, generator=torch.Generator().manual_seed(0)), torch.tensor([[1, 2, 3], [4, 5, -100], [6, -100, -100]]))
+    x, y = data.tensors
+    grads = {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(0)
+        model = build_wav2vec2_ctc(10, hidden_dropout=0.0, attention_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
+        make_dp_compatible(model)
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        wrapped = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, criterion=CTCCriterion(), data_loader=DataLoader(data, batch_size=3),
+            noise_multiplier=0.0, max_grad_norm=0.2, poisson_sampling=False, grad_sample_mode=mode,
+        )
+        if mode == "ghost":
+            dp_model, optimizer, criterion, _ = wrapped
+        else:
+            (dp_model, optimizer, _), criterion = wrapped, CTCCriterion()
+        criterion(dp_model(input_values=x).logits, y).backward()
+        optimizer.step()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["hooks"].keys() == grads["ghost"].keys()
+    for name, g in grads["hooks"].items():
+        assert torch.allclose(g, grads["ghost"][name], atol=1e-6), name
+
+
+def test_ctc_criterion_matches_wav2vec2_ctc_loss():
+    from models.wav2vec2 import build_wav2vec2_ctc
+    from privacy.dp import CTCCriterion
+
+    torch.manual_seed(0)
+    model = build_wav2vec2_ctc(10).eval()
+    labels = torch.tensor([[1, 2, 3], [4, -100, -100]])
+    with torch.no_grad():
+        out = model(input_values=torch.randn(2, 8000), labels=labels)
+    assert CTCCriterion()(out.logits, labels).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert CTCCriterion(reduction="none")(out.logits, labels).shape == (2,)
