@@ -173,8 +173,12 @@ class DPConfig:
     clipping_norm: float = 1.0  # central: per-client update clipping bound
     noise_multiplier: Optional[float] = None  # central: if None, derived from the budget
     accountant: str = "rdp"  # rdp | prv
-    grad_sample_mode: str = "hooks"  # hooks | ghost | functorch
+    grad_sample_mode: str = "hooks"  # hooks | ghost (ghost needs privacy.dp.CTCCriterion as the loss)
     poisson_sampling: bool = True
+    trainable_layers: Optional[int] = None  # local DP: None = all transformer layers (+ pos conv, projection); k = top k + lm_head
+    train_positional_conv: bool = True  # local DP: the folded positional conv keeps training
+    max_noise_multiplier: float = 1.0e3  # a plan needing more noise than this is rejected at start-up
+    cross_check: bool = True  # also report epsilon from dp_accounting (independent accountant)
 
 
 @dataclass
