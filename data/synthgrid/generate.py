@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.io import MediaError, read_video, read_wav, write_video, write_wav
+from data.io import MediaError, read_video, read_wav, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 from data.synthgrid.grammar import GRID_WORDS, espeak_text, sample_sentence
 from data.synthgrid.speakers import (
@@ -37,6 +37,7 @@ from data.synthgrid.speakers import (
     speaker_table_header,
     speaker_table_row,
 )
+from data.synthgrid.video import write_video_reproducible
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _work(job: tuple[SynthGridParams, str, UtterancePlan, dict[str, str]]) -> di
         spk = make_speaker(params.seed, plan.speaker_index)
         audio, frames, _ = synthesize_utterance(params, spk, plan)
         write_wav(out_dir / plan.audio_rel, audio, params.sample_rate)
-        write_video(out_dir / plan.video_rel, frames, fps=params.fps)
+        write_video_reproducible(out_dir / plan.video_rel, frames, fps=params.fps)
         return {"id": plan.id, "status": "generated", "n_frames": frames.shape[0], "n_samples": len(audio)}
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises or counts a skip
         return {"id": plan.id, "status": "error", "error": f"{type(e).__name__}: {e}"}
@@ -267,7 +268,7 @@ def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers:
     """Generate (or resume) a SynthGRID corpus in `out_dir`; returns stats (sizes, timings, real-time factor).
 
     `cfg_or_params`: SynthGridParams, or the `data` config group (or the whole config).
-    num_workers: 0 = in this process; >= 1 worker processes (spawned; each loads its own espeak).
+    num_workers: 0 = in this process; >= 1 worker processes (each loads its own espeak).
     """
     from training.run import SkipCounter, atomic_write_text
 
@@ -312,7 +313,10 @@ def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers:
             results[r["id"]] = r
             bar.update()
     else:
-        with mp.get_context("spawn").Pool(processes=num_workers) as pool:
+        # fork: workers start in milliseconds and inherit nothing that matters (each
+        # utterance is a pure function of its seeds; espeak runs in a per-call child)
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with mp.get_context(method).Pool(processes=num_workers) as pool:
             for r in pool.imap_unordered(_work, jobs, chunksize=1):
                 results[r["id"]] = r
                 bar.update()

@@ -1,0 +1,74 @@
+"""`python -m data.prepare data=<corpus> [overrides]`: prepare a corpus into `data.dir`.
+
+Same primary config as the entry scripts (conf/config.yaml). Dispatch on `data.name`:
+  synthgrid              -> data.synthgrid.generate_corpus (generated here, no download)
+  lrs3 | voxceleb2 | grid -> data.corpora.<name>.prepare(cfg) (from data.raw_dir)
+
+The stage record (metrics.json with sizes/timings/skips, resolved config.yaml)
+goes to `<data.dir>/prepare/`, and unless `hydra.run.dir` is given on the command
+line Hydra's own files go to `<data.dir>/prepare/.hydra`. Nothing under prepare/ is
+part of the corpus bytes (it holds wall-clock timings).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import training.config  # noqa: F401  (registers the structured-config schemas and resolvers)
+
+log = logging.getLogger(__name__)
+REAL_CORPORA = ("lrs3", "voxceleb2", "grid")
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Prepare the corpus named by cfg.data.name; returns the stage metrics."""
+    from training.run import save_config, write_metrics
+
+    name = cfg.data.name
+    out_dir = Path(cfg.data.dir)
+    if name == "synthgrid":
+        from data.synthgrid import generate_corpus
+
+        metrics = generate_corpus(cfg.data, out_dir, num_workers=int(cfg.data.num_workers), progress=True)
+    elif name in REAL_CORPORA:
+        try:
+            module = importlib.import_module(f"data.corpora.{name}")
+        except ModuleNotFoundError as e:
+            if e.name not in (f"data.corpora.{name}", "data.corpora"):
+                raise
+            raise RuntimeError(f"data.name={name}: the preparation module data/corpora/{name}.py is missing") from e
+        if not hasattr(module, "prepare"):
+            raise RuntimeError(f"data/corpora/{name}.py has no prepare(cfg) function")
+        metrics = module.prepare(cfg) or {}
+    else:
+        raise ValueError(f"data.name={name!r}: unknown corpus; expected one of synthgrid, {', '.join(REAL_CORPORA)}")
+    stage = out_dir / "prepare"
+    stage.mkdir(parents=True, exist_ok=True)
+    write_metrics(stage, metrics)
+    save_config(stage, cfg)
+    log.info("prepared %s in %s", name, out_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
+
+
+def _default_hydra_dir(argv: list[str]) -> list[str]:
+    # conf/hydra/default.yaml puts Hydra's files in the training run dir; a corpus is
+    # not a training run, so keep them with the corpus unless the user chose a place.
+    if any(a.startswith(("hydra.run.dir=", "+hydra.run.dir=", "-m", "--multirun")) for a in argv[1:]):
+        return argv
+    return [*argv, "hydra.run.dir=${data.dir}/prepare/.hydra"]
+
+
+if __name__ == "__main__":
+    sys.argv = _default_hydra_dir(sys.argv)
+    main()
