@@ -431,10 +431,17 @@ class AVHubertModel(nn.Module):
     def forward(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None,
                 padding_mask: Optional[torch.Tensor] = None, frontend_hook: Optional[FrontendHook] = None,
                 layer_hook: Optional[LayerHook] = None, mask: bool = False,
-                output_hidden_states: bool = False) -> AVHubertOutput:
+                output_hidden_states: bool = False, feat_video: Optional[torch.Tensor] = None) -> AVHubertOutput:
+        """`feat_video` [B,T,D]: precomputed video front-end output (frozen front-ends never change it,
+        so fine-tuning and evaluation compute it once per utterance); `video` is then not used."""
         if mask:
             audio, video, _ = self.apply_input_mask(audio, video, padding_mask)
-        feat_audio, feat_video = self.extract_frontends(audio, video)
+        if feat_video is not None:
+            if audio is not None and (audio.size(0), audio.size(2)) != tuple(feat_video.shape[:2]):
+                raise ValueError(f"audio [B={audio.size(0)}, T={audio.size(2)}] and feat_video {tuple(feat_video.shape)} disagree")
+            feat_audio = self.extract_frontends(audio, None)[0] if audio is not None else None
+        else:
+            feat_audio, feat_video = self.extract_frontends(audio, video)
         if frontend_hook is not None:
             feat_audio, feat_video = frontend_hook(feat_audio, feat_video)
         dropped_audio, dropped_video = self.modality_dropout(feat_audio, feat_video)

@@ -60,9 +60,10 @@ class AVHubertForCTC(nn.Module):
 
     def forward(self, audio: Optional[torch.Tensor] = None, video: Optional[torch.Tensor] = None,
                 padding_mask: Optional[torch.Tensor] = None, frontend_hook: Optional[FrontendHook] = None,
-                layer_hook: Optional[LayerHook] = None, output_hidden_states: bool = False) -> CTCOutput:
+                layer_hook: Optional[LayerHook] = None, output_hidden_states: bool = False,
+                feat_video: Optional[torch.Tensor] = None) -> CTCOutput:
         out = self.avhubert(audio=audio, video=video, padding_mask=padding_mask, frontend_hook=frontend_hook,
-                            layer_hook=layer_hook, output_hidden_states=output_hidden_states)
+                            layer_hook=layer_hook, output_hidden_states=output_hidden_states, feat_video=feat_video)
         hidden = out.last_hidden_state
         logits = self.ctc_proj(self.final_dropout(hidden))
         batch, frames = hidden.shape[:2]

@@ -291,8 +291,10 @@ class EvalConfig:
 @dataclass
 class Config:
     defaults: list[Any] = field(default_factory=list)
-    task: str = "finetune"  # prepare | pretrain | finetune | evaluate | export
+    task: str = "finetune"  # pretrain | finetune | evaluate | export
     seed: int = 1
+    force: bool = False  # re-run a stage whose status.json says done (sweeps skip finished stages)
+    eval_after_finetune: bool = True  # finetune also runs evaluate and export
     run_name: str = MISSING
     paths: PathsConfig = MISSING
     data: DataConfig = MISSING

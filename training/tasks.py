@@ -1,17 +1,75 @@
 """What each entry-point task does, given a composed config.
 
-The entry scripts call `run_asr_task` / `run_attack_task`; each task builds its
-pieces from the config and calls the loop. Filled in as the tasks land.
+    train_avhubert.py task=pretrain | finetune | evaluate | export
+        model.family=avhubert  -> training/asr.py (AV-HuBERT + AdaLoRA + masks)
+        model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
+    train_speaker_verification.py -> training/attack.py (RJCA attacker)
+
+A sweep re-running a finished stage skips it (its status.json says done), so an
+interrupted multirun resumes where it stopped; `force=true` runs it again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
+
+
+def _finished(stage_dir: Path) -> dict | None:
+    status, metrics = stage_dir / "status.json", stage_dir / "metrics.json"
+    if status.is_file() and metrics.is_file() and json.loads(status.read_text()).get("status") == "done":
+        return json.loads(metrics.read_text())
+    return None
+
+
+def _skip_if_done(cfg: DictConfig, stage_dir: Path) -> dict | None:
+    if cfg.force:
+        return None
+    done = _finished(stage_dir)
+    if done is not None:
+        log.info("%s is already done (status.json); skipping. Pass force=true to run it again.", stage_dir)
+    return done
+
+
+def _objective(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if value is not None else None
 
 
 def run_asr_task(cfg: DictConfig):
-    raise SystemExit(f"task={cfg.task!r} is not available yet in this checkout")
+    if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
+        from training.federated import run_federated_task
+
+        return run_federated_task(cfg)
+    if cfg.task not in ASR_TASKS:
+        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
+    from training import asr
+
+    if cfg.task == "pretrain":
+        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
+        return _objective(done or asr.pretrain(cfg), "pretrain/loss")
+    stage = Path(cfg.paths.run_dir) / cfg.task
+    if cfg.task == "finetune":
+        # finetune also evaluates and exports; it is done when all three are.
+        run_dir = Path(cfg.paths.run_dir)
+        done = None
+        if not cfg.force and all(_finished(run_dir / s) for s in ("finetune", "evaluate", "export")):
+            log.info("%s: finetune, evaluate and export are done; skipping (force=true runs them again)", run_dir)
+            done = _finished(run_dir / "evaluate")
+        return _objective(done or asr.finetune(cfg), "wer/audio_video/clean")
+    done = _skip_if_done(cfg, stage)
+    return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):
-    raise SystemExit("the attacker task is not available yet in this checkout")
+    from training.attack import attack_stage_name, run_attack
+
+    done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
+    return _objective(done or run_attack(cfg), "eer")

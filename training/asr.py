@@ -1,0 +1,505 @@
+"""AV-HuBERT tasks: pretrain, finetune, evaluate, export.
+
+Each task reads the composed config, builds data/model/privacy pieces from it,
+and hands a `step_fn` to the one training loop (`training.loop.train`).
+Stage outputs: `<run_dir>/<task>/{metrics.json,config.yaml,status.json,...}`;
+pretraining writes to `<paths.pretrained_dir>/<model.name>/` instead, since
+many fine-tuning runs share one pretrained model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.collate import collate_av
+from data.dataset import AVSRDataset, build_dataloader
+from data.tokenizer import build_tokenizer, load_tokenizer
+from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_parameters
+from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
+from models.checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.heads import AVHubertForCTC
+from privacy.contrastive import ProjectionHead, check_loss_options
+from privacy.masks import build_masks, mask_kind
+from privacy.probe import cosine_probe_eer, speaker_probe
+from privacy.system import MaskedAVSR
+from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from training.loop import loop_kwargs_from_config, train
+from training.metrics import char_error_rate, word_error_rate
+from training.optim import optimizer_and_scheduler_from_config
+from training.logging import RunLogger
+from training.run import Stage, atomic_write_text, seed_everything
+
+log = logging.getLogger(__name__)
+
+MODALITY_INPUTS = {"audio_video": ("audio", "video"), "audio": ("audio",), "video": ("video",)}
+
+
+# --------------------------------------------------------------------------- building blocks
+def avhubert_config(cfg: DictConfig) -> AVHubertConfig:
+    """AVHubertConfig from the `model` group (fields with the same names; the rest is ignored)."""
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    return AVHubertConfig.from_dict(values)
+
+
+def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = False, noise: Optional[dict] = None,
+                 modalities=("audio", "video"), return_waveform: bool = False) -> AVSRDataset:
+    d = cfg.data
+    return AVSRDataset(
+        d.dir, split, tokenizer, train=train, modalities=tuple(modalities), return_waveform=return_waveform,
+        noise=noise, on_error=d.on_error, max_av_length_mismatch=d.max_av_length_mismatch, seed=cfg.seed,
+        sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
+        crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std,
+    )
+
+
+def make_logger(cfg: DictConfig, directory: Path) -> RunLogger:
+    return RunLogger(directory, OmegaConf.to_container(cfg, resolve=True), use_wandb=cfg.logger.name == "wandb",
+                     wandb_project=cfg.logger.project, wandb_mode=cfg.logger.mode)
+
+
+def pretrained_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.pretrained_dir) / cfg.model.name
+
+
+FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
+                           "modality_dropout", "audio_dropout")
+
+
+def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
+    """The pretrained encoder named by model.checkpoint (fairseq .pt, HF directory or ours).
+
+    Architecture comes from the checkpoint; dropout rates come from the config,
+    since fine-tuning regularises differently from pretraining. A fine-tuned
+    checkpoint's CTC head is dropped: our vocabulary is our own.
+    """
+    path = cfg.model.checkpoint
+    if path is None:
+        log.warning("model.checkpoint is null: %s starts from random weights", cfg.model.name)
+        return AVHubertModel(avhubert_config(cfg)), {"source": "random"}
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"model.checkpoint={path} does not exist. For the embedded model create it with "
+            f"`python train_avhubert.py task=pretrain model={cfg.model.name}`; for real weights point "
+            "model.checkpoint at a fairseq .pt or a Hugging Face AV-HuBERT directory."
+        )
+    loaded, info = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    if isinstance(loaded, AVHubertForCTC):
+        loaded = loaded.avhubert
+    arch = loaded.cfg.to_dict()
+    arch.update({k: cfg.model[k] for k in FINETUNE_REGULARISATION})
+    model = AVHubertModel(AVHubertConfig(**arch))
+    model.load_state_dict(loaded.state_dict())
+    return model, info
+
+
+@torch.no_grad()
+def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Frozen video front-end outputs per utterance id ([T, D], centre crop).
+
+    The ResNet is most of the compute of a tiny model; with frozen front-ends its
+    output never changes, so fine-tuning and evaluation compute it once.
+    """
+    was_training = model.training
+    model.eval()
+    cache: dict[str, torch.Tensor] = {}
+    loader = build_dataloader(dataset, "bucket", batch_size=batch_size, seed=0, num_workers=0, train=False)
+    for batch in loader:
+        _, fv = model.extract_frontends(None, batch["video"])
+        for i, uid in enumerate(batch["ids"]):
+            cache[uid] = fv[i, : int(batch["lengths"][i])].clone()
+    model.train(was_training)
+    return cache
+
+
+def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> torch.Tensor:
+    out = torch.zeros(len(ids), frames, next(iter(cache.values())).shape[-1])
+    for i, uid in enumerate(ids):
+        f = cache[uid][:frames]
+        out[i, : f.shape[0]] = f
+    return out
+
+
+# --------------------------------------------------------------------------- pretrain
+def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
+    """Iteration-1 targets: k-means on MFCCs of the public split, cached as public.km."""
+    from data.io import read_wav
+    from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39, read_km, write_km
+
+    km_path = out_dir / "public.km"
+    ids = [u.id for u in dataset.utterances]
+    if km_path.is_file():
+        labels = read_km(km_path, expected=len(ids))
+    else:
+        log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(ids))
+        feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
+        km = fit_kmeans(feats, k, seed=cfg.seed)
+        labels = [assign_labels(km, f) for f in feats]
+        write_km(km_path, labels)
+    return {uid: labels_at_feature_rate(lab, u.n_frames) for uid, lab, u in zip(ids, labels, dataset.utterances)}
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Masked prediction of MFCC cluster ids on the public split (AV-HuBERT iteration 1)."""
+    if cfg.model.family != "avhubert":
+        raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
+    out_dir = pretrained_dir(cfg)
+    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+        gen = seed_everything(cfg.seed)
+        dataset = make_dataset(cfg, "public", train=True)
+        model_cfg = avhubert_config(cfg)
+        targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
+        model = AVHubertModel(model_cfg)
+        tc = cfg.trainer
+        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
+        mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+        def step_fn(m, batch):
+            frames = batch["audio"].shape[-1]
+            tgt = torch.zeros(len(batch["ids"]), frames, dtype=torch.long)
+            for i, uid in enumerate(batch["ids"]):
+                lab = torch.from_numpy(targets[uid][:frames])
+                tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
+            return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen)
+
+        optimizer, scheduler = optimizer_and_scheduler_from_config(model.named_parameters(), tc)
+        logger = make_logger(cfg, out_dir)
+        t0 = time.time()
+        result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
+                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
+        logger.close()
+        ckpt = save_avhubert_checkpoint(
+            out_dir / "checkpoint_last.pt", model,
+            extra={"task": {"labels": ["km"], "label_rate": 100, "sample_rate": cfg.data.fps, "stack_order_audio": cfg.data.stack_order_audio,
+                            "image_crop_size": cfg.data.crop_size, "image_mean": cfg.data.image_mean, "image_std": cfg.data.image_std,
+                            "fine_tuning": False, "corpus": cfg.data.name, "split": "public"}},
+        )
+        stage.metrics.update({f"pretrain/{k}": v for k, v in result.last_logs.items()})
+        stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
+                             utterances=len(dataset), **count_parameters(model), **dataset.skips.report())
+        log.info("pretrained %s -> %s", cfg.model.name, ckpt)
+        return stage.metrics
+
+
+# --------------------------------------------------------------------------- finetune
+def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
+    """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
+    core, info = load_pretrained_avhubert(cfg)
+    asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
+    if cfg.model.freeze_frontends:
+        freeze_frontends(asr)
+    m = cfg.masks
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
+    masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core.cfg.encoder_embed_dim,
+                        tuple(m.modalities), m.init_scale, core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, mask_gen)
+    projection = ProjectionHead(core.cfg.encoder_embed_dim, cfg.loss.projection_dim, pooling=cfg.loss.pooling) if cfg.loss.contrastive else None
+    a = cfg.adapter
+    total = cfg.trainer.max_steps
+    tinit, tfinal, delta_t = adalora_schedule(total, a.tinit_frac, a.tfinal_frac, a.delta_t) if a.name == "adalora" else (0, 0, a.delta_t)
+    spec = AdapterSpec(kind=a.name, target_modules=list(a.target_modules), r=a.r, init_r=a.init_r, target_r=a.target_r,
+                       lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
+                       total_step=total, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight)
+    # Adapters go on the transformer only; the CTC head trains fully (it is new).
+    _, handle = apply_adapter(asr.avhubert.encoder, spec, trainable_extra=[])
+    system = MaskedAVSR(asr, masks, projection)
+    for p in asr.ctc_proj.parameters():
+        p.requires_grad_(True)
+    if a.name == "none":
+        for name, p in asr.avhubert.named_parameters():
+            p.requires_grad_(not (cfg.model.freeze_frontends and name.startswith("feature_extractor_")))
+        # Pretraining-only parameters get no gradient from CTC.
+        for p in (asr.avhubert.final_proj.weight, asr.avhubert.final_proj.bias, asr.avhubert.label_embs_concat, asr.avhubert.mask_emb):
+            p.requires_grad_(False)
+    return system, handle, mask_gen
+
+
+def validate_options(cfg: DictConfig) -> None:
+    """Incompatible options fail here, before any data is loaded."""
+    check_loss_options(cfg.loss, cfg.trainer.sampler, cfg.trainer.utterances_per_speaker, cfg.masks.name)
+    if cfg.masks.position == "encoder" and cfg.masks.layer >= cfg.model.encoder_layers:
+        raise ValueError(f"masks.layer={cfg.masks.layer} is beyond the encoder depth model.encoder_layers={cfg.model.encoder_layers}")
+    if cfg.trainer.sampler == "speaker" and cfg.trainer.speakers_per_batch * cfg.trainer.utterances_per_speaker < 2:
+        raise ValueError("trainer.sampler=speaker needs speakers_per_batch x utterances_per_speaker >= 2")
+
+
+def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
+    tok_dir = Path(cfg.paths.run_dir) / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file() or any(tok_dir.glob("*")):
+        return load_tokenizer(tok_dir)
+    if texts is None:
+        raise FileNotFoundError(f"{tok_dir}: no tokenizer; run task=finetune with the same overrides first")
+    return build_tokenizer(cfg.data.tokenizer, texts, tok_dir, cfg.data.sentencepiece_vocab)
+
+
+def finetune(cfg: DictConfig) -> dict:
+    validate_options(cfg)
+    with Stage(cfg, "finetune") as stage:
+        gen = seed_everything(cfg.seed)
+        from data.manifest import read_split
+
+        train_texts = [u.text for u in read_split(cfg.data.dir, "train")]
+        tokenizer = tokenizer_for_run(cfg, train_texts)
+        tc = cfg.trainer
+        system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
+        cache_video = tc.cache_frontends and cfg.model.freeze_frontends
+        modalities = ("audio",) if cache_video else ("audio", "video")
+        train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities)
+        video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
+        loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
+                                  seed=cfg.seed, num_workers=tc.num_workers, train=True)
+        lam = float(cfg.loss["lambda"])
+
+        def step_fn(model, batch):
+            fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]) if video_cache is not None else None
+            out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=cfg.loss.contrastive)
+            ctc = model.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
+            loss = ctc + adapter.regularization()
+            logs = {"ctc": float(ctc)}
+            if cfg.loss.contrastive:
+                cl, diag = model.contrastive_loss(out, batch["speaker_idx"], batch["padding_mask"], cfg.loss.temperature,
+                                                   cfg.loss.pooling, cfg.loss.other_speaker_negatives)
+                loss = loss + lam * cl
+                logs.update(contrastive=float(cl), **{f"cl_{k}": float(v) for k, v in diag.items()})
+            if model.masks is not None:
+                logs["mask_log_sigma"] = float(model.masks.mean_log_sigma())
+            return loss, logs
+
+        probe = LeakageProbe(cfg, system, video_cache_source="train")
+        valid = Validation(cfg, tokenizer, "valid")
+
+        def eval_fn(model, step):
+            metrics = valid(model)
+            metrics.update(probe(model))
+            return metrics
+
+        params = [(n, p) for n, p in system.named_parameters() if p.requires_grad]
+        optimizer, scheduler = optimizer_and_scheduler_from_config(params, tc)
+        stage.metrics.update(count_parameters(system))
+        log.info("finetune: %d / %d parameters trainable (%s, masks=%s, loss=%s)", stage.metrics["params/trainable"],
+                 stage.metrics["params/total"], cfg.adapter.name, cfg.masks.name, cfg.loss.name)
+        logger = make_logger(cfg, stage.dir)
+        t0 = time.time()
+        result = train(system, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
+                       eval_fn=eval_fn, after_optimizer_step=adapter.after_optimizer_step, generators={"mask": mask_gen},
+                       **loop_kwargs_from_config(tc))
+        logger.close()
+        torch.save({"model": system.state_dict()}, stage.dir / "model.pt.tmp")
+        (stage.dir / "model.pt.tmp").replace(stage.dir / "model.pt")
+        stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
+                             rank_budget=adapter.rank_budget(), **train_ds.skips.report())
+        stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
+        stage.metrics.update({k.replace("eval/", ""): v for k, v in result.last_eval.items()})
+    results = dict(stage.metrics)
+    if cfg.eval_after_finetune:
+        results.update(evaluate(cfg))
+        results.update(export(cfg))
+    return results
+
+
+def load_finetuned(cfg: DictConfig):
+    """The fine-tuned system of this run directory (same overrides as task=finetune)."""
+    path = Path(cfg.paths.run_dir) / "finetune" / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: no finished fine-tuning run for these overrides. Create it with "
+            f"`python train_avhubert.py task=finetune <the same overrides>` (run dir {cfg.paths.run_dir})"
+        )
+    tokenizer = tokenizer_for_run(cfg)
+    system, _, mask_gen = build_system(cfg, tokenizer.vocab_size)
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    system.load_state_dict(state)
+    system.eval()
+    return system, tokenizer, mask_gen
+
+
+# --------------------------------------------------------------------------- probes / validation
+class LeakageProbe:
+    """Speaker information in pooled clean vs protected representations of train-speaker utterances.
+
+    A linear classifier (half the utterances of each speaker to fit, half to test)
+    and cosine-scoring EER; cheap enough to log at every evaluation.
+    """
+
+    def __init__(self, cfg: DictConfig, system: MaskedAVSR, video_cache_source: str = "train", per_speaker: int = 8):
+        self.cfg = cfg
+        ds = make_dataset(cfg, "train", None, modalities=("audio", "video"))
+        by_spk: dict[str, list[int]] = {}
+        for i, u in enumerate(ds.utterances):
+            by_spk.setdefault(u.speaker, []).append(i)
+        self.indices = [i for idx in by_spk.values() for i in idx[:per_speaker]]
+        self.items = [ds[i] for i in self.indices]
+        self.batch = collate_av(self.items)
+
+    @torch.no_grad()
+    def __call__(self, system: MaskedAVSR) -> dict:
+        b = self.batch
+        out = system(b["audio"], b["video"], b["padding_mask"], capture=True)
+        if out.clean is None:
+            return {}
+        keep = (~b["padding_mask"]).unsqueeze(-1).float()
+        metrics = {}
+        spk = [it["speaker"] for it in self.items]
+        for name, rep in (("clean", out.clean), ("protected", out.protected)):
+            pooled = ((rep * keep).sum(1) / keep.sum(1)).numpy()
+            even = np.arange(len(spk)) % 2 == 0
+            acc = speaker_probe(pooled[even], np.array(spk)[even], pooled[~even], np.array(spk)[~even])
+            metrics[f"probe/speaker_acc_{name}"] = acc["accuracy"]
+            metrics[f"probe/eer_{name}"] = cosine_probe_eer(pooled, spk, n_pairs=1000, seed=0)
+            metrics["probe/chance"] = acc["chance"]
+        metrics["probe/speaker_acc"] = metrics["probe/speaker_acc_protected"]
+        metrics["probe/eer"] = metrics["probe/eer_protected"]
+        return metrics
+
+
+class Validation:
+    """Greedy-decoding WER on a split (audio-visual, clean) for logging during training."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, split: str):
+        self.tokenizer = tokenizer
+        ds = make_dataset(cfg, split, tokenizer)
+        self.batches = list(build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=0, train=False))
+
+    @torch.no_grad()
+    def __call__(self, system: MaskedAVSR) -> dict:
+        refs, hyps = [], []
+        for b in self.batches:
+            out = system(b["audio"], b["video"], b["padding_mask"])
+            hyps += ctc_greedy_decode(out.ctc.log_probs, out.ctc.output_lengths, self.tokenizer)
+            refs += b["texts"]
+        return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps)}
+
+
+# --------------------------------------------------------------------------- evaluate
+def _conditions(cfg: DictConfig) -> list[tuple[str, Optional[dict]]]:
+    conds = [("clean", None)]
+    for kind in cfg.eval.noise_types:
+        for snr in cfg.eval.snrs:
+            conds.append((f"{kind}_{snr:g}", {"type": kind, "snr": float(snr)}))
+    return conds
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """WER/CER per modality (audio-visual, audio, video) and noise condition; hypotheses written alongside."""
+    with Stage(cfg, "evaluate") as stage:
+        seed_everything(cfg.seed)
+        system, tokenizer, mask_gen = load_finetuned(cfg)
+        split = cfg.eval.split
+        clean_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
+        video_cache = video_feature_cache(system.core, clean_ds)
+        beam = None
+        if cfg.eval.decoder == "beam":
+            from data.manifest import read_split
+
+            beam = LexiconBeamDecoder(tokenizer, lexicon_from_texts([u.text for u in read_split(cfg.data.dir, "train")]),
+                                      beam_size=cfg.eval.beam_size)
+        hyp_dir = stage.dir / "hypotheses"
+        for condition, noise in _conditions(cfg):
+            ds = make_dataset(cfg, split, tokenizer, modalities=("audio",), noise=noise)
+            loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
+            batches = list(loader)
+            for modality in cfg.eval.modalities:
+                if modality == "video" and condition != "clean":
+                    continue  # audio noise does not reach a video-only model
+                inputs = MODALITY_INPUTS[modality]
+                mask_gen.manual_seed(cfg.seed + 11)  # same mask noise for every condition
+                refs, hyps, ids = [], [], []
+                with torch.no_grad():
+                    for b in batches:
+                        frames = b["audio"].shape[-1]
+                        fv = pad_cached(video_cache, b["ids"], frames) if "video" in inputs else None
+                        audio = b["audio"] if "audio" in inputs else None
+                        out = system(audio, None, b["padding_mask"], feat_video=fv)
+                        if beam is not None:
+                            hyps += beam.decode(out.ctc.log_probs, out.ctc.output_lengths)
+                        else:
+                            hyps += ctc_greedy_decode(out.ctc.log_probs, out.ctc.output_lengths, tokenizer)
+                        refs += b["texts"]
+                        ids += b["ids"]
+                stage.metrics[f"wer/{modality}/{condition}"] = word_error_rate(refs, hyps)
+                stage.metrics[f"cer/{modality}/{condition}"] = char_error_rate(refs, hyps)
+                atomic_write_text(hyp_dir / f"{modality}.{condition}.hyp", "".join(f"{i}\t{h}\n" for i, h in zip(ids, hyps)))
+                atomic_write_text(hyp_dir / f"{modality}.{condition}.ref", "".join(f"{i}\t{r}\n" for i, r in zip(ids, refs)))
+                log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
+        stage.metrics["n_utterances"] = len(clean_ds)
+        return dict(stage.metrics)
+
+
+# --------------------------------------------------------------------------- export
+EXPORT_SPLITS = ("attacker_train", "attacker_trials")
+
+
+@torch.no_grad()
+def export(cfg: DictConfig) -> dict:
+    """Protected (and clean) per-modality front-end features of the attacker splits.
+
+    Format (docs/method.md): `<run_dir>/export/<split>.safetensors` with float16 tensors
+    `{audio,video}/{clean,protected,lazy}` of shape [sum of frames, D] and an int64
+    `offsets` [N+1]; `<split>.json` lists ids and speakers in the same order.
+    `protected` = this run's trained masks with fresh noise; `lazy` = masks of the
+    same kind at their initial parameters with another seed (an attacker who
+    knows the method but not the trained masks).
+    """
+    from safetensors.torch import save_file
+
+    with Stage(cfg, "export") as stage:
+        seed_everything(cfg.seed)
+        system, tokenizer, mask_gen = load_finetuned(cfg)
+        m = cfg.masks
+        lazy_gen = torch.Generator().manual_seed(cfg.seed + cfg.attacker.lazy_seed_offset)
+        lazy_masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, system.core.cfg.encoder_embed_dim,
+                                 tuple(m.modalities), m.init_scale, system.core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, lazy_gen)
+        if lazy_masks is not None:
+            lazy_masks.eval()
+        for split in EXPORT_SPLITS:
+            ds = make_dataset(cfg, split, None)
+            loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
+            store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in ("clean", "protected", "lazy")}
+            ids, speakers, lengths = [], [], []
+            for b in loader:
+                ca, cv, pa, pv = system.protected_features(b["audio"], b["video"], b["padding_mask"])
+                _, _, la, lv = system.protected_features(b["audio"], b["video"], b["padding_mask"], masks=lazy_masks) if lazy_masks is not None else (None, None, ca, cv)
+                for i in range(len(b["ids"])):
+                    n = int(b["lengths"][i])
+                    for key, t in (("audio/clean", ca), ("video/clean", cv), ("audio/protected", pa), ("video/protected", pv),
+                                   ("audio/lazy", la), ("video/lazy", lv)):
+                        store[key].append(t[i, :n].to(torch.float16))
+                    lengths.append(n)
+                ids += b["ids"]
+                speakers += b["speakers"]
+            tensors = {k: torch.cat(v) for k, v in store.items()}
+            tensors["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+            out = stage.dir / f"{split}.safetensors"
+            save_file(tensors, str(out.with_suffix(".tmp")))
+            out.with_suffix(".tmp").replace(out)
+            atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
+                                                                      "masks": cfg.masks.name}, indent=1))
+            stage.metrics[f"{split}/utterances"] = len(ids)
+            stage.metrics[f"{split}/frames"] = int(sum(lengths))
+            stage.metrics[f"{split}/bytes"] = out.stat().st_size
+        return dict(stage.metrics)
+
+
+def read_export(directory: str | Path, split: str) -> tuple[dict[str, list[torch.Tensor]], list[str], list[str]]:
+    """Inverse of `export`: {key: [per-utterance [T, D] float32]}, ids, speakers."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    path, index = directory / f"{split}.safetensors", directory / f"{split}.json"
+    if not path.is_file() or not index.is_file():
+        raise FileNotFoundError(f"{path} (or its .json index) not found: run `python train_avhubert.py task=export <same overrides>`")
+    tensors = load_file(str(path))
+    meta = json.loads(index.read_text())
+    offsets = tensors.pop("offsets").tolist()
+    if len(offsets) != len(meta["ids"]) + 1:
+        raise ValueError(f"{path}: {len(offsets) - 1} utterances but {index} lists {len(meta['ids'])}")
+    out = {k: [v[a:b].float() for a, b in zip(offsets[:-1], offsets[1:])] for k, v in tensors.items()}
+    return out, meta["ids"], meta["speakers"]

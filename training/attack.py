@@ -1,0 +1,224 @@
+"""The RJCA speaker-verification attacker on an ASR run's representations.
+
+Which features the attacker trains on (attacker_train speakers) and is tested on
+(the held-out attacker_trials speakers, `trials.txt`):
+
+    attacker.input=raw        raw inputs (waveform -> log-mel, mouth-ROI frames); needs no ASR run
+    attacker.input=clean      clean front-end features for training and trials (no protection at all)
+    attacker.input=protected  trials use the protected features; training data by scenario:
+        ignorant       clean features (the attacker does not know about the masks)
+        lazy_informed  features protected by masks of the same kind at their initial parameters, other seed
+        semi_informed  features protected by this run's trained masks (fresh noise)
+
+Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
+at p_target 0.01 and 0.05), scores.txt (`label utt_a utt_b score`), det.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.manifest import read_split, read_trials, manifest_dir
+from data.samplers import BucketBatchSampler
+from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
+from training.loop import train
+from training.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from training.run import Stage, atomic_write_text, seed_everything
+
+log = logging.getLogger(__name__)
+
+TRAIN_FEATURES = {"ignorant": "clean", "lazy_informed": "lazy", "semi_informed": "protected"}
+
+
+def attack_stage_name(cfg: DictConfig) -> str:
+    a = cfg.attacker
+    if a.input == "raw":
+        return "attack/raw"
+    if a.input == "clean":
+        return "attack/clean"
+    if a.input != "protected":
+        raise ValueError(f"attacker.input={a.input!r}: expected raw, clean or protected")
+    if a.scenario not in TRAIN_FEATURES:
+        raise ValueError(f"attacker.scenario={a.scenario!r}: expected one of {sorted(TRAIN_FEATURES)}")
+    return f"attack/{a.scenario}"
+
+
+class FeatureSet(torch.utils.data.Dataset):
+    """Per-utterance feature sequences (from an export) or raw inputs, with speaker labels."""
+
+    def __init__(self, audio: list | None, video: list | None, speakers: list[str], ids: list[str], lengths: list[int]):
+        self.audio, self.video, self.ids, self.lengths = audio, video, ids, lengths
+        self.speaker_names = sorted(set(speakers))
+        index = {s: i for i, s in enumerate(self.speaker_names)}
+        self.labels = [index[s] for s in speakers]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return i
+
+
+def _pad(seqs: list[torch.Tensor]) -> torch.Tensor:
+    n = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_zeros((len(seqs), n) + tuple(seqs[0].shape[1:]))
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out
+
+
+def make_collate(fs: FeatureSet):
+    def collate(indices):
+        frames = [fs.lengths[i] for i in indices]
+        n = max(frames)
+        pad = torch.arange(n).unsqueeze(0) >= torch.tensor(frames).unsqueeze(1)
+        batch = {"labels": torch.tensor([fs.labels[i] for i in indices]), "padding_mask": pad}
+        batch["audio"] = _pad([fs.audio[i] for i in indices]) if fs.audio is not None else None
+        batch["video"] = _pad([fs.video[i] for i in indices]) if fs.video is not None else None
+        return batch
+
+    return collate
+
+
+def _check_finite(name: str, seqs: list[torch.Tensor] | None, source: Path | str) -> None:
+    if seqs is None:
+        return
+    for i, s in enumerate(seqs):
+        if not torch.isfinite(s).all():
+            raise ValueError(f"{source}: {name} features of utterance #{i} contain NaN/inf; re-run the export (task=export)")
+
+
+def load_feature_sets(cfg: DictConfig):
+    """(train FeatureSet, trials FeatureSet, feature dim) from the ASR run's export."""
+    from training.asr import read_export
+
+    a = cfg.attacker
+    export_dir = Path(cfg.paths.run_dir) / "export"
+    if not export_dir.is_dir():
+        raise FileNotFoundError(
+            f"no exported representations in {export_dir}. The attacker reads what the ASR run wrote; create it with\n"
+            f"  python train_avhubert.py task=finetune <the same overrides>   (fine-tunes, evaluates and exports)\n"
+            f"or, for an existing fine-tuned run, python train_avhubert.py task=export <the same overrides>"
+        )
+    train_kind = "clean" if a.input == "clean" else TRAIN_FEATURES[a.scenario]
+    test_kind = "clean" if a.input == "clean" else "protected"
+    sets = []
+    for split, kind in (("attacker_train", train_kind), ("attacker_trials", test_kind)):
+        feats, ids, speakers = read_export(export_dir, split)
+        audio = feats[f"audio/{kind}"] if "audio" in a.modalities else None
+        video = feats[f"video/{kind}"] if "video" in a.modalities else None
+        _check_finite("audio", audio, export_dir / f"{split}.safetensors")
+        _check_finite("video", video, export_dir / f"{split}.safetensors")
+        lengths = [t.shape[0] for t in feats[f"audio/{kind}"]]
+        sets.append(FeatureSet(audio, video, speakers, ids, lengths))
+    dim = sets[0].audio[0].shape[-1] if sets[0].audio is not None else sets[0].video[0].shape[-1]
+    return sets[0], sets[1], dim
+
+
+def load_raw_sets(cfg: DictConfig):
+    """Raw waveforms and normalised mouth-ROI frames of the attacker splits."""
+    from training.asr import make_dataset
+
+    out = []
+    for split in ("attacker_train", "attacker_trials"):
+        ds = make_dataset(cfg, split, None, return_waveform=True)
+        audio, video, lengths = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            audio.append(item["waveform"])
+            video.append(item["video"].unsqueeze(0))  # [1, T, H, W]
+            lengths.append(item["video"].shape[0])
+        fs = FeatureSet(audio if "audio" in cfg.attacker.modalities else None, None, [u.speaker for u in ds.utterances],
+                        [u.id for u in ds.utterances], lengths)
+        fs.video = [v.transpose(0, 1) for v in video] if "video" in cfg.attacker.modalities else None  # [T, 1, H, W]
+        out.append(fs)
+    return out[0], out[1], None
+
+
+def _inputs(fs_batch: dict, raw: bool):
+    audio, video = fs_batch["audio"], fs_batch["video"]
+    if raw and video is not None:
+        video = video.transpose(1, 2)  # [B, T, 1, H, W] -> [B, 1, T, H, W]
+    pad = fs_batch["padding_mask"]
+    if raw and audio is not None and video is None:
+        pad = None  # raw audio alone: no frame-aligned mask; padded tail is silence
+    return audio, video, pad
+
+
+def run_attack(cfg: DictConfig) -> dict:
+    a = cfg.attacker
+    name = attack_stage_name(cfg)
+    raw = a.input == "raw"
+    trials_path = manifest_dir(cfg.data.dir) / "trials.txt"
+    with Stage(cfg, name) as stage:
+        gen = seed_everything(cfg.seed)
+        train_set, test_set, dim = load_raw_sets(cfg) if raw else load_feature_sets(cfg)
+        trials = read_trials(trials_path, known_ids=set(test_set.ids))
+        rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
+                                     "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
+        model = RJCASpeakerVerifier(rcfg)
+        head = AAMSoftmax(rcfg.embed_dim, len(train_set.speaker_names), a.aam_margin, a.aam_scale)
+        system = torch.nn.ModuleDict({"verifier": model, "aam": head})
+        sampler = BucketBatchSampler(train_set.lengths, a.batch_size, shuffle=True, seed=cfg.seed)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=make_collate(train_set))
+        steps_per_epoch = len(sampler)
+        max_steps = a.epochs * steps_per_epoch
+        optimizer = torch.optim.Adam(system.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: a.lr_decay ** (s // steps_per_epoch))
+
+        def step_fn(m, batch):
+            audio, video, pad = _inputs(batch, raw)
+            emb = m["verifier"](audio, video, pad)
+            loss, acc = m["aam"](emb, batch["labels"])
+            return loss, {"acc": float(acc)}
+
+        t0 = time.time()
+        result = train(system, step_fn, loader, optimizer, scheduler, max_steps=max_steps, ckpt_dir=stage.dir / "checkpoints",
+                       grad_clip=5.0, log_every=max(1, steps_per_epoch), ckpt_every=steps_per_epoch * max(1, a.epochs // 4),
+                       progress_bar=cfg.trainer.progress_bar)
+        train_seconds = time.time() - t0
+        # Embed every trials utterance once, then score the pairs.
+        model.eval()
+        collate = make_collate(test_set)
+        index = {uid: i for i, uid in enumerate(test_set.ids)}
+        embs = []
+        t1 = time.time()
+        with torch.no_grad():
+            for start in range(0, len(test_set), 32):
+                batch = collate(list(range(start, min(start + 32, len(test_set)))))
+                audio, video, pad = _inputs(batch, raw)
+                embs.append(model.embed(audio, video, pad))
+        emb = torch.cat(embs)
+        ea = emb[[index[t.a] for t in trials]]
+        eb = emb[[index[t.b] for t in trials]]
+        scores = RJCASpeakerVerifier.score_trials(ea, eb)
+        if a.score_norm == "snorm":
+            cohort = []
+            with torch.no_grad():
+                tc = make_collate(train_set)
+                for start in range(0, len(train_set), 32):
+                    batch = tc(list(range(start, min(start + 32, len(train_set)))))
+                    audio, video, pad = _inputs(batch, raw)
+                    cohort.append(model.embed(audio, video, pad))
+            scores = RJCASpeakerVerifier.s_norm(scores, ea, eb, torch.cat(cohort), a.snorm_top_k)
+        score_seconds = time.time() - t1
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"attack: {int((~torch.isfinite(scores)).sum())} trial scores are NaN/inf; the attacker diverged")
+        labels = [int(t.target) for t in trials]
+        metrics = speaker_verification_metrics(scores.numpy(), labels)
+        atomic_write_text(stage.dir / "scores.txt", "".join(f"{l} {t.a} {t.b} {s:.6f}\n" for l, t, s in zip(labels, trials, scores.tolist())))
+        far, frr, _ = det_curve(scores.numpy(), labels)
+        plot_det_curve({name: (far, frr)}, stage.dir / "det.png")
+        stage.metrics.update(metrics)
+        stage.metrics.update(n_trials=len(trials), n_train_utterances=len(train_set), n_train_speakers=len(train_set.speaker_names),
+                             train_seconds=train_seconds, scoring_seconds=score_seconds, steps=result.step,
+                             **{f"train/{k}": v for k, v in result.last_logs.items()})
+        log.info("%s: EER %.2f%%, minDCF(0.05) %.3f over %d trials", name, 100 * metrics["eer"], metrics.get("min_dcf_p0.05", float("nan")), len(trials))
+        return dict(stage.metrics)
