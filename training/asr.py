@@ -159,7 +159,7 @@ def pretrain(cfg: DictConfig) -> dict:
         model_cfg = avhubert_config(cfg)
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
         model = AVHubertModel(model_cfg)
-        tc = cfg.trainer
+        tc = cfg.pretrain
         loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
 

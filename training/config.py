@@ -142,6 +142,7 @@ class AdapterConfig:
 @dataclass
 class MasksConfig:
     name: str = MISSING  # none | additive | multiplicative | both
+    tag: str = MISSING  # run-directory tag (name + initial noise scale)
     additive: bool = False
     multiplicative: bool = False
     position: str = "frontend"  # frontend | encoder
@@ -293,6 +294,7 @@ class Config:
     defaults: list[Any] = field(default_factory=list)
     task: str = "finetune"  # pretrain | finetune | evaluate | export
     seed: int = 1
+    dry_run: bool = False  # compose, print the run directory, write <run_dir>/plan/<task>.yaml, run nothing
     force: bool = False  # re-run a stage whose status.json says done (sweeps skip finished stages)
     eval_after_finetune: bool = True  # finetune also runs evaluate and export
     run_name: str = MISSING
@@ -306,7 +308,8 @@ class Config:
     federated: FederatedConfig = MISSING
     compression: CompressionConfig = MISSING
     attacker: AttackerConfig = MISSING
-    trainer: TrainerConfig = MISSING
+    trainer: TrainerConfig = MISSING  # fine-tuning (and the centralised Wav2Vec2 baseline)
+    pretrain: TrainerConfig = MISSING  # embedded self-supervised pretraining (task=pretrain)
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -43,7 +43,19 @@ def _objective(metrics: dict, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
+def _dry_run(cfg: DictConfig, name: str) -> None:
+    from training.run import save_config
+
+    plan = Path(cfg.paths.run_dir) / "plan"
+    plan.mkdir(parents=True, exist_ok=True)
+    path = save_config(plan, cfg)
+    path.replace(plan / f"{name.replace('/', '_')}.yaml")
+    print(f"dry run: {name} would run in {cfg.paths.run_dir}")
+
+
 def run_asr_task(cfg: DictConfig):
+    if cfg.dry_run:
+        return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
         from training.federated import run_federated_task
 
@@ -70,6 +82,9 @@ def run_asr_task(cfg: DictConfig):
 
 def run_attack_task(cfg: DictConfig):
     from training.attack import attack_stage_name, run_attack
+
+    if cfg.dry_run:
+        return _dry_run(cfg, attack_stage_name(cfg))
 
     done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")

@@ -1,0 +1,91 @@
+"""The Hydra configuration: one primary config, schemas that catch typos, run dirs that meet."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import training.config  # noqa: F401  (registers schemas and resolvers)
+from training.config import PROJECT_ROOT
+
+CONF = str(PROJECT_ROOT / "conf")
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_compose_and_resolve():
+    cfg = cfg_for()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["name"] == "avhubert_tiny"
+    assert resolved["paths"]["run_dir"].endswith("runs/synthgrid/avhubert_tiny-adalora-ctc/s1")
+    assert cfg_for("masks=both").paths.run_dir.endswith("avhubert_tiny-adalora-both-s1.0-ctc/s1")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainer.max_steps=abc", "max_steps"),
+        ("masks.positon=frontend", "positon"),
+        ("loss.lambda=high", "lambda"),
+        ("model=avhubert_huge", "avhubert_huge"),
+    ],
+)
+def test_bad_overrides_fail_with_hydra_message(override, fragment):
+    with pytest.raises(ConfigCompositionException) as err:
+        cfg_for(override)
+    assert fragment in str(err.value) or fragment in str(err.value.__cause__)
+
+
+def test_run_dir_depends_on_what_the_asr_stage_learns_not_on_the_attacker():
+    base = cfg_for("masks=both", "loss=ctc_contrastive")
+    attack = cfg_for("masks=both", "loss=ctc_contrastive", "attacker=audio_only", "attacker.scenario=ignorant")
+    assert base.paths.run_dir == attack.paths.run_dir
+    assert cfg_for("masks=additive").paths.run_dir != base.paths.run_dir
+    assert cfg_for("masks=both", "loss=ctc_contrastive", "loss.lambda=0.5").paths.run_dir != base.paths.run_dir
+    assert cfg_for("seed=2").paths.run_dir != cfg_for("seed=1").paths.run_dir
+
+
+def test_both_entry_scripts_resolve_the_same_run_dir(tmp_path):
+    args = ["masks=both", "loss=ctc_contrastive", f"paths.root_dir={tmp_path}", "--cfg", "job", "--resolve"]
+    outs = []
+    for script in ("train_avhubert.py", "train_speaker_verification.py"):
+        out = subprocess.run([sys.executable, script, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
+        outs.append([line for line in out.splitlines() if line.strip().startswith("run_dir:")])
+    assert outs[0] == outs[1] and outs[0]
+    assert str(tmp_path) in outs[0][0]
+
+
+def test_multirun_with_two_overrides_makes_two_run_dirs(tmp_path):
+    """`-m` over two mask settings: two jobs, two distinct run directories (dry_run: compose and plan only)."""
+    proc = subprocess.run(
+        [sys.executable, "train_avhubert.py", "-m", "masks=additive,multiplicative", f"paths.root_dir={tmp_path}",
+         "dry_run=true"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plans = sorted((tmp_path / "runs").glob("synthgrid/*/s1/plan/finetune.yaml"))
+    assert [p.parents[2].name for p in plans] == ["avhubert_tiny-adalora-additive-s1.0-ctc", "avhubert_tiny-adalora-multiplicative-s1.0-ctc"]
+    masks = [OmegaConf.load(p).masks.name for p in plans]
+    assert masks == ["additive", "multiplicative"]
+
+
+def test_experiment_file_is_overridden_by_the_command_line():
+    exp = cfg_for("experiment=paper_masks")
+    assert exp.masks.name == "both"
+    cli = cfg_for("experiment=paper_masks", "masks=additive", "trainer.max_steps=7")
+    assert cli.masks.name == "additive" and cli.trainer.max_steps == 7
+
+
+def test_every_experiment_composes():
+    names = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert {"demo", "paper_masks", "paper_noise", "fl_dp", "privacy_utility", "lrs3_base", "voxceleb2_attacker"} <= set(names)
+    for name in names:
+        cfg = cfg_for(f"experiment={name}")
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
