@@ -1,0 +1,1 @@
+"""Preparation of the real corpora (LRS3, VoxCeleb2, GRID) into the SynthGRID manifest format."""
