@@ -1,0 +1,69 @@
+"""scripts.make_tables on synthetic run folders: grouping, mean +- std over seeds, failed runs reported, plots."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from scripts.make_tables import find_runs, make_tables, pareto_front
+
+
+def write_stage(run_dir: Path, stage: str, config: dict, metrics: dict | None, status: str = "done", scores=None):
+    d = run_dir / stage
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({**config, "paths": {"run_dir": str(run_dir)}}))
+    (d / "status.json").write_text(json.dumps({"status": status, **({"error": "RuntimeError: boom"} if status == "failed" else {})}))
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    if scores is not None:
+        (d / "scores.txt").write_text("".join(f"{l} a b {s}\n" for l, s in scores))
+
+
+def config(masks: str, loss: str, seed: int, lam=0.1):
+    return {"seed": seed, "data": {"name": "synthgrid"}, "model": {"name": "avhubert_tiny"}, "adapter": {"name": "adalora"},
+            "masks": {"name": masks}, "loss": {"name": loss, "lambda": lam}, "federated": {"name": "none"},
+            "dp": {"name": "none", "target_epsilon": 8.0}, "compression": {"name": "none"}}
+
+
+def make_runs(root: Path):
+    for masks, loss, wers, eers in (("none", "ctc", (0.05, 0.07), (0.02, 0.04)), ("both", "ctc_contrastive", (0.08, 0.10), (0.40, 0.44))):
+        for seed, wer, eer in zip((1, 2), wers, eers):
+            run = root / "synthgrid" / f"{masks}-{loss}" / f"s{seed}"
+            cfg = config(masks, loss, seed)
+            write_stage(run, "finetune", cfg, {"probe/speaker_acc": 0.9, "probe/eer": 0.1})
+            write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": wer, "wer/audio/clean": wer + 0.01})
+            write_stage(run, "attack/semi_informed", cfg, {"eer": eer, "min_dcf_p0.05": 0.5},
+                        scores=[(1, 0.9), (1, 0.7), (0, 0.2), (0, 0.6)])
+    failed = root / "synthgrid" / "additive-ctc" / "s1"
+    write_stage(failed, "finetune", config("additive", "ctc", 1), None, status="failed")
+
+
+def test_runs_grouped_by_system_with_mean_and_std(tmp_path):
+    make_runs(tmp_path / "runs")
+    text = make_tables(tmp_path / "runs", tmp_path / "out")
+    md = (tmp_path / "out" / "masks.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 2  # two systems, seeds aggregated
+    both = next(r for r in rows if "masks=both" in r)
+    none = next(r for r in rows if "masks=none" in r)
+    assert "9.0 ± 1.4" in both  # WER AV clean (8, 10) -> mean 9.0, sample std 1.41
+    assert "42.0 ± 2.8" in both  # semi-informed EER (40, 44)
+    assert "6.0 ± 1.4" in none
+    assert "| 2 |" in both  # two seeds
+    assert "Failed or incomplete" in text and "additive-ctc" in text and "RuntimeError: boom" in text
+    tex = (tmp_path / "out" / "masks.tex").read_text()
+    assert r"\pm" in tex and r"\begin{tabular}" in tex
+    assert (tmp_path / "out" / "privacy_utility_semi_informed.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "det_overlay.png").stat().st_size > 1000
+
+
+def test_incomplete_stage_without_metrics_is_reported_not_dropped(tmp_path):
+    run = tmp_path / "runs" / "synthgrid" / "x" / "s1"
+    write_stage(run, "evaluate", config("none", "ctc", 1), None, status="running")
+    runs = find_runs(tmp_path / "runs")
+    assert len(runs) == 1 and runs[0].problems == ["evaluate: running"]
+
+
+def test_pareto_front_low_wer_high_eer():
+    pts = [(5.0, 10.0), (6.0, 40.0), (7.0, 30.0), (9.0, 45.0)]
+    assert sorted(pareto_front(pts)) == [0, 1, 3]
