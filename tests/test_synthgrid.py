@@ -178,7 +178,7 @@ def test_corrupt_files_are_detected_and_regenerated_on_rerun(corpus, tmp_path):
     assert _corpus_hashes(copy) == original
 
 
-def test_missing_checksummed_edit_is_detected(corpus, tmp_path):
+def test_edited_but_decodable_wav_is_detected_by_checksum(corpus, tmp_path):
     """A wav that still decodes but whose bytes changed is caught by checksums.sha256."""
     from data.synthgrid import SynthGridParams, generate_corpus
 

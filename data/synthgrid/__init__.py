@@ -3,4 +3,12 @@
 from data.synthgrid.generate import SynthGridParams, generate_corpus, make_trials, plan_utterances, synthesize_utterance
 from data.synthgrid.grammar import GRID_WORDS, sample_sentence
 
-__all__ = ["GRID_WORDS", "SynthGridParams", "generate_corpus", "make_trials", "plan_utterances", "sample_sentence", "synthesize_utterance"]
+__all__ = [
+    "GRID_WORDS",
+    "SynthGridParams",
+    "generate_corpus",
+    "make_trials",
+    "plan_utterances",
+    "sample_sentence",
+    "synthesize_utterance",
+]

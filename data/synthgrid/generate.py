@@ -83,9 +83,13 @@ class SynthGridParams:
 
     def validate(self) -> None:
         if self.sample_rate != SAMPLE_RATE or self.fps != FPS:
-            raise ValueError(f"SynthGRID is generated at 16000 Hz / 25 fps; got data.sample_rate={self.sample_rate}, data.fps={self.fps}")
+            raise ValueError(
+                f"SynthGRID is generated at 16000 Hz / 25 fps; got data.sample_rate={self.sample_rate}, data.fps={self.fps}"
+            )
         if self.utterances_per_speaker < 2:
-            raise ValueError(f"data.utterances_per_speaker={self.utterances_per_speaker}: need >= 2 (target trials pair two utterances)")
+            raise ValueError(
+                f"data.utterances_per_speaker={self.utterances_per_speaker}: need >= 2 (target trials pair two utterances)"
+            )
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
         if self.on_error not in ("raise", "skip"):
@@ -95,7 +99,13 @@ class SynthGridParams:
 
     def fingerprint(self) -> dict[str, int]:
         """What determines the bytes of an individual utterance (corpus size does not)."""
-        return {"generator_version": GENERATOR_VERSION, "seed": self.seed, "sample_rate": self.sample_rate, "fps": self.fps, "roi_size": self.roi_size}
+        return {
+            "generator_version": GENERATOR_VERSION,
+            "seed": self.seed,
+            "sample_rate": self.sample_rate,
+            "fps": self.fps,
+            "roi_size": self.roi_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,9 @@ def _espeak():
     return _ESPEAK
 
 
-def synthesize_utterance(params: SynthGridParams, spk: SpeakerParams, plan: UtterancePlan) -> tuple[np.ndarray, np.ndarray, list[tuple[float, str]]]:
+def synthesize_utterance(
+    params: SynthGridParams, spk: SpeakerParams, plan: UtterancePlan
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, str]]]:
     """(audio float32 [n_frames*640], frames uint8 [n_frames, roi, roi], phoneme events in s)."""
     from data.synthgrid.lips import mouth_trajectory, render_mouth
     from data.synthgrid.tts import apply_timbre, vtl_resample_ratio
@@ -160,7 +172,9 @@ def synthesize_utterance(params: SynthGridParams, spk: SpeakerParams, plan: Utte
     pitch_range = int(np.clip(spk.pitch_range + rng.integers(-6, 7), 0, 99))
     espeak_seed = int(rng.integers(1, 2**31 - 1))
     syn = _espeak().synthesize(espeak_text(words), spk.voice, rate, pitch, pitch_range, seed=espeak_seed)
-    speech, time_scale = apply_timbre(syn.samples, spk.vtl, spk.tilt, spk.eq_freq, spk.eq_gain_db, spk.breath, rng, params.sample_rate)
+    speech, time_scale = apply_timbre(
+        syn.samples, spk.vtl, spk.tilt, spk.eq_freq, spk.eq_gain_db, spk.breath, rng, params.sample_rate
+    )
     rms = float(np.sqrt(np.mean(speech.astype(np.float64) ** 2))) + 1e-9
     speech = speech * (10 ** (-20 / 20) * np.exp(rng.normal(0, 0.1)) / rms)
     peak = float(np.abs(speech).max())
@@ -200,7 +214,10 @@ def check_existing(out_dir: Path, plan: UtterancePlan, roi: int, checksums: Mapp
         log.info("%s; regenerating", e)
         return None
     if n_samples % HOP or frames.shape != (n_samples // HOP, roi, roi):
-        log.info("%s: %s frames for %d audio samples (expected %d x %dx%d); regenerating", video_path, frames.shape, n_samples, n_samples // HOP, roi, roi)
+        log.info(
+            "%s: %s frames for %d audio samples (expected %d x %dx%d); regenerating",
+            video_path, frames.shape, n_samples, n_samples // HOP, roi, roi,
+        )  # fmt: skip
         return None
     return frames.shape[0], n_samples
 
@@ -247,7 +264,8 @@ def make_trials(utts_by_speaker: Mapping[str, list[str]], per_speaker: int, seed
         trials += [Trial(True, *pairs[order[k % len(pairs)]]) for k in range(half)]
         n_non = len(own) * len(others)
         order = rng.permutation(n_non)
-        trials += [Trial(False, own[order[k % n_non] // len(others)], others[order[k % n_non] % len(others)]) for k in range(half)]
+        picks = [order[k % n_non] for k in range(half)]
+        trials += [Trial(False, own[i // len(others)], others[i % len(others)]) for i in picks]
     return trials
 
 
@@ -264,7 +282,9 @@ def _read_checksums(out_dir: Path) -> dict[str, str]:
     return out
 
 
-def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers: int = 2, progress: bool = True) -> dict[str, float]:
+def generate_corpus(
+    cfg_or_params: Any, out_dir: str | os.PathLike, num_workers: int = 2, progress: bool = True
+) -> dict[str, float]:
     """Generate (or resume) a SynthGRID corpus in `out_dir`; returns stats (sizes, timings, real-time factor).
 
     `cfg_or_params`: SynthGridParams, or the `data` config group (or the whole config).
@@ -275,7 +295,10 @@ def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers:
     if isinstance(cfg_or_params, SynthGridParams):
         params = cfg_or_params
     else:
-        data_cfg = cfg_or_params.get("data", cfg_or_params) if hasattr(cfg_or_params, "get") else getattr(cfg_or_params, "data", cfg_or_params)
+        if hasattr(cfg_or_params, "get"):
+            data_cfg = cfg_or_params.get("data", cfg_or_params)
+        else:
+            data_cfg = getattr(cfg_or_params, "data", cfg_or_params)
         params = SynthGridParams.from_config(data_cfg)
     params.validate()
     out_dir = Path(out_dir).resolve()
@@ -299,7 +322,9 @@ def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers:
         except json.JSONDecodeError:
             old = None
         if old != params.fingerprint():
-            log.warning("%s: existing corpus was made with %s, now %s; regenerating every file", meta_path, old, params.fingerprint())
+            log.warning(
+                "%s: existing corpus was made with %s, now %s; regenerating every file", meta_path, old, params.fingerprint()
+            )
             checksums = {rel: "stale" for p in plans for rel in (p.audio_rel, p.video_rel)}
 
     jobs = [(params, str(out_dir), p, {k: checksums[k] for k in (p.audio_rel, p.video_rel) if k in checksums}) for p in plans]
@@ -333,11 +358,15 @@ def generate_corpus(cfg_or_params: Any, out_dir: str | os.PathLike, num_workers:
     ok = {p.id: p for p in plans if results[p.id]["status"] != "error"}
 
     # manifests
-    spk_split = {spk: split for split in SPLITS for spk in split_speakers[split] if not (public_shares_train and split == "public")}
+    spk_split = {
+        spk: split for split in SPLITS for spk in split_speakers[split] if not (public_shares_train and split == "public")
+    }
     for split in SPLITS:
         members = set(split_speakers[split])
         utts = [
-            Utterance(p.id, p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"], p.speaker, " ".join(p.words))
+            Utterance(
+                p.id, p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"], p.speaker, " ".join(p.words)
+            )
             for p in plans
             if p.id in ok and p.speaker in members
         ]
