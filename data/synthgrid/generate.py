@@ -365,8 +365,9 @@ def generate_corpus(
         members = set(split_speakers[split])
         utts = [
             Utterance(
-                p.id, p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"], p.speaker, " ".join(p.words)
-            )
+                p.id, p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"],
+                p.speaker, " ".join(p.words),
+            )  # fmt: skip
             for p in plans
             if p.id in ok and p.speaker in members
         ]
