@@ -47,6 +47,7 @@ STD_SIZE = 256  # reference frame of the mean face
 ROI_SIZE = 96
 STABLE_POINTS = (33, 36, 39, 42, 45)  # nose tip, eye corners (as AV-HuBERT's align_mouth.py)
 MOUTH = slice(48, 68)
+TRACK_ITERATIONS = 5  # shape-predictor passes per tracked frame (each ~2 ms)
 EYE_DISTANCE = 60.0
 EYE_MIDPOINT = (128.0, 96.0)  # (x, y) in the 256x256 reference frame
 
@@ -136,22 +137,39 @@ def track_landmarks(frames_rgb: np.ndarray, landmarker: FaceLandmarker, detect_e
     n = len(frames_rgb)
     out = np.full((n, 68, 2), np.nan)
     found = np.zeros(n, dtype=bool)
-    box, anchor, detections = None, None, 0
+    key_box, key_centre, detections = None, None, 0
     for t in range(n):
-        if box is None or t % max(1, detect_every) == 0:
+        lm = None
+        if key_box is not None and t % max(1, detect_every) != 0:
+            lm = _track(frames_rgb[t], landmarker, key_box, key_centre, out[t - 1])
+        if lm is None:  # detection frame, or tracking lost the face (it did not settle)
             detections += 1
-            box = landmarker.detect(frames_rgb[t])
-            anchor = None
-            if box is None:
+            key_box = landmarker.detect(frames_rgb[t])
+            if key_box is None:
                 continue
-        elif anchor is not None:
-            # move the last detector box with the face (landmark centroid of the previous frame)
-            dx, dy = out[t - 1].mean(axis=0) - anchor
-            box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
-        lm = landmarker.landmarks(frames_rgb[t], box)
+            lm = landmarker.landmarks(frames_rgb[t], key_box)
+            key_centre = lm.mean(axis=0)
         out[t], found[t] = lm, True
-        anchor = lm.mean(axis=0)
     return out, found, detections
+
+
+def _track(rgb: np.ndarray, landmarker: FaceLandmarker, key_box, key_centre: np.ndarray, previous: np.ndarray) -> np.ndarray | None:
+    """Landmarks with the last detector box moved along with the face, or None if they do not settle.
+
+    Starts from the previous frame's landmark centroid and re-centres the box on this
+    frame's own prediction until it moves < 0.5 px. The shape predictor needs a box within
+    ~10% of the face: a box that is off makes it drift away (the centroid keeps moving),
+    and the caller then runs the detector on this frame instead.
+    """
+    lm, shift = previous, None
+    for _ in range(TRACK_ITERATIONS):
+        new_shift = lm.mean(axis=0) - key_centre
+        if shift is not None and np.abs(new_shift - shift).max() < 0.5:
+            return lm
+        shift = new_shift
+        dx, dy = shift
+        lm = landmarker.landmarks(rgb, (key_box[0] + dx, key_box[1] + dy, key_box[2] + dx, key_box[3] + dy))
+    return None
 
 
 def interpolate_missing(landmarks: np.ndarray, found: np.ndarray) -> np.ndarray:
