@@ -70,13 +70,34 @@ def read_video(path: str | Path, expected_fps: float | None = 25.0) -> np.ndarra
     return np.stack(frames)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, crf: int = 18) -> None:
-    """Write grayscale uint8 frames [T, H, W] as an H.264 mp4 (single-threaded, so bytes are reproducible)."""
+# B-frames, mb-tree, lookahead and scenecut off: with them on, libx264 occasionally encodes
+# the same frames into different bitstreams under CPU load; without them the output was
+# byte-identical in hundreds of repeats, which SynthGRID's determinism relies on.
+X264_OPTIONS = {
+    "crf": "18",
+    "preset": "veryfast",
+    "threads": "1",
+    "x264-params": "bframes=0:mbtree=0:rc-lookahead=0:sync-lookahead=0:scenecut=0:weightp=0",
+}
+
+
+def gray_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W] full-range grey -> [T, 3H/2, W] planar yuv420p (limited-range luma, neutral chroma).
+
+    The mapping swscale applies for gray -> yuv420p, done once for all frames instead of per frame."""
+    T, H, W = frames.shape
+    out = np.full((T, H * 3 // 2, W), 128, dtype=np.uint8)
+    out[:, :H] = (frames.astype(np.uint16) * 219 + 127) // 255 + 16
+    return out
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 25) -> None:
+    """Write grayscale uint8 frames [T, H, W] (even H, W) as an H.264 mp4; same frames -> same bytes."""
     import av
 
     frames = np.asarray(frames)
-    if frames.ndim != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_video expects uint8 [T, H, W] frames, got {frames.dtype} {frames.shape}")
+    if frames.ndim != 3 or frames.dtype != np.uint8 or frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"write_video expects uint8 [T, H, W] frames with even H and W, got {frames.dtype} {frames.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
@@ -86,12 +107,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 25, crf: int = 
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)
         stream.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
-        container.metadata["encoder"] = ""  # no version string: reproducible bytes across runs
-        for i, gray in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(gray, format="gray")
+        stream.options = dict(X264_OPTIONS)
+        container.metadata["encoder"] = ""  # no version string in the file
+        for i, plane in enumerate(gray_to_yuv420p(frames)):
+            frame = av.VideoFrame.from_ndarray(plane, format="yuv420p")
             frame.pts = i
-            for packet in stream.encode(frame.reformat(format="yuv420p")):
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

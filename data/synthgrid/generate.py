@@ -37,7 +37,7 @@ from data.synthgrid.speakers import (
     speaker_table_header,
     speaker_table_row,
 )
-from data.synthgrid.video import write_video_reproducible
+from data.io import write_video
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _work(job: tuple[SynthGridParams, str, UtterancePlan, dict[str, str]]) -> di
         spk = make_speaker(params.seed, plan.speaker_index)
         audio, frames, _ = synthesize_utterance(params, spk, plan)
         write_wav(out_dir / plan.audio_rel, audio, params.sample_rate)
-        write_video_reproducible(out_dir / plan.video_rel, frames, fps=params.fps)
+        write_video(out_dir / plan.video_rel, frames, fps=params.fps)
         return {"id": plan.id, "status": "generated", "n_frames": frames.shape[0], "n_samples": len(audio)}
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises or counts a skip
         return {"id": plan.id, "status": "error", "error": f"{type(e).__name__}: {e}"}
