@@ -249,3 +249,29 @@ def test_loopback_deployment_with_two_supernodes(tmp_path):
     assert result["returncode"] == 0, result["log_tail"]
     assert result["summary"]["rounds_completed"] == 1
     assert len(result["summary"]["rounds"][0]["clients"]) == 2
+
+
+def test_flower_app_config_and_hydra_config_agree_with_the_run_config_defaults():
+    import tomllib
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from privacy.federated.settings import DEFAULT_RUN_CONFIG, run_config_from_cfg
+    from training.config import CompressionConfig, DPConfig, FederatedConfig, TrainerConfig
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "privacy/federated/pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULT_RUN_CONFIG
+    cfg = OmegaConf.create(
+        {
+            "seed": 5,
+            "federated": OmegaConf.merge(OmegaConf.structured(FederatedConfig), {"name": "fedmedian", "tag": "x"}),
+            "compression": OmegaConf.merge(OmegaConf.structured(CompressionConfig), {"name": "int8", "int8_block_size": 64}),
+            "dp": OmegaConf.merge(OmegaConf.structured(DPConfig), {"name": "none", "tag": "none"}),
+            "trainer": OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"name": "finetune"}),
+        }
+    )
+    flat = run_config_from_cfg(cfg, task="privacy.federated.task:tiny_synthetic_task", run_dir="/tmp/x")
+    assert flat["strategy"] == "fedmedian" and flat["int8-block-size"] == 64 and flat["seed"] == 5
+    with pytest.raises(KeyError, match="unknown federated run_config key 'num-round'"):
+        resolve_run_config({"num-round": 3})

@@ -196,6 +196,10 @@ class FederatedConfig:
     backend: str = "ray"  # ray | sequential (in-process simulation of the same apps)
     max_update_norm: float = 1.0e6  # updates larger than this are rejected as malformed
     round_timeout: float = 3600.0
+    fraction_evaluate: float = 1.0
+    server_lr: float = 0.1  # fedadam: server learning rate (eta)
+    trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    krum_malicious: int = 0  # krum: assumed number of malicious clients
 
 
 @dataclass
@@ -203,6 +207,7 @@ class CompressionConfig:
     name: str = MISSING  # none | int8 | topk
     topk_fraction: float = 0.05
     error_feedback: bool = True
+    int8_block_size: int = 0  # 0: one scale per tensor; > 0: one scale per block of this many values
 
 
 @dataclass
