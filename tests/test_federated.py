@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -15,7 +14,7 @@ from privacy.federated.client_app import handle_train, make_client_app
 from privacy.federated.compression import PAYLOAD_FIELDS, split_payload_key
 from privacy.federated.runner import InProcessGrid, _set_task_identity, run_federated
 from privacy.federated.settings import resolve_run_config
-from privacy.federated.strategy import ValidatingStrategy, build_strategy, central_epsilon, validate_update
+from privacy.federated.strategy import build_strategy, central_epsilon, validate_update
 from privacy.federated.task import federated_state, tiny_synthetic_task, train_local
 
 TINY = {"task": "privacy.federated.task:tiny_synthetic_task", "num-rounds": 2, "lr": 0.1, "seed": 3}
@@ -201,7 +200,6 @@ def test_central_dp_clips_noises_accounts_and_stops_when_the_budget_is_spent(tmp
     summary = run_federated(cfg, num_clients=2, backend="sequential")
     assert summary["rounds_completed"] == 2
     assert summary["central_epsilon"] == pytest.approx(central_epsilon(1.0, 2, 1e-5), rel=1e-3)
-    # clipping: a round moves the model by at most C (the mean of clipped updates) plus the noise
     # budget that allows one release but not two: the run stops before round 2
     one_round = central_epsilon(1.0, 1, 1e-5)
     stopped = run_federated({**cfg, "target-epsilon": one_round * 1.2, "run-dir": str(tmp_path)}, num_clients=2, backend="sequential")

@@ -23,13 +23,11 @@ trust model: the server sees individual, un-clipped updates).
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from privacy.federated.compression import build_compressor, dense_nbytes, payload_nbytes
