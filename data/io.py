@@ -45,6 +45,23 @@ def write_wav(path: str | Path, samples: np.ndarray, rate: int = 16000) -> None:
     tmp.replace(path)
 
 
+# Limited-range luma (16..235) -> full-range grey, the mapping swscale applies for yuv420p -> gray.
+_Y_TO_GRAY = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+
+
+def _gray(frame) -> np.ndarray:
+    """One decoded frame as uint8 grey [H, W]; for (limited-range) yuv420p the luma plane is read
+    directly, ~100x faster than a swscale conversion and identical to it."""
+    if frame.format.name == "yuv420p":
+        plane = frame.planes[0]
+        luma = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, : frame.width]
+        return _Y_TO_GRAY[luma]
+    if frame.format.name == "yuvj420p":  # full-range luma is already grey
+        plane = frame.planes[0]
+        return np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, : frame.width].copy()
+    return frame.to_ndarray(format="gray")
+
+
 def read_video(path: str | Path, expected_fps: float | None = 25.0) -> np.ndarray:
     """Grayscale frames as uint8 [T, H, W]. Raises MediaError for missing/corrupt files or a wrong frame rate."""
     import av
@@ -60,7 +77,7 @@ def read_video(path: str | Path, expected_fps: float | None = 25.0) -> np.ndarra
             fps = float(stream.average_rate) if stream.average_rate else None
             if expected_fps is not None and fps is not None and abs(fps - expected_fps) > 1e-3:
                 raise MediaError(f"{path}: {fps:g} fps, expected {expected_fps:g} fps")
-            frames = [f.to_ndarray(format="gray") for f in container.decode(stream)]
+            frames = [_gray(f) for f in container.decode(stream)]
     except MediaError:
         raise
     except Exception as e:  # av.error.* for truncated / non-video files

@@ -56,6 +56,15 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.symbols)
 
+    @property
+    def word_sep_id(self) -> int:
+        """The '|' token between words (the silence token of a lexicon decoder)."""
+        return self._index[WORD_SEP]
+
+    def spell(self, word: str) -> list[int]:
+        """The tokens of one word, without separators (for lexicon-constrained decoding)."""
+        return self.encode(word)
+
     def encode(self, text: str, utt_id: str | None = None) -> list[int]:
         words = text.split()
         if not words:

@@ -89,3 +89,16 @@ def test_every_experiment_composes():
     for name in names:
         cfg = cfg_for(f"experiment={name}")
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_sweep_launchers_run_each_job_in_its_own_run_dir(tmp_path, launcher):
+    """The joblib (local parallel) and submitit (SLURM; `submitit_local` here) launchers run the same jobs."""
+    proc = subprocess.run(
+        [sys.executable, "train_avhubert.py", "-m", f"hydra/launcher={launcher}", "masks=additive,both",
+         f"paths.root_dir={tmp_path}", "dry_run=true"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plans = sorted(p.parents[2].name for p in (tmp_path / "runs").glob("synthgrid/*/s1/plan/finetune.yaml"))
+    assert plans == ["avhubert_tiny-adalora-additive-s1.0-ctc", "avhubert_tiny-adalora-both-s1.0-ctc"]

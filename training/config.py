@@ -274,7 +274,6 @@ class TrainerConfig:
     num_workers: int = 0
     precision: str = "fp32"
     cache_frontends: bool = False
-    compile: bool = False
 
 
 @dataclass

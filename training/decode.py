@@ -16,17 +16,10 @@ import torch
 
 def ctc_greedy_ids(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
     """Best path per utterance: argmax per frame, merge repeats, drop blanks. log_probs [B,T,V]."""
+    from data.tokenizer import ctc_collapse
+
     best = log_probs.argmax(dim=-1).cpu()
-    out = []
-    for seq, n in zip(best, lengths.cpu().tolist()):
-        seq = seq[:n].tolist()
-        ids, prev = [], None
-        for t in seq:
-            if t != prev and t != blank:
-                ids.append(t)
-            prev = t
-        out.append(ids)
-    return out
+    return [ctc_collapse(seq[:n].tolist(), blank) for seq, n in zip(best, lengths.cpu().tolist())]
 
 
 def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, tokenizer) -> list[str]:
@@ -51,6 +44,11 @@ class LexiconBeamDecoder:
             ZeroLM,
         )
 
+        if not hasattr(tokenizer, "spell"):
+            raise ValueError(
+                f"lexicon beam search needs a character tokenizer (data.tokenizer=char); got {type(tokenizer).__name__}. "
+                "Use eval.decoder=greedy with sentencepiece units."
+            )
         self.tokenizer = tokenizer
         self.words = sorted(set(w for w in words if w))
         if not self.words:
@@ -59,7 +57,7 @@ class LexiconBeamDecoder:
         self.trie = Trie(tokenizer.vocab_size, tokenizer.word_sep_id)
         start = self.lm.start(False)
         for idx, word in enumerate(self.words):
-            spelling = tokenizer.spell(word)
+            spelling = tokenizer.spell(word) + [tokenizer.word_sep_id]  # fairseq lexicons end each word with "|"
             if not spelling:
                 raise ValueError(f"lexicon word {word!r} has no tokens in this tokenizer")
             _, score = self.lm.score(start, idx)
