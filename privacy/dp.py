@@ -34,6 +34,7 @@ checks it with Google's ``dp_accounting`` (RDP or PLD), using the DpEvent
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -104,10 +105,21 @@ def noise_multiplier_for_budget(
     max_noise_multiplier: float = MAX_SANE_NOISE_MULTIPLIER,
 ) -> float:
     """Smallest noise multiplier (to 0.01 in epsilon) so that `steps` steps at rate `sample_rate` stay within (eps, delta)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     _check_accountant(accountant)
     _check_budget_args(target_epsilon, delta, sample_rate, steps)
+    return _noise_multiplier_for_budget_cached(
+        float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, float(max_noise_multiplier)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier_for_budget_cached(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, max_noise_multiplier: float
+) -> float:
+    # Opacus' search takes 1-2 s; a federated client asks the same question every round
+    # (the plan is fixed), so the answer is memoised per process. Errors are not cached.
+    from opacus.accountants.utils import get_noise_multiplier
+
     eps_at_max = opacus_epsilon(max_noise_multiplier, sample_rate, steps, delta, accountant)
     if eps_at_max > target_epsilon:
         raise DPPlanError(

@@ -1,0 +1,293 @@
+"""The federated task for Wav2Vec2 CTC on SynthGRID (or any corpus in the data.manifest format).
+
+``run_config["task"] = "privacy.federated.synthgrid_task:wav2vec2_synthgrid_task"``
+makes the Flower ClientApp / ServerApp (privacy/federated) train a
+``Wav2Vec2ForCTC`` on speaker-partitioned clients:
+
+* every client holds whole speakers of the ``train`` split
+  (:func:`privacy.federated.partition.partition_by_speaker`, seeded), so the
+  federation is non-IID; the last ``task-client-eval-utterances`` utterances of
+  each client are held out for Flower's per-round (federated) evaluation and
+  never trained on;
+* a batch is a dict of tensors only: ``input_values (B, N)`` float waveforms
+  (16 kHz, zero-mean / unit-variance per utterance, zero-padded),
+  ``attention_mask (B, N)`` long and ``labels (B, L)`` CharTokenizer ids padded
+  with -100 (as Hugging Face's CTC loss expects). Transcripts are recovered from
+  ``labels`` for WER, so no string has to travel inside a batch either. Only
+  tensors keeps Opacus' Poisson loader able to build an empty batch.
+* :func:`build_model`: ``build_wav2vec2_ctc(size="tiny")`` from the local
+  pretrained checkpoint (``task-checkpoint``; "" = random init), then ALWAYS
+  :func:`models.wav2vec2.make_dp_compatible`. Doing it in every run (not only
+  with DP) means the server, every client, the centralised baseline and the DP
+  runs all train exactly the same parameters in the same parametrisation
+  (folded positional conv, frozen ``masked_spec_embed``), so the WER difference
+  between runs is due to FL / DP and nothing else, and the server's and
+  clients' state dicts always match.
+
+Only the trainable parameters (their updates) leave a client; the client app
+(client_app.py) builds its reply from ``federated_state(model)`` alone.
+
+Run-config keys read here (Flower allows only str/int/float/bool values):
+``task-data-dir``, ``task-checkpoint``, ``task-train-split`` ("train"),
+``task-client-eval-utterances`` (4), ``task-trainable-layers`` (-1 = all),
+``task-train-positional-conv`` (True), ``task-eval-batch-size`` (16), plus the
+shared ``seed`` and ``batch-size``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from privacy.federated.task import FederatedTask
+
+log = logging.getLogger(__name__)
+
+LABEL_PAD = -100  # Hugging Face's ignore index; Wav2Vec2ForCTC masks labels < 0
+TASK_REFERENCE = "privacy.federated.synthgrid_task:wav2vec2_synthgrid_task"
+
+DEFAULT_TASK_CONFIG: dict[str, Any] = {
+    "task-data-dir": "",
+    "task-checkpoint": "",
+    "task-train-split": "train",
+    "task-client-eval-utterances": 4,
+    "task-trainable-layers": -1,
+    "task-train-positional-conv": True,
+    "task-eval-batch-size": 16,
+}
+
+
+# --------------------------------------------------------------------------- data
+class WaveformCTCDataset(Dataset):
+    """(waveform float32 (N,), token ids long (L,)) pairs held in memory."""
+
+    def __init__(self, waveforms: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]):
+        if len(waveforms) != len(targets):
+            raise ValueError(f"{len(waveforms)} waveforms but {len(targets)} target sequences")
+        self.waveforms, self.targets = list(waveforms), list(targets)
+
+    def __len__(self) -> int:
+        return len(self.waveforms)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.waveforms[index], self.targets[index]
+
+
+def collate_waveforms(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """-> input_values (B, N) zero-padded, attention_mask (B, N) 1 = real sample, labels (B, L) padded with -100."""
+    batch = len(items)
+    wave_len = max(int(w.shape[0]) for w, _ in items)
+    label_len = max(int(t.shape[0]) for _, t in items)
+    input_values = torch.zeros(batch, wave_len)
+    attention_mask = torch.zeros(batch, wave_len, dtype=torch.long)
+    labels = torch.full((batch, label_len), LABEL_PAD, dtype=torch.long)
+    for i, (wave, target) in enumerate(items):
+        input_values[i, : len(wave)] = wave
+        attention_mask[i, : len(wave)] = 1
+        labels[i, : len(target)] = target
+    return {"input_values": input_values, "attention_mask": attention_mask, "labels": labels}
+
+
+def normalise_waveform(wave: np.ndarray) -> torch.Tensor:
+    """Zero mean, unit variance per utterance (Wav2Vec2FeatureExtractor's do_normalize)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return torch.from_numpy((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7))
+
+
+_SPLIT_CACHE: dict[tuple[str, str], tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
+def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """(speakers, texts, normalised waveforms, token ids) of a split, read once per process.
+
+    Audio is read through data.dataset.AVSRDataset (audio only, waveforms), so missing,
+    corrupt or wrongly sampled files fail with its error messages.
+    """
+    from data.dataset import AVSRDataset
+    from data.io import read_wav
+    from data.tokenizer import CharTokenizer
+
+    key = (str(Path(data_dir).resolve()), split)
+    if key not in _SPLIT_CACHE:
+        tokenizer = tokenizer or CharTokenizer()
+        # the dataset validates every file (exists, decodes, sample rate, transcript in the vocabulary);
+        # the waveforms are then read directly, since its __getitem__ also computes filterbanks wav2vec2 does not use
+        dataset = AVSRDataset(data_dir, split, tokenizer=tokenizer, modalities=("audio",), return_waveform=True)
+        speakers, texts, waves, targets = [], [], [], []
+        for u in dataset.utterances:
+            speakers.append(u.speaker)
+            texts.append(u.text)
+            waves.append(normalise_waveform(read_wav(u.audio, expected_rate=dataset.sample_rate)))
+            targets.append(torch.tensor(tokenizer.encode(u.text, utt_id=u.id), dtype=torch.long))
+        _SPLIT_CACHE[key] = (speakers, texts, waves, targets)
+    return _SPLIT_CACHE[key]
+
+
+def split_speakers(data_dir: str | Path, split: str) -> list[str]:
+    """Speaker of every utterance, from the manifest only (no audio is read): for start-up checks."""
+    from data.manifest import read_split
+
+    return [u.speaker for u in read_split(data_dir, split)]
+
+
+def client_indices(
+    speakers: Sequence[str], partition_id: int, num_partitions: int, seed: int, eval_utterances: int
+) -> tuple[list[int], list[int]]:
+    """(train, held-out eval) utterance indices of one client: whole speakers, the last few held out."""
+    from privacy.federated.partition import partition_by_speaker
+
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
+    indices = partition_by_speaker(speakers, num_partitions, seed)[partition_id]
+    held = min(max(int(eval_utterances), 0), len(indices) - 1)
+    if held <= 0:
+        return list(indices), list(indices[-1:])  # too little data to hold out: evaluate on the training data
+    return list(indices[:-held]), list(indices[-held:])
+
+
+def centralised_indices(speakers: Sequence[str], num_partitions: int, seed: int, eval_utterances: int) -> list[int]:
+    """The union of every client's training indices: what the centralised baseline trains on."""
+    out: list[int] = []
+    for pid in range(num_partitions):
+        out.extend(client_indices(speakers, pid, num_partitions, seed, eval_utterances)[0])
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- model
+_MODEL_CACHE: dict[tuple, nn.Module] = {}
+
+
+def build_wav2vec2_for_task(
+    vocab_size: int,
+    checkpoint: Optional[str],
+    seed: int,
+    trainable_layers: Optional[int] = None,
+    train_positional_conv: bool = True,
+) -> nn.Module:
+    """A DP-compatible Wav2Vec2ForCTC (see the module docstring); the same weights for the same arguments."""
+    from models.wav2vec2 import build_wav2vec2_ctc, make_dp_compatible
+
+    key = (vocab_size, checkpoint or "", seed, trainable_layers, train_positional_conv)
+    if key not in _MODEL_CACHE:
+        # lm_head is freshly initialised: seed it so that every node builds the same model
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = build_wav2vec2_ctc(vocab_size, size="tiny", checkpoint_dir=checkpoint or None)
+            make_dp_compatible(model, trainable_layers=trainable_layers, train_positional_conv=train_positional_conv)
+        finally:
+            torch.random.set_rng_state(state)
+        _MODEL_CACHE[key] = model
+    # from_pretrained leaves the model in eval mode; Opacus (and training) expect train mode
+    return copy.deepcopy(_MODEL_CACHE[key]).train()
+
+
+def ctc_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Hugging Face's CTC loss (mean over the batch of per-utterance loss / target length)."""
+    if not isinstance(batch, Mapping) or batch["input_values"].shape[0] == 0:
+        return torch.zeros((), requires_grad=True), 0  # an empty Poisson batch
+    out = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, int(batch["input_values"].shape[0])
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_module", model)  # Opacus' GradSampleModule keeps the model in ._module
+
+
+@torch.no_grad()
+def decode_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer) -> tuple[list[str], list[str], float]:
+    """(references, greedy CTC hypotheses, mean CTC loss) of a batch; references are decoded from the labels."""
+    from training.decode import ctc_greedy_decode
+
+    inner = _unwrapped(model)
+    out = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    lengths = inner._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1)).long()
+    hyps = ctc_greedy_decode(out.logits.log_softmax(-1), lengths, tokenizer)
+    refs = [tokenizer.decode([int(i) for i in row if i >= 0]) for row in batch["labels"]]
+    return refs, hyps, float(out.loss)
+
+
+def word_error_counts(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer) -> tuple[int, int]:
+    from training.metrics import wer_details
+
+    if not isinstance(batch, Mapping) or batch["input_values"].shape[0] == 0:
+        return 0, 0
+    refs, hyps, _ = decode_batch(model, batch, tokenizer)
+    details = wer_details(refs, hyps)
+    errors = int(details["substitutions"] + details["deletions"] + details["insertions"])
+    return errors, int(details["ref_words"])
+
+
+def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], tokenizer) -> dict[str, float]:
+    """Corpus WER / CER (fractions), mean CTC loss per utterance and the number of utterances; greedy decoding.
+
+    The loss is reported because WER saturates at 1.0 (all-blank output) early in training,
+    where the loss still tells runs apart.
+    """
+    from training.metrics import char_error_rate, word_error_rate
+
+    model.eval()
+    refs: list[str] = []
+    hyps: list[str] = []
+    loss_sum = 0.0
+    for batch in loader:
+        r, h, loss = decode_batch(model, batch, tokenizer)
+        refs += r
+        hyps += h
+        loss_sum += loss * len(r)
+    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "loss": loss_sum / max(len(refs), 1),
+            "utterances": len(refs)}
+
+
+# --------------------------------------------------------------------------- the task
+def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = {**DEFAULT_TASK_CONFIG, **{k: v for k, v in run_config.items() if k.startswith("task-")}}
+    if not cfg["task-data-dir"]:
+        raise ValueError("run_config['task-data-dir'] is empty: give the prepared corpus directory (data.dir)")
+    return cfg
+
+
+def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> FederatedTask:
+    """The FederatedTask factory named in run_config['task'] (see the module docstring)."""
+    from data.tokenizer import CharTokenizer
+
+    cfg = task_settings(run_config)
+    seed = int(run_config.get("seed", 0))
+    batch_size = int(run_config.get("batch-size", 8))
+    eval_batch_size = int(cfg["task-eval-batch-size"])
+    data_dir, split = str(cfg["task-data-dir"]), str(cfg["task-train-split"])
+    eval_utterances = int(cfg["task-client-eval-utterances"])
+    trainable_layers = int(cfg["task-trainable-layers"])
+    tokenizer = CharTokenizer()
+
+    def build_model() -> nn.Module:
+        return build_wav2vec2_for_task(
+            tokenizer.vocab_size,
+            str(cfg["task-checkpoint"]) or None,
+            seed,
+            trainable_layers=None if trainable_layers < 0 else trainable_layers,
+            train_positional_conv=bool(cfg["task-train-positional-conv"]),
+        )
+
+    def build_loaders(partition_id: int, num_partitions: int):
+        speakers, _, waves, targets = load_split(data_dir, split, tokenizer)
+        train_idx, eval_idx = client_indices(speakers, partition_id, num_partitions, seed, eval_utterances)
+        train = WaveformCTCDataset([waves[i] for i in train_idx], [targets[i] for i in train_idx])
+        held_out = WaveformCTCDataset([waves[i] for i in eval_idx], [targets[i] for i in eval_idx])
+        # order: drawn from torch's global RNG, which the ClientApp seeds per (seed, round, client)
+        order = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=order, collate_fn=collate_waveforms)
+        eval_loader = DataLoader(held_out, batch_size=eval_batch_size, collate_fn=collate_waveforms)
+        return train_loader, eval_loader
+
+    def error_counts(model: nn.Module, batch) -> tuple[int, int]:
+        return word_error_counts(model, batch, tokenizer)
+
+    return FederatedTask(build_model, build_loaders, ctc_loss, error_counts)
