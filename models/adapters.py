@@ -58,6 +58,27 @@ class AdapterHandle:
         if self.spec.kind == "adalora":
             self.peft_model.update_and_allocate(step)
 
+    def state_dict(self) -> dict:
+        """AdaLoRA's importance statistics and rank pattern: not in the model's state_dict,
+        but needed for an exactly resumed run to prune the same singular values."""
+        if self.spec.kind != "adalora":
+            return {}
+        allocator = self.peft_model.rankallocator
+        pattern = self.peft_model.peft_config["default"].rank_pattern
+        return {
+            "ipt": dict(allocator.ipt),
+            "exp_avg_ipt": dict(allocator.exp_avg_ipt),
+            "exp_avg_unc": dict(allocator.exp_avg_unc),
+            "rank_pattern": {k: [bool(x) for x in v] for k, v in (pattern or {}).items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.spec.kind != "adalora":
+            return
+        allocator = self.peft_model.rankallocator
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = dict(state["ipt"]), dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        self.peft_model.peft_config["default"].rank_pattern = dict(state["rank_pattern"]) or None
+
     def regularization(self) -> torch.Tensor | float:
         """AdaLoRA's orthogonality penalty on P and Q (mean Frobenius distance of PP^T, Q^TQ to I)."""
         if self.spec.kind != "adalora" or self.spec.orth_reg_weight == 0:

@@ -28,6 +28,10 @@ class MaskedOutput:
     ctc: CTCOutput
     clean: Optional[torch.Tensor]  # [B, T, D] representation before the masks (fused front-end or layer output)
     protected: Optional[torch.Tensor]  # [B, T, D] the same after the masks
+    # Contrastive projections of protected (anchor) and clean (positive), computed inside forward
+    # so that DistributedDataParallel sees every trained parameter used in its forward pass.
+    anchor: Optional[torch.Tensor] = None
+    positive: Optional[torch.Tensor] = None
 
 
 class MaskedAVSR(nn.Module):
@@ -91,15 +95,16 @@ class MaskedAVSR(nn.Module):
                 (fa, fv), (fa_p, fv_p) = captured["frontend"]
                 # Fusion without modality dropout: the representation itself, not a training augmentation.
                 clean, protected = self.core.fuse(fa, fv), self.core.fuse(fa_p, fv_p)
-        return MaskedOutput(ctc=ctc, clean=clean, protected=protected)
+        anchor = positive = None
+        if capture and self.projection is not None and protected is not None:
+            anchor, positive = self.projection(protected, padding_mask), self.projection(clean, padding_mask)
+        return MaskedOutput(ctc=ctc, clean=clean, protected=protected, anchor=anchor, positive=positive)
 
     def contrastive_loss(self, out: MaskedOutput, speaker_idx: torch.Tensor, padding_mask: Optional[torch.Tensor],
                          temperature: float, pooling: str = "utterance", other_speaker_negatives: bool = False):
-        if self.projection is None or out.protected is None:
+        if out.anchor is None:
             raise RuntimeError("contrastive_loss needs a projection head and forward(..., capture=True)")
-        anchor = self.projection(out.protected, padding_mask)
-        positive = self.projection(out.clean, padding_mask)
-        return privacy_contrastive_loss(anchor, positive, speaker_idx, temperature=temperature,
+        return privacy_contrastive_loss(out.anchor, out.positive, speaker_idx, temperature=temperature,
                                         other_speaker_negatives=other_speaker_negatives,
                                         padding_mask=padding_mask, pooling=pooling)
 

@@ -36,8 +36,9 @@ from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_
 from training.loop import loop_kwargs_from_config, train
 from training.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from training.logging import RunLogger
-from training.run import Stage, atomic_write_text, seed_everything
+from training.logging import RunLogger, logger_from_config
+from training import ddp
+from training.run import Stage, atomic_write_bytes, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
 
 
 def make_logger(cfg: DictConfig, directory: Path) -> RunLogger:
-    return RunLogger(directory, OmegaConf.to_container(cfg, resolve=True), use_wandb=cfg.logger.name == "wandb",
-                     wandb_project=cfg.logger.project, wandb_mode=cfg.logger.mode)
+    return logger_from_config(cfg.logger, directory, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name,
+                              enabled=ddp.is_main())
 
 
 def pretrained_dir(cfg: DictConfig) -> Path:
@@ -208,7 +209,10 @@ def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
     spec = AdapterSpec(kind=a.name, target_modules=list(a.target_modules), r=a.r, init_r=a.init_r, target_r=a.target_r,
                        lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, tinit=tinit, tfinal=tfinal, delta_t=delta_t,
                        total_step=total, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight)
-    # Adapters go on the transformer only; the CTC head trains fully (it is new).
+    # Adapters go on the transformer; everything else of the pretrained model (front-ends,
+    # fusion, pretraining heads) stays frozen. The CTC head trains fully (it is new).
+    if a.name != "none":
+        asr.avhubert.requires_grad_(False)
     _, handle = apply_adapter(asr.avhubert.encoder, spec, trainable_extra=[])
     system = MaskedAVSR(asr, masks, projection)
     for p in asr.ctc_proj.parameters():
@@ -241,7 +245,13 @@ def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
 
 
 def finetune(cfg: DictConfig) -> dict:
+    """AdaLoRA fine-tuning with CTC (+ masks, + contrastive loss); then evaluate and export.
+
+    Under `torchrun --nproc_per_node=N` the batches are split across N processes
+    (DDP, gloo on CPU); rank 0 logs, checkpoints, evaluates and exports.
+    """
     validate_options(cfg)
+    rank, world, _ = ddp.setup_distributed()
     with Stage(cfg, "finetune") as stage:
         gen = seed_everything(cfg.seed)
         from data.manifest import read_split
@@ -255,22 +265,23 @@ def finetune(cfg: DictConfig) -> dict:
         train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities)
         video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
-                                  seed=cfg.seed, num_workers=tc.num_workers, train=True)
+                                  seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank)
         lam = float(cfg.loss["lambda"])
 
         def step_fn(model, batch):
+            system_ = ddp.unwrap(model)
             fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]) if video_cache is not None else None
             out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=cfg.loss.contrastive)
-            ctc = model.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
+            ctc = system_.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
             loss = ctc + adapter.regularization()
-            logs = {"ctc": float(ctc)}
+            logs = {"ctc": float(ctc.detach())}
             if cfg.loss.contrastive:
-                cl, diag = model.contrastive_loss(out, batch["speaker_idx"], batch["padding_mask"], cfg.loss.temperature,
-                                                   cfg.loss.pooling, cfg.loss.other_speaker_negatives)
+                cl, diag = system_.contrastive_loss(out, batch["speaker_idx"], batch["padding_mask"], cfg.loss.temperature,
+                                                    cfg.loss.pooling, cfg.loss.other_speaker_negatives)
                 loss = loss + lam * cl
-                logs.update(contrastive=float(cl), **{f"cl_{k}": float(v) for k, v in diag.items()})
-            if model.masks is not None:
-                logs["mask_log_sigma"] = float(model.masks.mean_log_sigma())
+                logs.update(contrastive=float(cl.detach()), **{f"cl_{k}": float(v) for k, v in diag.items()})
+            if system_.masks is not None:
+                logs["mask_log_sigma"] = float(system_.masks.mean_log_sigma().detach())
             return loss, logs
 
         probe = LeakageProbe(cfg, system, video_cache_source="train")
@@ -288,12 +299,14 @@ def finetune(cfg: DictConfig) -> dict:
                  stage.metrics["params/total"], cfg.adapter.name, cfg.masks.name, cfg.loss.name)
         logger = make_logger(cfg, stage.dir)
         t0 = time.time()
-        result = train(system, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
+        model = ddp.wrap_ddp(system) if world > 1 else system
+        result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
                        eval_fn=eval_fn, after_optimizer_step=adapter.after_optimizer_step, generators={"mask": mask_gen},
-                       **loop_kwargs_from_config(tc))
+                       extra_state={"adalora": adapter}, **loop_kwargs_from_config(tc))
         logger.close()
-        torch.save({"model": system.state_dict()}, stage.dir / "model.pt.tmp")
-        (stage.dir / "model.pt.tmp").replace(stage.dir / "model.pt")
+        if not ddp.is_main():
+            return {}
+        save_system(stage.dir / "model.pt", system)
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
                              rank_budget=adapter.rank_budget(), **train_ds.skips.report())
         stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
@@ -303,6 +316,14 @@ def finetune(cfg: DictConfig) -> dict:
         results.update(evaluate(cfg))
         results.update(export(cfg))
     return results
+
+
+def save_system(path: Path, system: MaskedAVSR) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": system.state_dict()}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_finetuned(cfg: DictConfig):

@@ -127,8 +127,11 @@ class Stage:
     """
 
     def __init__(self, cfg: Any, name: str, directory: str | os.PathLike | None = None):
+        from training import ddp
+
         self.cfg = cfg
         self.name = name
+        self.writer = ddp.is_main()  # under torchrun only rank 0 writes the stage files
         if directory is None:
             self.dir = stage_dir(cfg, name)
         else:
@@ -145,11 +148,14 @@ class Stage:
         return path.is_file() and json.loads(path.read_text()).get("status") == "done" and (self.dir / "metrics.json").is_file()
 
     def __enter__(self) -> "Stage":
-        save_config(self.dir, self.cfg)
-        self._status("running")
+        if self.writer:
+            save_config(self.dir, self.cfg)
+            self._status("running")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.writer:
+            return False
         if exc is None:
             write_metrics(self.dir, self.metrics)
             self._status("done")

@@ -1,0 +1,142 @@
+"""End to end on a tiny SynthGRID: pretrain -> finetune (+evaluate, export) -> attack, through the task
+functions the entry scripts call; plus the system-level checks issues 5 and 6 ask for."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import training.config  # noqa: F401
+from training.config import PROJECT_ROOT
+
+
+def cfg_for(tmp, *overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        return compose("config", overrides=[
+            f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10",
+            "data.splits.public=2", "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1",
+            "data.splits.attacker_train=2", "data.splits.attacker_trials=2",
+            "data.utterances_per_speaker=4", "data.num_workers=1", "trainer=debug", "pretrain=debug",
+            "trainer.cache_frontends=true", "trainer.progress_bar=false", "eval.snrs=[0]", "eval.noise_types=[white]",
+            "attacker=rjca_small", "attacker.epochs=2", *overrides,
+        ])
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    prepare(cfg_for(tmp))
+    return tmp
+
+
+def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
+    from safetensors.torch import load_file
+
+    from training.asr import read_export
+    from training.tasks import run_asr_task, run_attack_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    ckpt = tmp / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny" / "checkpoint_last.pt"
+    assert ckpt.is_file()
+    masked = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",
+              "trainer.utterances_per_speaker=2"]
+    wer = run_asr_task(cfg_for(tmp, *masked))
+    assert wer is not None and wer >= 0
+    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-cl0.1-t0.1" / "s1"
+    for stage in ("finetune", "evaluate", "export"):
+        assert json.loads((run_dir / stage / "status.json").read_text())["status"] == "done"
+        assert (run_dir / stage / "config.yaml").is_file()
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert {"wer/audio_video/clean", "wer/audio/clean", "wer/video/clean", "wer/audio_video/white_0"} <= set(metrics)
+    ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+    assert 0 < ft["params/trainable"] < ft["params/total"]
+    assert "probe/speaker_acc_protected" in ft and "probe/eer_clean" in ft
+
+    # export round trip: per-utterance sequences, speakers aligned with the manifest
+    feats, ids, speakers = read_export(run_dir / "export", "attacker_trials")
+    raw = load_file(str(run_dir / "export" / "attacker_trials.safetensors"))
+    assert len(ids) == len(speakers) == len(feats["audio/protected"]) == raw["offsets"].numel() - 1
+    assert feats["audio/protected"][0].shape == feats["audio/clean"][0].shape
+    assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])  # the masks changed them
+
+    # a finished run is skipped on re-run (sweeps resume)
+    before = (run_dir / "finetune" / "metrics.json").stat().st_mtime_ns
+    run_asr_task(cfg_for(tmp, *masked))
+    assert (run_dir / "finetune" / "metrics.json").stat().st_mtime_ns == before
+
+    eer = run_attack_task(cfg_for(tmp, *masked, "attacker.scenario=semi_informed"))
+    attack = json.loads((run_dir / "attack" / "semi_informed" / "metrics.json").read_text())
+    assert attack["eer"] == eer and {"min_dcf_p0.01", "min_dcf_p0.05", "n_trials"} <= set(attack)
+    lines = (run_dir / "attack" / "semi_informed" / "scores.txt").read_text().splitlines()
+    assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
+
+
+def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):
+    from training.tasks import run_attack_task
+
+    with pytest.raises(FileNotFoundError) as err:
+        run_attack_task(cfg_for(tiny_corpus, "masks=multiplicative", "seed=7"))
+    msg = str(err.value)
+    assert "avhubert_tiny-adalora-multiplicative-s1.0-ctc/s7/export" in msg and "python train_avhubert.py task=finetune" in msg
+
+
+def test_incompatible_options_fail_before_data_is_loaded(tmp_path):
+    from training.tasks import run_asr_task
+
+    # no corpus exists under tmp_path: the errors must come from the option checks
+    with pytest.raises(ValueError, match="sampler"):
+        run_asr_task(cfg_for(tmp_path, "masks=both", "loss=ctc_contrastive", "trainer.sampler=bucket"))
+    with pytest.raises(ValueError, match="masks.layer=9"):
+        run_asr_task(cfg_for(tmp_path, "masks=additive_encoder", "masks.layer=9"))
+
+
+def test_only_adapters_masks_and_heads_train(tiny_corpus):
+    from training.asr import build_system
+
+    system, adapter, _ = build_system(cfg_for(tiny_corpus, "masks=both", "loss=ctc_contrastive", "model.checkpoint=null"), 29)
+    trainable = {n for n, p in system.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        ("lora_" in n) or n.startswith(("masks.", "projection.", "asr.ctc_proj.")) for n in trainable
+    ), sorted(trainable)[:10]
+    assert not any("feature_extractor" in n for n in trainable)
+    B, T = 4, 20
+    out = system(torch.randn(B, 104, T), torch.randn(B, 1, T, 88, 88), None, capture=True)
+    targets = torch.randint(1, 29, (B, 5))
+    loss = system.asr.ctc_loss(out.ctc, targets, torch.full((B,), 5))
+    loss = loss + system.contrastive_loss(out, torch.tensor([0, 0, 1, 1]), None, 0.1)[0]
+    loss.backward()
+    for n, p in system.named_parameters():
+        # AdaLoRA starts with E = 0 (the update P diag(E) Q is zero), so at step 0 only E gets a gradient
+        if p.requires_grad and ("lora_E" in n or "masks." in n or "ctc_proj" in n):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        if not p.requires_grad:
+            assert p.grad is None, n
+
+
+def test_adalora_rank_budget_shrinks_over_the_schedule():
+    from models.adapters import AdapterSpec, apply_adapter
+    from models.avhubert import AVHubertModel, avhubert_tiny
+
+    torch.manual_seed(0)
+    model = AVHubertModel(avhubert_tiny(encoder_layers=2))
+    spec = AdapterSpec(kind="adalora", init_r=6, target_r=2, tinit=2, tfinal=3, delta_t=1, total_step=12)
+    _, handle = apply_adapter(model.encoder, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, 1e-2)
+    budgets = [handle.rank_budget()]
+    x = torch.randn(2, 10, model.cfg.encoder_embed_dim)
+    for step in range(12):
+        loss = model.encode(x).last_hidden_state.pow(2).mean() + handle.regularization()
+        loss.backward()
+        opt.step()
+        handle.after_optimizer_step(step)
+        opt.zero_grad()
+        budgets.append(handle.rank_budget())
+    n_adapted = 2 * 6  # 2 layers x (q, k, v, out, fc1, fc2)
+    assert budgets[0] == 6 * n_adapted
+    assert budgets[-1] <= 2 * n_adapted < budgets[0]
+    assert all(b2 <= b1 for b1, b2 in zip(budgets[3:], budgets[4:]))  # never grows once pruning starts
