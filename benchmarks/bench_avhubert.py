@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import peak_rss_mb, time_it, write_result
+from benchmarks.common import compare, peak_rss_mb, time_it, write_result
 from models.adapters import AdapterSpec, apply_adapter
 from models.avhubert import AVHubertModel, avhubert_base, avhubert_tiny, freeze_frontends
 from models.heads import AVHubertForCTC
@@ -62,12 +62,15 @@ def run() -> dict:
     batch = _batch()
     utt_seconds = B * T / 25.0
     plain = _system(False, False)
+    private = _system(True, True)
     with torch.no_grad():
         cached = plain.core.extract_frontends(None, batch["video"])[1]
-    t_full = time_it(_train_step(plain, batch, None, False), repeat=5)
-    t_cached = time_it(_train_step(plain, batch, cached, False), repeat=10)
-    private = _system(True, True)
-    t_private = time_it(_train_step(private, batch, cached, True), repeat=10)
+    t = compare({
+        "full": _train_step(plain, batch, None, False),
+        "cached": _train_step(plain, batch, cached, False),
+        "private": _train_step(private, batch, cached, True),
+    }, rounds=5)
+    t_full, t_cached, t_private = ({"median_s": t[k]} for k in ("full", "cached", "private"))
     # Pretraining trains the video front-end, so it cannot use the cache.
     pre = AVHubertModel(avhubert_tiny())
     opt = torch.optim.AdamW(pre.parameters(), 1e-3)

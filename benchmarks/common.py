@@ -43,3 +43,18 @@ def write_result(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def compare(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median wall time of each fn, calling them in turns (a, b, a, b, ...) so a change in
+    machine load affects all of them alike; ratios of these medians are the robust numbers."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
