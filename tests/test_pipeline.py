@@ -140,3 +140,23 @@ def test_adalora_rank_budget_shrinks_over_the_schedule():
     assert budgets[0] == 6 * n_adapted
     assert budgets[-1] <= 2 * n_adapted < budgets[0]
     assert all(b2 <= b1 for b1, b2 in zip(budgets[3:], budgets[4:]))  # never grows once pruning starts
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_both_objectives(tiny_corpus, tmp_path):
+    import optuna
+
+    from scripts.optuna_sweep import main
+
+    tmp = tiny_corpus
+    base = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10",
+            "data.splits.public=2", "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1",
+            "data.splits.attacker_train=2", "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true",
+            "trainer.progress_bar=false", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",
+            "trainer.utterances_per_speaker=2", "eval.snrs=[0]", "eval.noise_types=[white]", "attacker=rjca_small",
+            "attacker.epochs=1", "masks=both"]
+    study_path = tmp_path / "study.db"
+    main(["--trials", "2", "--study", str(study_path), *base])
+    study = optuna.load_study(study_name="privacy_utility", storage=f"sqlite:///{study_path}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and all(len(t.values) == 2 for t in done)
