@@ -245,7 +245,8 @@ def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
 
 
 def finetune(cfg: DictConfig) -> dict:
-    """AdaLoRA fine-tuning with CTC (+ masks, + contrastive loss); then evaluate and export.
+    """AdaLoRA fine-tuning with CTC (+ masks, + contrastive loss); training/tasks.py then runs
+    evaluate and export (eval_after_finetune=true).
 
     Under `torchrun --nproc_per_node=N` the batches are split across N processes
     (DDP, gloo on CPU); rank 0 logs, checkpoints, evaluates and exports.
@@ -311,11 +312,7 @@ def finetune(cfg: DictConfig) -> dict:
                              rank_budget=adapter.rank_budget(), **train_ds.skips.report())
         stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update({k.replace("eval/", ""): v for k, v in result.last_eval.items()})
-    results = dict(stage.metrics)
-    if cfg.eval_after_finetune:
-        results.update(evaluate(cfg))
-        results.update(export(cfg))
-    return results
+    return dict(stage.metrics)
 
 
 def save_system(path: Path, system: MaskedAVSR) -> None:

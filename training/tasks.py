@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from training import ddp
+
 log = logging.getLogger(__name__)
 
 ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
@@ -69,13 +71,17 @@ def run_asr_task(cfg: DictConfig):
         return _objective(done or asr.pretrain(cfg), "pretrain/loss")
     stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
-        # finetune also evaluates and exports; it is done when all three are.
+        # finetune, then evaluate and export; each part is skipped when it is done already,
+        # so a sweep interrupted during evaluation does not train again.
         run_dir = Path(cfg.paths.run_dir)
-        done = None
-        if not cfg.force and all(_finished(run_dir / s) for s in ("finetune", "evaluate", "export")):
-            log.info("%s: finetune, evaluate and export are done; skipping (force=true runs them again)", run_dir)
-            done = _finished(run_dir / "evaluate")
-        return _objective(done or asr.finetune(cfg), "wer/audio_video/clean")
+        stages = ("finetune", "evaluate", "export") if cfg.eval_after_finetune else ("finetune",)
+        results: dict = {}
+        for name in stages:
+            if name != "finetune" and not ddp.is_main():
+                break  # under torchrun, rank 0 evaluates and exports
+            done = _skip_if_done(cfg, run_dir / name)
+            results.update(done or getattr(asr, name)(cfg))
+        return _objective(results, "wer/audio_video/clean")
     done = _skip_if_done(cfg, stage)
     return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
 
