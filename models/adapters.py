@@ -96,7 +96,12 @@ class AdapterHandle:
             return sum(self.spec.r for n, _ in self.peft_model.named_modules() if n.endswith(tuple(self.spec.target_modules)))
         if self.spec.kind != "adalora":
             return 0
-        return int(sum((p != 0).sum().item() for n, p in self.peft_model.named_parameters() if "lora_E" in n))
+        # Before the first allocation every module keeps init_r singular values; afterwards
+        # peft's rank pattern says which ones survive (pruned ones are zeroed in E).
+        pattern = self.peft_model.peft_config["default"].rank_pattern
+        if not pattern:
+            return self.spec.init_r * sum(1 for n, _ in self.peft_model.named_parameters() if "lora_E" in n)
+        return int(sum(sum(bool(x) for x in mask) for mask in pattern.values()))
 
 
 def apply_adapter(model: nn.Module, spec: AdapterSpec, trainable_extra: list[nn.Module] = ()) -> tuple[nn.Module, AdapterHandle]:
