@@ -66,3 +66,16 @@ def test_sentencepiece_train_round_trip_and_reject(tmp_path):
 def test_unknown_kind():
     with pytest.raises(TokenizerError, match="kind"):
         build_tokenizer("bpe", GRID, "/nonexistent")
+
+
+def test_word_tokenizer_round_trip_and_unknown_words(tmp_path):
+    from data.tokenizer import TokenizerError, WordTokenizer, build_tokenizer, load_tokenizer
+
+    tok = build_tokenizer("word", ["BIN BLUE AT A ONE NOW", "SET RED BY B TWO SOON"], tmp_path)
+    assert isinstance(tok, WordTokenizer) and tok.vocab_size == 13 and tok.blank_id == 0
+    ids = tok.encode("SET BLUE AT A TWO NOW")
+    assert len(ids) == 6 and 0 not in ids
+    assert tok.decode([0, *ids, 0]) == "SET BLUE AT A TWO NOW"
+    assert load_tokenizer(tmp_path).encode("BIN RED") == tok.encode("BIN RED")
+    with pytest.raises(TokenizerError, match="'PLACE'"):
+        tok.encode("PLACE RED", utt_id="u1")

@@ -64,7 +64,7 @@ class DataConfig:
     stack_order_audio: int = 4
     normalize_audio: bool = True
     max_av_length_mismatch: int = 2  # video frames; beyond this an utterance is invalid
-    tokenizer: str = "char"  # char | sentencepiece
+    tokenizer: str = "char"  # char | sentencepiece | word (closed vocabularies such as GRID)
     sentencepiece_vocab: int = 64
     num_workers: int = 2  # preparation worker processes / DataLoader workers
     on_error: str = "raise"  # raise | skip (skips are counted and reported at the end of the stage)
