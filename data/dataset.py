@@ -126,6 +126,7 @@ class AVSRDataset(Dataset):
         image_mean: float = features.IMAGE_MEAN,
         image_std: float = features.IMAGE_STD,
         validate: bool = True,
+        cache_items: bool = False,
     ):
         from training.run import SkipCounter
 
@@ -158,6 +159,13 @@ class AVSRDataset(Dataset):
         self._speaker_index = {s: i for i, s in enumerate(self.speakers)}
         self.utterances = utterances
         self._babble_pool = None
+        # Items that cannot change between epochs (no random crop, no noise) can be kept in
+        # memory: fine-tuning with the cached video front-end then decodes each wav once.
+        epoch_dependent = train and ("video" in modalities or self.noise is not None)
+        if cache_items and epoch_dependent:
+            raise ValueError(f"cache_items=True needs items that do not change between epochs; split {split!r} with "
+                             f"train=True has {'random video crops' if 'video' in modalities else 'noise augmentation'}")
+        self._items: Optional[dict[int, dict[str, Any]]] = {} if cache_items else None
         if validate:
             self.validate()
         if not self.utterances:
@@ -312,6 +320,13 @@ class AVSRDataset(Dataset):
         return mix_at_snr(wav, noise, snr_db, rng)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._items is not None:
+            if index not in self._items:
+                self._items[index] = self._make_item(index)
+            return self._items[index]
+        return self._make_item(index)
+
+    def _make_item(self, index: int) -> dict[str, Any]:
         u = self.utterances[index]
         targets = self._encode(u)
         need_wav = "audio" in self.modalities or self.return_waveform

@@ -53,13 +53,13 @@ def avhubert_config(cfg: DictConfig) -> AVHubertConfig:
 
 
 def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = False, noise: Optional[dict] = None,
-                 modalities=("audio", "video"), return_waveform: bool = False) -> AVSRDataset:
+                 modalities=("audio", "video"), return_waveform: bool = False, cache_items: bool = False) -> AVSRDataset:
     d = cfg.data
     return AVSRDataset(
         d.dir, split, tokenizer, train=train, modalities=tuple(modalities), return_waveform=return_waveform,
         noise=noise, on_error=d.on_error, max_av_length_mismatch=d.max_av_length_mismatch, seed=cfg.seed,
         sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
-        crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std,
+        crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std, cache_items=cache_items,
     )
 
 
@@ -263,7 +263,7 @@ def finetune(cfg: DictConfig) -> dict:
         system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
-        train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities)
+        train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities, cache_items=cache_video)
         video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
                                   seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank)

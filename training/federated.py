@@ -63,6 +63,7 @@ def _task_keys(cfg: DictConfig) -> dict[str, Any]:
     layers = cfg.dp.get("trainable_layers")
     return {
         "task-data-dir": str(cfg.data.dir),
+        "task-tokenizer": str(cfg.data.tokenizer),
         "task-checkpoint": str(checkpoint) if checkpoint else "",
         "task-trainable-layers": -1 if layers is None else int(layers),
         "task-train-positional-conv": bool(cfg.dp.get("train_positional_conv", True)),
@@ -230,10 +231,16 @@ def ensure_pretrained(cfg: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------- runs
+def _tokenizer(cfg: DictConfig):
+    from privacy.federated.synthgrid_task import make_tokenizer
+
+    return make_tokenizer(str(cfg.data.tokenizer), cfg.data.dir)
+
+
 def _test_loader(cfg: DictConfig):
     from privacy.federated.synthgrid_task import WaveformCTCDataset, collate_waveforms, load_split
 
-    _, _, waves, targets = load_split(cfg.data.dir, str(cfg.eval.split) if "eval" in cfg and cfg.eval.get("split") else "test")
+    _, _, waves, targets = load_split(cfg.data.dir, str(cfg.eval.split), _tokenizer(cfg))
     return DataLoader(WaveformCTCDataset(waves, targets), batch_size=16, collate_fn=collate_waveforms)
 
 
@@ -258,10 +265,10 @@ def _with_strategy(cfg: DictConfig, name: str) -> DictConfig:
 
 def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
-    from data.tokenizer import CharTokenizer
     from privacy.federated.local_dp import LocalDPSession
     from privacy.federated.synthgrid_task import (
-        WaveformCTCDataset, centralised_indices, collate_waveforms, evaluate_transcripts, load_split, wav2vec2_synthgrid_task,
+        WaveformCTCDataset, centralised_indices, collate_waveforms, evaluate_transcripts, load_split,
+        wav2vec2_synthgrid_task,
     )
     from privacy.federated.task import train_local
     from training.run import seed_everything
@@ -270,7 +277,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     run_config = _run_config(cfg, out_dir, strategy="fedavg")
     task = wav2vec2_synthgrid_task(run_config)
     generator = seed_everything(int(cfg.seed))
-    speakers, _, waves, targets = load_split(cfg.data.dir, "train", CharTokenizer())
+    speakers, _, waves, targets = load_split(cfg.data.dir, "train", _tokenizer(cfg))
     idx = centralised_indices(speakers, int(cfg.federated.num_clients), int(cfg.seed), _eval_utterances())
     loader = DataLoader(WaveformCTCDataset([waves[i] for i in idx], [targets[i] for i in idx]), batch_size=int(cfg.trainer.batch_size),
                         shuffle=True, generator=generator, collate_fn=collate_waveforms)
@@ -289,7 +296,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
         eps = session.epsilon(delta)
         metrics.update({"epsilon/max": eps, "epsilon/client_0": eps, "noise_multiplier": session.noise_multiplier})
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / len(loader), session.accountant.steps, eps))
-    result = evaluate_transcripts(model, _test_loader(cfg), CharTokenizer())
+    result = evaluate_transcripts(model, _test_loader(cfg), _tokenizer(cfg))
     metrics.update(wer=result["wer"], cer=result["cer"], test_loss=result["loss"], test_utterances=result["utterances"])
     return metrics
 
@@ -304,7 +311,6 @@ def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps
 
 
 def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    from data.tokenizer import CharTokenizer
     from privacy.federated.runner import run_federated
     from privacy.federated.synthgrid_task import evaluate_transcripts, wav2vec2_synthgrid_task
     from privacy.federated.task import load_federated_state
@@ -318,7 +324,7 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
     model = wav2vec2_synthgrid_task(run_config).build_model()
     load_federated_state(model, summary["final_state"])
-    result = evaluate_transcripts(model, _test_loader(cfg), CharTokenizer())
+    result = evaluate_transcripts(model, _test_loader(cfg), _tokenizer(cfg))
 
     entries = [c for r in summary["rounds"] for c in r["clients"]]
     per_client_eps: dict[int, float] = {}

@@ -61,7 +61,20 @@ DEFAULT_TASK_CONFIG: dict[str, Any] = {
     "task-trainable-layers": -1,
     "task-train-positional-conv": True,
     "task-eval-batch-size": 16,
+    "task-tokenizer": "char",  # char | word (data.tokenizer)
 }
+
+
+def make_tokenizer(kind: str, data_dir: str | Path):
+    """Char tokenizer, or whole words of the training transcripts (data.tokenizer=word)."""
+    from data.manifest import read_split
+    from data.tokenizer import CharTokenizer, WordTokenizer
+
+    if kind == "char":
+        return CharTokenizer()
+    if kind == "word":
+        return WordTokenizer(w for u in read_split(data_dir, "train") for w in u.text.split())
+    raise ValueError(f"data.tokenizer={kind!r}: the Wav2Vec2 task supports char or word")
 
 
 # --------------------------------------------------------------------------- data
@@ -256,8 +269,6 @@ def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> FederatedTask:
     """The FederatedTask factory named in run_config['task'] (see the module docstring)."""
-    from data.tokenizer import CharTokenizer
-
     cfg = task_settings(run_config)
     seed = int(run_config.get("seed", 0))
     batch_size = int(run_config.get("batch-size", 8))
@@ -265,7 +276,7 @@ def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> FederatedTask:
     data_dir, split = str(cfg["task-data-dir"]), str(cfg["task-train-split"])
     eval_utterances = int(cfg["task-client-eval-utterances"])
     trainable_layers = int(cfg["task-trainable-layers"])
-    tokenizer = CharTokenizer()
+    tokenizer = make_tokenizer(str(cfg["task-tokenizer"]), data_dir)
 
     def build_model() -> nn.Module:
         return build_wav2vec2_for_task(
