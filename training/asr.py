@@ -38,7 +38,7 @@ from training.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
 from training.logging import RunLogger, logger_from_config
 from training import ddp
-from training.run import Stage, atomic_write_bytes, atomic_write_text, seed_everything
+from training.run import Stage, atomic_write, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +316,7 @@ def finetune(cfg: DictConfig) -> dict:
 
 
 def save_system(path: Path, system: MaskedAVSR) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"model": system.state_dict()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda f: torch.save({"model": system.state_dict()}, f))
 
 
 def load_finetuned(cfg: DictConfig):

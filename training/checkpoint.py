@@ -19,13 +19,14 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from training.run import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _point_last_at(path: Path) -> Path:
