@@ -7,7 +7,8 @@ Python), so what the demo shows is exactly what a user types:
   2. python train_avhubert.py experiment=demo task=pretrain        tiny AV-HuBERT, masked prediction
   3. python train_avhubert.py experiment=demo                      fine-tune, no masks (+ evaluate, export)
   4. python train_avhubert.py experiment=demo masks=both loss=ctc_contrastive
-  5. python train_speaker_verification.py experiment=demo [...]    RJCA attacker on both runs
+  5. python train_speaker_verification.py experiment=demo [...]    RJCA attacker: clean features, and the protected
+                                                                   ones under the three attack scenarios
   6. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FL + local DP
   7. python -m scripts.make_tables                                 the results table and plots
 
@@ -32,7 +33,6 @@ STEPS: list[tuple[str, list[str]]] = [
     ("fine-tune, no masks", ["train_avhubert.py", "experiment=demo"]),
     ("fine-tune, masks + contrastive", ["train_avhubert.py", "experiment=demo", *MASKED]),
     ("attack: clean features", ["train_speaker_verification.py", "experiment=demo", "attacker.input=clean"]),
-    ("attack: raw inputs", ["train_speaker_verification.py", "experiment=demo", "attacker.input=raw"]),
     ("attack: protected, ignorant", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=ignorant"]),
     ("attack: protected, lazy-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=lazy_informed"]),
     ("attack: protected, semi-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=semi_informed"]),

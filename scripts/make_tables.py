@@ -131,6 +131,8 @@ MASK_TABLE = [
     Column("WER A babble 0 dB", "evaluate:wer/audio/babble_0"),
     Column("probe spk acc", "finetune:probe/speaker_acc"),
     Column("probe EER", "finetune:probe/eer"),
+    Column("EER raw inputs", "attack/raw:eer"),
+    Column("EER clean feats", "attack/clean:eer"),
     Column("EER ignorant", "attack/ignorant:eer"),
     Column("EER lazy-inf.", "attack/lazy_informed:eer"),
     Column("EER semi-inf.", "attack/semi_informed:eer"),
