@@ -160,3 +160,25 @@ def test_optuna_search_runs_trials_and_reports_both_objectives(tiny_corpus, tmp_
     study = optuna.load_study(study_name="privacy_utility", storage=f"sqlite:///{study_path}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 2 and all(len(t.values) == 2 for t in done)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_finetune(tiny_corpus):
+    """`torchrun --nproc_per_node=2 train_avhubert.py ...` (DDP, gloo on CPU) fine-tunes and rank 0 writes the stages."""
+    import subprocess
+    import sys
+
+    from training.tasks import run_asr_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))  # no-op when the first test already pretrained
+    args = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10", "data.splits.public=2",
+            "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1", "data.splits.attacker_train=2",
+            "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
+            "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_avhubert.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-additive-s1.0-ctc" / "s5"
+    for stage in ("finetune", "evaluate", "export"):
+        assert json.loads((run_dir / stage / "status.json").read_text())["status"] == "done", stage
