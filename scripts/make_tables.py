@@ -78,7 +78,9 @@ def find_runs(runs_dir: Path) -> list[Run]:
     runs: dict[Path, Run] = {}
     for cfg_path in sorted(runs_dir.glob("**/config.yaml")):
         stage_dir = cfg_path.parent
-        if ".hydra" in stage_dir.parts:
+        # A stage folder always has status.json (training.run.Stage); Hydra's own folders
+        # (.hydra/, multirun job folders) hold a config.yaml too and are not stages.
+        if ".hydra" in stage_dir.parts or not (stage_dir / "status.json").is_file():
             continue
         try:
             config = yaml.safe_load(cfg_path.read_text()) or {}

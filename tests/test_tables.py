@@ -57,6 +57,15 @@ def test_runs_grouped_by_system_with_mean_and_std(tmp_path):
     assert (tmp_path / "out" / "det_overlay.png").stat().st_size > 1000
 
 
+def test_hydra_job_folders_are_not_mistaken_for_stages(tmp_path):
+    make_runs(tmp_path / "runs")
+    job = tmp_path / "runs" / "multirun" / "2026-01-01_00-00-00" / "0"
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text(yaml.safe_dump({"seed": 1}))
+    runs = find_runs(tmp_path / "runs")
+    assert not any("multirun" in str(r.run_dir) for r in runs)
+
+
 def test_incomplete_stage_without_metrics_is_reported_not_dropped(tmp_path):
     run = tmp_path / "runs" / "synthgrid" / "x" / "s1"
     write_stage(run, "evaluate", config("none", "ctc", 1), None, status="running")
