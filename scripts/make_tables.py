@@ -221,19 +221,20 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
     ax.scatter(xs, ys, color="tab:blue")
     for x, y, (_, _, label) in zip(xs, ys, pts):
-        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        short = label.split("masks=", 1)[-1].replace("contrastive ", "+CL ") if "masks=" in label else label
+        ax.annotate(short, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
     front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--o", mfc="none", ms=10, label="Pareto front")
     ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50%)")
     ax.set_xlabel("WER AV clean (%)  (lower is better)")
     ax.set_ylabel(f"attacker EER (%)  [{eer_key.split(':')[0]}]  (higher is more private)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return True
 
