@@ -41,6 +41,28 @@ def ctc_collapse(ids: Sequence[int], blank: int = 0) -> list[int]:
     return out
 
 
+def _write_spec(out_dir: str | Path, kind: str, **fields) -> Path:
+    from training.run import atomic_write_text
+
+    path = Path(out_dir) / "tokenizer.json"
+    atomic_write_text(path, json.dumps({"kind": kind, **fields}) + "\n")
+    return path
+
+
+def _read_spec(path: str | Path, kind: str, field: str):
+    """The `field` of a tokenizer.json written by `_write_spec` for `kind` (path: the file or its directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read the {kind} tokenizer ({e})") from e
+    if spec.get("kind") != kind or field not in spec:
+        raise TokenizerError(f"{path}: expected {{'kind': {kind!r}, {field!r}: ...}}, got keys {sorted(spec)}")
+    return spec[field]
+
+
 class CharTokenizer:
     kind = "char"
     blank_id = 0
@@ -95,24 +117,11 @@ class CharTokenizer:
         return " ".join("".join(chars).replace(WORD_SEP, " ").split())
 
     def save(self, out_dir: str | Path) -> Path:
-        from training.run import atomic_write_text
-
-        path = Path(out_dir) / "tokenizer.json"
-        atomic_write_text(path, json.dumps({"kind": self.kind, "alphabet": self.alphabet}) + "\n")
-        return path
+        return _write_spec(out_dir, self.kind, alphabet=self.alphabet)
 
     @classmethod
     def load(cls, path: str | Path) -> "CharTokenizer":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path}: cannot read the character tokenizer ({e})") from e
-        if spec.get("kind") != cls.kind or "alphabet" not in spec:
-            raise TokenizerError(f"{path}: expected {{'kind': 'char', 'alphabet': ...}}, got {spec}")
-        return cls(spec["alphabet"])
+        return cls(_read_spec(path, cls.kind, "alphabet"))
 
 
 class SentencePieceTokenizer:
@@ -236,21 +245,11 @@ class WordTokenizer:
         return " ".join(out)
 
     def save(self, out_dir: str | Path) -> Path:
-        from training.run import atomic_write_text
-
-        path = Path(out_dir) / "tokenizer.json"
-        atomic_write_text(path, json.dumps({"kind": self.kind, "words": self.words}) + "\n")
-        return path
+        return _write_spec(out_dir, self.kind, words=self.words)
 
     @classmethod
     def load(cls, path: str | Path) -> "WordTokenizer":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        if spec.get("kind") != cls.kind or "words" not in spec:
-            raise TokenizerError(f"{path}: expected {{'kind': 'word', 'words': [...]}}, got keys {sorted(spec)}")
-        return cls(spec["words"])
+        return cls(_read_spec(path, cls.kind, "words"))
 
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer | WordTokenizer
