@@ -96,6 +96,13 @@ class _NoiseMask(nn.Module):
         return self.noise and (self.training or self.noise_at_eval)
 
 
+def _scale_parameter(dim: int, init_scale: float, min_scale: float) -> nn.Parameter:
+    """rho with softplus(rho) + min_scale = init_scale in every dimension."""
+    if init_scale <= min_scale:
+        raise ValueError(f"init_scale ({init_scale}) must be larger than min_scale ({min_scale})")
+    return nn.Parameter(torch.full((dim,), inverse_softplus(init_scale - min_scale)))
+
+
 class AdditiveMask(_NoiseMask):
     """y = x + (softplus(rho_a) + min_scale) * s * eps, per feature dimension."""
 
@@ -111,10 +118,8 @@ class AdditiveMask(_NoiseMask):
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__(dim, noise, noise_at_eval, feature_axis, generator)
-        if init_scale <= min_scale:
-            raise ValueError(f"init_scale ({init_scale}) must be larger than min_scale ({min_scale})")
         self.min_scale = float(min_scale)
-        self.rho_a = nn.Parameter(torch.full((dim,), inverse_softplus(init_scale - min_scale)))
+        self.rho_a = _scale_parameter(dim, init_scale, min_scale)
         # Feature std per dimension; 1 until calibrated. Buffers travel with the state_dict,
         # so a resumed or exported model keeps the scale it was trained with.
         self.register_buffer("feature_scale", torch.ones(dim))
@@ -175,10 +180,8 @@ class MultiplicativeMask(_NoiseMask):
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__(dim, noise, noise_at_eval, feature_axis, generator)
-        if init_scale <= min_scale:
-            raise ValueError(f"init_scale ({init_scale}) must be larger than min_scale ({min_scale})")
         self.min_scale = float(min_scale)
-        self.rho_m = nn.Parameter(torch.full((dim,), inverse_softplus(init_scale - min_scale)))
+        self.rho_m = _scale_parameter(dim, init_scale, min_scale)
         mu = torch.ones(dim)
         if learn_mean:
             self.mu_m = nn.Parameter(mu)
