@@ -41,6 +41,19 @@ def ctc_collapse(ids: Sequence[int], blank: int = 0) -> list[int]:
     return out
 
 
+def _symbols(ids: Iterable[int], symbols: Sequence[str]) -> list[str]:
+    """The symbols of token ids, skipping blank (0) and padding (< 0); an unknown id is an error."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i <= 0:
+            continue
+        if i >= len(symbols):
+            raise TokenizerError(f"token id {i} out of range for a vocabulary of {len(symbols)}")
+        out.append(symbols[i])
+    return out
+
+
 def _write_spec(out_dir: str | Path, kind: str, **fields) -> Path:
     from training.run import atomic_write_text
 
@@ -106,14 +119,7 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        chars = []
-        for i in ids:
-            i = int(i)
-            if i <= 0:
-                continue
-            if i >= len(self.symbols):
-                raise TokenizerError(f"token id {i} out of range for a vocabulary of {self.vocab_size}")
-            chars.append(self.symbols[i])
+        chars = _symbols(ids, self.symbols)
         return " ".join("".join(chars).replace(WORD_SEP, " ").split())
 
     def save(self, out_dir: str | Path) -> Path:
@@ -234,15 +240,7 @@ class WordTokenizer:
         return [self._index[w] for w in words]
 
     def decode(self, ids: Iterable[int]) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i <= 0:
-                continue
-            if i >= len(self.symbols):
-                raise TokenizerError(f"token id {i} out of range for a vocabulary of {self.vocab_size}")
-            out.append(self.symbols[i])
-        return " ".join(out)
+        return " ".join(_symbols(ids, self.symbols))
 
     def save(self, out_dir: str | Path) -> Path:
         return _write_spec(out_dir, self.kind, words=self.words)
