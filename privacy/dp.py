@@ -427,6 +427,22 @@ def make_private_local(
 
 
 # --------------------------------------------------------------------------- central DP
+def dp_step_on_empty_batch(optimizer) -> None:
+    """The DP-SGD step for a Poisson batch that drew no example: pure noise, applied and accounted.
+
+    With Poisson sampling an empty batch is a normal outcome of the mechanism,
+    and the accountant assumes every planned step releases "sum of clipped
+    gradients + N(0, sigma^2 C^2)". Skipping the step would release something
+    else (no noise, and the visible fact that nobody was sampled) and leave the
+    step out of the ledger. Opacus clips and noises an empty per-sample gradient
+    (shape (0, ...)) correctly, so we hand it one and take the step: the noise is
+    added, the update applied and the step hook records it.
+    """
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+
+
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of all tensors of an update flattened into one vector."""
     if not update:

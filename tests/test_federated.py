@@ -273,3 +273,33 @@ def test_flower_app_config_and_hydra_config_agree_with_the_run_config_defaults()
     assert flat["strategy"] == "fedmedian" and flat["int8-block-size"] == 64 and flat["seed"] == 5
     with pytest.raises(KeyError, match="unknown federated run_config key 'num-round'"):
         resolve_run_config({"num-round": 3})
+
+
+def test_an_empty_poisson_batch_is_a_noised_and_accounted_step():
+    pytest.importorskip("opacus")
+    from privacy.dp import opacus_epsilon
+    from privacy.federated.local_dp import LocalDPSession
+
+    # batch size 1: the Poisson sample rate is 1/N, so about a third of the batches are empty
+    cfg = resolve_run_config({**TINY, "dp": "local", "target-epsilon": 8.0, "target-delta": 1e-3, "num-rounds": 1,
+                              "local-steps": 30, "batch-size": 1})
+    task = tiny_synthetic_task(cfg)
+    model = task.build_model()
+    train, _ = task.build_loaders(0, 2)
+    sizes = []
+
+    def loss_fn(m, batch):
+        loss, n = task.loss_fn(m, batch)
+        sizes.append(n)
+        return loss, n
+
+    session = LocalDPSession.from_run_config(cfg, len(train.dataset), None)
+    before = federated_state(model)
+    stats = train_local(model, train, loss_fn, steps=30, lr=0.1, dp=session)
+    assert sizes.count(0) >= 3  # the seed gives empty batches
+    assert stats["steps"] == 30 == len(sizes) == session.accountant.steps  # every drawn batch is a step of the ledger
+    assert stats["num-examples"] == sum(sizes)
+    assert math.isfinite(stats["train_loss"])
+    assert session.epsilon(1e-3) == pytest.approx(opacus_epsilon(session.noise_multiplier, 1.0 / len(train), 30, 1e-3), rel=1e-9)
+    assert session.epsilon(1e-3) <= 8.0 * 1.001
+    assert max(float(np.abs(federated_state(model)[k] - before[k]).max()) for k in before) > 0

@@ -155,6 +155,8 @@ def train_local(
     optimizer: torch.optim.Optimizer = torch.optim.SGD(list(trainable.values()), lr=lr)
     run_model, run_loader = model, loader
     if dp is not None:
+        from privacy.dp import dp_step_on_empty_batch
+
         run_model, optimizer, run_loader = dp.attach(model, optimizer, loader)
     run_model.train()
     total_loss, total_examples, done = 0.0, 0, 0
@@ -167,15 +169,19 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss, n = loss_fn(run_model, batch)
             if n == 0:  # Poisson sampling can draw an empty batch
-                continue
-            loss.backward()
-            optimizer.step()
+                if dp is None:
+                    continue
+                dp_step_on_empty_batch(optimizer)  # still a (noise-only) step of the mechanism, and accounted
+            else:
+                loss.backward()
+                optimizer.step()
             if prox_mu > 0:
                 with torch.no_grad():
                     for name, p in trainable.items():
                         p.sub_(lr * prox_mu * (p - anchors[name].to(p.dtype)))
-            total_loss += float(loss.detach()) * n
-            total_examples += n
+            if n:
+                total_loss += float(loss.detach()) * n
+                total_examples += n
             done += 1
         epoch += 1
         if steps is not None and done == 0 and epoch > 3:
@@ -251,6 +257,8 @@ def tiny_synthetic_task(run_config: Mapping[str, Any]) -> FederatedTask:
 
     def loss_fn(model: nn.Module, batch):
         x, y = batch
+        if len(y) == 0:  # an empty Poisson batch
+            return torch.zeros((), requires_grad=True), 0
         return nn.functional.cross_entropy(model(x), y), len(y)
 
     def error_counts(model: nn.Module, batch):
