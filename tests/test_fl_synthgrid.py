@@ -195,3 +195,16 @@ def test_client_partitions_hold_whole_speakers_and_batches_pad_labels_with_minus
     assert torch.all(valid[:, :-1] | ~valid[:, 1:])
     loss, n = task.loss_fn(task.build_model(), batch)
     assert n == len(batch["labels"]) and torch.isfinite(loss)
+
+
+def test_split_targets_follow_the_tokenizer_of_each_call(corpus):
+    from privacy.federated.synthgrid_task import load_split, make_tokenizer
+
+    chars = load_split(corpus, "train")  # fills the audio cache with the default (char) tokenizer
+    word_tokenizer = make_tokenizer("word", corpus)
+    words = load_split(corpus, "train", word_tokenizer)
+    assert words[2] is chars[2]  # the audio is read once
+    for text, char_ids, word_ids in zip(words[1], chars[3], words[3]):
+        assert len(word_ids) == len(text.split()) == 6
+        assert word_tokenizer.decode(word_ids.tolist()) == text
+        assert len(char_ids) == len(text)

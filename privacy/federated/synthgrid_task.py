@@ -114,33 +114,37 @@ def normalise_waveform(wave: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7))
 
 
-_SPLIT_CACHE: dict[tuple[str, str], tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]] = {}
+_SPLIT_CACHE: dict[tuple[str, str], tuple[list[str], list[str], list[str], list[torch.Tensor]]] = {}
 
 
 def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]:
-    """(speakers, texts, normalised waveforms, token ids) of a split, read once per process.
+    """(speakers, texts, normalised waveforms, token ids of `tokenizer`) of a split; the audio is read once per process.
 
     Audio is read through data.dataset.AVSRDataset (audio only, waveforms), so missing,
-    corrupt or wrongly sampled files fail with its error messages.
+    corrupt or wrongly sampled files fail with its error messages. Only the audio is
+    cached: the targets are encoded with the tokenizer of each call (default: characters),
+    so a char and a word run in one process never share token ids.
     """
     from data.dataset import AVSRDataset
     from data.io import read_wav
     from data.tokenizer import CharTokenizer
 
+    tokenizer = tokenizer or CharTokenizer()
     key = (str(Path(data_dir).resolve()), split)
     if key not in _SPLIT_CACHE:
-        tokenizer = tokenizer or CharTokenizer()
         # the dataset validates every file (exists, decodes, sample rate, transcript in the vocabulary);
         # the waveforms are then read directly, since its __getitem__ also computes filterbanks wav2vec2 does not use
         dataset = AVSRDataset(data_dir, split, tokenizer=tokenizer, modalities=("audio",), return_waveform=True)
-        speakers, texts, waves, targets = [], [], [], []
+        ids, speakers, texts, waves = [], [], [], []
         for u in dataset.utterances:
+            ids.append(u.id)
             speakers.append(u.speaker)
             texts.append(u.text)
             waves.append(normalise_waveform(read_wav(u.audio, expected_rate=dataset.sample_rate)))
-            targets.append(torch.tensor(tokenizer.encode(u.text, utt_id=u.id), dtype=torch.long))
-        _SPLIT_CACHE[key] = (speakers, texts, waves, targets)
-    return _SPLIT_CACHE[key]
+        _SPLIT_CACHE[key] = (ids, speakers, texts, waves)
+    ids, speakers, texts, waves = _SPLIT_CACHE[key]
+    targets = [torch.tensor(tokenizer.encode(text, utt_id=i), dtype=torch.long) for i, text in zip(ids, texts)]
+    return speakers, texts, waves, targets
 
 
 def split_speakers(data_dir: str | Path, split: str) -> list[str]:
