@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -303,3 +304,23 @@ def test_an_empty_poisson_batch_is_a_noised_and_accounted_step():
     assert session.epsilon(1e-3) == pytest.approx(opacus_epsilon(session.noise_multiplier, 1.0 / len(train), 30, 1e-3), rel=1e-9)
     assert session.epsilon(1e-3) <= 8.0 * 1.001
     assert max(float(np.abs(federated_state(model)[k] - before[k]).max()) for k in before) > 0
+
+
+def test_local_optimizer_is_selected_by_run_config_and_checked():
+    from privacy.federated.task import build_local_optimizer
+
+    cfg = resolve_run_config({**TINY, "local-optimizer": "adam"})
+    task = tiny_synthetic_task(cfg)
+    model = task.build_model()
+    train, _ = task.build_loaders(0, 2)
+    before = federated_state(model)
+    stats = train_local(model, train, task.loss_fn, steps=3, lr=0.01, optimizer=cfg["local-optimizer"])
+    assert stats["steps"] == 3
+    # Adam's first step moves every parameter with a non-zero gradient by about lr, whatever the gradient's scale
+    moved = np.concatenate([np.abs(federated_state(model)[k] - before[k]).ravel() for k in before])
+    assert np.median(moved) == pytest.approx(0.03, rel=0.5)
+    assert isinstance(build_local_optimizer("adam", list(model.parameters()), 0.1), torch.optim.Adam)
+    with pytest.raises(ValueError, match="local-optimizer"):
+        resolve_run_config({**TINY, "local-optimizer": "lbfgs"})
+    with pytest.raises(ValueError, match="expected sgd | adam"):
+        build_local_optimizer("rmsprop", list(model.parameters()), 0.1)

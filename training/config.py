@@ -190,6 +190,7 @@ class FederatedConfig:
     num_rounds: int = 5
     local_epochs: int = 1
     local_steps: Optional[int] = None
+    local_optimizer: str = "sgd"  # sgd | adam: the client's optimiser (fresh every round; DP-Adam under dp=local)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     proximal_mu: float = 0.01

@@ -285,9 +285,12 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     session = None
     if cfg.dp.name == "local":
         session = LocalDPSession.from_run_config(dict(run_config, **{"local-steps": steps, "num-rounds": 1}), len(idx), None)
-    log.info("centralised %s: %d steps of batch %d over %d utterances", "DP-SGD" if session else "SGD", steps, cfg.trainer.batch_size, len(idx))
+    optimizer = str(cfg.federated.local_optimizer)
+    log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
+             cfg.trainer.batch_size, len(idx))
     t0 = time.time()
-    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg.trainer.lr), dp=session)
+    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg.trainer.lr),
+                        optimizer=optimizer, dp=session)
     seconds = time.time() - t0
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": seconds,
                "clients": 1, "rounds": 0, "train_utterances": len(idx)}

@@ -90,6 +90,7 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
         epochs=int(cfg["local-epochs"]),
         steps=steps,
         lr=float(cfg["lr"]),
+        optimizer=str(cfg["local-optimizer"]),
         dp=dp,
         prox_mu=prox_mu,
         global_params=global_state if prox_mu > 0 else None,

@@ -28,6 +28,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
     "lr": 0.05,
+    "local-optimizer": "sgd",  # sgd | adam (a fresh optimiser every round)
     "batch-size": 16,
     "compression": "none",  # none | int8 | topk
     "topk-fraction": 0.05,
@@ -44,6 +45,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "run-dir": "",
 }
 
+LOCAL_OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 
 
@@ -57,6 +59,8 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
             merged[key] = value
     if merged["strategy"] not in STRATEGIES:
         raise ValueError(f"run_config['strategy']={merged['strategy']!r}; expected one of {STRATEGIES}")
+    if merged["local-optimizer"] not in LOCAL_OPTIMIZERS:
+        raise ValueError(f"run_config['local-optimizer']={merged['local-optimizer']!r}; expected one of {LOCAL_OPTIMIZERS}")
     if merged["dp"] not in ("none", "local", "central"):
         raise ValueError(f"run_config['dp']={merged['dp']!r}; expected none | local | central")
     return merged
@@ -82,6 +86,7 @@ def run_config_from_cfg(cfg: Any, task: str, run_dir: str) -> dict[str, Any]:
             "local-epochs": int(fed.local_epochs),
             "local-steps": int(fed.local_steps or 0),
             "lr": float(trainer.lr),
+            "local-optimizer": str(fed.local_optimizer),
             "batch-size": int(trainer.batch_size),
             "compression": str(comp.name),
             "topk-fraction": float(comp.topk_fraction),

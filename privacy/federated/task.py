@@ -127,6 +127,14 @@ def update_norm(delta: Mapping[str, np.ndarray]) -> float:
 
 
 # --------------------------------------------------------------------------- local training / evaluation
+def build_local_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"local optimizer {name!r}: expected sgd | adam")
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -135,11 +143,16 @@ def train_local(
     epochs: int = 1,
     steps: Optional[int] = None,
     lr: float = 0.05,
+    optimizer: str = "sgd",
     dp: Optional[LocalDP] = None,
     prox_mu: float = 0.0,
     global_params: Optional[Mapping[str, np.ndarray]] = None,
 ) -> dict[str, float]:
-    """Local SGD (DP-SGD when `dp` is given) for `epochs`, or exactly `steps` steps if set.
+    """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
+
+    The optimiser is created here, so its state (Adam's moments) lives for one
+    round on one client and never travels; under DP it only post-processes the
+    noised gradient, so the guarantee is the same as DP-SGD's.
 
     FedProx: the proximal term mu/2 ||w - w_global||^2 is applied as its exact
     gradient step, w -= lr * mu * (w - w_global), after each optimiser step,
@@ -152,7 +165,7 @@ def train_local(
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     anchors = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trainable} if prox_mu > 0 else {}
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(list(trainable.values()), lr=lr)
+    optimizer = build_local_optimizer(optimizer, list(trainable.values()), lr)
     run_model, run_loader = model, loader
     if dp is not None:
         from privacy.dp import dp_step_on_empty_batch
