@@ -76,3 +76,33 @@ def test_incomplete_stage_without_metrics_is_reported_not_dropped(tmp_path):
 def test_pareto_front_low_wer_high_eer():
     pts = [(5.0, 10.0), (6.0, 40.0), (7.0, 30.0), (9.0, 45.0)]
     assert sorted(pareto_front(pts)) == [0, 1, 3]
+
+
+def fl_config(fed: str, dp: str, eps: float, compression: str = "none", rounds: int = 10):
+    return {"seed": 1, "data": {"name": "synthgrid", "tokenizer": "word"}, "model": {"name": "wav2vec2_tiny"},
+            "adapter": {"name": "none"}, "masks": {"name": "none"}, "loss": {"name": "ctc"},
+            "federated": {"name": fed, "num_rounds": rounds, "local_steps": 20},
+            "dp": {"name": dp, "target_epsilon": eps}, "compression": {"name": compression}}
+
+
+def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
+    runs = tmp_path / "runs"
+    for name, (fed, dp, eps, comp, wer, rounds) in {
+        "central": ("none", "none", 8.0, "none", 0.500, 10),
+        "fl": ("fedavg", "none", 8.0, "none", 0.510, 10),
+        "e1": ("fedavg", "local", 1.0, "none", 0.900, 10),
+        "e3": ("fedavg", "local", 3.0, "none", 0.515, 10),
+        "e8": ("fedavg", "local", 8.0, "none", 0.505, 10),
+        "e8-int8": ("fedavg", "local", 8.0, "int8", 0.600, 10),
+        "demo": ("fedavg", "local", 8.0, "none", 0.990, 2),  # another budget: its own row, not a second seed
+    }.items():
+        write_stage(runs / name / "s1", "federated", fl_config(fed, dp, eps, comp, rounds),
+                    {"wer": wer, "cer": wer / 2, "epsilon/max": eps if dp != "none" else 0.0, "test_loss": 2.0,
+                     "bytes_per_client_round": 1000.0, "compression_ratio": 1.0})
+    text = make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "fl_dp.md").read_text().splitlines() if line.startswith("| wav2vec2")]
+    assert len(rows) == 7
+    assert sum("local DP ε=8.0, 10x20 steps" in r for r in rows) == 1 and sum("2x20 steps" in r for r in rows) == 1
+    assert "FL + local DP, compression none: smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text
+    assert "FL + local DP, compression int8: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
+    assert "2x20 steps, FL + local DP" not in text  # no centralised baseline with that budget: no claim
