@@ -309,6 +309,41 @@ def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
+    """Per-round federated evaluation (clients' held-out utterances) of every FL run: CTC loss and WER."""
+    curves = []
+    for run in runs:
+        rounds_file = run.run_dir / "federated" / "federated_rounds.json"
+        if "federated:wer" not in run.metrics or not rounds_file.is_file():
+            continue
+        rounds = [r for r in json.loads(rounds_file.read_text()).get("rounds", []) if r.get("eval")]
+        if rounds:
+            curves.append((_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
+                           [100 * r["eval"]["eval_wer"] for r in rounds]))
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, x, loss, wer in sorted(curves):
+        line, = ax_loss.plot(x, loss, "o-", ms=3, label=label)
+        ax_wer.plot(x, wer, "o-", ms=3, color=line.get_color())
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("CTC loss (clients' held-out utterances)")
+    ax_wer.set_xlabel("round")
+    ax_wer.set_ylabel("WER % (clients' held-out utterances)")
+    ax_loss.legend(fontsize=6)
+    fig.suptitle("Federated evaluation per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
 def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     from training.metrics import det_curve, plot_det_curve
 
@@ -356,6 +391,8 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "") -> str:
             plots.append(f"privacy_utility_{scenario}.png")
     if plot_epsilon_wer(runs, out_dir / "epsilon_wer.png"):
         plots.append("epsilon_wer.png")
+    if plot_federated_rounds(runs, out_dir / "federated_rounds.png"):
+        plots.append("federated_rounds.png")
     if plot_det_overlay(runs, out_dir / "det_overlay.png"):
         plots.append("det_overlay.png")
     if plots:

@@ -99,7 +99,11 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
         write_stage(runs / name / "s1", "federated", fl_config(fed, dp, eps, comp, rounds),
                     {"wer": wer, "cer": wer / 2, "epsilon/max": eps if dp != "none" else 0.0, "test_loss": 2.0,
                      "bytes_per_client_round": 1000.0, "compression_ratio": 1.0})
+        if fed != "none":
+            rounds_log = {"rounds": [{"server_round": i, "eval": {"eval_loss": 4.0 / i, "eval_wer": 1.0 - wer / i}} for i in (1, 2, 3)]}
+            (runs / name / "s1" / "federated" / "federated_rounds.json").write_text(json.dumps(rounds_log))
     text = make_tables(runs, tmp_path / "out")
+    assert (tmp_path / "out" / "federated_rounds.png").stat().st_size > 1000
     rows = [line for line in (tmp_path / "out" / "fl_dp.md").read_text().splitlines() if line.startswith("| wav2vec2")]
     assert len(rows) == 7
     assert sum("local DP ε=8.0, 10x20 steps" in r for r in rows) == 1 and sum("2x20 steps" in r for r in rows) == 1
