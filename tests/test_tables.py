@@ -110,3 +110,13 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
     assert "FL + local DP, compression none: smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text
     assert "FL + local DP, compression int8: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
     assert "2x20 steps, FL + local DP" not in text  # no centralised baseline with that budget: no claim
+
+
+def test_where_selects_runs_by_config_value(tmp_path):
+    import pytest
+
+    make_runs(tmp_path / "runs")
+    text = make_tables(tmp_path / "runs", tmp_path / "out", where=["masks.name=both"])
+    assert "masks=both" in text and "masks=none" not in text and "--where masks.name=both" in text
+    with pytest.raises(ValueError, match="expected dotted.key=value"):
+        make_tables(tmp_path / "runs", tmp_path / "out", where=["masks.name"])
