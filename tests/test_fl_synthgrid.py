@@ -168,6 +168,8 @@ def test_startup_errors_name_the_problem_before_any_audio_is_read(corpus, tmp_pa
         run_federated_task(_cfg(corpus, runs, "dp=central", "federated=none"))
     with pytest.raises(ValueError, match="trains Wav2Vec2 only"):
         run_federated_task(_cfg(corpus, runs, "model=avhubert_tiny", "dp=local"))
+    with pytest.raises(ValueError, match="federated.local_optimizer='adamw': expected one of sgd | adam"):
+        run_federated_task(_cfg(corpus, runs, "federated.local_optimizer=adamw"))
 
 
 def test_client_partitions_hold_whole_speakers_and_batches_pad_labels_with_minus_100(corpus):

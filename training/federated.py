@@ -120,6 +120,10 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"federated.num_rounds={fed.num_rounds} and federated.num_clients={fed.num_clients} must be >= 1")
     if dp.name not in ("none", "local", "central"):
         raise ValueError(f"dp={dp.name!r}: expected none | local | central")
+    from privacy.federated.settings import LOCAL_OPTIMIZERS
+
+    if fed.local_optimizer not in LOCAL_OPTIMIZERS:
+        raise ValueError(f"federated.local_optimizer={fed.local_optimizer!r}: expected one of {' | '.join(LOCAL_OPTIMIZERS)}")
     if dp.name == "central" and fed.name == "none":
         raise DPPlanError("dp=central is user-level DP of a federation (server-side clipping + noise); with federated=none use dp=local (DP-SGD)")
     if dp.name == "local" and dp.grad_sample_mode != "hooks":
