@@ -11,7 +11,7 @@ makes the Flower ClientApp / ServerApp (privacy/federated) train a
   never trained on;
 * a batch is a dict of tensors only: ``input_values (B, N)`` float waveforms
   (16 kHz, zero-mean / unit-variance per utterance, zero-padded),
-  ``attention_mask (B, N)`` long and ``labels (B, L)`` CharTokenizer ids padded
+  ``attention_mask (B, N)`` long and ``labels (B, L)`` token ids (char or word) padded
   with -100 (as Hugging Face's CTC loss expects). Transcripts are recovered from
   ``labels`` for WER, so no string has to travel inside a batch either. Only
   tensors keeps Opacus' Poisson loader able to build an empty batch.
