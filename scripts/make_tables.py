@@ -319,7 +319,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         rounds = [r for r in json.loads(rounds_file.read_text()).get("rounds", []) if r.get("eval")]
         if rounds:
             curves.append((_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
-                           [100 * r["eval"]["eval_wer"] for r in rounds]))
+                           [100 * r["eval"]["eval_wer"] for r in rounds], run.axis("dp.name")))
     if not curves:
         return False
     import matplotlib
@@ -327,18 +327,22 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for label, x, loss, wer in sorted(curves):
-        line, = ax_loss.plot(x, loss, "o-", ms=3, label=label)
-        ax_wer.plot(x, wer, "o-", ms=3, color=line.get_color())
+    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(14, 4.8))
+    style = {"local": "--", "central": ":"}  # line style = kind of DP, colour = run
+    colours = plt.cm.tab20.colors
+    for i, (label, x, loss, wer, dp) in enumerate(sorted(curves)):
+        kwargs = dict(ls=style.get(dp, "-"), marker="o", ms=3, color=colours[i % len(colours)])
+        ax_loss.plot(x, loss, label=label, **kwargs)
+        ax_wer.plot(x, wer, **kwargs)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("CTC loss (clients' held-out utterances)")
     ax_wer.set_xlabel("round")
     ax_wer.set_ylabel("WER % (clients' held-out utterances)")
-    ax_loss.legend(fontsize=6)
-    fig.suptitle("Federated evaluation per round")
-    fig.tight_layout()
+    ax_wer.set_ylim(0, 200)  # above 100 % only insertions grow; the loss panel keeps the full range
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.suptitle("Federated evaluation per round (solid: no DP, dashed: local DP, dotted: central DP)")
+    fig.subplots_adjust(left=0.05, right=0.7, wspace=0.25)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return True
