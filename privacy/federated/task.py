@@ -159,7 +159,8 @@ def train_local(
     not through the loss. Under DP-SGD this matters: Opacus builds the update
     from per-sample gradients only, so a data-independent term in the loss would
     be silently dropped; as a separate step it is post-processing (no privacy
-    cost) and identical to the loss term for plain SGD.
+    cost) and identical to the loss term for plain SGD. With Adam the proximal step
+    stays this plain step (Adam does not rescale it), so mu means the same with both.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
