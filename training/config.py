@@ -348,6 +348,15 @@ def _run_tags(*parts: Any) -> str:
     return "-".join(kept) if kept else "base"
 
 
+def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
+    """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
+    baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
+    if str(family) != "wav2vec2":
+        return "none"
+    per_round = f"{local_steps}" if local_steps not in (None, 0) else f"e{local_epochs}"
+    return f"b{rounds}x{per_round}"
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -355,6 +364,8 @@ def register() -> None:
         cs.store(group="schema", name=group, node=schema)
     if not OmegaConf.has_resolver("run_tags"):
         OmegaConf.register_new_resolver("run_tags", _run_tags)
+    if not OmegaConf.has_resolver("budget_tag"):
+        OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
