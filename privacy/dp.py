@@ -426,7 +426,6 @@ def make_private_local(
     return private_model, private_optimizer, private_loader, noise_multiplier
 
 
-# --------------------------------------------------------------------------- central DP
 def dp_step_on_empty_batch(optimizer) -> None:
     """The DP-SGD step for a Poisson batch that drew no example: pure noise, applied and accounted.
 
@@ -443,6 +442,7 @@ def dp_step_on_empty_batch(optimizer) -> None:
     optimizer.step()
 
 
+# --------------------------------------------------------------------------- central DP
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of all tensors of an update flattened into one vector."""
     if not update:

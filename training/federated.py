@@ -241,10 +241,10 @@ def _tokenizer(cfg: DictConfig):
     return make_tokenizer(str(cfg.data.tokenizer), cfg.data.dir)
 
 
-def _test_loader(cfg: DictConfig):
+def _test_loader(cfg: DictConfig, tokenizer):
     from privacy.federated.synthgrid_task import WaveformCTCDataset, collate_waveforms, load_split
 
-    _, _, waves, targets = load_split(cfg.data.dir, str(cfg.eval.split), _tokenizer(cfg))
+    _, _, waves, targets = load_split(cfg.data.dir, str(cfg.eval.split), tokenizer)
     return DataLoader(WaveformCTCDataset(waves, targets), batch_size=16, collate_fn=collate_waveforms)
 
 
@@ -281,7 +281,8 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     run_config = _run_config(cfg, out_dir, strategy="fedavg")
     task = wav2vec2_synthgrid_task(run_config)
     generator = seed_everything(int(cfg.seed))
-    speakers, _, waves, targets = load_split(cfg.data.dir, "train", _tokenizer(cfg))
+    tokenizer = _tokenizer(cfg)
+    speakers, _, waves, targets = load_split(cfg.data.dir, "train", tokenizer)
     idx = centralised_indices(speakers, int(cfg.federated.num_clients), int(cfg.seed), _eval_utterances())
     loader = DataLoader(WaveformCTCDataset([waves[i] for i in idx], [targets[i] for i in idx]), batch_size=int(cfg.trainer.batch_size),
                         shuffle=True, generator=generator, collate_fn=collate_waveforms)
@@ -303,7 +304,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
         eps = session.epsilon(delta)
         metrics.update({"epsilon/max": eps, "epsilon/client_0": eps, "noise_multiplier": session.noise_multiplier})
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / len(loader), session.accountant.steps, eps))
-    result = evaluate_transcripts(model, _test_loader(cfg), _tokenizer(cfg))
+    result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
     metrics.update(wer=result["wer"], cer=result["cer"], test_loss=result["loss"], test_utterances=result["utterances"])
     return metrics
 
@@ -331,7 +332,8 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
     model = wav2vec2_synthgrid_task(run_config).build_model()
     load_federated_state(model, summary["final_state"])
-    result = evaluate_transcripts(model, _test_loader(cfg), _tokenizer(cfg))
+    tokenizer = _tokenizer(cfg)
+    result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
 
     entries = [c for r in summary["rounds"] for c in r["clients"]]
     per_client_eps: dict[int, float] = {}
