@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo checkpoints test test-slow bench clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -17,6 +17,11 @@ $(STAMP): requirements.txt
 ## make demo: the whole pipeline on the embedded SynthGRID corpus (data -> pretrain -> finetune -> attack -> FL+DP -> table)
 demo: $(STAMP)
 	$(PY) -m scripts.demo
+
+## make checkpoints: regenerate the shipped starting checkpoint + model card (checkpoints/; ~1 h on 2 cores)
+checkpoints: $(STAMP)
+	$(PY) -m data.prepare
+	$(PY) train_avhubert.py experiment=starting_checkpoint task=build_checkpoint
 
 ## make test: the fast test suite
 test: $(STAMP)

@@ -73,7 +73,8 @@ def pretrained_dir(cfg: DictConfig) -> Path:
 
 
 FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
-                           "modality_dropout", "audio_dropout")
+                           "modality_dropout", "audio_dropout", "finetune_modality_dropout", "dropout_input",
+                           "feature_grad_mult")
 
 
 def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
@@ -81,20 +82,34 @@ def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
 
     Architecture comes from the checkpoint; dropout rates come from the config,
     since fine-tuning regularises differently from pretraining. A fine-tuned
-    checkpoint's CTC head is dropped: our vocabulary is our own.
+    checkpoint's CTC head is returned in info["ctc_head"] (with its dictionary in
+    info["dictionaries"]); `build_system` reuses it only when the vocabularies agree.
+    A checkpoint with a model card (the shipped one) must match the card's sha256.
     """
+    from training.starting_checkpoint import REGENERATE, StartingCheckpointError, verify_starting_checkpoint
+
     path = cfg.model.checkpoint
     if path is None:
         log.warning("model.checkpoint is null: %s starts from random weights", cfg.model.name)
         return AVHubertModel(avhubert_config(cfg)), {"source": "random"}
     if not Path(path).exists():
         raise FileNotFoundError(
-            f"model.checkpoint={path} does not exist. For the embedded model create it with "
-            f"`python train_avhubert.py task=pretrain model={cfg.model.name}`; for real weights point "
+            f"model.checkpoint={path} does not exist. For the shipped starting checkpoint regenerate it with "
+            f"`{REGENERATE}`; for a pretrained-only embedded model `python train_avhubert.py task=pretrain` "
+            "(then model.checkpoint=<pretrained_dir>/<model>/iter1/checkpoint_last.pt); for real weights point "
             "model.checkpoint at a fairseq .pt or a Hugging Face AV-HuBERT directory."
         )
-    loaded, info = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    verify_starting_checkpoint(path)
+    try:
+        loaded, info = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    except Exception as exc:
+        from training.starting_checkpoint import card_paths
+
+        if card_paths(path)[0].is_file():  # the shipped checkpoint: say how to get a good one back
+            raise StartingCheckpointError(f"{path}: cannot load the checkpoint ({exc}). Regenerate it with `{REGENERATE}`") from exc
+        raise
     if isinstance(loaded, AVHubertForCTC):
+        info["ctc_head"] = {k: v.detach().clone() for k, v in loaded.ctc_proj.state_dict().items()}
         loaded = loaded.avhubert
     arch = loaded.cfg.to_dict()
     arch.update({k: cfg.model[k] for k in FINETUNE_REGULARISATION})
@@ -131,38 +146,95 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
 
 
 # --------------------------------------------------------------------------- pretrain
-def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
-    """Iteration-1 targets: k-means on MFCCs of the public split, cached as public.km."""
-    from data.io import read_wav
-    from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39, read_km, write_km
+PRETRAIN_RECIPE = ("masking_type", "mask_prob_audio", "mask_length_audio", "mask_prob_image", "mask_length_image",
+                   "modality_dropout", "audio_dropout", "feature_grad_mult", "dropout", "attention_dropout",
+                   "activation_dropout", "dropout_input", "dropout_features", "encoder_layerdrop")
 
-    km_path = out_dir / "public.km"
+
+def pretrain_model_config(cfg: DictConfig) -> AVHubertConfig:
+    """The model group's architecture with the pretraining recipe's fields (conf/pretrain/iter*.yaml)."""
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    values.update({k: cfg.pretrain[k] for k in PRETRAIN_RECIPE})
+    values["num_classes"] = int(cfg.pretrain.kmeans_clusters) + 4  # + fairseq's bos/pad/eos/unk rows
+    return AVHubertConfig.from_dict(values)
+
+
+def pretrain_out_dir(cfg: DictConfig) -> Path:
+    return pretrained_dir(cfg) / f"iter{int(cfg.pretrain.iteration)}"
+
+
+def _mfcc_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndarray]:
+    """Iteration 1: k-means on 39-d MFCCs (100 Hz) of the pretraining split; every 4th label kept."""
+    from data.io import read_wav
+    from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39
+
+    log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(dataset.utterances))
+    feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
+    km = fit_kmeans(feats, k, seed=cfg.seed)
+    return [labels_at_feature_rate(assign_labels(km, f), u.n_frames) for f, u in zip(feats, dataset.utterances)]
+
+
+@torch.no_grad()
+def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndarray]:
+    """Iteration >= 2 (HuBERT's recipe): k-means on the output of encoder layer `target_layer` of the
+    previous iteration's model, audio-visual, unmasked, eval mode; one label per 25 Hz frame."""
+    from data.targets import assign_labels, fit_kmeans
+
+    path = cfg.pretrain.target_checkpoint
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"pretrain.target_checkpoint={path}: iteration {cfg.pretrain.iteration} clusters the features of the previous "
+            "iteration's model; create it with `python train_avhubert.py task=pretrain pretrain=iter1` "
+            "(or point pretrain.target_checkpoint at a pretrained checkpoint)")
+    loaded, _ = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    teacher = loaded.avhubert if isinstance(loaded, AVHubertForCTC) else loaded
+    layer = int(cfg.pretrain.target_layer)
+    if not 1 <= layer <= teacher.cfg.encoder_layers:
+        raise ValueError(f"pretrain.target_layer={layer}: expected 1..{teacher.cfg.encoder_layers} (encoder layers of {path})")
+    teacher.eval()
+    feats: dict[str, np.ndarray] = {}
+    eval_ds = make_dataset(cfg, dataset.split, None)
+    for batch in build_dataloader(eval_ds, "bucket", batch_size=8, seed=0, num_workers=0, train=False):
+        out = teacher(batch["audio"], batch["video"], batch["padding_mask"], output_hidden_states=True)
+        hidden = out.hidden_states[layer]  # index 0 is the encoder input
+        for i, uid in enumerate(batch["ids"]):
+            feats[uid] = hidden[i, : int(batch["lengths"][i])].numpy()
+    ordered = [feats[u.id] for u in dataset.utterances]
+    log.info("pretrain: k-means (k=%d) on layer-%d features of %s (%d utterances)", k, layer, path, len(ordered))
+    km = fit_kmeans(ordered, k, seed=cfg.seed)
+    return [assign_labels(km, f) for f in ordered]
+
+
+def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
+    """Cluster ids per utterance at 25 Hz, cached as <split>.km in the iteration's directory."""
+    from data.targets import labels_at_feature_rate, read_km, write_km
+
+    km_path = out_dir / f"{dataset.split}.km"
     ids = [u.id for u in dataset.utterances]
     if km_path.is_file():
         labels = read_km(km_path, expected=len(ids))
     else:
-        log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(ids))
-        feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
-        km = fit_kmeans(feats, k, seed=cfg.seed)
-        labels = [assign_labels(km, f) for f in feats]
+        labels = _mfcc_targets(cfg, dataset, k) if int(cfg.pretrain.iteration) == 1 else _feature_targets(cfg, dataset, k)
         write_km(km_path, labels)
-    return {uid: labels_at_feature_rate(lab, u.n_frames) for uid, lab, u in zip(ids, labels, dataset.utterances)}
+    return {uid: lab if len(lab) == u.n_frames else labels_at_feature_rate(lab, u.n_frames)
+            for uid, lab, u in zip(ids, labels, dataset.utterances)}
 
 
 def pretrain(cfg: DictConfig) -> dict:
-    """Masked prediction of MFCC cluster ids on the public split (AV-HuBERT iteration 1)."""
+    """Masked prediction of cluster ids on the pretraining split: one HuBERT iteration (conf/pretrain/)."""
     if cfg.model.family != "avhubert":
         raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
-    out_dir = pretrained_dir(cfg)
+    out_dir = pretrain_out_dir(cfg)
     with Stage(cfg, "pretrain", directory=out_dir) as stage:
         gen = seed_everything(cfg.seed)
-        dataset = make_dataset(cfg, "public", train=True)
-        model_cfg = avhubert_config(cfg)
+        tc = cfg.pretrain
+        dataset = make_dataset(cfg, tc.split, train=True)
+        model_cfg = pretrain_model_config(cfg)
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
         model = AVHubertModel(model_cfg)
-        tc = cfg.pretrain
         loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        pen_weight = float(tc.features_pen_weight)
 
         def step_fn(m, batch):
             frames = batch["audio"].shape[-1]
@@ -170,7 +242,8 @@ def pretrain(cfg: DictConfig) -> dict:
             for i, uid in enumerate(batch["ids"]):
                 lab = torch.from_numpy(targets[uid][:frames])
                 tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
-            return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen)
+            return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen,
+                                      features_pen_weight=pen_weight)
 
         optimizer, scheduler = optimizer_and_scheduler_from_config(model.named_parameters(), tc)
         logger = make_logger(cfg, out_dir)
@@ -178,24 +251,34 @@ def pretrain(cfg: DictConfig) -> dict:
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
                        generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
         logger.close()
+        label_rate = 100 if int(tc.iteration) == 1 else cfg.data.fps
         ckpt = save_avhubert_checkpoint(
             out_dir / "checkpoint_last.pt", model,
-            extra={"task": {"labels": ["km"], "label_rate": 100, "sample_rate": cfg.data.fps, "stack_order_audio": cfg.data.stack_order_audio,
+            extra={"task": {"labels": ["mfcc" if label_rate == 100 else "km"], "label_rate": label_rate, "sample_rate": cfg.data.fps,
+                            "stack_order_audio": cfg.data.stack_order_audio,
                             "image_crop_size": cfg.data.crop_size, "image_mean": cfg.data.image_mean, "image_std": cfg.data.image_std,
-                            "fine_tuning": False, "corpus": cfg.data.name, "split": "public"}},
+                            "fine_tuning": False, "corpus": cfg.data.name, "split": tc.split, "iteration": int(tc.iteration)}},
         )
         stage.metrics.update({f"pretrain/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             utterances=len(dataset), **count_parameters(model), **dataset.skips.report())
-        log.info("pretrained %s -> %s", cfg.model.name, ckpt)
+                             utterances=len(dataset), iteration=int(tc.iteration), **count_parameters(model),
+                             **dataset.skips.report())
+        log.info("pretrained %s (iteration %d) -> %s", cfg.model.name, int(tc.iteration), ckpt)
         return stage.metrics
 
 
 # --------------------------------------------------------------------------- finetune
-def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
+def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] = None) -> tuple[MaskedAVSR, Any]:
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
+    if cfg.model.reuse_ctc_head and "ctc_head" in info:
+        checkpoint_symbols = (info.get("dictionaries") or [None])[0]
+        if symbols is not None and checkpoint_symbols == list(symbols):
+            asr.ctc_proj.load_state_dict(info["ctc_head"])
+            log.info("CTC head initialised from %s (same %d-symbol vocabulary)", cfg.model.checkpoint, len(symbols))
+        else:
+            log.info("CTC head of %s not reused: its vocabulary differs from this run's tokenizer", cfg.model.checkpoint)
     if cfg.model.freeze_frontends:
         freeze_frontends(asr)
     m = cfg.masks
@@ -260,7 +343,7 @@ def finetune(cfg: DictConfig) -> dict:
         train_texts = [u.text for u in read_split(cfg.data.dir, "train")]
         tokenizer = tokenizer_for_run(cfg, train_texts)
         tc = cfg.trainer
-        system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
+        system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size, getattr(tokenizer, "symbols", None))
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
         train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities, cache_items=cache_video)
@@ -328,7 +411,7 @@ def load_finetuned(cfg: DictConfig):
             f"`python train_avhubert.py task=finetune <the same overrides>` (run dir {cfg.paths.run_dir})"
         )
     tokenizer = tokenizer_for_run(cfg)
-    system, _, mask_gen = build_system(cfg, tokenizer.vocab_size)
+    system, _, mask_gen = build_system(cfg, tokenizer.vocab_size, getattr(tokenizer, "symbols", None))
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     system.load_state_dict(state)
     system.eval()

@@ -21,7 +21,7 @@ from training import ddp
 
 log = logging.getLogger(__name__)
 
-ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
+ASR_TASKS = ("pretrain", "finetune", "evaluate", "export", "build_checkpoint")
 
 
 def _finished(stage_dir: Path) -> dict | None:
@@ -66,8 +66,12 @@ def run_asr_task(cfg: DictConfig):
         raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
     from training import asr
 
+    if cfg.task == "build_checkpoint":
+        from training.starting_checkpoint import build_starting_checkpoint
+
+        return _objective(build_starting_checkpoint(cfg), "starting_checkpoint/wer/audio_video/clean")
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
+        done = _skip_if_done(cfg, asr.pretrain_out_dir(cfg))
         return _objective(done or asr.pretrain(cfg), "pretrain/loss")
     stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
