@@ -164,14 +164,15 @@ def pretrain_out_dir(cfg: DictConfig) -> Path:
 
 
 def _mfcc_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndarray]:
-    """Iteration 1: k-means on 39-d MFCCs (100 Hz) of the pretraining split; every 4th label kept."""
+    """Iteration 1: k-means on 39-d MFCCs of the pretraining split; labels at 100 Hz, as the original's
+    label files (every 4th is used at the model's 25 Hz, `_cluster_targets`)."""
     from data.io import read_wav
-    from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39
+    from data.targets import assign_labels, fit_kmeans, mfcc_39
 
     log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(dataset.utterances))
     feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
     km = fit_kmeans(feats, k, seed=cfg.seed)
-    return [labels_at_feature_rate(assign_labels(km, f), u.n_frames) for f, u in zip(feats, dataset.utterances)]
+    return [assign_labels(km, f) for f in feats]
 
 
 @torch.no_grad()
@@ -206,7 +207,8 @@ def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.n
 
 
 def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
-    """Cluster ids per utterance at 25 Hz, cached as <split>.km in the iteration's directory."""
+    """Cluster ids per utterance at 25 Hz, cached as <split>.km in the iteration's directory
+    (iteration 1: 100 Hz MFCC labels, subsampled here; later iterations: 25 Hz feature labels)."""
     from data.targets import labels_at_feature_rate, read_km, write_km
 
     km_path = out_dir / f"{dataset.split}.km"
@@ -230,7 +232,9 @@ def pretrain(cfg: DictConfig) -> dict:
         tc = cfg.pretrain
         dataset = make_dataset(cfg, tc.split, train=True)
         model_cfg = pretrain_model_config(cfg)
+        t_targets = time.time()
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
+        targets_seconds = time.time() - t_targets  # k-means (or reading the cached <split>.km)
         model = AVHubertModel(model_cfg)
         loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -261,7 +265,8 @@ def pretrain(cfg: DictConfig) -> dict:
         )
         stage.metrics.update({f"pretrain/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             utterances=len(dataset), iteration=int(tc.iteration), **count_parameters(model),
+                             utterances=len(dataset), iteration=int(tc.iteration), targets_seconds=targets_seconds,
+                             **count_parameters(model),
                              **dataset.skips.report())
         log.info("pretrained %s (iteration %d) -> %s", cfg.model.name, int(tc.iteration), ckpt)
         return stage.metrics

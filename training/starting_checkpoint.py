@@ -248,6 +248,7 @@ def build_starting_checkpoint(cfg: DictConfig) -> dict:
     for iteration in range(1, int(sc.iterations) + 1):
         previous, metrics = _pretrain_iteration(cfg, iteration, previous)
         pretrain_metrics.append({"iteration": iteration, "steps": metrics.get("steps"), "seconds": metrics.get("seconds"),
+                                 "targets_seconds": metrics.get("targets_seconds"),
                                  "loss": metrics.get("pretrain/train/loss"), "acc_masked": metrics.get("pretrain/train/acc_masked")})
     stage_dir = Path(cfg.paths.pretrained_dir) / cfg.model.name / "finetune_public"
     with Stage(cfg, "finetune_public", directory=stage_dir) as stage:
@@ -288,6 +289,8 @@ def build_starting_checkpoint(cfg: DictConfig) -> dict:
                        "batch_size": int(sc.finetune.batch_size), "final_train_ctc": ft["train/ctc"],
                        "frozen": "front-ends (audio projection, video ResNet + projection)"},
         "heldout_wer_clean": {k.split("/")[1]: round(100 * v, 2) for k, v in ft.items() if k.startswith("wer/")},
+        # this invocation (split, any pretraining not already done, fine-tuning, evaluation, save); the
+        # pretraining rows above give each iteration's own time, also when an earlier invocation ran it
         "wall_seconds": round(time.time() - t_start, 1),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
     }
@@ -300,8 +303,11 @@ def write_card(checkpoint: Path, card: dict) -> None:
     card_json, card_md = card_paths(checkpoint)
     atomic_write_text(card_json, json.dumps(card, indent=1) + "\n")
     wer = card["heldout_wer_clean"]
-    pre = "\n".join(f"| {p['iteration']} | {p['steps']} | {p['seconds'] and round(p['seconds'])} s | {p['loss']} | {p['acc_masked']} |"
-                    for p in card["pretraining"])
+    def _r(value, digits=0):
+        return "-" if value is None else round(value, digits) if digits else round(value)
+
+    pre = "\n".join(f"| {p['iteration']} | {p['steps']} | {_r(p.get('targets_seconds'))} s | {_r(p['seconds'])} s | "
+                    f"{_r(p['loss'], 3)} | {_r(p['acc_masked'], 3)} |" for p in card["pretraining"])
     md = f"""# Model card: `{card['checkpoint']}`
 
 <!-- written by `python train_avhubert.py task=build_checkpoint`; do not edit by hand -->
@@ -321,12 +327,12 @@ and CTC-fine-tuned (word units) on SynthGRID's **public** split: the embedded an
 | fit speakers | {len(card['data']['fit_speakers'])} ({card['data']['fit_speakers'][0]}..{card['data']['fit_speakers'][-1]}), {card['data']['fit_utterances']} utterances |
 | held-out public speakers | {', '.join(card['data']['heldout_speakers'])} ({card['data']['heldout_utterances']} utterances) |
 | fine-tuning | {card['finetuning']['steps']} steps, batch {card['finetuning']['batch_size']}, lr {card['finetuning']['lr']}, {card['finetuning']['seconds']} s; frozen: {card['finetuning']['frozen']} |
-| wall time (whole pipeline) | {card['wall_seconds']} s on {card['machine']} |
+| wall time | this `build_checkpoint` invocation {card['wall_seconds']} s, plus pretraining as in the table below; {card['machine']} |
 
 Pretraining (one row per HuBERT iteration; recipe `{json.dumps(card['pretrain_recipe'])}`):
 
-| iteration | steps | time | final loss | masked accuracy |
-|---|---|---|---|---|
+| iteration | steps | k-means targets | training | final loss | masked accuracy |
+|---|---|---|---|---|---|
 {pre}
 
 Greedy-decoding WER (%) on the held-out public speakers, clean:
