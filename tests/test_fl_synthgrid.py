@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.io import write_wav
+from data.media import write_wav
 from data.manifest import Utterance, write_split
 from training.config import PROJECT_ROOT
 

@@ -26,19 +26,21 @@ from data.dataset import AVSRDataset, build_dataloader
 from data.tokenizer import build_tokenizer, load_tokenizer
 from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_parameters
 from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
-from models.checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 from privacy.contrastive import ProjectionHead, check_loss_options
 from privacy.masks import build_masks, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
-from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
 from training.loop import loop_kwargs_from_config, train
-from training.metrics import char_error_rate, word_error_rate
+from common.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from training.logging import RunLogger, logger_from_config
+from training.run_logger import RunLogger, logger_from_config
 from training import ddp
-from training.run import Stage, atomic_write, atomic_write_text, seed_everything
+from common.files import atomic_write, atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
 # --------------------------------------------------------------------------- pretrain
 def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
     """Iteration-1 targets: k-means on MFCCs of the public split, cached as public.km."""
-    from data.io import read_wav
+    from data.media import read_wav
     from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39, read_km, write_km
 
     km_path = out_dir / "public.km"

@@ -29,8 +29,10 @@ from data.manifest import read_split, read_trials, manifest_dir
 from data.samplers import BucketBatchSampler
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train
-from training.metrics import det_curve, plot_det_curve, speaker_verification_metrics
-from training.run import Stage, atomic_write_text, seed_everything
+from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from common.files import atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 

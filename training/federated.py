@@ -6,7 +6,7 @@
     python train_avhubert.py experiment=fl_dp federated=none            # DP-only (DP-SGD, one data holder)
     python train_avhubert.py experiment=fl_dp dp=central                # FL + user-level DP
 
-Stages (training.run.Stage):
+Stages (training.stage.Stage):
 
 * ``task=pretrain``: :func:`models.wav2vec2.pretrain_wav2vec2_tiny` on the
   ``public`` split (audio only), written to ``model.checkpoint``
@@ -26,7 +26,7 @@ differs only in where the steps happen and in the averaging.
 the budget, so a sweep cannot accidentally compare unequal budgets.
 
 Evaluation: greedy CTC decoding on the ``test`` split (speakers never seen by
-any client), WER and CER (training.metrics). All checks that can fail on bad
+any client), WER and CER (common.metrics). All checks that can fail on bad
 configuration run before any audio is read (:func:`check_plan`).
 """
 
@@ -188,7 +188,8 @@ def pretrain(cfg: DictConfig) -> dict:
     """Self-supervised wav2vec 2.0 pre-training of the tiny model on the public split (audio only)."""
     from models.wav2vec2 import pretrain_wav2vec2_tiny
     from privacy.federated.synthgrid_task import load_split
-    from training.run import Stage, seed_everything
+    from common.seeding import seed_everything
+    from training.stage import Stage
 
     if not cfg.model.get("checkpoint"):
         raise ValueError(f"task=pretrain with model={cfg.model.name}: model.checkpoint is empty; where should the model go?")
@@ -275,7 +276,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
         wav2vec2_synthgrid_task,
     )
     from privacy.federated.task import train_local
-    from training.run import seed_everything
+    from common.seeding import seed_everything
 
     steps = centralised_steps(cfg, plan["clients"])
     run_config = _run_config(cfg, out_dir, strategy="fedavg")
@@ -385,7 +386,7 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
 def run_federated_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
-    from training.run import Stage
+    from training.stage import Stage
 
     plan = check_plan(cfg)
     if cfg.task == "pretrain":

@@ -46,7 +46,7 @@ def _objective(metrics: dict, key: str) -> float | None:
 
 
 def _dry_run(cfg: DictConfig, name: str) -> None:
-    from training.run import save_config
+    from common.files import save_config
 
     plan = Path(cfg.paths.run_dir) / "plan"
     plan.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def run_asr_task(cfg: DictConfig):
 
         return run_federated_task(cfg)
     if cfg.task not in ASR_TASKS:
-        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
+        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
     from training import asr
 
     if cfg.task == "pretrain":
