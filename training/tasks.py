@@ -1,7 +1,7 @@
 """What each entry-point task does, given a composed config.
 
     train_avhubert.py task=pretrain | finetune | evaluate | export
-        model.family=avhubert  -> training/asr.py (AV-HuBERT + AdaLoRA + masks)
+        model.family=avhubert  -> training/avhubert/ (AV-HuBERT + AdaLoRA + masks; one module per stage)
         model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
@@ -64,11 +64,12 @@ def run_asr_task(cfg: DictConfig):
         return run_federated_task(cfg)
     if cfg.task not in ASR_TASKS:
         raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
-    from training import asr
+    from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
-        return _objective(done or asr.pretrain(cfg), "pretrain/loss")
+        done = _skip_if_done(cfg, pretrain.pretrained_dir(cfg))
+        return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
+    run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,
@@ -80,10 +81,10 @@ def run_asr_task(cfg: DictConfig):
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
             done = _skip_if_done(cfg, run_dir / name)
-            results.update(done or getattr(asr, name)(cfg))
+            results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
     done = _skip_if_done(cfg, stage)
-    return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
+    return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):
