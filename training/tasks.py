@@ -2,7 +2,7 @@
 
     train_avhubert.py task=pretrain | finetune | evaluate | export
         model.family=avhubert  -> training/avhubert/ (AV-HuBERT + AdaLoRA + masks; one module per stage)
-        model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
+        model.family=wav2vec2  -> training/wav2vec2/ (centralised, DP-only, FL, FL + DP; drives the Flower app in privacy/federated)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
 A sweep re-running a finished stage skips it (its status.json says done), so an
@@ -59,9 +59,9 @@ def run_asr_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
-        from training.federated import run_federated_task
+        from training.wav2vec2.finetune import run_wav2vec2_task
 
-        return run_federated_task(cfg)
+        return run_wav2vec2_task(cfg)
     if cfg.task not in ASR_TASKS:
         raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
     from training.avhubert import export, finetune, pretrain
