@@ -15,7 +15,8 @@ from privacy.federated.client_app import handle_train, make_client_app
 from privacy.federated.compression import PAYLOAD_FIELDS, split_payload_key
 from privacy.federated.runner import InProcessGrid, _set_task_identity, run_federated
 from privacy.federated.settings import resolve_run_config
-from privacy.federated.strategy import build_strategy, central_epsilon, validate_update
+from privacy.dp import central_epsilon
+from privacy.federated.strategy import build_strategy, validate_update
 from privacy.federated.task import federated_state, tiny_synthetic_task, train_local
 
 TINY = {"task": "privacy.federated.task:tiny_synthetic_task", "num-rounds": 2, "lr": 0.1, "seed": 3}
