@@ -257,7 +257,8 @@ def test_flower_app_config_and_hydra_config_agree_with_the_run_config_defaults()
 
     from omegaconf import OmegaConf
 
-    from privacy.federated.settings import DEFAULT_RUN_CONFIG, run_config_from_cfg
+    from privacy.federated.settings import DEFAULT_RUN_CONFIG
+    from training.wav2vec2.run_config import run_config_from_cfg
     from training.config import CompressionConfig, DPConfig, FederatedConfig, TrainerConfig
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "privacy/federated/pyproject.toml").read_text())

@@ -74,11 +74,6 @@ class Stage:
     def _status(self, status: str, **extra: Any) -> None:
         atomic_write_text(self.dir / "status.json", json.dumps({"status": status, **extra}) + "\n")
 
-    @property
-    def done(self) -> bool:
-        path = self.dir / "status.json"
-        return path.is_file() and json.loads(path.read_text()).get("status") == "done" and (self.dir / "metrics.json").is_file()
-
     def __enter__(self) -> "Stage":
         if self.writer:
             save_config(self.dir, self.cfg)

@@ -19,18 +19,6 @@ def _steps_per_round(cfg: DictConfig, n_train: int) -> int:
     return _local_steps(cfg) or int(cfg.federated.local_epochs) * math.ceil(n_train / int(cfg.trainer.batch_size))
 
 
-def _task_keys(cfg: DictConfig) -> dict[str, Any]:
-    checkpoint = cfg.model.get("checkpoint")
-    layers = cfg.dp.get("trainable_layers")
-    return {
-        "task-data-dir": str(cfg.data.dir),
-        "task-tokenizer": str(cfg.data.tokenizer),
-        "task-checkpoint": str(checkpoint) if checkpoint else "",
-        "task-trainable-layers": -1 if layers is None else int(layers),
-        "task-train-positional-conv": bool(cfg.dp.get("train_positional_conv", True)),
-    }
-
-
 def _eval_utterances() -> int:
     from privacy.federated.synthgrid_task import DEFAULT_TASK_CONFIG
 
