@@ -5,7 +5,8 @@ keys. The Flower app's defaults live on the Flower side, which runs without
 Hydra (``privacy.federated.settings.DEFAULT_RUN_CONFIG`` for the app,
 ``privacy.federated.synthgrid_task.DEFAULT_TASK_CONFIG`` for the Wav2Vec2 task;
 ``privacy/federated/pyproject.toml`` repeats the first for ``flwr run``). The
-Hydra side's defaults are the schemas of training/config.py. :data:`FROM_HYDRA`
+Hydra side's defaults are the schemas of training/config.py (the conf/ group files
+set only what differs from them). :data:`FROM_HYDRA`
 below is the one place that says which Hydra field feeds which run-config key;
 tests/test_federated.py checks that it covers every Flower setting and that both
 sides' defaults agree wherever they are meant to (:data:`DEFAULTS_DIFFER_ON_PURPOSE`).
@@ -75,7 +76,6 @@ DEFAULTS_DIFFER_ON_PURPOSE = {
     "num-clients": "4 speaker-partitioned clients vs the smoke task's 2",
     "num-rounds": "5 rounds vs the smoke task's 2",
     "lr": "trainer.lr is the fine-tuning learning rate of every model family",
-    "batch-size": "trainer.batch_size is shared with the AV-HuBERT fine-tuning",
     "task-data-dir": "data.dir is always set by the data group; the task has no corpus of its own",
     "task-checkpoint": "model.checkpoint comes from the model group",
 }
