@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 ## make checkpoints: regenerate the shipped starting checkpoint + model card (checkpoints/; ~1 h on 2 cores)
 checkpoints: $(STAMP)
-	$(PY) -m data.prepare
+	$(PY) -m scripts.prepare_data
 	$(PY) train_avhubert.py experiment=starting_checkpoint task=build_checkpoint
 
 ## make test: the fast test suite

@@ -3,7 +3,7 @@
 Every step is one of the README's commands (run as a subprocess with the same
 Python), so what the demo shows is exactly what a user types:
 
-  1. python -m data.prepare experiment=demo                       SynthGRID corpus
+  1. python -m scripts.prepare_data experiment=demo                SynthGRID corpus
   2. python train_avhubert.py experiment=demo                      fine-tune the shipped starting checkpoint
                                                                    (checkpoints/avhubert_tiny_synthgrid.pt), no masks
                                                                    (+ evaluate, export)
@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MASKED = ["masks=both", "loss=ctc_contrastive"]
 
 REBUILD_STEPS: list[tuple[str, list[str]]] = [
-    ("prepare SynthGRID (full public split)", ["-m", "data.prepare"]),
+    ("prepare SynthGRID (full public split)", ["-m", "scripts.prepare_data"]),
     ("starting checkpoint: pretrain + CTC fine-tune on public", ["train_avhubert.py", "experiment=starting_checkpoint",
                                                                 "task=build_checkpoint"]),
 ]
 STEPS: list[tuple[str, list[str]]] = [
-    ("prepare SynthGRID", ["-m", "data.prepare", "experiment=demo"]),
+    ("prepare SynthGRID", ["-m", "scripts.prepare_data", "experiment=demo"]),
     ("fine-tune, no masks", ["train_avhubert.py", "experiment=demo"]),
     ("fine-tune, masks + contrastive", ["train_avhubert.py", "experiment=demo", *MASKED]),
     ("attack: clean features", ["train_speaker_verification.py", "experiment=demo", "attacker.input=clean"]),

@@ -12,13 +12,14 @@ import training.config  # noqa: F401
 from data.synthgrid.grammar import GRID_WORDS
 from data.tokenizer import WordTokenizer
 from models.avhubert import AVHubertModel, avhubert_tiny
-from models.checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 from training.config import PROJECT_ROOT
 from training.starting_checkpoint import (
     REGENERATE,
     StartingCheckpointError,
     card_paths,
+    head_vocabulary,
     load_starting_checkpoint,
     sha256_file,
     verify_starting_checkpoint,
@@ -50,7 +51,7 @@ def test_shipped_checkpoint_matches_its_card_and_loads_strictly():
     assert info["missing"] == [] and info["unexpected"] == [] and info["mismatched"] == []
     assert info["kind"] == "ctc" and info["card"]["sha256"] == card["sha256"]
     # the word dictionary in task_state is the GRID vocabulary with the CTC blank first
-    assert info["dictionaries"][0] == WordTokenizer(GRID_WORDS).symbols == card["vocabulary"]
+    assert head_vocabulary(info) == WordTokenizer(GRID_WORDS).symbols == card["vocabulary"]
     assert model.vocab_size == len(GRID_WORDS) + 1
     # the architecture the model group describes
     cfg = _compose()
@@ -116,7 +117,7 @@ def test_a_checkpoint_without_card_is_loaded_without_a_check(tmp_path):
 
 
 def test_finetuning_refuses_a_tampered_starting_checkpoint_and_reuses_a_matching_head(carded, tmp_path):
-    from training.asr import build_system
+    from training.avhubert.finetune import build_system
 
     path, model = carded
     tok = WordTokenizer(GRID_WORDS)

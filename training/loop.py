@@ -1,4 +1,11 @@
-"""The one training loop every task uses (pretrain, finetune, attacker).
+"""The training loop of the AV-HuBERT stages (pretrain, finetune) and the attacker.
+
+Two loops live below training/ on purpose: the Flower client's local training
+(privacy.federated.task.train_local: a fixed number of DP-SGD steps on a fresh
+optimiser every round, runnable without Hydra on a SuperNode) and wav2vec 2.0
+self-supervised pretraining (models.wav2vec2.pretrain_wav2vec2_tiny: Hugging
+Face's pretraining loss on a plain step count). Neither checkpoints, evaluates
+or logs as this loop does.
 
 A task supplies the model and a `step_fn(model, batch) -> (loss, logs)`; this file
 does the rest, in this order for every batch:
@@ -58,7 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training import ddp
-from training.checkpoint import checkpoint_paths, load_latest_checkpoint, save_checkpoint
+from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +215,7 @@ def train(
     eval_fn        (unwrapped model, step) -> {name: number}; called on rank 0 only,
                    in eval mode under no_grad, logged as "eval/<name>".
     ckpt_dir       where checkpoints go (None: no checkpoints, no resume).
-    logger         a `training.logging.RunLogger` (or None); used on rank 0 only.
+    logger         a `training.run_logger.RunLogger` (or None); used on rank 0 only.
     generators     extra torch.Generators whose state must be resumed (noise, data).
     extra_state    objects with state_dict()/load_state_dict() saved with the
                    checkpoint (e.g. AdaLoRA's rank allocator statistics).

@@ -37,17 +37,19 @@ from data.dataset import build_dataloader
 from data.manifest import read_split, write_split
 from data.tokenizer import WordTokenizer
 from models.avhubert import AVHubertModel, compute_span_mask, freeze_frontends
-from models.checkpoint import CheckpointError, load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import CheckpointError, load_avhubert_checkpoint, save_avhubert_checkpoint
 from models.heads import AVHubertForCTC
-from training.decode import ctc_greedy_decode
+from data.ctc_decode import ctc_greedy_decode
 from training.loop import loop_kwargs_from_config, train
-from training.metrics import word_error_rate
+from common.metrics import word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from training.run import Stage, atomic_write_text, seed_everything
+from common.files import atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
-REGENERATE = ("make checkpoints   (= python -m data.prepare && "
+REGENERATE = ("make checkpoints   (= python -m scripts.prepare_data && "
               "python train_avhubert.py experiment=starting_checkpoint task=build_checkpoint)")
 FIT_SPLIT, HELDOUT_SPLIT = "public_fit", "public_heldout"
 INPUTS = {"audio_video": ("audio", "video"), "audio": ("audio",), "video": ("video",)}
@@ -112,6 +114,19 @@ def load_starting_checkpoint(path: str | Path, expected_format: str = "auto"):
     return model, info
 
 
+FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+
+
+def head_vocabulary(info: dict) -> Optional[list[str]]:
+    """The CTC head's symbols of a loaded checkpoint (its task_state dictionary without fairseq's
+    four specials, which our stand-in Dictionary puts first), or None if it stores no dictionary."""
+    dictionaries = info.get("dictionaries") or []
+    if not dictionaries or dictionaries[0] is None:
+        return None
+    symbols = list(dictionaries[0])
+    return symbols[len(FAIRSEQ_SPECIALS):] if symbols[:len(FAIRSEQ_SPECIALS)] == FAIRSEQ_SPECIALS else symbols
+
+
 # --------------------------------------------------------------------------- data
 def corpus_checksum(data_dir: str | Path, splits: tuple[str, ...]) -> str:
     """sha256 over the manifests of `splits` and the media checksums of their utterances."""
@@ -149,7 +164,7 @@ def split_public(data_dir: str | Path, heldout_speakers: int) -> tuple[list[str]
 # --------------------------------------------------------------------------- fine-tuning
 def _ctc_finetune(cfg: DictConfig, pretrained: Path, tokenizer: WordTokenizer, stage_dir: Path) -> tuple[AVHubertForCTC, dict]:
     """CTC fine-tuning of the whole transformer (front-ends frozen, their video output cached)."""
-    from training.asr import FINETUNE_REGULARISATION, make_dataset, pad_cached, video_feature_cache
+    from training.avhubert.finetune import FINETUNE_REGULARISATION, make_dataset, pad_cached, video_feature_cache
 
     sc = cfg.starting_checkpoint
     tc = sc.finetune
@@ -206,7 +221,7 @@ def _ctc_finetune(cfg: DictConfig, pretrained: Path, tokenizer: WordTokenizer, s
 
 @torch.no_grad()
 def heldout_wer(model: AVHubertForCTC, batches: list, video_cache: dict, tokenizer, inputs: tuple[str, ...]) -> float:
-    from training.asr import pad_cached
+    from training.avhubert.finetune import pad_cached
 
     was_training = model.training
     model.eval()
@@ -222,18 +237,18 @@ def heldout_wer(model: AVHubertForCTC, batches: list, video_cache: dict, tokeniz
 
 # --------------------------------------------------------------------------- the pipeline
 def _pretrain_iteration(cfg: DictConfig, iteration: int, previous: Optional[Path]) -> tuple[Path, dict]:
-    from training import asr
-    from training.tasks import _finished
+    from training.avhubert import pretrain
+    from training.stage import finished_metrics
 
     over = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     over.pretrain.iteration = iteration
     over.pretrain.split = FIT_SPLIT
     if iteration >= 2:
         over.pretrain.target_checkpoint = str(previous)
-    out_dir = asr.pretrain_out_dir(over)
-    metrics = _finished(out_dir) if not cfg.force else None
+    out_dir = pretrain.pretrain_out_dir(over)
+    metrics = finished_metrics(out_dir) if not cfg.force else None
     if metrics is None:
-        metrics = asr.pretrain(over)
+        metrics = pretrain.pretrain(over)
     return out_dir / "checkpoint_last.pt", metrics
 
 
@@ -316,7 +331,7 @@ A tiny AV-HuBERT ({card['model']}, {card['parameters']:,} parameters) pretrained
 and CTC-fine-tuned (word units) on SynthGRID's **public** split: the embedded analogue of the released
 "pretrained + LRS3-fine-tuned" AV-HuBERT the paper starts from. Fairseq `AVHubertCtc` layout
 (`w2v_encoder.w2v_model.*`, `w2v_encoder.proj.*`, word dictionary in `task_state`);
-`models.checkpoint.load_avhubert_checkpoint` reads it.
+`models.avhubert_checkpoint.load_avhubert_checkpoint` reads it.
 
 | field | value |
 |---|---|
@@ -344,5 +359,5 @@ Greedy-decoding WER (%) on the held-out public speakers, clean:
     atomic_write_text(card_md, md)
 
 
-__all__ = ["REGENERATE", "StartingCheckpointError", "build_starting_checkpoint", "card_paths", "corpus_checksum",
+__all__ = ["REGENERATE", "StartingCheckpointError", "build_starting_checkpoint", "card_paths", "corpus_checksum", "head_vocabulary",
            "load_starting_checkpoint", "sha256_file", "split_public", "verify_starting_checkpoint"]

@@ -14,8 +14,8 @@ speaker and transcript) and assigns them to splits; `prepare_corpus` then
 
 Bad input (unreadable/truncated video, no audio stream, missing or malformed transcript,
 trial naming a missing file) raises `CorpusError` naming the file, or with
-`data.on_error=skip` is counted per reason (training.run.SkipCounter), reported at the end
-and in the returned metrics (which `data.prepare` writes to `<data.dir>/prepare/metrics.json`).
+`data.on_error=skip` is counted per reason (common.skips.SkipCounter), reported at the end
+and in the returned metrics (which `data.prepare.prepare` writes to `<data.dir>/prepare/metrics.json`).
 Utterances with too many frames without a face are always skipped and counted
 (`missing_face`), as AV-HuBERT's preparation drops them.
 """
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.io import MediaError, read_video, read_wav, write_video, write_wav
+from data.media import MediaError, check_existing, write_video, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 
 log = logging.getLogger(__name__)
@@ -231,23 +231,6 @@ def video_rel(uid: str) -> str:
     return f"video/{uid}.mp4"
 
 
-def check_existing(out_dir: Path, uid: str, roi_size: int) -> tuple[int, int] | None:
-    """(n_frames, n_samples) if this utterance's wav and mp4 exist, decode and agree; else None."""
-    a, v = out_dir / audio_rel(uid), out_dir / video_rel(uid)
-    if not (a.is_file() and v.is_file()):
-        return None
-    try:
-        n_samples = len(read_wav(a, expected_rate=SAMPLE_RATE))
-        frames = read_video(v, expected_fps=FPS)
-    except MediaError as e:
-        log.info("%s; preparing it again", e)
-        return None
-    if frames.shape[1:] != (roi_size, roi_size) or n_samples != frames.shape[0] * SAMPLES_PER_FRAME:
-        log.info("%s: %s frames and %d samples do not fit together; preparing it again", v, frames.shape, n_samples)
-        return None
-    return frames.shape[0], n_samples
-
-
 def prepare_item(job: tuple[SourceItem, str, RoiSettings, bool]) -> dict[str, Any]:
     """Worker: keep a valid prepared utterance or make it. Never raises (errors are returned)."""
     from data.roi import MissingFaceError, extract_mouth_roi
@@ -256,7 +239,7 @@ def prepare_item(job: tuple[SourceItem, str, RoiSettings, bool]) -> dict[str, An
     out_dir = Path(out_dir_s)
     t0 = time.perf_counter()
     try:
-        kept = None if force else check_existing(out_dir, item.id, roi.size)
+        kept = None if force else check_existing(out_dir / audio_rel(item.id), out_dir / video_rel(item.id), roi.size, SAMPLE_RATE, FPS)
         if kept is not None:
             return {"id": item.id, "status": "kept", "n_frames": kept[0], "n_samples": kept[1]}
         media = decode_media(item.video, item.audio)
@@ -286,7 +269,7 @@ class Problems:
     """`data.on_error`: raise CorpusError at once, or count a skip per reason."""
 
     def __init__(self, corpus: str, on_error: str):
-        from training.run import SkipCounter
+        from common.skips import SkipCounter
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
@@ -390,7 +373,7 @@ def write_corpus(
     meta_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Manifests for every split in SPLITS (missing ones empty), speakers.tsv, trials.txt, meta.json; returns metrics."""
-    from training.run import atomic_write_text, write_metrics
+    from common.files import atomic_write_text, write_metrics
 
     unknown = set(split_items) - set(SPLITS)
     if unknown:

@@ -1,18 +1,16 @@
-"""AV-HuBERT tasks: pretrain, finetune, evaluate, export.
+"""AV-HuBERT fine-tuning (AdaLoRA + masks + contrastive loss) and evaluation, and the builders the
+AV-HuBERT stages share (dataset, logger, pretrained encoder, masked system, fine-tuned system).
 
-Each task reads the composed config, builds data/model/privacy pieces from it,
-and hands a `step_fn` to the one training loop (`training.loop.train`).
-Stage outputs: `<run_dir>/<task>/{metrics.json,config.yaml,status.json,...}`;
-pretraining writes to `<paths.pretrained_dir>/<model.name>/` instead, since
-many fine-tuning runs share one pretrained model.
+Each stage reads the composed config, builds data/model/privacy pieces from it,
+and hands a `step_fn` to the training loop (`training.loop.train`).
+Stage outputs: `<run_dir>/<stage>/{metrics.json,config.yaml,status.json,...}`.
+Pretraining is in training/avhubert/pretrain.py, the export of protected features
+for the attacker in training/avhubert/export.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,19 +24,21 @@ from data.dataset import AVSRDataset, build_dataloader
 from data.tokenizer import build_tokenizer, load_tokenizer
 from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_parameters
 from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
-from models.checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import load_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 from privacy.contrastive import ProjectionHead, check_loss_options
 from privacy.masks import build_masks, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
-from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
 from training.loop import loop_kwargs_from_config, train
-from training.metrics import char_error_rate, word_error_rate
+from common.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from training.logging import RunLogger, logger_from_config
+from training.run_logger import RunLogger, logger_from_config
 from training import ddp
-from training.run import Stage, atomic_write, atomic_write_text, seed_everything
+from common.files import atomic_write, atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
 def make_logger(cfg: DictConfig, directory: Path) -> RunLogger:
     return logger_from_config(cfg.logger, directory, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name,
                               enabled=ddp.is_main())
-
-
-def pretrained_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.pretrained_dir) / cfg.model.name
 
 
 FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
@@ -145,141 +141,15 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
     return out
 
 
-# --------------------------------------------------------------------------- pretrain
-PRETRAIN_RECIPE = ("masking_type", "mask_prob_audio", "mask_length_audio", "mask_prob_image", "mask_length_image",
-                   "modality_dropout", "audio_dropout", "feature_grad_mult", "dropout", "attention_dropout",
-                   "activation_dropout", "dropout_input", "dropout_features", "encoder_layerdrop")
-
-
-def pretrain_model_config(cfg: DictConfig) -> AVHubertConfig:
-    """The model group's architecture with the pretraining recipe's fields (conf/pretrain/iter*.yaml)."""
-    values = OmegaConf.to_container(cfg.model, resolve=True)
-    values.update({k: cfg.pretrain[k] for k in PRETRAIN_RECIPE})
-    values["num_classes"] = int(cfg.pretrain.kmeans_clusters) + 4  # + fairseq's bos/pad/eos/unk rows
-    return AVHubertConfig.from_dict(values)
-
-
-def pretrain_out_dir(cfg: DictConfig) -> Path:
-    return pretrained_dir(cfg) / f"iter{int(cfg.pretrain.iteration)}"
-
-
-def _mfcc_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndarray]:
-    """Iteration 1: k-means on 39-d MFCCs of the pretraining split; labels at 100 Hz, as the original's
-    label files (every 4th is used at the model's 25 Hz, `_cluster_targets`)."""
-    from data.io import read_wav
-    from data.targets import assign_labels, fit_kmeans, mfcc_39
-
-    log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(dataset.utterances))
-    feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
-    km = fit_kmeans(feats, k, seed=cfg.seed)
-    return [assign_labels(km, f) for f in feats]
-
-
-@torch.no_grad()
-def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndarray]:
-    """Iteration >= 2 (HuBERT's recipe): k-means on the output of encoder layer `target_layer` of the
-    previous iteration's model, audio-visual, unmasked, eval mode; one label per 25 Hz frame."""
-    from data.targets import assign_labels, fit_kmeans
-
-    path = cfg.pretrain.target_checkpoint
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"pretrain.target_checkpoint={path}: iteration {cfg.pretrain.iteration} clusters the features of the previous "
-            "iteration's model; create it with `python train_avhubert.py task=pretrain pretrain=iter1` "
-            "(or point pretrain.target_checkpoint at a pretrained checkpoint)")
-    loaded, _ = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
-    teacher = loaded.avhubert if isinstance(loaded, AVHubertForCTC) else loaded
-    layer = int(cfg.pretrain.target_layer)
-    if not 1 <= layer <= teacher.cfg.encoder_layers:
-        raise ValueError(f"pretrain.target_layer={layer}: expected 1..{teacher.cfg.encoder_layers} (encoder layers of {path})")
-    teacher.eval()
-    feats: dict[str, np.ndarray] = {}
-    eval_ds = make_dataset(cfg, dataset.split, None)
-    for batch in build_dataloader(eval_ds, "bucket", batch_size=8, seed=0, num_workers=0, train=False):
-        out = teacher(batch["audio"], batch["video"], batch["padding_mask"], output_hidden_states=True)
-        hidden = out.hidden_states[layer]  # index 0 is the encoder input
-        for i, uid in enumerate(batch["ids"]):
-            feats[uid] = hidden[i, : int(batch["lengths"][i])].numpy()
-    ordered = [feats[u.id] for u in dataset.utterances]
-    log.info("pretrain: k-means (k=%d) on layer-%d features of %s (%d utterances)", k, layer, path, len(ordered))
-    km = fit_kmeans(ordered, k, seed=cfg.seed)
-    return [assign_labels(km, f) for f in ordered]
-
-
-def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
-    """Cluster ids per utterance at 25 Hz, cached as <split>.km in the iteration's directory
-    (iteration 1: 100 Hz MFCC labels, subsampled here; later iterations: 25 Hz feature labels)."""
-    from data.targets import labels_at_feature_rate, read_km, write_km
-
-    km_path = out_dir / f"{dataset.split}.km"
-    ids = [u.id for u in dataset.utterances]
-    if km_path.is_file():
-        labels = read_km(km_path, expected=len(ids))
-    else:
-        labels = _mfcc_targets(cfg, dataset, k) if int(cfg.pretrain.iteration) == 1 else _feature_targets(cfg, dataset, k)
-        write_km(km_path, labels)
-    return {uid: lab if len(lab) == u.n_frames else labels_at_feature_rate(lab, u.n_frames)
-            for uid, lab, u in zip(ids, labels, dataset.utterances)}
-
-
-def pretrain(cfg: DictConfig) -> dict:
-    """Masked prediction of cluster ids on the pretraining split: one HuBERT iteration (conf/pretrain/)."""
-    if cfg.model.family != "avhubert":
-        raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
-    out_dir = pretrain_out_dir(cfg)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
-        gen = seed_everything(cfg.seed)
-        tc = cfg.pretrain
-        dataset = make_dataset(cfg, tc.split, train=True)
-        model_cfg = pretrain_model_config(cfg)
-        t_targets = time.time()
-        targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
-        targets_seconds = time.time() - t_targets  # k-means (or reading the cached <split>.km)
-        model = AVHubertModel(model_cfg)
-        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
-        mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        pen_weight = float(tc.features_pen_weight)
-
-        def step_fn(m, batch):
-            frames = batch["audio"].shape[-1]
-            tgt = torch.zeros(len(batch["ids"]), frames, dtype=torch.long)
-            for i, uid in enumerate(batch["ids"]):
-                lab = torch.from_numpy(targets[uid][:frames])
-                tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
-            return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen,
-                                      features_pen_weight=pen_weight)
-
-        optimizer, scheduler = optimizer_and_scheduler_from_config(model.named_parameters(), tc)
-        logger = make_logger(cfg, out_dir)
-        t0 = time.time()
-        result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
-        logger.close()
-        label_rate = 100 if int(tc.iteration) == 1 else cfg.data.fps
-        ckpt = save_avhubert_checkpoint(
-            out_dir / "checkpoint_last.pt", model,
-            extra={"task": {"labels": ["mfcc" if label_rate == 100 else "km"], "label_rate": label_rate, "sample_rate": cfg.data.fps,
-                            "stack_order_audio": cfg.data.stack_order_audio,
-                            "image_crop_size": cfg.data.crop_size, "image_mean": cfg.data.image_mean, "image_std": cfg.data.image_std,
-                            "fine_tuning": False, "corpus": cfg.data.name, "split": tc.split, "iteration": int(tc.iteration)}},
-        )
-        stage.metrics.update({f"pretrain/{k}": v for k, v in result.last_logs.items()})
-        stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             utterances=len(dataset), iteration=int(tc.iteration), targets_seconds=targets_seconds,
-                             **count_parameters(model),
-                             **dataset.skips.report())
-        log.info("pretrained %s (iteration %d) -> %s", cfg.model.name, int(tc.iteration), ckpt)
-        return stage.metrics
-
-
 # --------------------------------------------------------------------------- finetune
 def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] = None) -> tuple[MaskedAVSR, Any]:
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
     if cfg.model.reuse_ctc_head and "ctc_head" in info:
-        checkpoint_symbols = (info.get("dictionaries") or [None])[0]
-        if symbols is not None and checkpoint_symbols == list(symbols):
+        from training.starting_checkpoint import head_vocabulary
+
+        if symbols is not None and head_vocabulary(info) == list(symbols):
             asr.ctc_proj.load_state_dict(info["ctc_head"])
             log.info("CTC head initialised from %s (same %d-symbol vocabulary)", cfg.model.checkpoint, len(symbols))
         else:
@@ -533,75 +403,3 @@ def evaluate(cfg: DictConfig) -> dict:
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
         stage.metrics["n_utterances"] = len(clean_ds)
         return dict(stage.metrics)
-
-
-# --------------------------------------------------------------------------- export
-EXPORT_SPLITS = ("attacker_train", "attacker_trials")
-
-
-@torch.no_grad()
-def export(cfg: DictConfig) -> dict:
-    """Protected (and clean) per-modality front-end features of the attacker splits.
-
-    Format (docs/method.md): `<run_dir>/export/<split>.safetensors` with float16 tensors
-    `{audio,video}/{clean,protected,lazy}` of shape [sum of frames, D] and an int64
-    `offsets` [N+1]; `<split>.json` lists ids and speakers in the same order.
-    `protected` = this run's trained masks with fresh noise; `lazy` = masks of the
-    same kind at their initial parameters with another seed (an attacker who
-    knows the method but not the trained masks).
-    """
-    from safetensors.torch import save_file
-
-    with Stage(cfg, "export") as stage:
-        seed_everything(cfg.seed)
-        system, tokenizer, mask_gen = load_finetuned(cfg)
-        m = cfg.masks
-        lazy_gen = torch.Generator().manual_seed(cfg.seed + cfg.attacker.lazy_seed_offset)
-        lazy_masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, system.core.cfg.encoder_embed_dim,
-                                 tuple(m.modalities), m.init_scale, system.core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, lazy_gen)
-        if lazy_masks is not None:
-            lazy_masks.eval()
-        for split in EXPORT_SPLITS:
-            ds = make_dataset(cfg, split, None)
-            loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
-            store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in ("clean", "protected", "lazy")}
-            ids, speakers, lengths = [], [], []
-            for b in loader:
-                ca, cv, pa, pv = system.protected_features(b["audio"], b["video"], b["padding_mask"])
-                _, _, la, lv = system.protected_features(b["audio"], b["video"], b["padding_mask"], masks=lazy_masks) if lazy_masks is not None else (None, None, ca, cv)
-                for i in range(len(b["ids"])):
-                    n = int(b["lengths"][i])
-                    for key, t in (("audio/clean", ca), ("video/clean", cv), ("audio/protected", pa), ("video/protected", pv),
-                                   ("audio/lazy", la), ("video/lazy", lv)):
-                        store[key].append(t[i, :n].to(torch.float16))
-                    lengths.append(n)
-                ids += b["ids"]
-                speakers += b["speakers"]
-            tensors = {k: torch.cat(v) for k, v in store.items()}
-            tensors["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
-            out = stage.dir / f"{split}.safetensors"
-            save_file(tensors, str(out.with_suffix(".tmp")))
-            out.with_suffix(".tmp").replace(out)
-            atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
-                                                                      "masks": cfg.masks.name}, indent=1))
-            stage.metrics[f"{split}/utterances"] = len(ids)
-            stage.metrics[f"{split}/frames"] = int(sum(lengths))
-            stage.metrics[f"{split}/bytes"] = out.stat().st_size
-        return dict(stage.metrics)
-
-
-def read_export(directory: str | Path, split: str) -> tuple[dict[str, list[torch.Tensor]], list[str], list[str]]:
-    """Inverse of `export`: {key: [per-utterance [T, D] float32]}, ids, speakers."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    path, index = directory / f"{split}.safetensors", directory / f"{split}.json"
-    if not path.is_file() or not index.is_file():
-        raise FileNotFoundError(f"{path} (or its .json index) not found: run `python train_avhubert.py task=export <same overrides>`")
-    tensors = load_file(str(path))
-    meta = json.loads(index.read_text())
-    offsets = tensors.pop("offsets").tolist()
-    if len(offsets) != len(meta["ids"]) + 1:
-        raise ValueError(f"{path}: {len(offsets) - 1} utterances but {index} lists {len(meta['ids'])}")
-    out = {k: [v[a:b].float() for a, b in zip(offsets[:-1], offsets[1:])] for k, v in tensors.items()}
-    return out, meta["ids"], meta["speakers"]
