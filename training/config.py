@@ -51,9 +51,9 @@ class DataConfig:
     dir: str = MISSING  # prepared corpus directory (manifests/, audio/, video/)
     raw_dir: Optional[str] = None  # real corpora: where the downloaded archives were unpacked
     seed: int = 1234  # corpus seed (independent of the training seed)
-    num_speakers: int = 50
+    num_speakers: int = 118
     utterances_per_speaker: int = 24
-    public_utterances_per_speaker: Optional[int] = None  # SynthGRID public-split speakers (None: utterances_per_speaker)
+    public_utterances_per_speaker: Optional[int] = 30  # SynthGRID public-split speakers (None: utterances_per_speaker)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     trials_per_speaker: int = 40  # verification trials per held-out speaker (half target, half non-target)
     sample_rate: int = 16000

@@ -52,13 +52,14 @@ CHECKSUMS = "checksums.sha256"
 @dataclass
 class SynthGridParams:
     seed: int = 1234
-    num_speakers: int = 50
+    # defaults = conf/data/synthgrid.yaml (the default corpus)
+    num_speakers: int = 118
     utterances_per_speaker: int = 24
     # Utterances of each public-split speaker (None: utterances_per_speaker). The public split
     # trains the starting checkpoint, so it is larger than the others.
-    public_utterances_per_speaker: int | None = None
+    public_utterances_per_speaker: int | None = 30
     splits: dict[str, int] = field(
-        default_factory=lambda: {"public": 12, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
+        default_factory=lambda: {"public": 80, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
     )
     trials_per_speaker: int = 40
     sample_rate: int = SAMPLE_RATE
