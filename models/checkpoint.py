@@ -121,11 +121,29 @@ def _numpy_safe_globals() -> list[tuple[Any, str]]:
     return found
 
 
-def _torch_load(source: Union[str, Path, io.BytesIO], name: str) -> Any:
-    """torch.load(weights_only=True) with fairseq globals mapped to stand-ins."""
+def zip_integrity_error(path: Union[str, Path]) -> Optional[str]:
+    """Why the zip archive at `path` (a torch checkpoint since torch 1.6) is damaged, or None if it is
+    intact: the central directory must read and every member must match the CRC-32 stored when it was
+    written. torch.load itself checks neither, so flipped bytes in tensor data would load silently."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        return f"not a complete zip archive ({type(exc).__name__}: {exc})"
+    if bad is not None:
+        return f"member {bad!r} does not match its stored CRC-32 (the file was modified or damaged after it was written)"
+    return None
+
+
+def load_torch_file(source: Union[str, Path, io.BytesIO], name: str) -> Any:
+    """torch.load(weights_only=True) with fairseq globals mapped to stand-ins; zip archives are
+    checked against their CRC-32s first."""
     allowed: list[Any] = [(argparse.Namespace, "argparse.Namespace")] + _numpy_safe_globals()
     allowed += [(cls, full) for full, cls in _STANDINS.items()]
     if isinstance(source, (str, Path)) and zipfile.is_zipfile(source):
+        damage = zip_integrity_error(source)
+        if damage is not None:
+            raise CheckpointError(f"{name}: corrupt checkpoint: {damage}")
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(source))
         except Exception as exc:  # noqa: BLE001 - any failure here means a damaged archive
@@ -310,7 +328,7 @@ def _read_source(path: Path) -> dict[str, Any]:
                 hf_config = json.loads((path / "config.json").read_text())
             except ValueError as exc:
                 raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
-        state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights, str(weights))
+        state = _read_safetensors(weights) if weights.suffix == ".safetensors" else load_torch_file(weights, str(weights))
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{weights}: expected a state dict, got {type(state).__name__}")
         return {"format": "hf", "state": dict(state), "cfg_values": hf_config, "raw": {}}
@@ -318,7 +336,7 @@ def _read_source(path: Path) -> dict[str, Any]:
         state = _read_safetensors(path)
         fmt = "hf" if any(k.startswith("model.encoder.") or ".attention." in k for k in state) else "fairseq"
         return {"format": fmt, "state": state, "cfg_values": {}, "raw": {}}
-    raw = _torch_load(path, name)
+    raw = load_torch_file(path, name)
     if not isinstance(raw, Mapping) or "model" not in raw or not isinstance(raw["model"], Mapping):
         found = sorted(raw)[:10] if isinstance(raw, Mapping) else type(raw).__name__
         raise CheckpointError(f"{name}: not an AV-HuBERT checkpoint: expected a dict with a 'model' state dict "

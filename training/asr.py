@@ -33,16 +33,19 @@ from privacy.masks import build_masks, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
 from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.loop import loop_kwargs_from_config, train
 from training.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
 from training.logging import RunLogger, logger_from_config
 from training import ddp
-from training.run import Stage, atomic_write, atomic_write_text, seed_everything
+from training.run import atomic_write, atomic_write_text, seed_everything
+from training.stages import open_stage
 
 log = logging.getLogger(__name__)
 
 MODALITY_INPUTS = {"audio_video": ("audio", "video"), "audio": ("audio",), "video": ("video",)}
+DECODERS = ("greedy", "beam")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -60,6 +63,7 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
         noise=noise, on_error=d.on_error, max_av_length_mismatch=d.max_av_length_mismatch, seed=cfg.seed,
         sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
         crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std, cache_items=cache_items,
+        roi_size=d.roi_size, max_skip_fraction=d.max_skip_fraction,
     )
 
 
@@ -125,6 +129,9 @@ def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: 
 def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> torch.Tensor:
     out = torch.zeros(len(ids), frames, next(iter(cache.values())).shape[-1])
     for i, uid in enumerate(ids):
+        if uid not in cache:
+            raise KeyError(f"utterance {uid!r} has no cached video front-end output (its video was skipped or not "
+                           "cached); the audio dataset must be filtered to the cache (AVSRDataset.keep_only)")
         f = cache[uid][:frames]
         out[i, : f.shape[0]] = f
     return out
@@ -154,7 +161,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.model.family != "avhubert":
         raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
     out_dir = pretrained_dir(cfg)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir, attempt_outputs=("public.km", "checkpoint_last.pt")) as stage:
         gen = seed_everything(cfg.seed)
         dataset = make_dataset(cfg, "public", train=True)
         model_cfg = avhubert_config(cfg)
@@ -253,7 +260,7 @@ def finetune(cfg: DictConfig) -> dict:
     """
     validate_options(cfg)
     rank, world, _ = ddp.setup_distributed()
-    with Stage(cfg, "finetune") as stage:
+    with open_stage(cfg, "finetune") as stage:
         gen = seed_everything(cfg.seed)
         from data.manifest import read_split
 
@@ -264,7 +271,12 @@ def finetune(cfg: DictConfig) -> dict:
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
         train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities, cache_items=cache_video)
-        video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
+        video_cache = None
+        if cache_video:
+            video_ds = make_dataset(cfg, "train", tokenizer, modalities=("video",))
+            video_cache = video_feature_cache(system.core, video_ds)
+            # data.on_error=skip: the video dataset may have skipped utterances the audio one kept
+            train_ds.keep_only(video_cache, video_ds.skipped, what="the video front-end cache")
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
                                   seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank)
         lam = float(cfg.loss["lambda"])
@@ -309,7 +321,8 @@ def finetune(cfg: DictConfig) -> dict:
             return {}
         save_system(stage.dir / "model.pt", system)
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             rank_budget=adapter.rank_budget(), **train_ds.skips.report())
+                             rank_budget=adapter.rank_budget(), utterances=len(train_ds), **train_ds.skips.report())
+        stage.metrics.update({f"valid/{k}": v for k, v in valid.skips.items()})
         stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update({k.replace("eval/", ""): v for k, v in result.last_eval.items()})
     return dict(stage.metrics)
@@ -329,8 +342,10 @@ def load_finetuned(cfg: DictConfig):
         )
     tokenizer = tokenizer_for_run(cfg)
     system, _, mask_gen = build_system(cfg, tokenizer.vocab_size)
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    system.load_state_dict(state)
+    state = load_checkpoint(path)  # CRC-checked, weights_only, errors name the file
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: expected {{'model': state dict}} as written by save_system, found keys {sorted(state)}")
+    system.load_state_dict(state["model"])
     system.eval()
     return system, tokenizer, mask_gen
 
@@ -380,6 +395,7 @@ class Validation:
     def __init__(self, cfg: DictConfig, tokenizer, split: str):
         self.tokenizer = tokenizer
         ds = make_dataset(cfg, split, tokenizer)
+        self.skips = ds.skips.report()
         self.batches = list(build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=0, train=False))
 
     @torch.no_grad()
@@ -403,13 +419,15 @@ def _conditions(cfg: DictConfig) -> list[tuple[str, Optional[dict]]]:
 
 def evaluate(cfg: DictConfig) -> dict:
     """WER/CER per modality (audio-visual, audio, video) and noise condition; hypotheses written alongside."""
-    with Stage(cfg, "evaluate") as stage:
+    with open_stage(cfg, "evaluate") as stage:
         seed_everything(cfg.seed)
         system, tokenizer, mask_gen = load_finetuned(cfg)
         split = cfg.eval.split
-        clean_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
-        video_cache = video_feature_cache(system.core, clean_ds)
+        video_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
+        video_cache = video_feature_cache(system.core, video_ds)
         beam = None
+        if cfg.eval.decoder not in DECODERS:  # also checked at composition (training.config.check_choices)
+            raise ValueError(f"eval.decoder={cfg.eval.decoder!r}: expected one of {', '.join(DECODERS)}")
         if cfg.eval.decoder == "beam":
             from data.manifest import read_split
 
@@ -418,6 +436,9 @@ def evaluate(cfg: DictConfig) -> dict:
         hyp_dir = stage.dir / "hypotheses"
         for condition, noise in _conditions(cfg):
             ds = make_dataset(cfg, split, tokenizer, modalities=("audio",), noise=noise)
+            ds.keep_only(video_cache, video_ds.skipped, what="the video front-end cache")  # both modalities score the same set
+            if noise is None:
+                scored = ds
             loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
             batches = list(loader)
             for modality in cfg.eval.modalities:
@@ -443,7 +464,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.hyp", "".join(f"{i}\t{h}\n" for i, h in zip(ids, hyps)))
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.ref", "".join(f"{i}\t{r}\n" for i, r in zip(ids, refs)))
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
-        stage.metrics["n_utterances"] = len(clean_ds)
+        stage.metrics["n_utterances"] = len(scored)  # scored; skipped/* says how many were dropped and why
+        stage.metrics.update(scored.skips.report())
         return dict(stage.metrics)
 
 
@@ -464,7 +486,7 @@ def export(cfg: DictConfig) -> dict:
     """
     from safetensors.torch import save_file
 
-    with Stage(cfg, "export") as stage:
+    with open_stage(cfg, "export") as stage:
         seed_everything(cfg.seed)
         system, tokenizer, mask_gen = load_finetuned(cfg)
         m = cfg.masks
@@ -497,6 +519,7 @@ def export(cfg: DictConfig) -> dict:
             atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
                                                                       "masks": cfg.masks.name}, indent=1))
             stage.metrics[f"{split}/utterances"] = len(ids)
+            stage.metrics.update({f"{split}/{k}": v for k, v in ds.skips.report().items()})
             stage.metrics[f"{split}/frames"] = int(sum(lengths))
             stage.metrics[f"{split}/bytes"] = out.stat().st_size
         return dict(stage.metrics)

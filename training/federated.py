@@ -188,12 +188,13 @@ def pretrain(cfg: DictConfig) -> dict:
     """Self-supervised wav2vec 2.0 pre-training of the tiny model on the public split (audio only)."""
     from models.wav2vec2 import pretrain_wav2vec2_tiny
     from privacy.federated.synthgrid_task import load_split
-    from training.run import Stage, seed_everything
+    from training.run import seed_everything
+    from training.stages import open_stage
 
     if not cfg.model.get("checkpoint"):
         raise ValueError(f"task=pretrain with model={cfg.model.name}: model.checkpoint is empty; where should the model go?")
     out_dir = Path(cfg.model.checkpoint)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir) as stage:
         generator = seed_everything(int(cfg.seed))
         _, _, waves, _ = load_split(cfg.data.dir, "public")
         loader = DataLoader(waves, batch_size=int(cfg.pretrain.batch_size), shuffle=True, generator=generator,
@@ -385,22 +386,16 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
 def run_federated_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
-    from training.run import Stage
+    from training.stages import open_stage
 
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
-        if not cfg.force and checkpoint_ready(cfg.model.checkpoint) and Stage(cfg, "pretrain", directory=cfg.model.checkpoint).done:
-            log.info("%s is already pre-trained (status.json says done); force=true runs it again", cfg.model.checkpoint)
-            import json
-
-            return json.loads((Path(cfg.model.checkpoint) / "metrics.json").read_text())
-        return pretrain(cfg)
-    stage = Stage(cfg, "federated")
-    if not cfg.force and stage.done:
-        import json
-
-        log.info("%s is done (status.json); skipping. Pass force=true to run it again.", stage.dir)
-        return json.loads((stage.dir / "metrics.json").read_text())
+        done = open_stage(cfg, "pretrain", directory=cfg.model.checkpoint).finished() if checkpoint_ready(cfg.model.checkpoint) else None
+        return done or pretrain(cfg)
+    stage = open_stage(cfg, "federated")
+    done = stage.finished()
+    if done is not None:
+        return done
     ensure_pretrained(cfg)
     if cfg.dp.name == "local":
         log.info("dp=local: noise multiplier(s) %s for target epsilon %g, delta %g", plan.get("noise_multipliers"),

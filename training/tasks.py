@@ -5,39 +5,33 @@
         model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
-A sweep re-running a finished stage skips it (its status.json says done), so an
-interrupted multirun resumes where it stopped; `force=true` runs it again.
+A sweep re-running a finished stage skips it (its status.json says done and its
+configuration fingerprint matches, training/stages.py), so an interrupted multirun
+resumes where it stopped; a different configuration in the same directory is refused
+with the differing keys; `force=true` runs the stage again from scratch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from training import ddp
+from training.config import check_choices
 
 log = logging.getLogger(__name__)
 
 ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
 
 
-def _finished(stage_dir: Path) -> dict | None:
-    status, metrics = stage_dir / "status.json", stage_dir / "metrics.json"
-    if status.is_file() and metrics.is_file() and json.loads(status.read_text()).get("status") == "done":
-        return json.loads(metrics.read_text())
-    return None
+def _skip_if_done(cfg: DictConfig, name: str, directory: Path | None = None) -> dict | None:
+    """Metrics of stage `name` if it finished with this configuration's fingerprint (skip it), else None.
+    A finished or partial attempt with another fingerprint stops here (training.run.StageConfigMismatch)."""
+    from training.stages import open_stage
 
-
-def _skip_if_done(cfg: DictConfig, stage_dir: Path) -> dict | None:
-    if cfg.force:
-        return None
-    done = _finished(stage_dir)
-    if done is not None:
-        log.info("%s is already done (status.json); skipping. Pass force=true to run it again.", stage_dir)
-    return done
+    return open_stage(cfg, name, directory=directory).finished()
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -56,6 +50,7 @@ def _dry_run(cfg: DictConfig, name: str) -> None:
 
 
 def run_asr_task(cfg: DictConfig):
+    check_choices(cfg)  # enum-like options, before anything else runs
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
@@ -67,30 +62,29 @@ def run_asr_task(cfg: DictConfig):
     from training import asr
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
+        done = _skip_if_done(cfg, "pretrain", asr.pretrained_dir(cfg))
         return _objective(done or asr.pretrain(cfg), "pretrain/loss")
-    stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,
         # so a sweep interrupted during evaluation does not train again.
-        run_dir = Path(cfg.paths.run_dir)
         stages = ("finetune", "evaluate", "export") if cfg.eval_after_finetune else ("finetune",)
         results: dict = {}
         for name in stages:
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
-            done = _skip_if_done(cfg, run_dir / name)
+            done = _skip_if_done(cfg, name)
             results.update(done or getattr(asr, name)(cfg))
         return _objective(results, "wer/audio_video/clean")
-    done = _skip_if_done(cfg, stage)
+    done = _skip_if_done(cfg, cfg.task)
     return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):
     from training.attack import attack_stage_name, run_attack
 
+    check_choices(cfg)
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg))
 
-    done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
+    done = _skip_if_done(cfg, attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")
