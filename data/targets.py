@@ -58,7 +58,7 @@ def labels_at_feature_rate(labels_100hz: np.ndarray, n_frames: int) -> np.ndarra
 
 
 def write_km(path: str | Path, labels: Sequence[np.ndarray]) -> None:
-    from training.run import atomic_write_text
+    from common.files import atomic_write_text
 
     atomic_write_text(path, "".join(" ".join(map(str, lab.tolist())) + "\n" for lab in labels))
 
@@ -67,7 +67,7 @@ def read_km(path: str | Path, expected: int | None = None) -> list[np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: label file not found (run `train_avhubert.py task=pretrain`, which creates it)")
-    from data.io import read_text
+    from common.files import read_text
 
     lines = read_text(path).splitlines()
     if expected is not None and len(lines) != expected:

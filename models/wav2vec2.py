@@ -211,7 +211,7 @@ def _read_checkpoint_tensor(path: Path, key: str) -> torch.Tensor:
 
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return f.get_tensor(key)
-    from models.checkpoint import load_torch_file
+    from models.avhubert_checkpoint import load_torch_file
 
     return load_torch_file(path / "pytorch_model.bin", str(path / "pytorch_model.bin"))[key]
 

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 import training.config  # noqa: F401
 from training.config import PROJECT_ROOT, ConfigChoiceError, check_choices
-from training.run import Stage, StageConfigMismatch, StageLock, StageLocked, stage_status
-from training.stages import open_stage, stage_fingerprint
+from training.fingerprint import stage_fingerprint
+from training.stage import StageConfigMismatch, StageLock, StageLocked, open_stage, stage_status
 
 
 def compose_cfg(tmp, *overrides):
@@ -116,7 +116,7 @@ HOLDER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from hydra import compose, initialize_config_dir
     import training.config
-    from training.stages import open_stage
+    from training.stage import open_stage
     with initialize_config_dir(version_base="1.3", config_dir={conf!r}):
         cfg = compose("config", overrides=["paths.root_dir={tmp}", "trainer=debug"])
     with open_stage(cfg, "finetune") as stage:
@@ -222,8 +222,8 @@ def _flip_tensor_bytes(path: Path) -> None:
 
 
 def test_flipped_bytes_in_tensor_data_are_refused_naming_the_file(tmp_path):
-    from models.checkpoint import CheckpointError as ModelCheckpointError, load_avhubert_checkpoint
-    from training.checkpoint import CheckpointError, load_checkpoint, load_latest_checkpoint, save_checkpoint
+    from models.avhubert_checkpoint import CheckpointError as ModelCheckpointError, load_avhubert_checkpoint
+    from training.train_state import CheckpointError, load_checkpoint, load_latest_checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path, 1, {"model": {"w": torch.arange(4096.0)}})
     save_checkpoint(tmp_path, 2, {"model": {"w": torch.arange(4096.0) + 1}})
@@ -242,8 +242,8 @@ def test_flipped_bytes_in_tensor_data_are_refused_naming_the_file(tmp_path):
 def test_fine_tuned_model_loads_through_the_checked_loader(tmp_path, monkeypatch):
     """load_finetuned used a bare torch.load: a damaged model.pt gave torch's own message (which
     suggests weights_only=False) or, with flipped tensor bytes, loaded silently."""
-    import training.asr as asr
-    from training.checkpoint import CheckpointError
+    import training.avhubert.finetune as asr
+    from training.train_state import CheckpointError
 
     cfg = compose_cfg(tmp_path)
     d = Path(cfg.paths.run_dir) / "finetune"

@@ -29,7 +29,7 @@ from data.corpora.common import (
     NO_TRANSCRIPT, CorpusError, Problems, RoiSettings, SourceItem, balanced_trials, check_raw_dir, limit,
     prepare_media, write_corpus,
 )  # fmt: skip
-from data.io import read_text
+from common.files import read_text
 from data.manifest import Trial
 
 log = logging.getLogger(__name__)

@@ -1,26 +1,55 @@
-"""Which configuration values define each stage, and the one way stages are opened.
+"""Which configuration values define each stage: its fingerprint.
 
-`open_stage(cfg, name)` is the `training.run.Stage` of a stage with its configuration
-fingerprint: every value of the composed config that changes what the stage computes.
+`training.stage.open_stage(cfg, name)` opens a stage with `stage_fingerprint(cfg, name)`:
+every value of the composed config that changes what the stage computes.
 Whether a stage can be skipped (`stage.finished()`), resumed or must be refused is
 decided by that fingerprint, never by the run directory's name alone: the run name
 leaves out trainer and data settings (it names what a table compares), so
 `trainer.lr=0.05` lands in the directory of the `lr=5e-3` run and must not reuse it.
 
 Excluded everywhere: values that only say where or how verbosely a stage runs
-(`OPERATIONAL`). Attacker options stay outside the ASR stages' fingerprints, as they
+(`OPERATIONAL_KEYS`, `OPERATIONAL_FIELDS`). Attacker options stay outside the ASR stages' fingerprints, as they
 stay outside the run name (one ASR run, many attacks), except the lazy-informed
 seed offset, which the export stage uses.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from training.run import Stage, flatten_config
+
+def flatten_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": leaf}; lists stay values (compared whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def fingerprint_digest(values: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 20) -> list[str]:
+    """Human-readable differences "key: old -> new" (keys only one side has show <absent>)."""
+    missing = object()
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if json.dumps(a, default=str) != json.dumps(b, default=str):
+            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{key}: {show(a)} -> {show(b)}")
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
 
 # Top-level keys that never change a stage's result.
 OPERATIONAL_KEYS = ("task", "force", "dry_run", "run_name", "paths", "logger", "hydra", "eval_after_finetune", "defaults")
@@ -74,9 +103,3 @@ def stage_fingerprint(cfg: Mapping[str, Any] | DictConfig, name: str) -> dict[st
         if wanted or key in extra:
             out[key] = value
     return out
-
-
-def open_stage(cfg: DictConfig, name: str, directory: str | Path | None = None, **kwargs: Any) -> Stage:
-    """The Stage `name` of this run (`<run_dir>/<name>`, or `directory`), fingerprinted."""
-    return Stage(cfg, name, directory=directory, fingerprint=stage_fingerprint(cfg, name),
-                 fingerprint_of_saved=lambda saved: stage_fingerprint(saved, name), **kwargs)

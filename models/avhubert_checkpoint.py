@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from common.files import zip_integrity_error
 from models.avhubert import AVHubertConfig, AVHubertModel
 from models.heads import AVHubertForCTC
 
@@ -119,20 +120,6 @@ def _numpy_safe_globals() -> list[tuple[Any, str]]:
         if isinstance(dtype_cls, type):
             found.append((dtype_cls, f"numpy.dtypes.{dtype_cls.__name__}"))
     return found
-
-
-def zip_integrity_error(path: Union[str, Path]) -> Optional[str]:
-    """Why the zip archive at `path` (a torch checkpoint since torch 1.6) is damaged, or None if it is
-    intact: the central directory must read and every member must match the CRC-32 stored when it was
-    written. torch.load itself checks neither, so flipped bytes in tensor data would load silently."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
-        return f"not a complete zip archive ({type(exc).__name__}: {exc})"
-    if bad is not None:
-        return f"member {bad!r} does not match its stored CRC-32 (the file was modified or damaged after it was written)"
-    return None
 
 
 def load_torch_file(source: Union[str, Path, io.BytesIO], name: str) -> Any:
@@ -482,7 +469,7 @@ def save_avhubert_checkpoint(path: Union[str, Path], model: nn.Module, cfg_dict:
     dictionary_symbols: the label set (e.g. cluster ids as strings) stored as a fairseq Dictionary in
     task_state, as fairseq's pretraining checkpoints do. extra: our own additions (plain data and tensors).
     """
-    from training.run import atomic_write_bytes
+    from common.files import atomic_write_bytes
 
     core = model.avhubert if isinstance(model, AVHubertForCTC) else model
     if not isinstance(core, AVHubertModel):

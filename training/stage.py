@@ -1,124 +1,33 @@
-"""Run directories, stage outputs and seeding: what every stage of every entry point shares.
+"""A stage of a run and its directory: what every stage of every entry point shares.
 
-A stage (prepare, pretrain, finetune, evaluate, export, attack/<scenario>, ...)
+A stage (pretrain, finetune, evaluate, export, attack/<scenario>, federated, ...)
 writes into `<paths.run_dir>/<stage>/`: `metrics.json` (flat keys, numbers),
-`config.yaml` (the resolved config) and whatever else it produces.
+`config.yaml` (the resolved config), `fingerprint.json` (the configuration values
+that define what it computes, training/fingerprint.py), `status.json` and whatever
+else it produces, and holds `.lock` while it runs.
+
+`open_stage(cfg, name)` is the one way a stage is opened; its `finished()` is the
+one stage-done check (status done, metrics written, same fingerprint).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
-import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
-import torch
+from common.files import atomic_write_text, save_config, write_metrics
+from training.fingerprint import fingerprint_diff, fingerprint_digest, stage_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file)` on a temp file next to `path`, fsync, then rename it over `path`:
-    readers see the old file or the whole new one, never a part (an interrupted write leaves
-    only a `.<name>.*.tmp` file, which nothing picks up)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def stage_dir(cfg: Any, stage: str) -> Path:
     d = Path(cfg.paths.run_dir) / stage
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested dicts -> flat `a/b` keys; only numbers survive (bools become 0/1)."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, prefix=f"{name}/"))
-        elif isinstance(value, (bool, np.bool_)):
-            flat[name] = float(value)
-        elif isinstance(value, (int, float, np.integer, np.floating)):
-            flat[name] = float(value) if not isinstance(value, (int, np.integer)) else int(value)
-        elif isinstance(value, torch.Tensor) and value.numel() == 1:
-            flat[name] = float(value.item())
-    return flat
-
-
-def write_metrics(directory: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
-    """Write `metrics.json` (flat, numbers only; NaN/inf written as null) atomically."""
-    flat = flatten_metrics(metrics)
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
-    path = Path(directory) / "metrics.json"
-    atomic_write_text(path, json.dumps(clean, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def save_config(directory: str | os.PathLike, cfg: Any) -> Path:
-    """Write the resolved config next to a stage's outputs."""
-    from omegaconf import OmegaConf
-
-    path = Path(directory) / "config.yaml"
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
-    return path
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns a torch Generator for data order."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-class SkipCounter:
-    """Counts skipped items per reason (`data.on_error=skip`) and reports them once."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.reasons: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.reasons[reason] += 1
-        self.examples.setdefault(reason, detail)
-        log.warning("%s: skipped (%s): %s", self.stage, reason, detail)
-
-    @property
-    def total(self) -> int:
-        return sum(self.reasons.values())
-
-    def report(self) -> dict[str, int]:
-        if self.total:
-            lines = [f"  {n} x {r} (e.g. {self.examples[r]})" for r, n in self.reasons.most_common()]
-            log.warning("%s: %d items skipped:\n%s", self.stage, self.total, "\n".join(lines))
-        return {f"skipped/{r}": n for r, n in self.reasons.items()} | {"skipped/total": self.total}
 
 
 class StageLocked(RuntimeError):
@@ -220,36 +129,6 @@ class StageLock:
             return None
         finally:
             os.close(fd)
-
-
-def flatten_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {"a.b.c": leaf}; lists stay values (compared whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, prefix=f"{name}."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def fingerprint_digest(values: Mapping[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 20) -> list[str]:
-    """Human-readable differences "key: old -> new" (keys only one side has show <absent>)."""
-    missing = object()
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if json.dumps(a, default=str) != json.dumps(b, default=str):
-            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
-            lines.append(f"{key}: {show(a)} -> {show(b)}")
-    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def stage_status(directory: str | os.PathLike) -> dict:
@@ -439,3 +318,9 @@ class Stage:
         finally:
             self._lock.release()
         return False
+
+
+def open_stage(cfg: Any, name: str, directory: str | os.PathLike | None = None, **kwargs: Any) -> Stage:
+    """The Stage `name` of this run (`<run_dir>/<name>`, or `directory`), with its configuration fingerprint."""
+    return Stage(cfg, name, directory=directory, fingerprint=stage_fingerprint(cfg, name),
+                 fingerprint_of_saved=lambda saved: stage_fingerprint(saved, name), **kwargs)

@@ -39,19 +39,6 @@ def read_wav(path: str | Path, expected_rate: int | None = 16000) -> np.ndarray:
     return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
 
 
-def read_text(path: str | Path, error: type[Exception] = ValueError) -> str:
-    """A UTF-8 text file (manifest, transcript, tokenizer, k-means labels); a file that is not
-    valid UTF-8 raises `error` naming the path and the offending byte, not a bare UnicodeDecodeError."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise error(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
-                    "expected UTF-8 (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from e
-
-
 def write_wav(path: str | Path, samples: np.ndarray, rate: int = 16000) -> None:
     """Write 16-bit PCM mono (deterministic bytes for identical input)."""
     import soundfile as sf
