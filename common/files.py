@@ -99,3 +99,14 @@ def read_text(path: str | os.PathLike, error: type[Exception] = ValueError) -> s
         line = data[: e.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
                     "expected UTF-8 (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from e
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (read in chunks), for formats without a checksum of their own."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -79,6 +79,8 @@ STAGE_EXCLUDED: dict[str, tuple[str, ...]] = {
 }
 # Single fields kept although their group is excluded.
 STAGE_EXTRA_FIELDS: dict[str, tuple[str, ...]] = {"export": ("attacker.lazy_seed_offset",)}
+# Single fields left out although their group is in (pretraining predicts k-means units: no tokenizer).
+STAGE_EXCLUDED_FIELDS: dict[str, tuple[str, ...]] = {"pretrain": ("data.tokenizer", "data.sentencepiece_vocab")}
 
 
 def _kind(name: str) -> str:
@@ -94,10 +96,11 @@ def stage_fingerprint(cfg: Mapping[str, Any] | DictConfig, name: str) -> dict[st
     flat = flatten_config({k: v for k, v in values.items() if k not in OPERATIONAL_KEYS})
     groups, excluded = STAGE_GROUPS[kind], STAGE_EXCLUDED.get(kind, ())
     extra = set(STAGE_EXTRA_FIELDS.get(kind, ()))
+    dropped = set(STAGE_EXCLUDED_FIELDS.get(kind, ()))
     out = {}
     for key, value in flat.items():
         group, _, field = key.partition(".")
-        if field.split(".", 1)[0] in OPERATIONAL_FIELDS.get(group, ()):
+        if field.split(".", 1)[0] in OPERATIONAL_FIELDS.get(group, ()) or key in dropped:
             continue
         wanted = (group in groups) if groups is not None else (group not in excluded)
         if wanted or key in extra:

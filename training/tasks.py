@@ -81,9 +81,9 @@ def run_asr_task(cfg: DictConfig):
 
 
 def run_attack_task(cfg: DictConfig):
+    check_choices(cfg)
     from training.attack import attack_stage_name, run_attack
 
-    check_choices(cfg)
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg))
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, file_sha256
 from common.seeding import seed_everything
 from data.dataset import build_dataloader
 from privacy.masks import build_masks, mask_kind
@@ -69,7 +69,7 @@ def export(cfg: DictConfig) -> dict:
             save_file(tensors, str(out.with_suffix(".tmp")))
             out.with_suffix(".tmp").replace(out)
             atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
-                                                                      "masks": cfg.masks.name}, indent=1))
+                                                                      "masks": cfg.masks.name, "sha256": file_sha256(out)}, indent=1))
             stage.metrics[f"{split}/utterances"] = len(ids)
             stage.metrics.update({f"{split}/{k}": v for k, v in ds.skips.report().items()})
             stage.metrics[f"{split}/frames"] = int(sum(lengths))
@@ -85,8 +85,11 @@ def read_export(directory: str | Path, split: str) -> tuple[dict[str, list[torch
     path, index = directory / f"{split}.safetensors", directory / f"{split}.json"
     if not path.is_file() or not index.is_file():
         raise FileNotFoundError(f"{path} (or its .json index) not found: run `python train_avhubert.py task=export <same overrides>`")
-    tensors = load_file(str(path))
     meta = json.loads(index.read_text())
+    if "sha256" in meta and file_sha256(path) != meta["sha256"]:  # safetensors carry no checksum of their own
+        raise ValueError(f"{path}: sha256 differs from the one {index} recorded at export; the file was modified or damaged "
+                         "since. Re-run `python train_avhubert.py task=export force=true <same overrides>`")
+    tensors = load_file(str(path))
     offsets = tensors.pop("offsets").tolist()
     if len(offsets) != len(meta["ids"]) + 1:
         raise ValueError(f"{path}: {len(offsets) - 1} utterances but {index} lists {len(meta['ids'])}")

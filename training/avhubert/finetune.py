@@ -176,8 +176,14 @@ def validate_options(cfg: DictConfig) -> None:
         raise ValueError("trainer.sampler=speaker needs speakers_per_batch x utterances_per_speaker >= 2")
 
 
-def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
+def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None, rebuild: bool = False):
+    """The run's tokenizer (`<run_dir>/tokenizer`), built from `texts` by fine-tuning; `rebuild` (fine-tuning
+    with force=true, which may change data.tokenizer) replaces the one an earlier attempt built."""
     tok_dir = Path(cfg.paths.run_dir) / "tokenizer"
+    if rebuild and texts is not None and tok_dir.is_dir():
+        import shutil
+
+        shutil.rmtree(tok_dir)
     if (tok_dir / "tokenizer.json").is_file() or any(tok_dir.glob("*")):
         return load_tokenizer(tok_dir)
     if texts is None:
@@ -199,7 +205,7 @@ def finetune(cfg: DictConfig) -> dict:
         from data.manifest import read_split
 
         train_texts = [u.text for u in read_split(cfg.data.dir, "train")]
-        tokenizer = tokenizer_for_run(cfg, train_texts)
+        tokenizer = tokenizer_for_run(cfg, train_texts, rebuild=stage.force and stage.writer)
         tc = cfg.trainer
         system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
