@@ -6,8 +6,9 @@ writes into `<paths.run_dir>/<stage>/`: `metrics.json` (flat keys, numbers),
 that define what it computes, training/fingerprint.py), `status.json` and whatever
 else it produces, and holds `.lock` while it runs.
 
-`open_stage(cfg, name)` is the one way a stage is opened; its `finished()` is the
-one stage-done check (status done, metrics written, same fingerprint).
+`open_stage(cfg, name)` is the one way a stage is opened, and `skip_if_done(cfg, name)`
+(its `finished()`) the one stage-done check every entry uses: status done, metrics
+written, same fingerprint.
 """
 
 from __future__ import annotations
@@ -324,3 +325,10 @@ def open_stage(cfg: Any, name: str, directory: str | os.PathLike | None = None, 
     """The Stage `name` of this run (`<run_dir>/<name>`, or `directory`), with its configuration fingerprint."""
     return Stage(cfg, name, directory=directory, fingerprint=stage_fingerprint(cfg, name),
                  fingerprint_of_saved=lambda saved: stage_fingerprint(saved, name), **kwargs)
+
+
+def skip_if_done(cfg: Any, name: str, directory: str | os.PathLike | None = None) -> dict | None:
+    """The one stage-done check: the metrics of stage `name` if it finished with this configuration's
+    fingerprint (skip it), else None; a finished or partial attempt with another fingerprint raises
+    StageConfigMismatch, and `force=true` always answers None (run it again, from scratch)."""
+    return open_stage(cfg, name, directory=directory).finished()

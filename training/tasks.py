@@ -20,18 +20,11 @@ from omegaconf import DictConfig
 
 from training import ddp
 from training.config import check_choices
+from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
 
 ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
-
-
-def _skip_if_done(cfg: DictConfig, name: str, directory: Path | None = None) -> dict | None:
-    """Metrics of stage `name` if it finished with this configuration's fingerprint (skip it), else None.
-    A finished or partial attempt with another fingerprint stops here (training.stage.StageConfigMismatch)."""
-    from training.stage import open_stage
-
-    return open_stage(cfg, name, directory=directory).finished()
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -62,7 +55,7 @@ def run_asr_task(cfg: DictConfig):
     from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, "pretrain", pretrain.pretrained_dir(cfg))
+        done = skip_if_done(cfg, "pretrain", pretrain.pretrained_dir(cfg))
         return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
     run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     if cfg.task == "finetune":
@@ -73,10 +66,10 @@ def run_asr_task(cfg: DictConfig):
         for name in stages:
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
-            done = _skip_if_done(cfg, name)
+            done = skip_if_done(cfg, name)
             results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
-    done = _skip_if_done(cfg, cfg.task)
+    done = skip_if_done(cfg, cfg.task)
     return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
@@ -87,5 +80,5 @@ def run_attack_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg))
 
-    done = _skip_if_done(cfg, attack_stage_name(cfg))
+    done = skip_if_done(cfg, attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")
