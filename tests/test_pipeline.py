@@ -192,7 +192,6 @@ def test_skips_hold_end_to_end_with_cached_video_frontends(tiny_corpus, tmp_path
 
     from data.dataset import DatasetError
     from data.manifest import read_split
-    from training.stage import StageConfigMismatch, stage_status
     from training.tasks import run_asr_task
 
     shutil.copytree(tiny_corpus / "data_cache", tmp_path / "data_cache")
@@ -213,6 +212,8 @@ def test_skips_hold_end_to_end_with_cached_video_frontends(tiny_corpus, tmp_path
     assert len(hyp) == len(vhyp) == n_test - 1  # every modality scores the same utterances
     ex = json.loads((run_dir / "export" / "metrics.json").read_text())
     assert ex["attacker_trials/skipped/total"] == 0 and ex["attacker_trials/utterances"] > 0
+
+    from training.stage import StageConfigMismatch, stage_status
 
     # a stage that skipped more than data.max_skip_fraction (default 0.1) of a split fails, and says so
     with pytest.raises(DatasetError, match=r"split 'test'.*1 of 4 utterances skipped.*data.max_skip_fraction=0.1"):

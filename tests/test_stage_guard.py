@@ -44,6 +44,9 @@ def test_fingerprint_covers_what_the_stage_computes(tmp_path):
     assert stage_fingerprint(attack, "attack/semi_informed") != stage_fingerprint(compose_cfg(tmp_path), "attack/semi_informed")
     assert "attacker.lazy_seed_offset" in stage_fingerprint(attack, "export") and "attacker.epochs" not in stage_fingerprint(attack, "export")
     assert stage_fingerprint(compose_cfg(tmp_path, "eval.decoder=beam"), "evaluate") != stage_fingerprint(compose_cfg(tmp_path), "evaluate")
+    # paths under the project root are compared relative to it: a moved project still matches its runs
+    assert base["data.dir"] == "${paths.root_dir}/datasets/synthgrid"
+    assert stage_fingerprint(compose_cfg(tmp_path / "moved"), "finetune") == base
     # pretraining is shared by every fine-tuning configuration (and predicts k-means units, not tokens)
     assert stage_fingerprint(other, "pretrain") == stage_fingerprint(compose_cfg(tmp_path, "data.tokenizer=word"), "pretrain")
     assert stage_fingerprint(compose_cfg(tmp_path, "pretrain.lr=0.1"), "pretrain") != stage_fingerprint(other, "pretrain")

@@ -97,6 +97,9 @@ def stage_fingerprint(cfg: Mapping[str, Any] | DictConfig, name: str) -> dict[st
     groups, excluded = STAGE_GROUPS[kind], STAGE_EXCLUDED.get(kind, ())
     extra = set(STAGE_EXTRA_FIELDS.get(kind, ()))
     dropped = set(STAGE_EXCLUDED_FIELDS.get(kind, ()))
+    # Paths under the project's root (data.dir, model.checkpoint, ...) are kept relative to it, so a
+    # project moved or cloned elsewhere with its runs still matches; a path elsewhere is compared whole.
+    root = str((values.get("paths") or {}).get("root_dir") or "").rstrip("/")
     out = {}
     for key, value in flat.items():
         group, _, field = key.partition(".")
@@ -104,5 +107,7 @@ def stage_fingerprint(cfg: Mapping[str, Any] | DictConfig, name: str) -> dict[st
             continue
         wanted = (group in groups) if groups is not None else (group not in excluded)
         if wanted or key in extra:
+            if root and isinstance(value, str) and value.startswith(root + "/"):
+                value = "${paths.root_dir}" + value[len(root):]
             out[key] = value
     return out
