@@ -20,6 +20,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from privacy.federated.settings import LOCAL_OPTIMIZERS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -236,7 +238,7 @@ class FederatedConfig:
     num_rounds: int = 5
     local_epochs: int = 1
     local_steps: Optional[int] = None
-    local_optimizer: str = one_of("sgd", "adam")  # the client's optimiser (fresh every round; DP-Adam under dp=local)
+    local_optimizer: str = one_of(*LOCAL_OPTIMIZERS)  # the client's optimiser (fresh every round; DP-Adam under dp=local)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     proximal_mu: float = 0.01
