@@ -243,7 +243,7 @@ class Stage:
         if diff:
             status = stage_status(self.dir).get("status", "?")
             raise StageConfigMismatch(
-                f"{self.dir} holds a {self.name} run ({status}) made with a different configuration:\n  " + "\n  ".join(diff)
+                f"{self.dir} holds an earlier {self.name} run ({status}) made with a different configuration:\n  " + "\n  ".join(diff)
                 + "\nIts results and checkpoints belong to that configuration, so they are neither reported nor resumed. "
                 "Pass force=true to discard them and run this stage from scratch, or give this configuration its own "
                 "directory (run_name=<new name>, or paths.run_dir=...)."
