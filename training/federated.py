@@ -43,6 +43,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from models.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODELS = ("wav2vec2_tiny",)
@@ -201,7 +203,7 @@ def pretrain(cfg: DictConfig) -> dict:
         t0 = time.time()
         steps = int(cfg.pretrain.max_steps)
         _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
-                                           log_every=int(cfg.pretrain.log_every))
+                                           log_every=int(cfg.pretrain.log_every), device=resolve_device(cfg.pretrain.device, field="pretrain.device"))
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),
@@ -295,7 +297,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
              cfg.trainer.batch_size, len(idx))
     t0 = time.time()
     stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg.trainer.lr),
-                        optimizer=optimizer, dp=session)
+                        optimizer=optimizer, dp=session, device=resolve_device(cfg.trainer.device))
     seconds = time.time() - t0
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": seconds,
                "clients": 1, "rounds": 0, "train_utterances": len(idx)}

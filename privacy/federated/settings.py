@@ -30,6 +30,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "lr": 0.05,
     "local-optimizer": "sgd",  # sgd | adam (a fresh optimiser every round)
     "batch-size": 16,
+    "device": "auto",  # trainer.device: where each client trains (models.device.resolve_device)
     "compression": "none",  # none | int8 | topk
     "topk-fraction": 0.05,
     "error-feedback": True,
@@ -88,6 +89,7 @@ def run_config_from_cfg(cfg: Any, task: str, run_dir: str) -> dict[str, Any]:
             "lr": float(trainer.lr),
             "local-optimizer": str(fed.local_optimizer),
             "batch-size": int(trainer.batch_size),
+            "device": str(trainer.device),
             "compression": str(comp.name),
             "topk-fraction": float(comp.topk_fraction),
             "error-feedback": bool(comp.error_feedback),

@@ -1,0 +1,131 @@
+"""Compute plan for the paper's scale: one fine-tuning step of AV-HuBERT BASE and LARGE on this CPU.
+
+For each size, in its own process (so peak memory is that model's alone), this builds the
+system `experiment=lrs3_base` trains (`training.asr.build_system`: random weights of the
+released architecture, CTC head over the SentencePiece vocabulary, masks=both, projection
+head, AdaLoRA) and runs the fine-tuning step on a batch of the recipe's size
+(`trainer.speakers_per_batch x trainer.utterances_per_speaker` utterances of FRAMES video
+frames, video front-end computed, as `trainer.cache_frontends=false` does):
+
+* step 1 under `torch.utils.flop_counter.FlopCounterMode`: FLOPs per step (forward + backward;
+  matmuls, convolutions, attention; element-wise ops are not counted);
+* step 2 timed: wall seconds and process CPU seconds (all threads) per step; peak resident
+  memory after both steps. On a shared machine the wall time includes waiting for a core.
+
+Then the GPU-hours the recipe needs: FLOPs/step x trainer.max_steps / (GPU bf16 peak x
+utilisation). The peak is the vendor's dense bf16 figure and the utilisation an assumption,
+both printed with the result (docs/compute_plan.md); the FLOPs and the CPU times are measured.
+
+    nice -n 10 python -m benchmarks.bench_compute_plan            # both sizes
+    nice -n 10 python -m benchmarks.bench_compute_plan --one large 4   # one size, a smaller batch (JSON line)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+FRAMES = 150  # 6 s at 25 fps: LRS3 trainval clips are at most about 6 s
+TARGET_TOKENS = 40  # SentencePiece units per 6 s utterance (about 15 words)
+GPU_PEAK_BF16_TFLOPS = {"A100": 312.0, "H100 SXM": 989.0}  # vendor dense bf16 peaks
+ASSUMED_UTILISATION = 0.3  # model FLOPs utilisation assumed for the GPU estimate (not measured)
+
+
+def _compose(size: str):
+    from hydra import compose, initialize_config_dir
+
+    import training.config  # noqa: F401  (schemas, resolvers)
+    from training.config import PROJECT_ROOT
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        return compose("config", overrides=["experiment=lrs3_base", f"model=avhubert_{size}", "model.checkpoint=null"])
+
+
+def measure(size: str, batch: int | None = None) -> dict:
+    """One model size in this process: FLOPs of one step, time of the next, peak memory."""
+    import logging
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import peak_rss_mb
+    from models.adapters import count_parameters
+    from training.asr import build_system
+
+    logging.disable(logging.WARNING)  # "model.checkpoint is null": random weights are what we want here
+    cfg = _compose(size)
+    tc = cfg.trainer
+    batch = batch or tc.speakers_per_batch * tc.utterances_per_speaker
+    vocab = int(cfg.data.sentencepiece_vocab)
+    torch.manual_seed(0)
+    system, adapter, _ = build_system(cfg, vocab)
+    system.train()
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(batch, 104, FRAMES, generator=g)
+    video = torch.randn(batch, 1, FRAMES, 88, 88, generator=g)
+    pad = torch.zeros(batch, FRAMES, dtype=torch.bool)
+    targets = torch.randint(1, vocab, (batch, TARGET_TOKENS), generator=g)
+    target_lengths = torch.full((batch,), TARGET_TOKENS)
+    speaker_idx = torch.arange(batch) // max(1, tc.utterances_per_speaker)
+    params = [p for p in system.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(tc.lr))
+    lam = float(cfg.loss["lambda"])
+
+    def step():
+        out = system(audio, video, pad, capture=True)
+        loss = system.asr.ctc_loss(out.ctc, targets, target_lengths) + adapter.regularization()
+        cl, _ = system.contrastive_loss(out, speaker_idx, pad, cfg.loss.temperature, cfg.loss.pooling)
+        (loss + lam * cl).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    t0 = time.perf_counter()
+    with counter:
+        step()
+    first = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    timed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    counts = count_parameters(system)
+    return {
+        "model": f"avhubert_{size}", "utterances": batch, "frames_per_utterance": FRAMES,
+        "params_total": counts["params/total"], "params_trainable": counts["params/trainable"],
+        "flops_per_step": int(counter.get_total_flops()), "step_s": timed, "step_cpu_s": cpu, "first_step_s_with_flop_counter": first,
+        "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads(), "max_steps": int(tc.max_steps),
+    }
+
+
+def gpu_estimate(flops_per_step: int, steps: int) -> dict:
+    return {gpu: flops_per_step * steps / (peak * 1e12 * ASSUMED_UTILISATION) / 3600.0
+            for gpu, peak in GPU_PEAK_BF16_TFLOPS.items()}
+
+
+def run(sizes=("base", "large")) -> dict:
+    from benchmarks.common import write_result
+
+    results = {}
+    for size in sizes:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_compute_plan", "--one", size],
+                              capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode != 0:
+            raise RuntimeError(f"compute plan, {size}: {proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        steps = r["max_steps"]
+        r["cpu_hours_for_recipe"] = r["step_s"] * steps / 3600.0
+        r["gpu_hours_for_recipe"] = gpu_estimate(r["flops_per_step"], steps)
+        results[size] = r
+    result = {"frames_per_utterance": FRAMES, "assumed_gpu_utilisation": ASSUMED_UTILISATION,
+              "gpu_peak_bf16_tflops": GPU_PEAK_BF16_TFLOPS, **results}
+    write_result("compute_plan", result)
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--one":
+        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)))
+    else:
+        print(json.dumps(run(tuple(a for a in sys.argv[1:]) or ("base", "large")), indent=2))
