@@ -1,7 +1,7 @@
 """Compute plan for the paper's scale: one fine-tuning step of AV-HuBERT BASE and LARGE on this CPU.
 
 For each size, in its own process (so peak memory is that model's alone), this builds the
-system `experiment=lrs3_base` trains (`training.asr.build_system`: random weights of the
+system `experiment=lrs3_base` trains (`training.avhubert.finetune.build_system`: random weights of the
 released architecture, CTC head over the SentencePiece vocabulary, masks=both, projection
 head, AdaLoRA) and runs the fine-tuning step on a batch of the recipe's size
 (`trainer.speakers_per_batch x trainer.utterances_per_speaker` utterances of FRAMES video
@@ -53,7 +53,7 @@ def measure(size: str, batch: int | None = None) -> dict:
 
     from benchmarks.common import peak_rss_mb
     from models.adapters import count_parameters
-    from training.asr import build_system
+    from training.avhubert.finetune import build_system
 
     logging.disable(logging.WARNING)  # "model.checkpoint is null": random weights are what we want here
     cfg = _compose(size)

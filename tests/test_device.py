@@ -13,7 +13,7 @@ from torch import nn
 
 from models.adapters import AdapterSpec, apply_adapter
 from models.avhubert import AVHubertModel, avhubert_tiny, freeze_frontends
-from models.device import move_to_device, pin_memory_for, resolve_device
+from common.device import move_to_device, pin_memory_for, resolve_device
 from models.heads import AVHubertForCTC
 from privacy.contrastive import ProjectionHead
 from privacy.masks import build_masks
@@ -25,7 +25,7 @@ def gpu(test):
 
 def masked_system(position: str = "frontend", modality_dropout: float = 0.0, audio_dropout: float = 0.5,
                   layerdrop: float = 0.0, adapter: str = "adalora"):
-    """The fine-tuning system as training.asr.build_system assembles it (tiny sizes, CPU)."""
+    """The fine-tuning system as training.avhubert.finetune.build_system assembles it (tiny sizes, CPU)."""
     core = AVHubertModel(avhubert_tiny(modality_dropout=modality_dropout, audio_dropout=audio_dropout, encoder_layerdrop=layerdrop))
     asr = AVHubertForCTC(core, vocab_size=12)
     freeze_frontends(asr)
@@ -156,7 +156,7 @@ def test_unusable_device_fails_at_start_up(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     import training.config  # noqa: F401
-    from training.asr import validate_options
+    from training.avhubert.finetune import validate_options
     from training.config import PROJECT_ROOT
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -35,7 +35,7 @@ def tiny_corpus(tmp_path_factory):
 def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     from safetensors.torch import load_file
 
-    from training.asr import read_export
+    from training.avhubert.export import read_export
     from training.tasks import run_asr_task, run_attack_task
 
     tmp = tiny_corpus
@@ -82,7 +82,7 @@ MASKED = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trai
 def test_export_and_attack_pointed_at_another_asr_run(tiny_corpus):
     """The LRS3 -> VoxCeleb2 route in small: a run that did not fine-tune (other overrides; there another corpus)
     exports through the model of `asr_run` and its attacker reads that export; a mismatch is refused."""
-    from training.asr import read_export
+    from training.avhubert.export import read_export
     from training.tasks import run_asr_task, run_attack_task
 
     tmp = tiny_corpus
@@ -125,7 +125,7 @@ def test_incompatible_options_fail_before_data_is_loaded(tmp_path):
 
 
 def test_only_adapters_masks_and_heads_train(tiny_corpus):
-    from training.asr import build_system
+    from training.avhubert.finetune import build_system
 
     system, adapter, _ = build_system(cfg_for(tiny_corpus, "masks=both", "loss=ctc_contrastive", "model.checkpoint=null"), 29)
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}

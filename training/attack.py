@@ -28,11 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.manifest import read_split, read_trials, manifest_dir
 from data.samplers import BucketBatchSampler
-from models.device import move_to_device, pin_memory_for
+from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train
-from training.metrics import det_curve, plot_det_curve, speaker_verification_metrics
-from training.run import Stage, atomic_write_text, seed_everything
+from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from common.files import atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,8 @@ def _check_finite(name: str, seqs: list[torch.Tensor] | None, source: Path | str
 
 def load_feature_sets(cfg: DictConfig):
     """(train FeatureSet, trials FeatureSet, feature dim) from the ASR run's export."""
-    from training.asr import asr_run_dir, read_export
+    from training.avhubert.export import read_export
+    from training.avhubert.finetune import asr_run_dir
 
     a = cfg.attacker
     export_dir = Path(cfg.paths.run_dir) / "export"
@@ -133,7 +136,7 @@ def load_feature_sets(cfg: DictConfig):
 
 def load_raw_sets(cfg: DictConfig):
     """Raw waveforms and normalised mouth-ROI frames of the attacker splits."""
-    from training.asr import make_dataset
+    from training.avhubert.finetune import make_dataset
 
     out = []
     for split in ("attacker_train", "attacker_trials"):
@@ -172,7 +175,7 @@ def run_attack(cfg: DictConfig) -> dict:
         trials = read_trials(trials_path, known_ids=set(test_set.ids))
         rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
                                      "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
-        from training.asr import task_device
+        from training.avhubert.finetune import task_device
 
         device = task_device(cfg)
         model = RJCASpeakerVerifier(rcfg)

@@ -8,7 +8,7 @@ default. Models and privacy modules never import this file: entry code turns
 these configs into plain constructor arguments.
 
 Importing this module registers the schemas and the custom resolvers; both entry
-scripts and `data.prepare` do it before `@hydra.main` runs.
+scripts and `scripts.prepare_data` do it before `@hydra.main` runs.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive NaN/inf losses or gradients before training stops
     progress_bar: bool = True  # tqdm; shown only on rank 0 and when stderr is a terminal
     num_workers: int = 0
-    # auto | cpu | cuda | cuda:N (models.device.resolve_device); every task runs there: pretrain
+    # auto | cpu | cuda | cuda:N (common.device.resolve_device); every task runs there: pretrain
     # (pretrain.device follows trainer.device), finetune, evaluate, export, attack, federated clients.
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16

@@ -51,11 +51,11 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
 def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel when distributed (rank 0's parameters are broadcast to all), else the model itself.
 
-    Move the model to its device (`models.device.resolve_device`) first. Every trainable
+    Move the model to its device (`common.device.resolve_device`) first. Every trainable
     parameter must get a gradient in every step on every rank unless `find_unused_parameters`
     (slower: DDP then walks the autograd graph after each forward); AV-HuBERT's modality
     dropout keeps the dropped branch in the graph for this reason, and layer drop, which skips
-    whole layers, needs the flag (training/asr.py sets it when model.encoder_layerdrop > 0).
+    whole layers, needs the flag (training/avhubert/finetune.py sets it when model.encoder_layerdrop > 0).
     """
     if not is_distributed():
         return model

@@ -30,7 +30,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from models.device import resolve_device
+from common.device import resolve_device
 from privacy.federated.compression import build_compressor, dense_nbytes, payload_nbytes
 from privacy.federated.settings import resolve_run_config
 from privacy.federated.task import (

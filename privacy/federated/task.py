@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.device import move_to_device
+from common.device import move_to_device
 
 Batch = Any
 
@@ -165,7 +165,7 @@ def train_local(
     cost) and identical to the loss term for plain SGD. With Adam the proximal step
     stays this plain step (Adam does not rescale it), so mu means the same with both.
 
-    device: where the model is moved and each batch goes (`models.device`); None = where the model is.
+    device: where the model is moved and each batch goes (`common.device`); None = where the model is.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")

@@ -3,7 +3,7 @@
 import torch
 
 from data.tokenizer import CharTokenizer
-from training.decode import LexiconBeamDecoder, ctc_greedy_decode
+from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode
 
 
 def emissions_for(tok: CharTokenizer, text: str, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_beam_search_only_emits_lexicon_words():
 import pytest  # noqa: E402
 
 from data.tokenizer import SentencePieceTokenizer, WordTokenizer  # noqa: E402
-from training.decode import LexiconFreeBeamDecoder, build_beam_decoder, check_decoder_options  # noqa: E402
+from data.ctc_decode import LexiconFreeBeamDecoder, build_beam_decoder, check_decoder_options  # noqa: E402
 
 GRID = ["bin blue at f two now", "place red by g nine again", "set white with p four soon", "lay green in z one please"]
 
@@ -99,7 +99,7 @@ def test_lrs3_base_passes_its_start_up_checks_and_a_bad_decoder_fails_before_tra
     from hydra import compose, initialize_config_dir
 
     import training.config  # noqa: F401
-    from training.asr import validate_options
+    from training.avhubert.finetune import validate_options
     from training.config import PROJECT_ROOT
 
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):

@@ -571,7 +571,7 @@ def _recovered_tokenizer(bpe: Any) -> Optional[dict[str, Any]]:
 
 def write_recovered_tokenizer(info: Mapping[str, Any], path: Union[str, Path]) -> Path:
     """Write the SentencePiece model a seq2seq checkpoint pickled (info from load_avhubert_checkpoint) to `path`."""
-    from training.run import atomic_write_bytes
+    from common.files import atomic_write_bytes
 
     tokenizer = info.get("s2s_tokenizer") or {}
     if not tokenizer.get("model_proto"):
@@ -604,7 +604,7 @@ def save_avhubert_checkpoint(path: Union[str, Path], model: nn.Module, cfg_dict:
     dictionary_symbols: the label set (e.g. cluster ids as strings) stored as a fairseq Dictionary in
     task_state, as fairseq's pretraining checkpoints do. extra: our own additions (plain data and tensors).
     """
-    from training.run import atomic_write_bytes
+    from common.files import atomic_write_bytes
 
     core = model.avhubert if isinstance(model, AVHubertForCTC) else model
     if not isinstance(core, AVHubertModel):
