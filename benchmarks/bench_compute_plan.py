@@ -14,10 +14,13 @@ frames, video front-end computed, as `trainer.cache_frontends=false` does):
 
 Then the GPU-hours the recipe needs: FLOPs/step x trainer.max_steps / (GPU bf16 peak x
 utilisation). The peak is the vendor's dense bf16 figure and the utilisation an assumption,
-both printed with the result (docs/compute_plan.md); the FLOPs and the CPU times are measured.
+both printed with the result (docs/paper_scale.md, "Compute plan"); the FLOPs and the CPU times are
+measured. `gpu_hours_at_avhubert_batch` scales the FLOPs linearly to AV-HuBERT's own fine-tuning batch
+(8 GPUs x 1000 frames per update) for comparison.
 
     nice -n 10 python -m benchmarks.bench_compute_plan            # both sizes
     nice -n 10 python -m benchmarks.bench_compute_plan --one large 4   # one size, a smaller batch (JSON line)
+    python -m benchmarks.bench_compute_plan --derive   # recompute the estimates in compute_plan.json from its measurements
 """
 
 from __future__ import annotations
@@ -104,6 +107,21 @@ def gpu_estimate(flops_per_step: int, steps: int) -> dict:
             for gpu, peak in GPU_PEAK_BF16_TFLOPS.items()}
 
 
+AVHUBERT_RECIPE_FRAMES = 8 * 1000  # av_hubert conf/finetune/base_lrs3_30h.yaml: 8 GPUs x max_tokens 1000 frames per update
+
+
+def derive(r: dict) -> dict:
+    """The estimates that follow from one size's measurements (FLOPs, CPU seconds) and the stated assumptions."""
+    steps = r["max_steps"]
+    r["cpu_core_hours_for_recipe"] = r["step_cpu_s"] * steps / 3600.0  # process CPU time, all threads
+    r["cpu_wall_hours_for_recipe"] = r["step_s"] * steps / 3600.0  # this machine's wall time, load included
+    r.pop("cpu_hours_for_recipe", None)  # the first run's name for the wall-time figure
+    r["gpu_hours_for_recipe"] = gpu_estimate(r["flops_per_step"], steps)
+    frames = r["utterances"] * r["frames_per_utterance"]
+    r["gpu_hours_at_avhubert_batch"] = gpu_estimate(r["flops_per_step"] * AVHUBERT_RECIPE_FRAMES // frames, steps)
+    return r
+
+
 def run(sizes=("base", "large")) -> dict:
     from benchmarks.common import write_result
 
@@ -113,19 +131,32 @@ def run(sizes=("base", "large")) -> dict:
                               capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode != 0:
             raise RuntimeError(f"compute plan, {size}: {proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        steps = r["max_steps"]
-        r["cpu_hours_for_recipe"] = r["step_s"] * steps / 3600.0
-        r["gpu_hours_for_recipe"] = gpu_estimate(r["flops_per_step"], steps)
-        results[size] = r
+        results[size] = derive(json.loads(proc.stdout.strip().splitlines()[-1]))
     result = {"frames_per_utterance": FRAMES, "assumed_gpu_utilisation": ASSUMED_UTILISATION,
-              "gpu_peak_bf16_tflops": GPU_PEAK_BF16_TFLOPS, **results}
+              "gpu_peak_bf16_tflops": GPU_PEAK_BF16_TFLOPS, "avhubert_recipe_frames_per_update": AVHUBERT_RECIPE_FRAMES,
+              **results}
     write_result("compute_plan", result)
     return result
 
 
+def rederive() -> dict:
+    """Recompute the derived fields of benchmarks/results/compute_plan.json from its measured ones (no new measurement)."""
+    from benchmarks.common import RESULTS
+
+    path = RESULTS / "compute_plan.json"
+    result = json.loads(path.read_text())
+    result["avhubert_recipe_frames_per_update"] = AVHUBERT_RECIPE_FRAMES
+    for key, value in result.items():
+        if isinstance(value, dict) and "flops_per_step" in value:
+            derive(value)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "--one":
+    if sys.argv[1:] == ["--derive"]:
+        print(json.dumps(rederive(), indent=2))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "--one":
         print(json.dumps(measure(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)))
     else:
         print(json.dumps(run(tuple(a for a in sys.argv[1:]) or ("base", "large")), indent=2))
