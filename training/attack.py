@@ -198,7 +198,7 @@ def run_attack(cfg: DictConfig) -> dict:
         t0 = time.time()
         result = train(system, step_fn, loader, optimizer, scheduler, max_steps=max_steps, ckpt_dir=stage.dir / "checkpoints",
                        grad_clip=5.0, log_every=max(1, steps_per_epoch), ckpt_every=steps_per_epoch * max(1, a.epochs // 4),
-                       progress_bar=cfg.trainer.progress_bar, device=device, precision=cfg.trainer.precision)
+                       progress_bar=cfg.trainer.progress_bar, device=device)  # fp32: a small model; AAM logits at scale s
         train_seconds = time.time() - t0
         # Embed every trials utterance once, then score the pairs.
         model.eval()
