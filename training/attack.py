@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.manifest import read_split, read_trials, manifest_dir
+from data.manifest import manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
 from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier

@@ -19,18 +19,6 @@ def _steps_per_round(cfg: DictConfig, n_train: int) -> int:
     return _local_steps(cfg) or int(cfg.federated.local_epochs) * math.ceil(n_train / int(cfg.trainer.batch_size))
 
 
-def _task_keys(cfg: DictConfig) -> dict[str, Any]:
-    checkpoint = cfg.model.get("checkpoint")
-    layers = cfg.dp.get("trainable_layers")
-    return {
-        "task-data-dir": str(cfg.data.dir),
-        "task-tokenizer": str(cfg.data.tokenizer),
-        "task-checkpoint": str(checkpoint) if checkpoint else "",
-        "task-trainable-layers": -1 if layers is None else int(layers),
-        "task-train-positional-conv": bool(cfg.dp.get("train_positional_conv", True)),
-    }
-
-
 def _eval_utterances() -> int:
     from privacy.federated.synthgrid_task import DEFAULT_TASK_CONFIG
 
@@ -114,7 +102,7 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
                 raise DPPlanError(f"dp=local, {who} ({h['n_train']} training utterances, {h['total_steps']} steps): {error}") from None
         out["noise_multipliers"] = sigmas
     if dp.name == "central":
-        from privacy.federated.strategy import noise_multiplier_for_budget
+        from privacy.dp import central_noise_multiplier_for_budget
 
         n_clients = int(fed.num_clients)
         if not 0 < float(dp.target_delta) < 1.0 / n_clients:
@@ -126,7 +114,7 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
         if dp.noise_multiplier is None:
             try:
-                out["noise_multipliers"] = [noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]
+                out["noise_multipliers"] = [central_noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]
             except ValueError as error:
                 raise DPPlanError(f"dp=central: {error}") from None
     return out
