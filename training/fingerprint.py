@@ -54,10 +54,11 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int 
 # Top-level keys that never change a stage's result.
 OPERATIONAL_KEYS = ("task", "force", "dry_run", "run_name", "paths", "logger", "hydra", "eval_after_finetune", "defaults")
 # Fields that never change a stage's result (progress display, logging/checkpoint cadence,
-# worker processes; evaluation runs with the RNG saved and restored, so eval_every neither).
+# worker processes, the device a run is moved to; evaluation runs with the RNG saved and restored,
+# so eval_every neither).
 OPERATIONAL_FIELDS = {
-    "trainer": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every"),
-    "pretrain": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every"),
+    "trainer": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every", "device"),
+    "pretrain": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every", "device"),
     "data": ("num_workers", "max_skip_fraction"),
 }
 # Which top-level groups each stage depends on (None: every non-operational group).
