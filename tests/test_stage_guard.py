@@ -255,7 +255,7 @@ def test_fine_tuned_model_loads_through_the_checked_loader(tmp_path, monkeypatch
     d.mkdir(parents=True)
     asr.save_system(d / "model.pt", torch.nn.Linear(64, 64))
     _flip_tensor_bytes(d / "model.pt")
-    monkeypatch.setattr(asr, "tokenizer_for_run", lambda cfg: type("T", (), {"vocab_size": 5})())
+    monkeypatch.setattr(asr, "tokenizer_for_run", lambda cfg, **kwargs: type("T", (), {"vocab_size": 5})())
     monkeypatch.setattr(asr, "build_system", lambda cfg, n: (torch.nn.Linear(64, 64), None, None))
     with pytest.raises(CheckpointError, match=rf"{d / 'model.pt'} is corrupt.*CRC"):
         asr.load_finetuned(cfg)
