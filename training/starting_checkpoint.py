@@ -45,7 +45,7 @@ from common.metrics import word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
 from common.files import atomic_write_text
 from common.seeding import seed_everything
-from training.stage import Stage
+from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def heldout_wer(model: AVHubertForCTC, batches: list, video_cache: dict, tokeniz
 # --------------------------------------------------------------------------- the pipeline
 def _pretrain_iteration(cfg: DictConfig, iteration: int, previous: Optional[Path]) -> tuple[Path, dict]:
     from training.avhubert import pretrain
-    from training.stage import finished_metrics
+    from training.stage import skip_if_done
 
     over = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     over.pretrain.iteration = iteration
@@ -246,7 +246,7 @@ def _pretrain_iteration(cfg: DictConfig, iteration: int, previous: Optional[Path
     if iteration >= 2:
         over.pretrain.target_checkpoint = str(previous)
     out_dir = pretrain.pretrain_out_dir(over)
-    metrics = finished_metrics(out_dir) if not cfg.force else None
+    metrics = skip_if_done(over, "pretrain", out_dir)
     if metrics is None:
         metrics = pretrain.pretrain(over)
     return out_dir / "checkpoint_last.pt", metrics
@@ -266,7 +266,7 @@ def build_starting_checkpoint(cfg: DictConfig) -> dict:
                                  "targets_seconds": metrics.get("targets_seconds"),
                                  "loss": metrics.get("pretrain/train/loss"), "acc_masked": metrics.get("pretrain/train/acc_masked")})
     stage_dir = Path(cfg.paths.pretrained_dir) / cfg.model.name / "finetune_public"
-    with Stage(cfg, "finetune_public", directory=stage_dir) as stage:
+    with open_stage(cfg, "finetune_public", directory=stage_dir) as stage:
         seed_everything(cfg.seed)
         from data.synthgrid.grammar import GRID_WORDS
 

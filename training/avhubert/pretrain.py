@@ -21,10 +21,11 @@ from models.adapters import count_parameters
 from models.avhubert import AVHubertConfig, AVHubertModel
 from models.avhubert_checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
 from models.heads import AVHubertForCTC
-from training.avhubert.finetune import make_dataset, make_logger
+from common.device import pin_memory_for
+from training.avhubert.finetune import make_dataset, make_logger, task_device
 from training.loop import loop_kwargs_from_config, train
 from training.optim import optimizer_and_scheduler_from_config
-from training.stage import Stage
+from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.model.family != "avhubert":
         raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
     out_dir = pretrain_out_dir(cfg)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir, attempt_outputs=(f"{cfg.pretrain.split}.km", "checkpoint_last.pt")) as stage:
         gen = seed_everything(cfg.seed)
         tc = cfg.pretrain
         dataset = make_dataset(cfg, tc.split, train=True)
@@ -122,8 +123,10 @@ def pretrain(cfg: DictConfig) -> dict:
         t_targets = time.time()
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
         targets_seconds = time.time() - t_targets  # k-means (or reading the cached <split>.km)
-        model = AVHubertModel(model_cfg)
-        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
+        device = task_device(cfg, "pretrain")
+        model = AVHubertModel(model_cfg).to(device)
+        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True,
+                                  pin_memory=pin_memory_for(device))
         mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
         pen_weight = float(tc.features_pen_weight)
 
@@ -133,6 +136,7 @@ def pretrain(cfg: DictConfig) -> dict:
             for i, uid in enumerate(batch["ids"]):
                 lab = torch.from_numpy(targets[uid][:frames])
                 tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
+            tgt = tgt.to(batch["audio"].device, non_blocking=True)
             return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen,
                                       features_pen_weight=pen_weight)
 
@@ -140,7 +144,7 @@ def pretrain(cfg: DictConfig) -> dict:
         logger = make_logger(cfg, out_dir)
         t0 = time.time()
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
+                       generators={"mask": mask_gen}, device=device, **loop_kwargs_from_config(tc))
         logger.close()
         label_rate = 100 if int(tc.iteration) == 1 else cfg.data.fps
         ckpt = save_avhubert_checkpoint(
