@@ -1,4 +1,4 @@
-"""ASR entry point: prepare | pretrain | finetune | evaluate | export.
+"""ASR entry point: task=pretrain | finetune | evaluate | export (data: `python -m data.prepare`).
 
     python train_avhubert.py task=pretrain
     python train_avhubert.py task=finetune masks=both loss=ctc_contrastive
@@ -8,17 +8,22 @@ The Wav2Vec2 federated/DP variant is selected by config (model.family=wav2vec2
 or federated != none). Composition only: the work lives in training/tasks.py.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import training.config  # noqa: F401  (registers schemas and resolvers)
+from training.cli import hydra_argv, report_startup_errors
 from training.tasks import run_asr_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run_asr_task(cfg)
+    with report_startup_errors():
+        return run_asr_task(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = hydra_argv(sys.argv)
     main()

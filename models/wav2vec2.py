@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -73,6 +74,8 @@ import torch
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+from common.progress import progress_line
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +452,7 @@ def pretrain_wav2vec2_tiny(
     t_start, t_end = gumbel_temperature
     losses: list[float] = []
     batches = _cycle(dataloader_of_waveforms)
+    t0 = time.perf_counter()
     for step in range(steps):
         model.set_gumbel_temperature(t_start * (t_end / t_start) ** (step / max(1, steps - 1)))
         waveforms, attention_mask = _as_waveform_batch(next(batches))
@@ -462,7 +466,8 @@ def pretrain_wav2vec2_tiny(
         scheduler.step()
         losses.append(stats["loss"])
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log.info("pretrain step %d/%d %s", step + 1, steps, {k: round(v, 4) for k, v in stats.items()})
+            log.info("%s", progress_line("wav2vec2 pretrain step", step + 1, steps, time.perf_counter() - t0, unit="step",
+                                         extra=" ".join(f"{k} {v:.4g}" for k, v in stats.items())))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

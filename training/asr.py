@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.progress import Progress, heartbeat
 from data.collate import collate_av
 from data.dataset import AVSRDataset, build_dataloader
 from data.tokenizer import build_tokenizer, load_tokenizer
@@ -114,10 +115,13 @@ def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: 
     model.eval()
     cache: dict[str, torch.Tensor] = {}
     loader = build_dataloader(dataset, "bucket", batch_size=batch_size, seed=0, num_workers=0, train=False)
+    progress = Progress(total=len(dataset), desc=f"video front-end cache ({dataset.split})", unit="utt", enabled=ddp.is_main())
     for batch in loader:
         _, fv = model.extract_frontends(None, batch["video"])
         for i, uid in enumerate(batch["ids"]):
             cache[uid] = fv[i, : int(batch["lengths"][i])].clone()
+        progress.update(len(batch["ids"]))
+    progress.close()
     model.train(was_training)
     return cache
 
@@ -142,8 +146,14 @@ def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: in
         labels = read_km(km_path, expected=len(ids))
     else:
         log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(ids))
-        feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
-        km = fit_kmeans(feats, k, seed=cfg.seed)
+        feats = []
+        with Progress(total=len(ids), desc="pretrain: MFCCs for k-means", unit="utt", every=max(1, len(ids) // 4)) as progress:
+            for u in dataset.utterances:
+                feats.append(mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate))
+                progress.update()
+        frames = sum(len(f) for f in feats)
+        with heartbeat(f"pretrain: k-means fit (k={k}, {frames} MFCC frames)", seconds=30.0):
+            km = fit_kmeans(feats, k, seed=cfg.seed)
         labels = [assign_labels(km, f) for f in feats]
         write_km(km_path, labels)
     return {uid: labels_at_feature_rate(lab, u.n_frames) for uid, lab, u in zip(ids, labels, dataset.utterances)}
@@ -176,7 +186,7 @@ def pretrain(cfg: DictConfig) -> dict:
         logger = make_logger(cfg, out_dir)
         t0 = time.time()
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
+                       generators={"mask": mask_gen}, desc="pretrain", **loop_kwargs_from_config(tc))
         logger.close()
         ckpt = save_avhubert_checkpoint(
             out_dir / "checkpoint_last.pt", model,
@@ -303,7 +313,7 @@ def finetune(cfg: DictConfig) -> dict:
         model = ddp.wrap_ddp(system) if world > 1 else system
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
                        eval_fn=eval_fn, after_optimizer_step=adapter.after_optimizer_step, generators={"mask": mask_gen},
-                       extra_state={"adalora": adapter}, **loop_kwargs_from_config(tc))
+                       extra_state={"adalora": adapter}, desc="finetune", **loop_kwargs_from_config(tc))
         logger.close()
         if not ddp.is_main():
             return {}

@@ -12,7 +12,8 @@ Stages (training.run.Stage):
   ``public`` split (audio only), written to ``model.checkpoint``
   (``${paths.pretrained_dir}/wav2vec2_tiny``) with its own status/metrics.
   ``task=finetune`` runs it first when that checkpoint is missing.
-* ``task=finetune``: ``<run_dir>/federated/metrics.json``.
+* ``task=finetune``: ``<run_dir>/federated/metrics.json``, and ``log.csv`` / ``log.jsonl`` (one entry per
+  round; wandb too under ``logger=wandb``), written when the federation has finished.
 
 Budget of the centralised baseline (``federated=none``): the same model, data,
 optimiser, learning rate and batch size as the FL run, and the same TOTAL number
@@ -97,12 +98,9 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
     return plan
 
 
-def check_plan(cfg: DictConfig) -> dict[str, Any]:
-    """Start-up checks (no audio is read): model, clients vs speakers, DP budget and delta.
-
-    Returns what the run will do (client plan, noise multipliers) for logging/metrics.
-    """
-    from privacy.dp import DPPlanError, validate_dp_plan
+def check_config(cfg: DictConfig) -> None:
+    """The start-up checks that need only the configuration (a dry run without a prepared corpus runs these)."""
+    from privacy.dp import DPPlanError
 
     if cfg.model.family != "wav2vec2":
         raise ValueError(
@@ -131,6 +129,27 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             f"dp.grad_sample_mode={dp.grad_sample_mode!r}: the federated client trains with Opacus' hooks mode and "
             f"Hugging Face's CTC loss; use dp=local (ghost clipping is measured in benchmarks/bench_fl_dp.py)"
         )
+    if dp.name == "central":
+        n_clients = int(fed.num_clients)
+        if not 0 < float(dp.target_delta) < 1.0 / n_clients:
+            raise DPPlanError(
+                f"dp.target_delta={float(dp.target_delta):g} must be < 1/N = 1/{n_clients} (N = number of clients: "
+                f"central DP protects a whole client)"
+            )
+        if fed.name not in ("fedavg", "fedprox"):
+            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
+
+
+def check_plan(cfg: DictConfig) -> dict[str, Any]:
+    """Start-up checks (no audio is read): `check_config`, then clients vs speakers and the DP budget
+    (from the manifest).
+
+    Returns what the run will do (client plan, noise multipliers) for logging/metrics.
+    """
+    from privacy.dp import DPPlanError, validate_dp_plan
+
+    check_config(cfg)
+    fed, dp = cfg.federated, cfg.dp
     plan = client_plan(cfg)
     out: dict[str, Any] = {"clients": plan}
     rounds = int(fed.num_rounds)
@@ -155,14 +174,6 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
     if dp.name == "central":
         from privacy.federated.strategy import noise_multiplier_for_budget
 
-        n_clients = int(fed.num_clients)
-        if not 0 < float(dp.target_delta) < 1.0 / n_clients:
-            raise DPPlanError(
-                f"dp.target_delta={float(dp.target_delta):g} must be < 1/N = 1/{n_clients} (N = number of clients: "
-                f"central DP protects a whole client)"
-            )
-        if fed.name not in ("fedavg", "fedprox"):
-            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
         if dp.noise_multiplier is None:
             try:
                 out["noise_multipliers"] = [noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]
@@ -202,6 +213,16 @@ def pretrain(cfg: DictConfig) -> dict:
         steps = int(cfg.pretrain.max_steps)
         _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
                                            log_every=int(cfg.pretrain.log_every))
+        from omegaconf import OmegaConf
+
+        from training.logging import logger_from_config
+
+        with logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=f"{cfg.run_name}-pretrain") as logger:
+            logger.reset()
+            every = max(1, int(cfg.pretrain.log_every))
+            for start in range(0, len(losses), every):
+                window = losses[start:start + every]
+                logger.log(start + len(window), {"train/loss": float(np.mean(window))})
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),
@@ -306,7 +327,29 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / len(loader), session.accountant.steps, eps))
     result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
     metrics.update(wer=result["wer"], cer=result["cer"], test_loss=result["loss"], test_utterances=result["utterances"])
+    write_run_log(cfg, out_dir, [], metrics)
     return metrics
+
+
+def write_run_log(cfg: DictConfig, out_dir: Path, rounds: list[dict[str, Any]], final: dict[str, Any]) -> None:
+    """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes:
+    one entry per federated round (step = round: clients' weighted train loss, federated
+    evaluation, epsilon so far, bytes sent), then the test-set result at the last step.
+    Written when the federation has finished (the rounds run inside Flower's apps)."""
+    from omegaconf import OmegaConf
+
+    from training.logging import logger_from_config
+
+    logger = logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name)
+    logger.reset()
+    for entry in rounds:
+        values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
+                  "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
+        values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+        logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
+    last_step = int(rounds[-1]["server_round"]) if rounds else int(final.get("steps", 0))
+    logger.log(last_step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
+    logger.close()
 
 
 def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps: int, epsilon: float) -> dict[str, float]:
@@ -363,6 +406,7 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
         metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])
     if last.get("train_loss") is not None:
         metrics["train_loss"] = float(last["train_loss"])
+    write_run_log(cfg, out_dir, summary["rounds"], metrics)
     if cfg.dp.name == "local":
         metrics["epsilon/max"] = max(per_client_eps.values(), default=0.0)
         for pid, eps in sorted(per_client_eps.items()):

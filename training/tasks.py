@@ -5,6 +5,9 @@
         model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
+Both run the start-up checks (training/startup.py) first; `dry_run=true` runs the
+same checks, then writes `<run_dir>/plan/<task>.yaml` and runs nothing.
+
 A sweep re-running a finished stage skips it (its status.json says done), so an
 interrupted multirun resumes where it stopped; `force=true` runs it again.
 """
@@ -17,12 +20,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from training import ddp
+from training import ddp, startup
 
 log = logging.getLogger(__name__)
-
-ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
-
 
 def _finished(stage_dir: Path) -> dict | None:
     status, metrics = stage_dir / "status.json", stage_dir / "metrics.json"
@@ -45,25 +45,29 @@ def _objective(metrics: dict, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def _dry_run(cfg: DictConfig, name: str) -> None:
+def _dry_run(cfg: DictConfig, name: str, plan) -> None:
+    """Everything a real run checks at start-up has passed: write the plan, say where it would run."""
     from training.run import save_config
 
-    plan = Path(cfg.paths.run_dir) / "plan"
-    plan.mkdir(parents=True, exist_ok=True)
-    path = save_config(plan, cfg)
-    path.replace(plan / f"{name.replace('/', '_')}.yaml")
-    print(f"dry run: {name} would run in {cfg.paths.run_dir}")
+    plan_dir = Path(cfg.paths.run_dir) / "plan"
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    path = save_config(plan_dir, cfg)
+    path.replace(plan_dir / f"{name.replace('/', '_')}.yaml")
+    print(f"dry run: {name} would run in {cfg.paths.run_dir} (start-up checks passed)")
+    for item in plan.missing:
+        print(f"  needs {item}")
 
 
 def run_asr_task(cfg: DictConfig):
+    plan = startup.run_checks(startup.check_asr, cfg)
     if cfg.dry_run:
-        return _dry_run(cfg, cfg.task)
+        return _dry_run(cfg, cfg.task, plan)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
         from training.federated import run_federated_task
 
+        startup.enforce(plan)
         return run_federated_task(cfg)
-    if cfg.task not in ASR_TASKS:
-        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
+    startup.enforce(plan)
     from training import asr
 
     if cfg.task == "pretrain":
@@ -89,8 +93,9 @@ def run_asr_task(cfg: DictConfig):
 def run_attack_task(cfg: DictConfig):
     from training.attack import attack_stage_name, run_attack
 
+    plan = startup.run_checks(startup.check_attack, cfg)
     if cfg.dry_run:
-        return _dry_run(cfg, attack_stage_name(cfg))
-
+        return _dry_run(cfg, attack_stage_name(cfg), plan)
+    startup.enforce(plan)
     done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")
