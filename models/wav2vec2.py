@@ -188,10 +188,18 @@ def build_wav2vec2_ctc(
         path = _check_checkpoint_dir(checkpoint_dir, f"wav2vec2 {size}")
         # the checkpoint may be a pre-training one (no lm_head) or a CTC one with another vocabulary:
         # the body loads, lm_head is (re)initialised for this vocabulary
-        model, info = Wav2Vec2ForCTC.from_pretrained(
-            str(path), local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
-            **ctc_settings, **config_overrides,
-        )
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its UNEXPECTED / MISSING key table is expected here: one line below instead
+        try:
+            model, info = Wav2Vec2ForCTC.from_pretrained(
+                str(path), local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
+                **ctc_settings, **config_overrides,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _report_loading(path, info)
         if POS_CONV_PLAIN_WEIGHT in info["unexpected_keys"]:
             # saved after make_dp_compatible: transformers would silently re-initialise the weight-normed conv
             fold_positional_conv_weight_norm(model)
@@ -200,6 +208,27 @@ def build_wav2vec2_ctc(
                 model.wav2vec2.encoder.pos_conv_embed.conv.weight.copy_(weight)
     model.freeze_feature_encoder()
     return model
+
+
+# Keys a pre-training checkpoint has and Wav2Vec2ForCTC does not (quantizer, projections), and
+# the CTC head a pre-training checkpoint lacks: expected when fine-tuning from it.
+PRETRAINING_ONLY_PREFIXES = ("quantizer.", "project_q.", "project_hid.")
+CTC_HEAD_PREFIX = "lm_head."
+
+
+def _report_loading(path: Path, info: dict) -> None:
+    """One line for the expected differences between a checkpoint and Wav2Vec2ForCTC; a warning
+    naming any other missing / unexpected / resized tensor."""
+    unexpected = [k for k in info.get("unexpected_keys", []) if k != POS_CONV_PLAIN_WEIGHT]
+    missing = list(info.get("missing_keys", []))
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])]
+    odd_unexpected = [k for k in unexpected if not k.startswith(PRETRAINING_ONLY_PREFIXES)]
+    odd_missing = [k for k in missing + mismatched if not k.startswith(CTC_HEAD_PREFIX) and not k.startswith(POS_CONV_PREFIX)]
+    log.info("wav2vec2 from %s: encoder loaded; %d pre-training-only tensors unused (quantizer, projections), "
+             "CTC head new for this vocabulary (%d tensors)", path, len(unexpected) - len(odd_unexpected),
+             len(missing) + len(mismatched) - len(odd_missing))
+    if odd_unexpected or odd_missing:
+        log.warning("wav2vec2 from %s: unexpected tensors %s, missing or resized %s", path, odd_unexpected, odd_missing)
 
 
 POS_CONV_PREFIX = "wav2vec2.encoder.pos_conv_embed.conv."

@@ -429,8 +429,10 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
 def run_federated_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
+    from common.library_logs import dedupe_flower_logs
     from training.run import Stage
 
+    dedupe_flower_logs()
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
         if not cfg.force and checkpoint_ready(cfg.model.checkpoint) and Stage(cfg, "pretrain", directory=cfg.model.checkpoint).done:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from common.library_logs import quiet_third_party
 from training import ddp, startup
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _dry_run(cfg: DictConfig, name: str, plan) -> None:
 
 
 def run_asr_task(cfg: DictConfig):
+    quiet_third_party()
     plan = startup.run_checks(startup.check_asr, cfg)
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task, plan)
@@ -93,6 +95,7 @@ def run_asr_task(cfg: DictConfig):
 def run_attack_task(cfg: DictConfig):
     from training.attack import attack_stage_name, run_attack
 
+    quiet_third_party()
     plan = startup.run_checks(startup.check_attack, cfg)
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg), plan)
