@@ -1,4 +1,4 @@
-"""ASR entry point: task=pretrain | finetune | evaluate | export (data: `python -m data.prepare`).
+"""ASR entry point: task=pretrain | finetune | evaluate | export (data: `python -m scripts.prepare_data`).
 
     python train_avhubert.py task=pretrain
     python train_avhubert.py task=finetune masks=both loss=ctc_contrastive

@@ -110,7 +110,7 @@ def quiet_third_party() -> None:
 def dedupe_flower_logs() -> None:
     """Flower logs through its own console handler AND propagates to the root logger: under Hydra
     (root handlers for console and file) every line appeared twice. Keep the root's copy.
-    Imports flwr: call it where Flower is about to run (training/federated.py)."""
+    Imports flwr: call it where Flower is about to run (training/wav2vec2/finetune.py)."""
     if not logging.getLogger().handlers:
         return
     try:

@@ -54,14 +54,14 @@ def _corpus_ready(cfg: DictConfig) -> bool:
 
 
 def _prepare_command(cfg: DictConfig) -> str:
-    return f"prepare the corpus first: python -m data.prepare data={cfg.data.name} <the same data overrides>"
+    return f"prepare the corpus first: python -m scripts.prepare_data data={cfg.data.name} <the same data overrides>"
 
 
 def check_asr(cfg: DictConfig) -> Plan:
     """train_avhubert.py: option checks, then the inputs of cfg.task."""
     plan = Plan()
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
-        from training.federated import check_config, check_plan
+        from training.wav2vec2.plan import check_config, check_plan
 
         check_config(cfg)
         if _corpus_ready(cfg):
@@ -70,8 +70,8 @@ def check_asr(cfg: DictConfig) -> Plan:
             plan.need(cfg.data.dir, False, _prepare_command(cfg) + " (then the client and privacy-budget checks run too)")
         return plan
     if cfg.task not in ASR_TASKS:
-        raise StartupError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
-    from training.asr import validate_options
+        raise StartupError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
+    from training.avhubert.finetune import validate_options
 
     validate_options(cfg)
     plan.need(cfg.data.dir, _corpus_ready(cfg), _prepare_command(cfg))
@@ -94,7 +94,7 @@ def check_asr(cfg: DictConfig) -> Plan:
 def check_attack(cfg: DictConfig) -> Plan:
     """train_speaker_verification.py: attacker options, the ASR run it attacks, and its export."""
     from models.rjca import RJCAConfig
-    from training.asr import validate_options
+    from training.avhubert.finetune import validate_options
     from training.attack import attack_stage_name
 
     plan = Plan()

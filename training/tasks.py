@@ -1,8 +1,8 @@
 """What each entry-point task does, given a composed config.
 
     train_avhubert.py task=pretrain | finetune | evaluate | export
-        model.family=avhubert  -> training/asr.py (AV-HuBERT + AdaLoRA + masks)
-        model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
+        model.family=avhubert  -> training/avhubert/ (AV-HuBERT + AdaLoRA + masks; one module per stage)
+        model.family=wav2vec2  -> training/wav2vec2/ (centralised, DP-only, FL, FL + DP; drives the Flower app in privacy/federated)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
 Both run the start-up checks (training/startup.py) first; `dry_run=true` runs the
@@ -14,7 +14,6 @@ interrupted multirun resumes where it stopped; `force=true` runs it again.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,23 +21,9 @@ from omegaconf import DictConfig
 
 from common.library_logs import quiet_third_party
 from training import ddp, startup
+from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
-
-def _finished(stage_dir: Path) -> dict | None:
-    status, metrics = stage_dir / "status.json", stage_dir / "metrics.json"
-    if status.is_file() and metrics.is_file() and json.loads(status.read_text()).get("status") == "done":
-        return json.loads(metrics.read_text())
-    return None
-
-
-def _skip_if_done(cfg: DictConfig, stage_dir: Path) -> dict | None:
-    if cfg.force:
-        return None
-    done = _finished(stage_dir)
-    if done is not None:
-        log.info("%s is already done (status.json); skipping. Pass force=true to run it again.", stage_dir)
-    return done
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -46,9 +31,9 @@ def _objective(metrics: dict, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def _dry_run(cfg: DictConfig, name: str, plan) -> None:
+def _dry_run(cfg: DictConfig, name: str, plan: startup.Plan) -> None:
     """Everything a real run checks at start-up has passed: write the plan, say where it would run."""
-    from training.run import save_config
+    from common.files import save_config
 
     plan_dir = Path(cfg.paths.run_dir) / "plan"
     plan_dir.mkdir(parents=True, exist_ok=True)
@@ -64,17 +49,17 @@ def run_asr_task(cfg: DictConfig):
     plan = startup.run_checks(startup.check_asr, cfg)
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task, plan)
-    if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
-        from training.federated import run_federated_task
-
-        startup.enforce(plan)
-        return run_federated_task(cfg)
     startup.enforce(plan)
-    from training import asr
+    if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
+        from training.wav2vec2.finetune import run_wav2vec2_task
+
+        return run_wav2vec2_task(cfg)
+    from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
-        return _objective(done or asr.pretrain(cfg), "pretrain/loss")
+        done = skip_if_done(cfg, pretrain.pretrained_dir(cfg))
+        return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
+    run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,
@@ -85,11 +70,11 @@ def run_asr_task(cfg: DictConfig):
         for name in stages:
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
-            done = _skip_if_done(cfg, run_dir / name)
-            results.update(done or getattr(asr, name)(cfg))
+            done = skip_if_done(cfg, run_dir / name)
+            results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
-    done = _skip_if_done(cfg, stage)
-    return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
+    done = skip_if_done(cfg, stage)
+    return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):
@@ -100,5 +85,5 @@ def run_attack_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg), plan)
     startup.enforce(plan)
-    done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
+    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")

@@ -1,0 +1,167 @@
+"""Fine-tuning and evaluation of the Wav2Vec2 variant: centralised baseline, DP-only, FL, FL + local / central DP.
+
+See the package docstring (training/wav2vec2/__init__.py) for what runs when.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from training.wav2vec2.plan import centralised_steps, check_plan
+from training.wav2vec2.pretrain import checkpoint_ready, ensure_pretrained, pretrain
+from training.wav2vec2.run_config import wav2vec2_run_config
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- runs
+def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:
+    """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
+    from privacy.federated.runner import run_centralised as train_centralised
+
+    result = train_centralised(run_config, centralised_steps(cfg, plan["clients"]), task)
+    stats, session = result["stats"], result["dp"]
+    metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
+               "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}
+    if session is not None:
+        delta = float(cfg.dp.target_delta)
+        eps = session.epsilon(delta)
+        metrics.update({"epsilon/max": eps, "epsilon/client_0": eps, "noise_multiplier": session.noise_multiplier})
+        metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / result["batches"], session.accountant.steps, eps))
+    score = task.evaluate_split(result["model"], str(cfg.eval.split))
+    metrics.update(wer=score["wer"], cer=score["cer"], test_loss=score["loss"], test_utterances=score["utterances"])
+    write_run_log(cfg, Path(run_config["run-dir"]), [], metrics)
+    return metrics
+
+
+def write_run_log(cfg: DictConfig, out_dir: Path, rounds: list[dict[str, Any]], final: dict[str, Any]) -> None:
+    """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes:
+    one entry per federated round (step = round: clients' weighted train loss, federated
+    evaluation, epsilon so far, bytes sent), then the test-set result at the last step.
+    Written when the federation has finished (the rounds run inside Flower's apps)."""
+    from omegaconf import OmegaConf
+
+    from training.run_logger import logger_from_config
+
+    logger = logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name)
+    logger.reset()
+    for entry in rounds:
+        values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
+                  "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
+        values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+        logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
+    last_step = int(rounds[-1]["server_round"]) if rounds else int(final.get("steps", 0))
+    logger.log(last_step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
+    logger.close()
+
+
+def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps: int, epsilon: float) -> dict[str, float]:
+    if not cfg.dp.get("cross_check", True) or not sigma or steps < 1:
+        return {}
+    from privacy.dp import independent_epsilon
+
+    independent = independent_epsilon(float(sigma), float(sample_rate), int(steps), float(cfg.dp.target_delta), "rdp")
+    return {"epsilon/independent_rdp": independent, "epsilon/independent_rel_diff": abs(independent - epsilon) / max(epsilon, 1e-12)}
+
+
+def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:
+    from privacy.federated.runner import run_federated
+    from privacy.federated.task import load_federated_state
+
+    num_clients = int(cfg.federated.num_clients)
+    t0 = time.time()
+    summary = run_federated(run_config, num_clients, backend=str(cfg.federated.backend))
+    seconds = time.time() - t0
+    summary.pop("grid", None)
+
+    model = task.build_model()
+    load_federated_state(model, summary["final_state"])
+    result = task.evaluate_split(model, str(cfg.eval.split))
+
+    entries = [c for r in summary["rounds"] for c in r["clients"]]
+    per_client_eps: dict[int, float] = {}
+    for c in entries:  # a client's epsilon is cumulative: its largest report is its spend so far
+        per_client_eps[c["partition_id"]] = max(per_client_eps.get(c["partition_id"], 0.0), float(c["epsilon"]))
+    sent = [c["bytes_sent"] for c in entries]
+    dense = [c["dense_bytes"] for c in entries]
+    metrics: dict[str, Any] = {
+        "wer": result["wer"],
+        "cer": result["cer"],
+        "test_loss": result["loss"],
+        "test_utterances": result["utterances"],
+        "rounds": int(summary["rounds_completed"]),
+        "rounds_planned": int(cfg.federated.num_rounds),
+        "clients": num_clients,
+        "client_updates": len(entries),
+        "bytes_per_client_round": float(np.mean(sent)) if sent else 0.0,
+        "dense_bytes_per_client_round": float(np.mean(dense)) if dense else 0.0,
+        "compression_ratio": float(np.sum(dense) / max(np.sum(sent), 1)) if sent else 0.0,
+        "train_seconds": seconds,
+        "rejected": int(summary.get("total_rejected", 0)),
+        "failed": int(summary.get("total_failed", 0)),
+        "stopped_early": int(summary["rounds_completed"] < int(cfg.federated.num_rounds)),
+    }
+    last = summary["rounds"][-1] if summary["rounds"] else {}
+    if last.get("eval"):
+        metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])
+    if last.get("train_loss") is not None:
+        metrics["train_loss"] = float(last["train_loss"])
+    write_run_log(cfg, Path(run_config["run-dir"]), summary["rounds"], metrics)
+    if cfg.dp.name == "local":
+        metrics["epsilon/max"] = max(per_client_eps.values(), default=0.0)
+        for pid, eps in sorted(per_client_eps.items()):
+            metrics[f"epsilon/client_{pid}"] = eps
+        sigmas = plan.get("noise_multipliers", [])
+        if sigmas:
+            worst = int(np.argmax([per_client_eps.get(i, 0.0) for i in range(num_clients)]))
+            c = plan["clients"][worst]
+            steps_done = sum(1 for e in entries if e["partition_id"] == worst) * c["steps_per_round"]
+            metrics["noise_multiplier"] = float(sigmas[worst])
+            metrics.update(_cross_check(cfg, sigmas[worst], 1.0 / c["batches"], steps_done, metrics["epsilon/max"]))
+    elif cfg.dp.name == "central":
+        eps = float(summary.get("central_epsilon", 0.0))
+        metrics["epsilon/max"] = eps
+        metrics["epsilon/server"] = eps
+        if summary.get("noise_multiplier") is not None:
+            metrics["noise_multiplier"] = float(summary["noise_multiplier"])
+    return metrics
+
+
+def run_wav2vec2_task(cfg: DictConfig) -> dict:
+    """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
+    from common.library_logs import dedupe_flower_logs
+    from training.stage import Stage, skip_if_done
+
+    dedupe_flower_logs()
+    plan = check_plan(cfg)
+    if cfg.task == "pretrain":
+        done = skip_if_done(cfg, cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None
+        return done if done is not None else pretrain(cfg)
+    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / "federated")
+    if done is not None:
+        return done
+    stage = Stage(cfg, "federated")
+    ensure_pretrained(cfg)
+    if cfg.dp.name == "local":
+        log.info("dp=local: noise multiplier(s) %s for target epsilon %g, delta %g", plan.get("noise_multipliers"),
+                 cfg.dp.target_epsilon, cfg.dp.target_delta)
+    with stage:
+        from privacy.federated.synthgrid_task import wav2vec2_synthgrid_task
+
+        if cfg.federated.name == "none":  # the same flat config; FedAvg is a placeholder no federation uses
+            run_config = wav2vec2_run_config(cfg, stage.dir, strategy="fedavg")
+            metrics = run_centralised(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
+        else:
+            run_config = wav2vec2_run_config(cfg, stage.dir)
+            metrics = run_fl(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
+        metrics.setdefault("epsilon/max", 0.0)
+        stage.metrics.update(metrics)
+    log.info("wav2vec2 %s / dp=%s / compression=%s: WER %.3f CER %.3f", cfg.federated.name, cfg.dp.name, cfg.compression.name,
+             metrics["wer"], metrics["cer"])
+    return stage.metrics
