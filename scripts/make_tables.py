@@ -1,7 +1,7 @@
-"""Turn `runs/**/<stage>/metrics.json` into markdown/LaTeX tables and privacy-utility plots.
+"""Turn `runs/**/<stage>/metrics.json` into markdown/LaTeX tables and plots.
 
-    python -m scripts.make_tables                       # all runs under ./runs
-    python -m scripts.make_tables --runs-dir runs --out results --seeds-agg mean_std
+    python -m scripts.make_tables                       # all runs under ./runs -> runs/tables/
+    python -m scripts.make_tables --runs-dir runs --out results --where model.name=wav2vec2_tiny
 
 Every run directory (`<runs>/<data>/<run_name>/s<seed>`) is one row before
 seed aggregation; its stages contribute columns as `<stage>:<metric>`. Rows are
@@ -9,6 +9,13 @@ grouped by the config axes that identify a system (everything but the seed), and
 numbers become mean +- std over seeds. A stage that started but did not finish
 (`status.json` says running/failed, or no metrics.json) is listed in a
 "failed or incomplete" section: never silently dropped.
+
+Plots (PNG, next to the tables): privacy vs utility per attack scenario (every
+masked system, the unmasked model attacked on its clean features, the raw-input
+attacker, the Pareto front; error bars = std over seeds), DET curves per attack
+scenario with the unprotected attacks as baselines, WER vs epsilon of the
+Wav2Vec2 DP runs with the runs without DP as labelled lines, and the per-round
+federated evaluation. Legends sit outside the axes; ranges follow the data.
 """
 
 from __future__ import annotations
