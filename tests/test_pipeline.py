@@ -73,6 +73,11 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert attack["eer"] == eer and {"min_dcf_p0.01", "min_dcf_p0.05", "n_trials"} <= set(attack)
     lines = (run_dir / "attack" / "semi_informed" / "scores.txt").read_text().splitlines()
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
+    # the attacker writes the same training log as the ASR stages (logger choice honoured)
+    from training.run_logger import read_jsonl
+
+    log = read_jsonl(run_dir / "attack" / "semi_informed" / "log.jsonl")
+    assert log and log[-1]["step"] == attack["steps"] and "train/loss" in log[-1]
 
 
 def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):
