@@ -373,21 +373,22 @@ def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
         if r.axis("dp.name") in (None, "none"):
             fed = r.axis("federated.name")
             no_dp["centralised" if fed in (None, "none") else f"FL ({fed})"].append(r.metrics["federated:wer"])
-        elif "federated:epsilon/max" in r.metrics:
-            key = (r.axis("dp.name"), r.axis("compression.name"))
+        elif "federated:epsilon/max" in r.metrics:  # FL + DP and DP-only (one data holder) are separate lines
+            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"))
             with_dp[key][float(r.axis("dp.target_epsilon"))].append((r.metrics["federated:epsilon/max"], r.metrics["federated:wer"]))
     if not with_dp:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     markers = iter(["o", "s", "^", "D", "v", "P", "X", "<", ">"] * 3)
-    for (dp_kind, comp), by_target in sorted(with_dp.items(), key=lambda kv: [str(x) for x in kv[0]]):
+    for (dp_only, dp_kind, comp), by_target in sorted(with_dp.items(), key=lambda kv: [str(x) for x in kv[0]]):
         eps, wer, err = [], [], []
         for target in sorted(by_target):
             e, _ = _mean_std([p[0] for p in by_target[target]])
             w, sd = _mean_std([100 * p[1] for p in by_target[target]])
             eps.append(e), wer.append(w), err.append(sd)
         what = "local DP (per client)" if dp_kind == "local" else "central DP (server)" if dp_kind == "central" else f"{dp_kind} DP"
+        what = "DP-only, centralised DP-SGD" if dp_only else f"FL + {what}"
         ax.errorbar(eps, wer, yerr=err if any(err) else None, fmt=next(markers) + "-", capsize=2, ms=5, alpha=0.85,
                     label=f"{what}, {'no compression' if comp in (None, 'none') else comp + ' updates'}")
     styles = iter([":", "--", "-."])

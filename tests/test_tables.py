@@ -221,7 +221,7 @@ def test_epsilon_plot_labels_the_no_dp_baselines_or_says_there_is_none(tmp_path,
     make_tables(runs, tmp_path / "out")
     ax = next(f for f in figures if "privacy budget" in f.axes[0].get_title()).axes[0]
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "no DP: centralised (70.0 %)" in texts and "local DP (per client), no compression" in texts
+    assert "no DP: centralised (70.0 %)" in texts and "FL + local DP (per client), no compression" in texts
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8"]
 
     figures.clear()
