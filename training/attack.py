@@ -18,15 +18,13 @@ training log (log.csv, log.jsonl; wandb too under logger=wandb).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.manifest import read_split, read_trials, manifest_dir
+from data.manifest import manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.run_logger import logger_from_config
