@@ -6,6 +6,9 @@ What is filtered, and why it is expected in this project:
 
 * Opacus "Secure RNG turned off": DP noise comes from torch's default generator, so
   runs are reproducible; `privacy.dp` documents where the secure generator is used.
+* Opacus "Optimal order is the largest alpha": the RDP accountant's best order is the
+  largest in its list (small noise, large epsilon); the epsilon it reports stays a valid,
+  possibly loose, upper bound (docs/results_fl_dp.md cross-checks it independently).
 * torch "Full backward hook is firing when gradients are computed with respect to
   module outputs": Opacus' per-sample hooks on a first trainable layer whose inputs
   come from frozen layers; the per-sample gradients are still exact.
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 EXPECTED_WARNINGS = [
     (UserWarning, r"Secure RNG turned off", r"opacus",
      "Opacus secure_mode is off: DP noise from torch's pseudo-random generator (fine for experiments, not for a deployment)"),
+    (UserWarning, r"Optimal order is the largest alpha", r"opacus",
+     "Opacus' RDP accountant: the best Renyi order is the largest it tries (small noise / large epsilon); "
+     "the epsilon it reports is still a valid, possibly loose, upper bound"),
     (UserWarning, r"Full backward hook is firing when gradients are computed with respect to module outputs", r"",
      "torch: Opacus' per-sample hooks on a layer whose inputs come from frozen layers (per-sample gradients stay exact)"),
 ]
