@@ -17,7 +17,8 @@ def cfg_for(tmp, *overrides):
             f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10",
             "data.splits.public=2", "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1",
             "data.splits.attacker_train=2", "data.splits.attacker_trials=2",
-            "data.utterances_per_speaker=4", "data.num_workers=1", "trainer=debug", "pretrain=debug",
+            # characters: a word vocabulary from 2 training speakers x 4 utterances misses valid/test words
+            "data.utterances_per_speaker=4", "data.tokenizer=char", "data.num_workers=1", "trainer=debug", "pretrain=debug",
             "trainer.cache_frontends=true", "trainer.progress_bar=false", "eval.snrs=[0]", "eval.noise_types=[white]",
             "attacker=rjca_small", "attacker.epochs=2", *overrides,
         ])
