@@ -212,7 +212,7 @@ def test_torchrun_two_process_finetune(tiny_corpus):
     run_asr_task(cfg_for(tmp, "task=pretrain"))  # no-op when the first test already pretrained
     args = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10", "data.splits.public=2",
             "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1", "data.splits.attacker_train=2",
-            "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
+            "data.splits.attacker_trials=2", "data.tokenizer=char", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
             "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5", "model.modality_dropout=0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_avhubert.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)

@@ -44,7 +44,7 @@ class Plan:
 
     def need(self, path: str | Path, exists: bool, how: str) -> None:
         if not exists:
-            self.missing.append(f"{path} (missing: {how})")
+            self.missing.append(f"{path} not found: {how}")
 
 
 def _corpus_ready(cfg: DictConfig) -> bool:
@@ -73,16 +73,21 @@ def check_asr(cfg: DictConfig) -> Plan:
         raise StartupError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
     from training.avhubert.finetune import validate_options
 
-    validate_options(cfg)
+    if not (cfg.get("asr_run") and cfg.task in ("evaluate", "export")):  # else the model is asr_run's, built from its saved config
+        validate_options(cfg)
     plan.need(cfg.data.dir, _corpus_ready(cfg), _prepare_command(cfg))
-    run_dir = Path(cfg.paths.run_dir)
     if cfg.task == "finetune" and cfg.model.checkpoint is not None:
         plan.need(cfg.model.checkpoint, Path(cfg.model.checkpoint).exists(),
                   f"python train_avhubert.py task=pretrain model={cfg.model.name} <the same data overrides>, or point "
                   "model.checkpoint at released weights")
     if cfg.task in ("evaluate", "export"):
-        plan.need(run_dir / "finetune" / "model.pt", (run_dir / "finetune" / "model.pt").is_file(),
-                  "python train_avhubert.py task=finetune <the same overrides>")
+        from training.avhubert.finetune import asr_run_dir
+
+        model = asr_run_dir(cfg) / "finetune" / "model.pt"
+        plan.need(model, model.is_file(),
+                  f"asr_run={cfg.asr_run} holds no finished fine-tuning (finetune/model.pt)" if cfg.get("asr_run") else
+                  "no finished fine-tuning for these overrides: python train_avhubert.py task=finetune <the same overrides>, "
+                  "or point asr_run=<run dir> at the ASR run to use")
     if cfg.task in ("finetune", "evaluate") and cfg.eval.decoder == "beam":
         try:
             import flashlight.lib.text.decoder  # noqa: F401
@@ -105,8 +110,10 @@ def check_attack(cfg: DictConfig) -> Plan:
         plan.need(cfg.data.dir, _corpus_ready(cfg), _prepare_command(cfg))
         return plan
     # The features come from the ASR run these overrides name: options that run could not
-    # have been trained with mean there is nothing to attack.
-    validate_options(cfg)
+    # have been trained with mean there is nothing to attack. (With asr_run the model comes
+    # from that run, built from the config its fine-tuning saved.)
+    if not cfg.get("asr_run"):
+        validate_options(cfg)
     export = Path(cfg.paths.run_dir) / "export"
     plan.need(export / "attacker_train.safetensors", (export / "attacker_train.safetensors").is_file(),
               "python train_avhubert.py task=finetune <the same overrides> (fine-tunes, evaluates and exports)")
@@ -128,4 +135,4 @@ def run_checks(check, cfg: DictConfig) -> Plan:
 def enforce(plan: Plan) -> None:
     """A real run: the first missing input stops it."""
     if plan.missing:
-        raise MissingInputError("needs " + "; ".join(plan.missing))
+        raise MissingInputError("; ".join(plan.missing))

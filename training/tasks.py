@@ -41,7 +41,7 @@ def _dry_run(cfg: DictConfig, name: str, plan: startup.Plan) -> None:
     path.replace(plan_dir / f"{name.replace('/', '_')}.yaml")
     print(f"dry run: {name} would run in {cfg.paths.run_dir} (start-up checks passed)")
     for item in plan.missing:
-        print(f"  needs {item}")
+        print(f"  missing input: {item}")
 
 
 def run_asr_task(cfg: DictConfig):
