@@ -59,6 +59,9 @@ def _prepare_command(cfg: DictConfig) -> str:
 
 def check_asr(cfg: DictConfig) -> Plan:
     """train_avhubert.py: option checks, then the inputs of cfg.task."""
+    from training.config import check_choices
+
+    check_choices(cfg)  # enum-like options first
     plan = Plan()
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
         from training.wav2vec2.plan import check_config, check_plan
@@ -102,6 +105,9 @@ def check_attack(cfg: DictConfig) -> Plan:
     from training.avhubert.finetune import validate_options
     from training.attack import attack_stage_name
 
+    from training.config import check_choices
+
+    check_choices(cfg)
     plan = Plan()
     attack_stage_name(cfg)  # attacker.input / attacker.scenario
     a = OmegaConf.to_container(cfg.attacker, resolve=True)
