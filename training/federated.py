@@ -131,8 +131,25 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             f"dp.grad_sample_mode={dp.grad_sample_mode!r}: the federated client trains with Opacus' hooks mode and "
             f"Hugging Face's CTC loss; use dp=local (ghost clipping is measured in benchmarks/bench_fl_dp.py)"
         )
+    from privacy.federated.settings import run_config_from_cfg
+    from privacy.federated.synthgrid_task import TASK_REFERENCE
+
+    try:  # every DP / federated option is checked here, before any audio is read (settings.resolve_run_config)
+        flat = run_config_from_cfg(_with_strategy(cfg, "fedavg") if fed.name == "none" else cfg, TASK_REFERENCE, "")
+    except (KeyError, ValueError) as error:
+        raise DPPlanError(f"federated / dp configuration: {error}") from None
     plan = client_plan(cfg)
-    out: dict[str, Any] = {"clients": plan}
+    out: dict[str, Any] = {"clients": plan, "dp_unit": flat["dp-unit"] if dp.name != "none" else None}
+    if flat["dp-unit"] == "speaker":
+        from privacy.federated.synthgrid_task import split_speakers
+
+        n_speakers = len(set(split_speakers(cfg.data.dir, "train")))
+        if fed.name == "none" or int(fed.num_clients) != n_speakers:
+            raise DPPlanError(
+                f"dp.unit=speaker needs one client per speaker: federated.num_clients={fed.num_clients} but the train split "
+                f"of {cfg.data.dir} has {n_speakers} speakers (set federated.num_clients={n_speakers}; "
+                f"experiment=fl_dp_speaker does)"
+            )
     rounds = int(fed.num_rounds)
     if dp.name == "local":
         if fed.name == "none":  # DP-only: one data holder with the union of the clients' data
@@ -289,7 +306,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     model = task.build_model()
     session = None
     if cfg.dp.name == "local":
-        session = LocalDPSession.from_run_config(dict(run_config, **{"local-steps": steps, "num-rounds": 1}), len(idx), None)
+        session = LocalDPSession.from_run_config(dict(run_config, **{"local-steps": steps, "num-rounds": 1}), len(idx), None, partition_id=0)
     optimizer = str(cfg.federated.local_optimizer)
     log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
              cfg.trainer.batch_size, len(idx))
@@ -299,6 +316,7 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     seconds = time.time() - t0
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": seconds,
                "clients": 1, "rounds": 0, "train_utterances": len(idx)}
+    metrics.update(_privacy_labels(cfg, run_config))
     if session is not None:
         delta = float(cfg.dp.target_delta)
         eps = session.epsilon(delta)
@@ -307,6 +325,18 @@ def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dic
     result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
     metrics.update(wer=result["wer"], cer=result["cer"], test_loss=result["loss"], test_utterances=result["utterances"])
     return metrics
+
+
+def _privacy_labels(cfg: DictConfig, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Numbers a results row needs to say what it is (metrics.json holds numbers only; the privacy unit is in config.yaml):
+    bytes measured on the wire, DP noise from the OS CSPRNG, or reproducible and NOT private."""
+    from privacy.federated.settings import not_private
+
+    labels: dict[str, Any] = {"bytes_on_wire": 1}
+    if cfg.dp.name != "none":
+        labels["not_private"] = int(not_private(run_config))
+        labels["dp/noise_from_os_csprng"] = 1 - labels["not_private"]
+    return labels
 
 
 def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps: int, epsilon: float) -> dict[str, float]:
@@ -357,7 +387,10 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
         "rejected": int(summary.get("total_rejected", 0)),
         "failed": int(summary.get("total_failed", 0)),
         "stopped_early": int(summary["rounds_completed"] < int(cfg.federated.num_rounds)),
+        "rounds_not_aggregated": len(summary.get("rounds_not_aggregated", [])),
+        "client_evaluation": int(bool(summary.get("client_evaluation", False))),
     }
+    metrics.update(_privacy_labels(cfg, run_config))
     last = summary["rounds"][-1] if summary["rounds"] else {}
     if last.get("eval"):
         metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])
