@@ -229,8 +229,8 @@ class ValidatingStrategy(Strategy):
         )
         if len(accepted) < self.min_accepted:
             record.skip_reason = (
-                f"{len(accepted)} accepted update(s), the aggregator needs {self.min_accepted}"
-                + (f" ({self.min_accepted_reason})" if self.min_accepted_reason else "")
+                f"{len(accepted)} accepted update(s) ({len(record.failed)} failed, {len(record.rejected)} rejected), "
+                f"the aggregator needs {self.min_accepted}" + (f" ({self.min_accepted_reason})" if self.min_accepted_reason else "")
             )
             log.warning("round %d NOT aggregated: %s", server_round, record.skip_reason)
             return None, None
