@@ -138,6 +138,10 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
         flat = run_config_from_cfg(_with_strategy(cfg, "fedavg") if fed.name == "none" else cfg, TASK_REFERENCE, "")
     except (KeyError, ValueError) as error:
         raise DPPlanError(f"federated / dp configuration: {error}") from None
+    if fed.name != "none":  # robust aggregators (trimmed mean trims >= 1 per side, krum's f explicit) fail here, not in round 1
+        from privacy.federated.strategy import build_strategy
+
+        build_strategy(flat, int(fed.num_clients))
     plan = client_plan(cfg)
     out: dict[str, Any] = {"clients": plan, "dp_unit": flat["dp-unit"] if dp.name != "none" else None}
     if flat["dp-unit"] == "speaker":
