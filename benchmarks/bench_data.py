@@ -24,7 +24,7 @@ def run(num_speakers: int = 12, utterances: int = 10) -> dict:
     from data.dataset import build_dataloader
     from data.synthgrid import generate_corpus
     from data.tokenizer import CharTokenizer
-    from training.asr import make_dataset
+    from training.avhubert.finetune import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(tmp, f"data.num_speakers={num_speakers}", f"data.utterances_per_speaker={utterances}")

@@ -206,7 +206,7 @@ def run() -> dict:
     if (data_dir / "manifests" / "train.tsv").is_file():
         result["flower_overhead"] = _flower_overhead(data_dir)
     else:
-        result["flower_overhead"] = {"skipped": f"no SynthGRID corpus at {data_dir} (python -m data.prepare)"}
+        result["flower_overhead"] = {"skipped": f"no SynthGRID corpus at {data_dir} (python -m scripts.prepare_data)"}
     write_result("fl_dp", result)
     return result
 

@@ -15,7 +15,7 @@ corrupt or truncated files, a wrong sample rate, audio and video lengths differi
 more than `max_av_length_mismatch` video frames (also against the manifest's counts,
 which the samplers bucket on), empty transcripts and characters the tokenizer does not know. on_error="raise" stops at the first with a `DatasetError`
 naming the file and what was expected; on_error="skip" drops the item and counts it
-in `self.skips` (training.run.SkipCounter; `self.skips.report()` gives the counts for
+in `self.skips` (common.skips.SkipCounter; `self.skips.report()` gives the counts for
 metrics.json), so skips happen before training and indices never shift mid-run.
 
 Randomness (crop, flip, noise) comes from a generator seeded by (seed, epoch, index),
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data import features
 from data.collate import collate_av
-from data.io import MediaError, read_video, read_wav
+from data.media import MediaError, read_video, read_wav
 from data.manifest import ManifestError, Utterance, manifest_dir, read_split
 from data.noise import babble_noise, mix_at_snr, white_noise
 from data.samplers import BucketBatchSampler, SpeakerBatchSampler
@@ -68,7 +68,7 @@ def _read_split_tolerant(data_dir: str | Path, split: str, on_bad) -> list[Utter
     tsv, wrd, spk = mdir / f"{split}.tsv", mdir / f"{split}.wrd", mdir / f"{split}.spk"
     for path in (tsv, wrd, spk):
         if not path.is_file():
-            raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m data.prepare data=...`)")
+            raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m scripts.prepare_data data=...`)")
     lines = tsv.read_text(encoding="utf-8").splitlines()
     if not lines:
         raise ManifestError(f"{tsv}: empty file; expected a root line followed by one line per utterance")
@@ -128,7 +128,7 @@ class AVSRDataset(Dataset):
         validate: bool = True,
         cache_items: bool = False,
     ):
-        from training.run import SkipCounter
+        from common.skips import SkipCounter
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

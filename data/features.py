@@ -102,7 +102,7 @@ def align_audio_to_video(feats: np.ndarray, n_frames: int) -> np.ndarray:
 
 def load_video_roi(path: str | Path, expected_fps: float | None = VIDEO_FPS, min_size: int | None = None) -> np.ndarray:
     """Grayscale mouth-ROI frames uint8 [T, H, W]; with `min_size`, smaller frames are an error naming the file."""
-    from data.io import MediaError, read_video
+    from data.media import MediaError, read_video
 
     frames = read_video(path, expected_fps=expected_fps)
     if min_size is not None and (frames.shape[1] < min_size or frames.shape[2] < min_size):

@@ -51,7 +51,7 @@ def manifest_dir(data_dir: str | Path) -> Path:
 
 def write_split(data_dir: str | Path, split: str, utterances: Sequence[Utterance], root: str = ".") -> None:
     """Write <split>.tsv/.wrd/.spk atomically (paths stored relative to `root`)."""
-    from training.run import atomic_write_text
+    from common.files import atomic_write_text
 
     mdir = manifest_dir(data_dir)
     base = Path(data_dir) if root == "." else Path(root)
@@ -74,7 +74,7 @@ def write_split(data_dir: str | Path, split: str, utterances: Sequence[Utterance
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m data.prepare data=...`)")
+        raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m scripts.prepare_data data=...`)")
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -127,7 +127,7 @@ def read_split(data_dir: str | Path, split: str) -> list[Utterance]:
 
 
 def write_trials(data_dir: str | Path, trials: Iterable[Trial]) -> None:
-    from training.run import atomic_write_text
+    from common.files import atomic_write_text
 
     atomic_write_text(manifest_dir(data_dir) / "trials.txt", "".join(f"{int(t.target)} {t.a} {t.b}\n" for t in trials))
 

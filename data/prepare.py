@@ -1,6 +1,8 @@
-"""`python -m data.prepare data=<corpus> [overrides]`: prepare a corpus into `data.dir`.
+"""Prepare a corpus into `data.dir`: `prepare(cfg)` with the composed config.
 
-Same primary config as the entry scripts (conf/config.yaml). Dispatch on `data.name`:
+The command is `python -m scripts.prepare_data data=<corpus> [overrides]` (the Hydra
+entry lives in scripts/, above training/, since it needs the config schemas);
+same primary config as the entry scripts (conf/config.yaml). Dispatch on `data.name`:
   synthgrid              -> data.synthgrid.generate_corpus (generated here, no download)
   lrs3 | voxceleb2 | grid -> data.corpora.<name>.prepare(cfg) (from data.raw_dir)
 
@@ -14,13 +16,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
-
-import training.config  # noqa: F401  (registers the structured-config schemas and resolvers)
 
 log = logging.getLogger(__name__)
 REAL_CORPORA = ("lrs3", "voxceleb2", "grid")
@@ -28,7 +26,7 @@ REAL_CORPORA = ("lrs3", "voxceleb2", "grid")
 
 def prepare(cfg: DictConfig) -> dict:
     """Prepare the corpus named by cfg.data.name; returns the stage metrics."""
-    from training.run import save_config, write_metrics
+    from common.files import save_config, write_metrics
 
     name = cfg.data.name
     out_dir = Path(cfg.data.dir)
@@ -54,21 +52,3 @@ def prepare(cfg: DictConfig) -> dict:
     save_config(stage, cfg)
     log.info("prepared %s in %s", name, out_dir)
     return metrics
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    prepare(cfg)
-
-
-def _default_hydra_dir(argv: list[str]) -> list[str]:
-    # conf/hydra/default.yaml puts Hydra's files in the training run dir; a corpus is
-    # not a training run, so keep them with the corpus unless the user chose a place.
-    if any(a.startswith(("hydra.run.dir=", "+hydra.run.dir=", "-m", "--multirun")) for a in argv[1:]):
-        return argv
-    return [*argv, "hydra.run.dir=${data.dir}/prepare/.hydra"]
-
-
-if __name__ == "__main__":
-    sys.argv = _default_hydra_dir(sys.argv)
-    main()

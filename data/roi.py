@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.io import MediaError
+from data.media import MediaError
 
 STD_SIZE = 256  # reference frame of the mean face
 ROI_SIZE = 96

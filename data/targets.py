@@ -58,7 +58,7 @@ def labels_at_feature_rate(labels_100hz: np.ndarray, n_frames: int) -> np.ndarra
 
 
 def write_km(path: str | Path, labels: Sequence[np.ndarray]) -> None:
-    from training.run import atomic_write_text
+    from common.files import atomic_write_text
 
     atomic_write_text(path, "".join(" ".join(map(str, lab.tolist())) + "\n" for lab in labels))
 

@@ -55,7 +55,7 @@ def _symbols(ids: Iterable[int], symbols: Sequence[str]) -> list[str]:
 
 
 def _write_spec(out_dir: str | Path, kind: str, **fields) -> Path:
-    from training.run import atomic_write_text
+    from common.files import atomic_write_text
 
     path = Path(out_dir) / "tokenizer.json"
     atomic_write_text(path, json.dumps({"kind": kind, **fields}) + "\n")
@@ -192,7 +192,7 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) > 0])
 
     def save(self, out_dir: str | Path) -> Path:
-        from training.run import atomic_write_bytes, atomic_write_text
+        from common.files import atomic_write_bytes, atomic_write_text
 
         out_dir = Path(out_dir)
         target = out_dir / "tokenizer.model"

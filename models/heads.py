@@ -3,7 +3,7 @@
 `AVHubertForCTC` mirrors fairseq's `AVHubertCtc` (`avhubert/hubert_asr.py`): the
 encoder output goes through `final_dropout` and one linear layer to the
 vocabulary. fairseq names these `w2v_encoder.w2v_model.*` and `w2v_encoder.proj`;
-here they are `avhubert.*` and `ctc_proj`, and `models.checkpoint` translates
+here they are `avhubert.*` and `ctc_proj`, and `models.avhubert_checkpoint` translates
 in both directions, so fine-tuned fairseq checkpoints load and ours save in the
 fairseq layout.
 """

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from privacy.contrastive import masked_mean_over_time
-from training.metrics import equal_error_rate
+from common.metrics import equal_error_rate
 
 _OUTPUT_KEYS = ("x", "encoder_out", "last_hidden_state", "hidden_states")
 

@@ -3,7 +3,7 @@
 Every step is one of the README's commands (run as a subprocess with the same
 Python), so what the demo shows is exactly what a user types:
 
-  1. python -m data.prepare experiment=demo                       SynthGRID corpus
+  1. python -m scripts.prepare_data experiment=demo                       SynthGRID corpus
   2. python train_avhubert.py experiment=demo task=pretrain        tiny AV-HuBERT, masked prediction
   3. python train_avhubert.py experiment=demo                      fine-tune, no masks (+ evaluate, export)
   4. python train_avhubert.py experiment=demo masks=both loss=ctc_contrastive
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MASKED = ["masks=both", "loss=ctc_contrastive"]
 
 STEPS: list[tuple[str, list[str]]] = [
-    ("prepare SynthGRID", ["-m", "data.prepare", "experiment=demo"]),
+    ("prepare SynthGRID", ["-m", "scripts.prepare_data", "experiment=demo"]),
     ("pretrain tiny AV-HuBERT", ["train_avhubert.py", "experiment=demo", "task=pretrain"]),
     ("fine-tune, no masks", ["train_avhubert.py", "experiment=demo"]),
     ("fine-tune, masks + contrastive", ["train_avhubert.py", "experiment=demo", *MASKED]),

@@ -99,7 +99,7 @@ def find_runs(runs_dir: Path) -> list[Run]:
     runs: dict[Path, Run] = {}
     for cfg_path in sorted(runs_dir.glob("**/config.yaml")):
         stage_dir = cfg_path.parent
-        # A stage folder always has status.json (training.run.Stage); Hydra's own folders
+        # A stage folder always has status.json (training.stage.Stage); Hydra's own folders
         # (.hydra/, multirun job folders) hold a config.yaml too and are not stages.
         if ".hydra" in stage_dir.parts or not (stage_dir / "status.json").is_file():
             continue
@@ -385,7 +385,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
 
 
 def plot_det_overlay(runs: list[Run], path: Path) -> bool:
-    from training.metrics import det_curve, plot_det_curve
+    from common.metrics import det_curve, plot_det_curve
 
     curves = {}
     for run in runs:

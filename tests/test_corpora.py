@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from data.io import read_video, read_wav
+from data.media import read_video, read_wav
 from data.manifest import read_split, read_trials
 from training.config import DataConfig
 

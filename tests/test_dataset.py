@@ -1,4 +1,4 @@
-"""AVSRDataset on a tiny corpus written with data.io / data.manifest: items, determinism, noise, bad input."""
+"""AVSRDataset on a tiny corpus written with data.media / data.manifest: items, determinism, noise, bad input."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 
 from data import features
 from data.dataset import AVSRDataset, DatasetError, build_dataloader, set_loader_epoch
-from data.io import read_video, read_wav, write_video, write_wav
+from data.media import read_video, read_wav, write_video, write_wav
 from data.manifest import ManifestError, Utterance, manifest_dir, write_split
 from data.tokenizer import CharTokenizer
 

@@ -23,10 +23,10 @@ WORKER = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
 
     from training import ddp
-    from training.logging import RunLogger
+    from training.run_logger import RunLogger
     from training.loop import train
     from training.optim import build_optimizer, build_scheduler
-    from training.run import seed_everything
+    from common.seeding import seed_everything
     from tests.test_loop import ResumableBatchSampler
 
     out_dir = sys.argv[1]
@@ -74,7 +74,7 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
     assert all(e["train/rank"] == 0.5 for e in entries)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_3.pt", "checkpoint_last.pt"]
     # the checkpoint holds both ranks' RNG states, and the saved weights are the trained ones
-    from training.checkpoint import load_checkpoint
+    from training.train_state import load_checkpoint
 
     state = load_checkpoint(tmp_path / "ckpt" / "checkpoint_last.pt")
     assert len(state["rng"]) == 2 and state["world_size"] == 2

@@ -1,4 +1,4 @@
-"""The Wav2Vec2 federated + DP variant through the Hydra entry (training/federated.py) on a tiny corpus.
+"""The Wav2Vec2 federated + DP variant through the Hydra entry (training/wav2vec2/) on a tiny corpus.
 
 The corpus is a fixture in the data.manifest format: 6 speakers x 4 short utterances
 (speaker-specific harmonic tones, GRID-grammar transcripts) in `train`, 2 speakers in
@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.io import write_wav
+from data.media import write_wav
 from data.manifest import Utterance, write_split
 from training.config import PROJECT_ROOT
 
@@ -79,7 +79,7 @@ REQUIRED_KEYS = ("wer", "cer", "epsilon/max", "rounds", "bytes_per_client_round"
 def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(corpus, tmp_path, monkeypatch):
     from privacy.federated import runner
     from privacy.federated.synthgrid_task import load_split
-    from training.federated import run_federated_task
+    from training.wav2vec2.finetune import run_wav2vec2_task
 
     captured = {}
     original = runner.InProcessGrid.__init__
@@ -90,7 +90,7 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
 
     monkeypatch.setattr(runner.InProcessGrid, "__init__", keep_grid)
     cfg = _cfg(corpus, tmp_path / "runs", "dp=local", "dp.target_epsilon=8", "compression=int8")
-    metrics = run_federated_task(cfg)
+    metrics = run_wav2vec2_task(cfg)
 
     checkpoint = Path(cfg.model.checkpoint)
     assert (checkpoint / "config.json").is_file() and json.loads((checkpoint / "status.json").read_text())["status"] == "done"
@@ -131,16 +131,16 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
 
 def _model(cfg):
     from privacy.federated.synthgrid_task import wav2vec2_synthgrid_task
-    from training.federated import _run_config
+    from training.wav2vec2.finetune import _run_config
 
     return wav2vec2_synthgrid_task(_run_config(cfg, Path("/tmp"))).build_model()
 
 
 def test_centralised_baseline_makes_the_federations_steps_on_the_clients_union(corpus, tmp_path):
-    from training.federated import run_federated_task
+    from training.wav2vec2.finetune import run_wav2vec2_task
 
     cfg = _cfg(corpus, tmp_path / "runs", "federated=none", "dp=none", "federated.num_rounds=2", "federated.local_steps=2")
-    metrics = run_federated_task(cfg)
+    metrics = run_wav2vec2_task(cfg)
     assert metrics["steps"] == 2 * 2 * 2  # rounds x local steps x clients
     # 24 training utterances, 4 held out per client for federated evaluation
     assert metrics["train_utterances"] == 24 - 2 * 4
@@ -152,7 +152,7 @@ def test_centralised_baseline_makes_the_federations_steps_on_the_clients_union(c
 def test_startup_errors_name_the_problem_before_any_audio_is_read(corpus, tmp_path, monkeypatch):
     from privacy.dp import DPPlanError
     from privacy.federated import synthgrid_task
-    from training.federated import run_federated_task
+    from training.wav2vec2.finetune import run_wav2vec2_task
 
     def no_audio(*args, **kwargs):
         raise AssertionError("audio was read before the start-up checks failed")
@@ -160,35 +160,35 @@ def test_startup_errors_name_the_problem_before_any_audio_is_read(corpus, tmp_pa
     monkeypatch.setattr(synthgrid_task, "load_split", no_audio)
     runs = tmp_path / "runs"
     with pytest.raises(ValueError, match="num_clients=7 but the train split .* has only 6 speakers"):
-        run_federated_task(_cfg(corpus, runs, "federated.num_clients=7", "dp=none"))
+        run_wav2vec2_task(_cfg(corpus, runs, "federated.num_clients=7", "dp=none"))
     # 2 clients hold 3 speakers x 4 utterances, minus 4 held out: N = 8 -> delta must be < 1/8
     with pytest.raises(DPPlanError, match=r"delta=0.2 must be < 1/N = 1/8"):
-        run_federated_task(_cfg(corpus, runs, "dp=local", "dp.target_delta=0.2"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.target_delta=0.2"))
     with pytest.raises(DPPlanError, match="unreachable"):
-        run_federated_task(_cfg(corpus, runs, "dp=local", "dp.target_epsilon=1e-4", "dp.max_noise_multiplier=2"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.target_epsilon=1e-4", "dp.max_noise_multiplier=2"))
     with pytest.raises(DPPlanError, match="must be < 1/N = 1/2"):
-        run_federated_task(_cfg(corpus, runs, "dp=central", "dp.target_delta=0.6"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=central", "dp.target_delta=0.6"))
     with pytest.raises(DPPlanError, match="dp=central is user-level"):
-        run_federated_task(_cfg(corpus, runs, "dp=central", "federated=none"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=central", "federated=none"))
     with pytest.raises(ValueError, match="trains Wav2Vec2 only"):
-        run_federated_task(_cfg(corpus, runs, "model=avhubert_tiny", "dp=local"))
+        run_wav2vec2_task(_cfg(corpus, runs, "model=avhubert_tiny", "dp=local"))
     with pytest.raises(ValueError, match="federated.local_optimizer='adamw': expected one of sgd | adam"):
-        run_federated_task(_cfg(corpus, runs, "federated.local_optimizer=adamw"))
+        run_wav2vec2_task(_cfg(corpus, runs, "federated.local_optimizer=adamw"))
     # issue 18: DP options that cannot hold, robust aggregators that defend nobody, speaker-level DP without one speaker per client
     with pytest.raises(DPPlanError, match="dp-poisson-sampling"):
-        run_federated_task(_cfg(corpus, runs, "dp=local", "dp.poisson_sampling=false"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.poisson_sampling=false"))
     with pytest.raises(DPPlanError, match="dp-unit.*dp=local"):
-        run_federated_task(_cfg(corpus, runs, "dp=local", "dp.unit=speaker"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.unit=speaker"))
     with pytest.raises(DPPlanError, match="one client per speaker: federated.num_clients=2 but .* has 6 speakers"):
-        run_federated_task(_cfg(corpus, runs, "dp=central", "dp.unit=speaker", "dp.target_delta=1e-3"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=central", "dp.unit=speaker", "dp.target_delta=1e-3"))
     with pytest.raises(ValueError, match="krum-malicious"):
-        run_federated_task(_cfg(corpus, runs, "dp=none", "federated=krum", "federated.num_clients=5"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=none", "federated=krum", "federated.num_clients=5"))
     with pytest.raises(ValueError, match="trims int\\(beta x n\\)"):
-        run_federated_task(_cfg(corpus, runs, "dp=none", "federated=fedtrimmedavg", "federated.num_clients=4"))
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=none", "federated=fedtrimmedavg", "federated.num_clients=4"))
 
 
 def test_speaker_level_dp_is_central_dp_with_one_client_per_speaker(corpus):
-    from training.federated import check_plan
+    from training.wav2vec2.plan import check_plan
 
     cfg = _cfg(corpus, Path("/tmp/unused"), "dp=central", "dp.unit=speaker", "federated.num_clients=6", "dp.target_delta=1e-3")
     plan = check_plan(cfg)

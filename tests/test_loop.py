@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.logging import RunLogger, plot_curves, read_jsonl
+from training.run_logger import RunLogger, plot_curves, read_jsonl
 from training.loop import TrainingDiverged, train
 from training.optim import build_optimizer, build_scheduler, lr_schedule
-from training.run import seed_everything
+from common.seeding import seed_everything
 
 # --------------------------------------------------------------------------- schedules
 
@@ -342,7 +342,7 @@ def test_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path):
 def test_wandb_logger_runs_offline_inside_the_run_dir(tmp_path):
     from types import SimpleNamespace
 
-    from training.logging import logger_from_config
+    from training.run_logger import logger_from_config
 
     cfg = SimpleNamespace(name="wandb", project="test", mode="offline")
     logger = logger_from_config(cfg, tmp_path, {"lr": 1.0})

@@ -6,7 +6,7 @@ import jiwer
 import numpy as np
 import pytest
 
-from training.metrics import (
+from common.metrics import (
     char_error_rate,
     det_curve,
     equal_error_rate,

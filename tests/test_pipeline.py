@@ -35,7 +35,7 @@ def tiny_corpus(tmp_path_factory):
 def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     from safetensors.torch import load_file
 
-    from training.asr import read_export
+    from training.avhubert.export import read_export
     from training.tasks import run_asr_task, run_attack_task
 
     tmp = tiny_corpus
@@ -95,7 +95,7 @@ def test_incompatible_options_fail_before_data_is_loaded(tmp_path):
 
 
 def test_only_adapters_masks_and_heads_train(tiny_corpus):
-    from training.asr import build_system
+    from training.avhubert.finetune import build_system
 
     system, adapter, _ = build_system(cfg_for(tiny_corpus, "masks=both", "loss=ctc_contrastive", "model.checkpoint=null"), 29)
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}

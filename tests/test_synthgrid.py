@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.io import read_video, read_wav
+from data.media import read_video, read_wav
 from data.manifest import SPLITS, read_split, read_trials
 from data.synthgrid.grammar import GRID_WORDS, espeak_text, sample_sentence
 from data.synthgrid.speakers import split_sizes
@@ -22,7 +22,7 @@ SMALL = ["data=synthgrid", "data.num_speakers=6", "data.utterances_per_speaker=5
 
 
 def _prepare(data_dir: Path, *overrides: str) -> Path:
-    cmd = [sys.executable, "-m", "data.prepare", *SMALL, f"paths.data_dir={data_dir}", *overrides]
+    cmd = [sys.executable, "-m", "scripts.prepare_data", *SMALL, f"paths.data_dir={data_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data_dir / "synthgrid"

@@ -29,8 +29,10 @@ from data.manifest import read_split, read_trials, manifest_dir
 from data.samplers import BucketBatchSampler
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train
-from training.metrics import det_curve, plot_det_curve, speaker_verification_metrics
-from training.run import Stage, atomic_write_text, seed_everything
+from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from common.files import atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def _check_finite(name: str, seqs: list[torch.Tensor] | None, source: Path | str
 
 def load_feature_sets(cfg: DictConfig):
     """(train FeatureSet, trials FeatureSet, feature dim) from the ASR run's export."""
-    from training.asr import read_export
+    from training.avhubert.export import read_export
 
     a = cfg.attacker
     export_dir = Path(cfg.paths.run_dir) / "export"
@@ -124,7 +126,7 @@ def load_feature_sets(cfg: DictConfig):
 
 def load_raw_sets(cfg: DictConfig):
     """Raw waveforms and normalised mouth-ROI frames of the attacker splits."""
-    from training.asr import make_dataset
+    from training.avhubert.finetune import make_dataset
 
     out = []
     for split in ("attacker_train", "attacker_trials"):

@@ -8,7 +8,7 @@ default. Models and privacy modules never import this file: entry code turns
 these configs into plain constructor arguments.
 
 Importing this module registers the schemas and the custom resolvers; both entry
-scripts and `data.prepare` do it before `@hydra.main` runs.
+scripts and `scripts.prepare_data` do it before `@hydra.main` runs.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training import ddp
-from training.checkpoint import checkpoint_paths, load_latest_checkpoint, save_checkpoint
+from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def train(
     eval_fn        (unwrapped model, step) -> {name: number}; called on rank 0 only,
                    in eval mode under no_grad, logged as "eval/<name>".
     ckpt_dir       where checkpoints go (None: no checkpoints, no resume).
-    logger         a `training.logging.RunLogger` (or None); used on rank 0 only.
+    logger         a `training.run_logger.RunLogger` (or None); used on rank 0 only.
     generators     extra torch.Generators whose state must be resumed (noise, data).
     extra_state    objects with state_dict()/load_state_dict() saved with the
                    checkpoint (e.g. AdaLoRA's rank allocator statistics).

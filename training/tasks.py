@@ -1,8 +1,8 @@
 """What each entry-point task does, given a composed config.
 
     train_avhubert.py task=pretrain | finetune | evaluate | export
-        model.family=avhubert  -> training/asr.py (AV-HuBERT + AdaLoRA + masks)
-        model.family=wav2vec2  -> privacy/federated (centralised, FL, FL + DP)
+        model.family=avhubert  -> training/avhubert/ (AV-HuBERT + AdaLoRA + masks; one module per stage)
+        model.family=wav2vec2  -> training/wav2vec2/ (centralised, DP-only, FL, FL + DP; drives the Flower app in privacy/federated)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
 A sweep re-running a finished stage skips it (its status.json says done), so an
@@ -46,7 +46,7 @@ def _objective(metrics: dict, key: str) -> float | None:
 
 
 def _dry_run(cfg: DictConfig, name: str) -> None:
-    from training.run import save_config
+    from common.files import save_config
 
     plan = Path(cfg.paths.run_dir) / "plan"
     plan.mkdir(parents=True, exist_ok=True)
@@ -59,16 +59,17 @@ def run_asr_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
-        from training.federated import run_federated_task
+        from training.wav2vec2.finetune import run_wav2vec2_task
 
-        return run_federated_task(cfg)
+        return run_wav2vec2_task(cfg)
     if cfg.task not in ASR_TASKS:
-        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m data.prepare`)")
-    from training import asr
+        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
+    from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, asr.pretrained_dir(cfg))
-        return _objective(done or asr.pretrain(cfg), "pretrain/loss")
+        done = _skip_if_done(cfg, pretrain.pretrained_dir(cfg))
+        return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
+    run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,
@@ -80,10 +81,10 @@ def run_asr_task(cfg: DictConfig):
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
             done = _skip_if_done(cfg, run_dir / name)
-            results.update(done or getattr(asr, name)(cfg))
+            results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
     done = _skip_if_done(cfg, stage)
-    return _objective(done or getattr(asr, cfg.task)(cfg), "wer/audio_video/clean")
+    return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):

@@ -14,8 +14,8 @@ speaker and transcript) and assigns them to splits; `prepare_corpus` then
 
 Bad input (unreadable/truncated video, no audio stream, missing or malformed transcript,
 trial naming a missing file) raises `CorpusError` naming the file, or with
-`data.on_error=skip` is counted per reason (training.run.SkipCounter), reported at the end
-and in the returned metrics (which `data.prepare` writes to `<data.dir>/prepare/metrics.json`).
+`data.on_error=skip` is counted per reason (common.skips.SkipCounter), reported at the end
+and in the returned metrics (which `data.prepare.prepare` writes to `<data.dir>/prepare/metrics.json`).
 Utterances with too many frames without a face are always skipped and counted
 (`missing_face`), as AV-HuBERT's preparation drops them.
 """
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.io import MediaError, read_video, read_wav, write_video, write_wav
+from data.media import MediaError, read_video, read_wav, write_video, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class Problems:
     """`data.on_error`: raise CorpusError at once, or count a skip per reason."""
 
     def __init__(self, corpus: str, on_error: str):
-        from training.run import SkipCounter
+        from common.skips import SkipCounter
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
@@ -390,7 +390,7 @@ def write_corpus(
     meta_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Manifests for every split in SPLITS (missing ones empty), speakers.tsv, trials.txt, meta.json; returns metrics."""
-    from training.run import atomic_write_text, write_metrics
+    from common.files import atomic_write_text, write_metrics
 
     unknown = set(split_items) - set(SPLITS)
     if unknown:

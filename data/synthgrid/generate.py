@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.io import MediaError, read_video, read_wav, write_wav
+from data.media import MediaError, read_video, read_wav, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 from data.synthgrid.grammar import GRID_WORDS, espeak_text, sample_sentence
 from data.synthgrid.speakers import (
@@ -37,7 +37,7 @@ from data.synthgrid.speakers import (
     speaker_table_header,
     speaker_table_row,
 )
-from data.io import write_video
+from data.media import write_video
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,8 @@ def generate_corpus(
     `cfg_or_params`: SynthGridParams, or the `data` config group (or the whole config).
     num_workers: 0 = in this process; >= 1 worker processes (each loads its own espeak).
     """
-    from training.run import SkipCounter, atomic_write_text
+    from common.files import atomic_write_text
+    from common.skips import SkipCounter
 
     if isinstance(cfg_or_params, SynthGridParams):
         params = cfg_or_params

@@ -54,7 +54,7 @@ GLOBAL_MODEL = "global_model.npz"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from training.run import atomic_write_bytes
+    from common.files import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -126,7 +126,7 @@ def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[s
     so a char and a word run in one process never share token ids.
     """
     from data.dataset import AVSRDataset
-    from data.io import read_wav
+    from data.media import read_wav
     from data.tokenizer import CharTokenizer
 
     tokenizer = tokenizer or CharTokenizer()
@@ -221,7 +221,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def decode_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer) -> tuple[list[str], list[str], float]:
     """(references, greedy CTC hypotheses, mean CTC loss) of a batch; references are decoded from the labels."""
-    from training.decode import ctc_greedy_decode
+    from data.ctc_decode import ctc_greedy_decode
 
     inner = _unwrapped(model)
     out = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -232,7 +232,7 @@ def decode_batch(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer)
 
 
 def word_error_counts(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer) -> tuple[int, int]:
-    from training.metrics import wer_details
+    from common.metrics import wer_details
 
     if not isinstance(batch, Mapping) or batch["input_values"].shape[0] == 0:
         return 0, 0
@@ -248,7 +248,7 @@ def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.T
     The loss is reported because WER saturates at 1.0 (all-blank output) early in training,
     where the loss still tells runs apart.
     """
-    from training.metrics import char_error_rate, word_error_rate
+    from common.metrics import char_error_rate, word_error_rate
 
     model.eval()
     refs: list[str] = []

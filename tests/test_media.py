@@ -1,4 +1,4 @@
-"""data.io: wav/mp4 round trips, reproducible bytes, fast grey decoding equal to swscale's."""
+"""data.media: wav/mp4 round trips, reproducible bytes, fast grey decoding equal to swscale's."""
 
 import hashlib
 
@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from data.io import MediaError, read_video, read_wav, write_video, write_wav
+from data.media import MediaError, read_video, read_wav, write_video, write_wav
 
 
 def test_fast_grey_decoding_equals_swscale_conversion(tmp_path):

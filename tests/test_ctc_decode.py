@@ -3,7 +3,7 @@
 import torch
 
 from data.tokenizer import CharTokenizer
-from training.decode import LexiconBeamDecoder, ctc_greedy_decode
+from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode
 
 
 def emissions_for(tok: CharTokenizer, text: str, noise: float = 0.0, seed: int = 0) -> torch.Tensor:

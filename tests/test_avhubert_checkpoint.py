@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import checkpoint as ckpt
+from models import avhubert_checkpoint as ckpt
 from models.avhubert import AVHubertModel, avhubert_tiny
-from models.checkpoint import CheckpointError, load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import CheckpointError, load_avhubert_checkpoint, save_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 
 T = 10

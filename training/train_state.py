@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from training.run import atomic_write
+from common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and Python primitives, which weights_only=True "
-            f"refuses to unpickle (not written by training.checkpoint.save_checkpoint, or untrusted): {e}"
+            f"refuses to unpickle (not written by training.train_state.save_checkpoint, or untrusted): {e}"
         ) from e
     except Exception as e:  # a damaged file fails in many ways (RuntimeError, EOFError, KeyError, ...)
         raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a torch checkpoint: {e}") from e

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from training.checkpoint import (
+from training.train_state import (
     LAST_NAME,
     CheckpointError,
     latest_checkpoint,

@@ -464,7 +464,7 @@ def save_avhubert_checkpoint(path: Union[str, Path], model: nn.Module, cfg_dict:
     dictionary_symbols: the label set (e.g. cluster ids as strings) stored as a fairseq Dictionary in
     task_state, as fairseq's pretraining checkpoints do. extra: our own additions (plain data and tensors).
     """
-    from training.run import atomic_write_bytes
+    from common.files import atomic_write_bytes
 
     core = model.avhubert if isinstance(model, AVHubertForCTC) else model
     if not isinstance(core, AVHubertModel):

@@ -1,18 +1,16 @@
-"""AV-HuBERT tasks: pretrain, finetune, evaluate, export.
+"""AV-HuBERT fine-tuning (AdaLoRA + masks + contrastive loss) and evaluation, and the builders the
+AV-HuBERT stages share (dataset, logger, pretrained encoder, masked system, fine-tuned system).
 
-Each task reads the composed config, builds data/model/privacy pieces from it,
-and hands a `step_fn` to the one training loop (`training.loop.train`).
-Stage outputs: `<run_dir>/<task>/{metrics.json,config.yaml,status.json,...}`;
-pretraining writes to `<paths.pretrained_dir>/<model.name>/` instead, since
-many fine-tuning runs share one pretrained model.
+Each stage reads the composed config, builds data/model/privacy pieces from it,
+and hands a `step_fn` to the training loop (`training.loop.train`).
+Stage outputs: `<run_dir>/<stage>/{metrics.json,config.yaml,status.json,...}`.
+Pretraining is in training/avhubert/pretrain.py, the export of protected features
+for the attacker in training/avhubert/export.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,19 +24,21 @@ from data.dataset import AVSRDataset, build_dataloader
 from data.tokenizer import build_tokenizer, load_tokenizer
 from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_parameters
 from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
-from models.checkpoint import load_avhubert_checkpoint, save_avhubert_checkpoint
+from models.avhubert_checkpoint import load_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 from privacy.contrastive import ProjectionHead, check_loss_options
 from privacy.masks import build_masks, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
-from training.decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
 from training.loop import loop_kwargs_from_config, train
-from training.metrics import char_error_rate, word_error_rate
+from common.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from training.logging import RunLogger, logger_from_config
+from training.run_logger import RunLogger, logger_from_config
 from training import ddp
-from training.run import Stage, atomic_write, atomic_write_text, seed_everything
+from common.files import atomic_write, atomic_write_text
+from common.seeding import seed_everything
+from training.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
 def make_logger(cfg: DictConfig, directory: Path) -> RunLogger:
     return logger_from_config(cfg.logger, directory, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name,
                               enabled=ddp.is_main())
-
-
-def pretrained_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.pretrained_dir) / cfg.model.name
 
 
 FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
@@ -128,67 +124,6 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
         f = cache[uid][:frames]
         out[i, : f.shape[0]] = f
     return out
-
-
-# --------------------------------------------------------------------------- pretrain
-def _cluster_targets(cfg: DictConfig, dataset: AVSRDataset, out_dir: Path, k: int) -> dict[str, np.ndarray]:
-    """Iteration-1 targets: k-means on MFCCs of the public split, cached as public.km."""
-    from data.io import read_wav
-    from data.targets import assign_labels, fit_kmeans, labels_at_feature_rate, mfcc_39, read_km, write_km
-
-    km_path = out_dir / "public.km"
-    ids = [u.id for u in dataset.utterances]
-    if km_path.is_file():
-        labels = read_km(km_path, expected=len(ids))
-    else:
-        log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(ids))
-        feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
-        km = fit_kmeans(feats, k, seed=cfg.seed)
-        labels = [assign_labels(km, f) for f in feats]
-        write_km(km_path, labels)
-    return {uid: labels_at_feature_rate(lab, u.n_frames) for uid, lab, u in zip(ids, labels, dataset.utterances)}
-
-
-def pretrain(cfg: DictConfig) -> dict:
-    """Masked prediction of MFCC cluster ids on the public split (AV-HuBERT iteration 1)."""
-    if cfg.model.family != "avhubert":
-        raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
-    out_dir = pretrained_dir(cfg)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
-        gen = seed_everything(cfg.seed)
-        dataset = make_dataset(cfg, "public", train=True)
-        model_cfg = avhubert_config(cfg)
-        targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
-        model = AVHubertModel(model_cfg)
-        tc = cfg.pretrain
-        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
-        mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-        def step_fn(m, batch):
-            frames = batch["audio"].shape[-1]
-            tgt = torch.zeros(len(batch["ids"]), frames, dtype=torch.long)
-            for i, uid in enumerate(batch["ids"]):
-                lab = torch.from_numpy(targets[uid][:frames])
-                tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
-            return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen)
-
-        optimizer, scheduler = optimizer_and_scheduler_from_config(model.named_parameters(), tc)
-        logger = make_logger(cfg, out_dir)
-        t0 = time.time()
-        result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
-        logger.close()
-        ckpt = save_avhubert_checkpoint(
-            out_dir / "checkpoint_last.pt", model,
-            extra={"task": {"labels": ["km"], "label_rate": 100, "sample_rate": cfg.data.fps, "stack_order_audio": cfg.data.stack_order_audio,
-                            "image_crop_size": cfg.data.crop_size, "image_mean": cfg.data.image_mean, "image_std": cfg.data.image_std,
-                            "fine_tuning": False, "corpus": cfg.data.name, "split": "public"}},
-        )
-        stage.metrics.update({f"pretrain/{k}": v for k, v in result.last_logs.items()})
-        stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             utterances=len(dataset), **count_parameters(model), **dataset.skips.report())
-        log.info("pretrained %s -> %s", cfg.model.name, ckpt)
-        return stage.metrics
 
 
 # --------------------------------------------------------------------------- finetune
@@ -445,75 +380,3 @@ def evaluate(cfg: DictConfig) -> dict:
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
         stage.metrics["n_utterances"] = len(clean_ds)
         return dict(stage.metrics)
-
-
-# --------------------------------------------------------------------------- export
-EXPORT_SPLITS = ("attacker_train", "attacker_trials")
-
-
-@torch.no_grad()
-def export(cfg: DictConfig) -> dict:
-    """Protected (and clean) per-modality front-end features of the attacker splits.
-
-    Format (docs/method.md): `<run_dir>/export/<split>.safetensors` with float16 tensors
-    `{audio,video}/{clean,protected,lazy}` of shape [sum of frames, D] and an int64
-    `offsets` [N+1]; `<split>.json` lists ids and speakers in the same order.
-    `protected` = this run's trained masks with fresh noise; `lazy` = masks of the
-    same kind at their initial parameters with another seed (an attacker who
-    knows the method but not the trained masks).
-    """
-    from safetensors.torch import save_file
-
-    with Stage(cfg, "export") as stage:
-        seed_everything(cfg.seed)
-        system, tokenizer, mask_gen = load_finetuned(cfg)
-        m = cfg.masks
-        lazy_gen = torch.Generator().manual_seed(cfg.seed + cfg.attacker.lazy_seed_offset)
-        lazy_masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, system.core.cfg.encoder_embed_dim,
-                                 tuple(m.modalities), m.init_scale, system.core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, lazy_gen)
-        if lazy_masks is not None:
-            lazy_masks.eval()
-        for split in EXPORT_SPLITS:
-            ds = make_dataset(cfg, split, None)
-            loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
-            store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in ("clean", "protected", "lazy")}
-            ids, speakers, lengths = [], [], []
-            for b in loader:
-                ca, cv, pa, pv = system.protected_features(b["audio"], b["video"], b["padding_mask"])
-                _, _, la, lv = system.protected_features(b["audio"], b["video"], b["padding_mask"], masks=lazy_masks) if lazy_masks is not None else (None, None, ca, cv)
-                for i in range(len(b["ids"])):
-                    n = int(b["lengths"][i])
-                    for key, t in (("audio/clean", ca), ("video/clean", cv), ("audio/protected", pa), ("video/protected", pv),
-                                   ("audio/lazy", la), ("video/lazy", lv)):
-                        store[key].append(t[i, :n].to(torch.float16))
-                    lengths.append(n)
-                ids += b["ids"]
-                speakers += b["speakers"]
-            tensors = {k: torch.cat(v) for k, v in store.items()}
-            tensors["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
-            out = stage.dir / f"{split}.safetensors"
-            save_file(tensors, str(out.with_suffix(".tmp")))
-            out.with_suffix(".tmp").replace(out)
-            atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
-                                                                      "masks": cfg.masks.name}, indent=1))
-            stage.metrics[f"{split}/utterances"] = len(ids)
-            stage.metrics[f"{split}/frames"] = int(sum(lengths))
-            stage.metrics[f"{split}/bytes"] = out.stat().st_size
-        return dict(stage.metrics)
-
-
-def read_export(directory: str | Path, split: str) -> tuple[dict[str, list[torch.Tensor]], list[str], list[str]]:
-    """Inverse of `export`: {key: [per-utterance [T, D] float32]}, ids, speakers."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    path, index = directory / f"{split}.safetensors", directory / f"{split}.json"
-    if not path.is_file() or not index.is_file():
-        raise FileNotFoundError(f"{path} (or its .json index) not found: run `python train_avhubert.py task=export <same overrides>`")
-    tensors = load_file(str(path))
-    meta = json.loads(index.read_text())
-    offsets = tensors.pop("offsets").tolist()
-    if len(offsets) != len(meta["ids"]) + 1:
-        raise ValueError(f"{path}: {len(offsets) - 1} utterances but {index} lists {len(meta['ids'])}")
-    out = {k: [v[a:b].float() for a, b in zip(offsets[:-1], offsets[1:])] for k, v in tensors.items()}
-    return out, meta["ids"], meta["speakers"]
