@@ -24,7 +24,6 @@ the same thing and cheaper.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,16 +97,6 @@ def align_audio_to_video(feats: np.ndarray, n_frames: int) -> np.ndarray:
     if diff < 0:
         return np.concatenate([feats, np.zeros((-diff, feats.shape[1]), dtype=feats.dtype)], axis=0)
     return feats
-
-
-def load_video_roi(path: str | Path, expected_fps: float | None = VIDEO_FPS, min_size: int | None = None) -> np.ndarray:
-    """Grayscale mouth-ROI frames uint8 [T, H, W]; with `min_size`, smaller frames are an error naming the file."""
-    from data.media import MediaError, read_video
-
-    frames = read_video(path, expected_fps=expected_fps)
-    if min_size is not None and (frames.shape[1] < min_size or frames.shape[2] < min_size):
-        raise MediaError(f"{path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected at least {min_size}x{min_size} (mouth ROI 96x96)")
-    return frames
 
 
 def crop_video(frames: np.ndarray, size: int = 88, train: bool = False, rng: np.random.Generator | None = None) -> np.ndarray:

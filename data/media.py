@@ -6,10 +6,13 @@ stage can either stop with that message or count a skip (`data.on_error=skip`).
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class MediaError(ValueError):
@@ -134,3 +137,25 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 25) -> None:
         for packet in stream.encode():
             container.mux(packet)
     tmp.replace(path)
+
+
+def check_existing(audio_path: str | Path, video_path: str | Path, roi_size: int, sample_rate: int = 16000,
+                   fps: int = 25) -> tuple[int, int] | None:
+    """(n_frames, n_samples) of a prepared utterance whose wav and mp4 exist, decode at `sample_rate` / `fps`
+    and fit together (`roi_size` x `roi_size` frames, sample_rate / fps samples per frame); else None, with the
+    reason logged, so that the caller makes it again."""
+    audio_path, video_path = Path(audio_path), Path(video_path)
+    if not (audio_path.is_file() and video_path.is_file()):
+        return None
+    try:
+        n_samples = len(read_wav(audio_path, expected_rate=sample_rate))
+        frames = read_video(video_path, expected_fps=fps)
+    except MediaError as e:
+        log.info("%s; making it again", e)
+        return None
+    per_frame = sample_rate // fps
+    if frames.shape[1:] != (roi_size, roi_size) or n_samples != frames.shape[0] * per_frame:
+        log.info("%s: %s frames and %d samples do not fit together (%d samples a frame, %dx%d); making it again",
+                 video_path, frames.shape, n_samples, per_frame, roi_size, roi_size)
+        return None
+    return frames.shape[0], n_samples

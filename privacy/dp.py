@@ -1,4 +1,4 @@
-"""Differential privacy for the federated Wav2Vec2 variant: Opacus DP-SGD, accounting, central DP.
+"""Differential privacy for the federated Wav2Vec2 variant: Opacus DP-SGD and privacy accounting.
 
 Plain functions and classes (no Hydra, no Flower); the Flower apps in
 ``privacy/federated`` call them.
@@ -15,17 +15,14 @@ Two guarantees, never mixed up:
   in a JSON/ConfigRecord-friendly dict that lives in ``context.state``, and
   ``total_steps`` given to :func:`make_private_local` is the total planned over
   all rounds, so sigma is the same every round and the plan ends at the target.
-* **Central (user-level) DP** on the server (DP-FedAvg, McMahan et al. 2018):
-  each sampled client's model update is clipped to L2 norm C
-  (:func:`clip_update`, over all tensors flattened together), the server
-  averages the n clipped updates *with equal weights* and adds Gaussian noise of
-  standard deviation ``sigma * C / n`` per coordinate (:func:`add_gaussian_noise`).
-  That is the Gaussian mechanism N(0, sigma^2 C^2) on the *sum* (sensitivity C
-  when one client is added/removed), divided by n. A weighted average (FedAvg by
-  num-examples) has a different sensitivity; do not combine it with this noise.
-  Accounting (:func:`central_dp_epsilon`) treats client sampling as Poisson with
-  rate ``sampling_fraction`` per round (the standard DP-FedAvg analysis; fixed-size
-  sampling without replacement is close but not identical).
+* **Central (user-level) DP** on the server (DP-FedAvg, McMahan et al. 2018) is
+  Flower's ``DifferentialPrivacyServerSideFixedClipping`` with its accountant,
+  assembled in :func:`privacy.federated.strategy.build_strategy`: each sampled
+  client's update is clipped to L2 norm C, the equal-weight mean gets Gaussian
+  noise of standard deviation ``sigma * C / n``. This module only answers its
+  budget questions: :func:`central_epsilon` (``rounds`` Gaussian releases, no
+  sampling amplification, as Flower's accountant counts them) and
+  :func:`central_noise_multiplier_for_budget`.
 
 Accounting: Opacus' RDP (or PRV) accountant; :func:`independent_epsilon` cross-
 checks it with Google's ``dp_accounting`` (RDP or PLD), using the DpEvent
@@ -35,7 +32,6 @@ checks it with Google's ``dp_accounting`` (RDP or PLD), using the DpEvent
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -141,13 +137,33 @@ def _noise_multiplier_for_budget_cached(
         ) from err
 
 
-def central_dp_epsilon(noise_multiplier: float, sampling_fraction: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
-    """User-level epsilon of DP-FedAvg: `rounds` Gaussian mechanisms (noise sigma*C on the clipped sum),
-    clients sampled with probability `sampling_fraction` per round (Poisson approximation)."""
-    _check_budget_args(1.0, delta, sampling_fraction, rounds)
-    if noise_multiplier <= 0:
-        raise ValueError(f"central DP needs noise_multiplier > 0, got {noise_multiplier}")
-    return opacus_epsilon(noise_multiplier, sampling_fraction, rounds, delta, accountant)
+def central_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """User-level epsilon of `rounds` Gaussian releases (noise sigma*C on the clipped sum) without sampling
+    amplification, as Flower's central-DP accountant (dp-accounting RDP) counts them."""
+    return independent_epsilon(noise_multiplier, 1.0, rounds, delta, "rdp")
+
+
+def central_noise_multiplier_for_budget(
+    target_epsilon: float, target_delta: float, rounds: int, max_noise_multiplier: float = 1e4
+) -> float:
+    """Smallest noise multiplier (to 1e-3 relative) whose `rounds` central releases stay within (target_epsilon, target_delta).
+
+    Raises ValueError if even ``max_noise_multiplier`` (dp.max_noise_multiplier) does not reach the budget."""
+    low, high = 1e-2, 1.0
+    if central_epsilon(max_noise_multiplier, rounds, target_delta) > target_epsilon:
+        raise ValueError(
+            f"no noise multiplier <= {max_noise_multiplier:g} (dp.max_noise_multiplier) reaches epsilon {target_epsilon} "
+            f"in {rounds} rounds at delta {target_delta}"
+        )
+    while central_epsilon(high, rounds, target_delta) > target_epsilon:
+        high *= 2
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if central_epsilon(mid, rounds, target_delta) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def _check_budget_args(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> None:
@@ -488,55 +504,3 @@ def dp_step_on_empty_batch(optimizer) -> None:
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
-
-
-# --------------------------------------------------------------------------- central DP
-def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all tensors of an update flattened into one vector."""
-    if not update:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in update.values()])))
-
-
-def clip_update(update: Mapping[str, torch.Tensor], clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
-    """Scale a client update (model delta) so its flat L2 norm is <= clipping_norm.
-
-    Returns (clipped copy, norm before clipping). Factor = min(1, C / norm).
-    """
-    if not clipping_norm > 0:
-        raise ValueError(f"clipping_norm must be > 0, got {clipping_norm}")
-    for name, t in update.items():
-        if not torch.is_floating_point(t):
-            raise TypeError(f"update tensor {name!r} has dtype {t.dtype}; only floating-point deltas can be clipped")
-    norm = update_norm(update)
-    if not math.isfinite(norm):
-        raise ValueError(f"update norm is {norm}; the update contains NaN/inf")
-    factor = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return {name: t * factor for name, t in update.items()}, norm
-
-
-def add_gaussian_noise(
-    aggregate: Mapping[str, torch.Tensor],
-    noise_multiplier: float,
-    clipping_norm: float,
-    num_sampled_clients: int,
-    generator: Optional[torch.Generator] = None,
-) -> dict[str, torch.Tensor]:
-    """Add N(0, (noise_multiplier * clipping_norm / num_sampled_clients)^2) to every coordinate.
-
-    ``aggregate`` is the equal-weight AVERAGE of ``num_sampled_clients`` clipped updates;
-    the noise equals N(0, sigma^2 C^2) on their sum, divided by n.
-    """
-    if noise_multiplier < 0 or not clipping_norm > 0 or num_sampled_clients < 1:
-        raise ValueError(
-            f"need noise_multiplier >= 0, clipping_norm > 0, num_sampled_clients >= 1; got {noise_multiplier}, "
-            f"{clipping_norm}, {num_sampled_clients}"
-        )
-    std = noise_multiplier * clipping_norm / num_sampled_clients
-    noisy = {}
-    for name, t in aggregate.items():
-        if not torch.is_floating_point(t):
-            raise TypeError(f"aggregate tensor {name!r} has dtype {t.dtype}; noise needs floating point")
-        noise = torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device) * std
-        noisy[name] = t + noise
-    return noisy

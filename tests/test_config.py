@@ -112,3 +112,16 @@ def test_sweep_launchers_run_each_job_in_its_own_run_dir(tmp_path, launcher):
     assert proc.returncode == 0, proc.stderr[-2000:]
     plans = sorted(p.parents[2].name for p in (tmp_path / "runs").glob("synthgrid/*/s1/plan/finetune.yaml"))
     assert plans == ["avhubert_tiny-adalora-additive-s1.0-ctc", "avhubert_tiny-adalora-both-s1.0-ctc"]
+
+
+@pytest.mark.parametrize("script, says", [
+    ("train_avhubert.py", ["Wav2Vec2", "training/wav2vec2/", "== Configuration groups =="]),
+    ("train_speaker_verification.py", ["RJCA speaker verification", "== Configuration groups =="]),
+])
+def test_help_starts_with_the_entry_scripts_docstring(script, says):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    header = out.stdout.split("== Configuration groups ==")[0]
+    assert "powered by Hydra" not in header
+    for text in says:
+        assert text in out.stdout, text

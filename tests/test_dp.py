@@ -1,10 +1,11 @@
-"""DP-SGD (Opacus), privacy accounting cross-checks, central DP, start-up validation."""
+"""DP-SGD (Opacus), privacy accounting cross-checks (local and central DP), start-up validation."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,15 +14,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from privacy.dp import (
     ClientPrivacyAccountant,
     DPPlanError,
-    add_gaussian_noise,
-    central_dp_epsilon,
-    clip_update,
+    central_epsilon,
     dp_validation_errors,
     independent_epsilon,
     make_private_local,
     noise_multiplier_for_budget,
     opacus_epsilon,
-    update_norm,
     validate_dp_plan,
 )
 
@@ -223,39 +221,21 @@ def test_noise_multiplier_for_budget_hits_the_target():
     assert opacus_epsilon(sigma * 0.95, q, steps, DELTA) > 3.0
 
 
-def test_clip_update_flat_l2():
-    update = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}
-    clipped, norm = clip_update(update, 1.0)
-    assert norm == pytest.approx(5.0)
-    assert update_norm(clipped) == pytest.approx(1.0, rel=1e-6)
-    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0])) and torch.allclose(clipped["b"], torch.tensor([[0.0, 0.8]]))
-    assert torch.equal(update["a"], torch.tensor([3.0, 0.0]))  # input untouched
-    small, small_norm = clip_update(update, 10.0)
-    assert small_norm == pytest.approx(5.0) and torch.equal(small["b"], update["b"])
-    with pytest.raises(TypeError, match="'steps'"):
-        clip_update({"steps": torch.tensor([1])}, 1.0)
-    with pytest.raises(ValueError, match="NaN"):
-        clip_update({"a": torch.tensor([float("nan")])}, 1.0)
+def test_update_norm_is_the_flat_l2_norm_of_all_tensors():
+    # the norm the server's validation rejects updates by (central-DP clipping is Flower's, in strategy.py)
+    from privacy.federated.task import update_norm
+
+    update = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[0.0, 4.0]], np.float32)}
+    assert update_norm(update) == pytest.approx(5.0)
+    assert update_norm({}) == 0.0
 
 
-def test_central_gaussian_noise_std_is_sigma_c_over_n():
-    aggregate = {"w": torch.zeros(200, 100), "b": torch.full((100,), 2.0)}
-    sigma, clip, n = 0.8, 2.0, 5
-    noisy = add_gaussian_noise(aggregate, sigma, clip, n, generator=torch.Generator().manual_seed(0))
-    noise = torch.cat([noisy["w"].flatten(), (noisy["b"] - 2.0).flatten()])
-    assert noise.std().item() == pytest.approx(sigma * clip / n, rel=0.03)
-    again = add_gaussian_noise(aggregate, sigma, clip, n, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again["w"], noisy["w"])  # deterministic given the generator
-    assert torch.equal(add_gaussian_noise(aggregate, 0.0, clip, n)["b"], aggregate["b"])
-
-
-def test_central_dp_epsilon_matches_independent_accountant_and_grows_with_rounds():
-    eps_10 = central_dp_epsilon(1.0, 0.5, 10, DELTA)
-    eps_20 = central_dp_epsilon(1.0, 0.5, 20, DELTA)
+def test_central_epsilon_is_the_independent_accountant_without_amplification_and_grows_with_rounds():
+    eps_10 = central_epsilon(1.0, 10, DELTA)
+    eps_20 = central_epsilon(1.0, 20, DELTA)
     assert eps_20 > eps_10 > 0
-    assert eps_10 == pytest.approx(independent_epsilon(1.0, 0.5, 10, DELTA), rel=0.02)
-    with pytest.raises(ValueError, match="noise_multiplier > 0"):
-        central_dp_epsilon(0.0, 0.5, 10, DELTA)
+    assert eps_10 == independent_epsilon(1.0, 1.0, 10, DELTA)
+    assert eps_10 > independent_epsilon(1.0, 0.5, 10, DELTA)  # no amplification by client sampling is claimed
 
 
 def test_ghost_clipping_gives_the_same_clipped_gradient_as_hooks_on_wav2vec2():

@@ -15,7 +15,8 @@ from privacy.federated.client_app import handle_train, make_client_app
 from privacy.federated.compression import PAYLOAD_FIELDS, split_payload_key
 from privacy.federated.runner import InProcessGrid, _set_task_identity, run_federated
 from privacy.federated.settings import resolve_run_config
-from privacy.federated.strategy import build_strategy, central_epsilon, validate_update
+from privacy.dp import central_epsilon
+from privacy.federated.strategy import build_strategy, validate_update
 from privacy.federated.task import federated_state, tiny_synthetic_task, train_local
 
 TINY = {"task": "privacy.federated.task:tiny_synthetic_task", "num-rounds": 2, "lr": 0.1, "seed": 3}
@@ -256,7 +257,8 @@ def test_flower_app_config_and_hydra_config_agree_with_the_run_config_defaults()
 
     from omegaconf import OmegaConf
 
-    from privacy.federated.settings import DEFAULT_RUN_CONFIG, run_config_from_cfg
+    from privacy.federated.settings import DEFAULT_RUN_CONFIG
+    from training.wav2vec2.run_config import run_config_from_cfg
     from training.config import CompressionConfig, DPConfig, FederatedConfig, TrainerConfig
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "privacy/federated/pyproject.toml").read_text())
@@ -324,3 +326,24 @@ def test_local_optimizer_is_selected_by_run_config_and_checked():
         resolve_run_config({**TINY, "local-optimizer": "lbfgs"})
     with pytest.raises(ValueError, match="expected sgd | adam"):
         build_local_optimizer("rmsprop", list(model.parameters()), 0.1)
+
+
+def test_every_flower_setting_has_one_hydra_source_and_the_defaults_agree():
+    """training/wav2vec2/run_config.py is the one translation: it covers every Flower setting once, and
+    the composed Hydra defaults translate to the Flower side's defaults except where a reason is written down."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import training.config  # noqa: F401  (schemas, resolvers)
+    from privacy.federated.settings import DEFAULT_RUN_CONFIG
+    from privacy.federated.synthgrid_task import DEFAULT_TASK_CONFIG
+    from training.wav2vec2.run_config import DEFAULTS_DIFFER_ON_PURPOSE, FLOWER_SIDE_ONLY, FROM_HYDRA, SET_PER_RUN
+
+    flower = {**DEFAULT_RUN_CONFIG, **DEFAULT_TASK_CONFIG}
+    sources = [*FROM_HYDRA, *SET_PER_RUN, *FLOWER_SIDE_ONLY]
+    assert sorted(sources) == sorted(flower)  # every setting has exactly one source
+    with initialize_config_dir(version_base="1.3", config_dir=str(training.config.PROJECT_ROOT / "conf")):
+        cfg = compose("config", overrides=["model=wav2vec2_tiny", "federated=fedavg", "dp=none", "compression=none"])
+    hydra = {key: convert(OmegaConf.select(cfg, path)) for key, (path, convert) in FROM_HYDRA.items()}
+    differ = {key for key in FROM_HYDRA if hydra[key] != flower[key]}
+    assert differ == set(DEFAULTS_DIFFER_ON_PURPOSE), {k: (hydra[k], flower[k]) for k in differ ^ set(DEFAULTS_DIFFER_ON_PURPOSE)}

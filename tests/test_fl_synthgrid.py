@@ -131,9 +131,9 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
 
 def _model(cfg):
     from privacy.federated.synthgrid_task import wav2vec2_synthgrid_task
-    from training.wav2vec2.finetune import _run_config
+    from training.wav2vec2.run_config import wav2vec2_run_config
 
-    return wav2vec2_synthgrid_task(_run_config(cfg, Path("/tmp"))).build_model()
+    return wav2vec2_synthgrid_task(wav2vec2_run_config(cfg, "/tmp")).build_model()
 
 
 def test_centralised_baseline_makes_the_federations_steps_on_the_clients_union(corpus, tmp_path):

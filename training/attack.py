@@ -17,15 +17,13 @@ at p_target 0.01 and 0.05), scores.txt (`label utt_a utt_b score`), det.png.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.manifest import read_split, read_trials, manifest_dir
+from data.manifest import manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train

@@ -372,6 +372,15 @@ def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -
     return f"b{rounds}x{per_round}"
 
 
+def _entry_help(app_name: str) -> str:
+    """The --help header: the entry script's own docstring (Hydra's template treats `$` as a placeholder)."""
+    import sys
+
+    doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+    text = doc.strip() + "\n" if doc else f"{app_name} is powered by Hydra.\n"
+    return text.replace("$", "$$")
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -383,6 +392,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("dp_tag_suffix", _dp_tag_suffix)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
+    if not OmegaConf.has_resolver("entry_help"):
+        OmegaConf.register_new_resolver("entry_help", _entry_help)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 

@@ -1,4 +1,11 @@
-"""The one training loop every task uses (pretrain, finetune, attacker).
+"""The training loop of the AV-HuBERT stages (pretrain, finetune) and the attacker.
+
+Two loops live below training/ on purpose: the Flower client's local training
+(privacy.federated.task.train_local: a fixed number of DP-SGD steps on a fresh
+optimiser every round, runnable without Hydra on a SuperNode) and wav2vec 2.0
+self-supervised pretraining (models.wav2vec2.pretrain_wav2vec2_tiny: Hugging
+Face's pretraining loss on a plain step count). Neither checkpoints, evaluates
+or logs as this loop does.
 
 A task supplies the model and a `step_fn(model, batch) -> (loss, logs)`; this file
 does the rest, in this order for every batch:

@@ -8,17 +8,42 @@ writes into `<paths.run_dir>/<stage>/`: `metrics.json` (flat keys, numbers),
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_text, save_config, write_metrics
 
+log = logging.getLogger(__name__)
+
 
 def stage_dir(cfg: Any, stage: str) -> Path:
     d = Path(cfg.paths.run_dir) / stage
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def finished_metrics(directory: str | os.PathLike) -> dict | None:
+    """The metrics of a finished stage (status.json says done and metrics.json exists), else None.
+
+    The one "is this stage done?" check: a sweep re-running a finished stage skips it.
+    """
+    directory = Path(directory)
+    status, metrics = directory / "status.json", directory / "metrics.json"
+    if status.is_file() and metrics.is_file() and json.loads(status.read_text()).get("status") == "done":
+        return json.loads(metrics.read_text())
+    return None
+
+
+def skip_if_done(cfg: Any, directory: str | os.PathLike) -> dict | None:
+    """`finished_metrics(directory)`, unless `force=true` asks to run the stage again."""
+    if cfg.force:
+        return None
+    done = finished_metrics(directory)
+    if done is not None:
+        log.info("%s is already done (status.json); skipping. Pass force=true to run it again.", directory)
+    return done
 
 
 class Stage:
@@ -29,7 +54,8 @@ class Stage:
             stage.metrics.update(wer=0.05)
 
     status.json says running / done / failed (with the error), so an interrupted
-    or crashed stage is visible to `scripts.make_tables` instead of vanishing.
+    or crashed stage is visible to `scripts.make_tables` instead of vanishing;
+    :func:`skip_if_done` reads it back.
     """
 
     def __init__(self, cfg: Any, name: str, directory: str | os.PathLike | None = None):
@@ -47,11 +73,6 @@ class Stage:
 
     def _status(self, status: str, **extra: Any) -> None:
         atomic_write_text(self.dir / "status.json", json.dumps({"status": status, **extra}) + "\n")
-
-    @property
-    def done(self) -> bool:
-        path = self.dir / "status.json"
-        return path.is_file() and json.loads(path.read_text()).get("status") == "done" and (self.dir / "metrics.json").is_file()
 
     def __enter__(self) -> "Stage":
         if self.writer:

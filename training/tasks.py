@@ -11,33 +11,17 @@ interrupted multirun resumes where it stopped; `force=true` runs it again.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from training import ddp
+from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
 
 ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
-
-
-def _finished(stage_dir: Path) -> dict | None:
-    status, metrics = stage_dir / "status.json", stage_dir / "metrics.json"
-    if status.is_file() and metrics.is_file() and json.loads(status.read_text()).get("status") == "done":
-        return json.loads(metrics.read_text())
-    return None
-
-
-def _skip_if_done(cfg: DictConfig, stage_dir: Path) -> dict | None:
-    if cfg.force:
-        return None
-    done = _finished(stage_dir)
-    if done is not None:
-        log.info("%s is already done (status.json); skipping. Pass force=true to run it again.", stage_dir)
-    return done
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -67,7 +51,7 @@ def run_asr_task(cfg: DictConfig):
     from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = _skip_if_done(cfg, pretrain.pretrained_dir(cfg))
+        done = skip_if_done(cfg, pretrain.pretrained_dir(cfg))
         return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
     run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     stage = Path(cfg.paths.run_dir) / cfg.task
@@ -80,10 +64,10 @@ def run_asr_task(cfg: DictConfig):
         for name in stages:
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
-            done = _skip_if_done(cfg, run_dir / name)
+            done = skip_if_done(cfg, run_dir / name)
             results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
-    done = _skip_if_done(cfg, stage)
+    done = skip_if_done(cfg, stage)
     return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
@@ -93,5 +77,5 @@ def run_attack_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg))
 
-    done = _skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
+    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")

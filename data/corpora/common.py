@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data.media import MediaError, read_video, read_wav, write_video, write_wav
+from data.media import MediaError, check_existing, write_video, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 
 log = logging.getLogger(__name__)
@@ -231,23 +231,6 @@ def video_rel(uid: str) -> str:
     return f"video/{uid}.mp4"
 
 
-def check_existing(out_dir: Path, uid: str, roi_size: int) -> tuple[int, int] | None:
-    """(n_frames, n_samples) if this utterance's wav and mp4 exist, decode and agree; else None."""
-    a, v = out_dir / audio_rel(uid), out_dir / video_rel(uid)
-    if not (a.is_file() and v.is_file()):
-        return None
-    try:
-        n_samples = len(read_wav(a, expected_rate=SAMPLE_RATE))
-        frames = read_video(v, expected_fps=FPS)
-    except MediaError as e:
-        log.info("%s; preparing it again", e)
-        return None
-    if frames.shape[1:] != (roi_size, roi_size) or n_samples != frames.shape[0] * SAMPLES_PER_FRAME:
-        log.info("%s: %s frames and %d samples do not fit together; preparing it again", v, frames.shape, n_samples)
-        return None
-    return frames.shape[0], n_samples
-
-
 def prepare_item(job: tuple[SourceItem, str, RoiSettings, bool]) -> dict[str, Any]:
     """Worker: keep a valid prepared utterance or make it. Never raises (errors are returned)."""
     from data.roi import MissingFaceError, extract_mouth_roi
@@ -256,7 +239,7 @@ def prepare_item(job: tuple[SourceItem, str, RoiSettings, bool]) -> dict[str, An
     out_dir = Path(out_dir_s)
     t0 = time.perf_counter()
     try:
-        kept = None if force else check_existing(out_dir, item.id, roi.size)
+        kept = None if force else check_existing(out_dir / audio_rel(item.id), out_dir / video_rel(item.id), roi.size, SAMPLE_RATE, FPS)
         if kept is not None:
             return {"id": item.id, "status": "kept", "n_frames": kept[0], "n_samples": kept[1]}
         media = decode_media(item.video, item.audio)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.media import MediaError, read_video, read_wav, write_wav
+from data.media import check_existing, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 from data.synthgrid.grammar import GRID_WORDS, espeak_text, sample_sentence
 from data.synthgrid.speakers import (
@@ -198,28 +198,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_existing(out_dir: Path, plan: UtterancePlan, roi: int, checksums: Mapping[str, str]) -> tuple[int, int] | None:
-    """(n_frames, n_samples) if both files exist, decode, have matching lengths and checksums; else None."""
-    audio_path, video_path = out_dir / plan.audio_rel, out_dir / plan.video_rel
-    if not (audio_path.is_file() and video_path.is_file()):
-        return None
+def _checksum_differs(out_dir: Path, plan: UtterancePlan, checksums: Mapping[str, str]) -> bool:
+    """True if a file of this utterance exists but differs from the checksum recorded when it was generated."""
     for rel in (plan.audio_rel, plan.video_rel):
-        if rel in checksums and _sha256(out_dir / rel) != checksums[rel]:
+        path = out_dir / rel
+        if rel in checksums and path.is_file() and _sha256(path) != checksums[rel]:
             log.info("%s: checksum differs from %s; regenerating", rel, CHECKSUMS)
-            return None
-    try:
-        n_samples = len(read_wav(audio_path, expected_rate=SAMPLE_RATE))
-        frames = read_video(video_path, expected_fps=FPS)
-    except MediaError as e:
-        log.info("%s; regenerating", e)
-        return None
-    if n_samples % HOP or frames.shape != (n_samples // HOP, roi, roi):
-        log.info(
-            "%s: %s frames for %d audio samples (expected %d x %dx%d); regenerating",
-            video_path, frames.shape, n_samples, n_samples // HOP, roi, roi,
-        )  # fmt: skip
-        return None
-    return frames.shape[0], n_samples
+            return True
+    return False
 
 
 def _work(job: tuple[SynthGridParams, str, UtterancePlan, dict[str, str]]) -> dict[str, Any]:
@@ -227,7 +213,8 @@ def _work(job: tuple[SynthGridParams, str, UtterancePlan, dict[str, str]]) -> di
     params, out_dir_s, plan, checksums = job
     out_dir = Path(out_dir_s)
     try:
-        kept = check_existing(out_dir, plan, params.roi_size, checksums)
+        kept = None if _checksum_differs(out_dir, plan, checksums) else check_existing(
+            out_dir / plan.audio_rel, out_dir / plan.video_rel, params.roi_size, SAMPLE_RATE, FPS)
         if kept is not None:
             return {"id": plan.id, "status": "kept", "n_frames": kept[0], "n_samples": kept[1]}
         spk = make_speaker(params.seed, plan.speaker_index)

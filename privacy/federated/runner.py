@@ -1,4 +1,4 @@
-"""Run a federation: Flower's simulation engine (Ray) or a sequential in-process grid.
+"""Run a federation (Flower's simulation engine (Ray) or a sequential in-process grid), or its centralised baseline.
 
 ``run_federated(run_config, num_clients, backend)``:
 
@@ -21,6 +21,11 @@
 
 Both run :func:`privacy.federated.server_app.run_server`; results are read back
 from the run directory (``federated_rounds.json``, ``global_model.npz``).
+
+``run_centralised(run_config, steps)``: the baseline without a federation: one
+data holder with the union of the clients' training data trains the same model
+with the clients' local training (:func:`privacy.federated.task.train_local`,
+DP-SGD when ``dp`` is ``local``) for ``steps`` steps.
 """
 
 from __future__ import annotations
@@ -190,3 +195,35 @@ def run_federated(
     finally:
         if temporary is not None:
             temporary.cleanup()
+
+
+def run_centralised(run_config: Mapping[str, Any], steps: int, task=None) -> dict[str, Any]:
+    """The centralised baseline of a federation (see the module docstring).
+
+    `task` (default: the run config's task) must provide ``build_union_loader``, as
+    :class:`privacy.federated.synthgrid_task.SynthGridTask` does. Returns the trained
+    ``model``, the ``train_local`` ``stats`` and their ``train_seconds``, the ``dp`` session
+    (None without DP), and the ``utterances`` and ``batches`` of the union loader.
+    """
+    from common.seeding import seed_everything
+    from privacy.federated.local_dp import LocalDPSession
+    from privacy.federated.task import load_task, train_local
+
+    cfg = resolve_run_config(run_config)
+    task = task if task is not None else load_task(cfg)
+    if getattr(task, "build_union_loader", None) is None:
+        raise TypeError(f"{cfg['task']}: the centralised baseline needs a task with build_union_loader (the clients' union)")
+    generator = seed_everything(int(cfg["seed"]))
+    loader = task.build_union_loader(int(cfg["num-clients"]), generator)
+    utterances = len(loader.dataset)
+    model = task.build_model()
+    session = None
+    if cfg["dp"] == "local":
+        session = LocalDPSession.from_run_config(dict(cfg, **{"local-steps": steps, "num-rounds": 1}), utterances, None)
+    optimizer = str(cfg["local-optimizer"])
+    log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
+             cfg["batch-size"], utterances)
+    t0 = time.time()
+    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session)
+    return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
+            "train_seconds": time.time() - t0}

@@ -42,6 +42,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from common.files import atomic_write_bytes
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import build_strategy
 from privacy.federated.task import arrays_to_state, federated_state, load_task, state_to_arrays
@@ -53,14 +54,8 @@ ROUNDS_CSV = "federated_rounds.csv"
 GLOBAL_MODEL = "global_model.npz"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from common.files import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    _atomic_write(run_dir / ROUNDS_JSON, (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode())
+    atomic_write_bytes(run_dir / ROUNDS_JSON, (json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n").encode())
     buffer = io.StringIO()
     columns = ["round", "node_id", "partition_id", "status", "train_loss", "epsilon", "bytes_sent", "dense_bytes", "update_norm", "eval_wer", "reason"]
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -71,7 +66,7 @@ def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
         for status in ("rejected", "failed"):
             for client in rnd[status]:
                 writer.writerow({"round": rnd["server_round"], "status": status, **client})
-    _atomic_write(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
+    atomic_write_bytes(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
@@ -158,7 +153,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         _write_round_log(run_dir, summary)
         buffer = io.BytesIO()
         np.savez(buffer, **final)
-        _atomic_write(run_dir / GLOBAL_MODEL, buffer.getvalue())
+        atomic_write_bytes(run_dir / GLOBAL_MODEL, buffer.getvalue())
     summary["final_state"] = final
     summary["initial_state"] = initial
     return summary

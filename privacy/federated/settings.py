@@ -3,9 +3,10 @@
 Flower passes a flat ``run_config`` (``[tool.flwr.app.config]`` in
 privacy/federated/pyproject.toml, overridable with ``flwr run --run-config``;
 or the dict given to :func:`privacy.federated.runner.run_federated`). Keys use
-Flower's hyphen style. :func:`run_config_from_cfg` derives it from the Hydra
-config groups (federated, compression, dp, trainer) so the entry script needs
-no Flower knowledge.
+Flower's hyphen style. :data:`DEFAULT_RUN_CONFIG` is the Flower app's source of
+truth (pyproject.toml repeats it; a test checks they agree). The Hydra side
+derives a run config from the composed config in training/wav2vec2/run_config.py,
+the only place that knows both.
 """
 
 from __future__ import annotations
@@ -125,49 +126,3 @@ def client_evaluation_enabled(cfg: Mapping[str, Any]) -> bool:
 def not_private(cfg: Mapping[str, Any]) -> bool:
     """True when the run's DP noise can be regenerated from its configuration (the reproducible option)."""
     return cfg["dp"] != "none" and bool(cfg["dp-reproducible-noise-NOT-PRIVATE"])
-
-
-def run_config_from_cfg(cfg: Any, task: str, run_dir: str) -> dict[str, Any]:
-    """Hydra config (federated / compression / dp / trainer groups) -> flat run config."""
-    fed, comp, dp, trainer = cfg.federated, cfg.compression, cfg.dp, cfg.trainer
-    return resolve_run_config(
-        {
-            "task": task,
-            "seed": int(cfg.seed),
-            "num-clients": int(fed.num_clients),
-            "num-rounds": int(fed.num_rounds),
-            "strategy": str(fed.name),
-            "fraction-train": float(fed.fraction_train),
-            "fraction-evaluate": float(fed.fraction_evaluate),
-            "server-lr": float(fed.server_lr),
-            "trimmed-beta": float(fed.trimmed_beta),
-            "krum-malicious": -1 if fed.krum_malicious is None else int(fed.krum_malicious),
-            "min-train-nodes": int(fed.min_train_nodes),
-            "proximal-mu": float(fed.proximal_mu),
-            "local-epochs": int(fed.local_epochs),
-            "local-steps": int(fed.local_steps or 0),
-            "lr": float(trainer.lr),
-            "local-optimizer": str(fed.local_optimizer),
-            "batch-size": int(trainer.batch_size),
-            "compression": str(comp.name),
-            "topk-fraction": float(comp.topk_fraction),
-            "error-feedback": bool(comp.error_feedback),
-            "int8-block-size": int(comp.int8_block_size),
-            "dp": str(dp.name),
-            "target-epsilon": float(dp.target_epsilon),
-            "target-delta": float(dp.target_delta),
-            "max-grad-norm": float(dp.max_grad_norm),
-            "clipping-norm": float(dp.clipping_norm),
-            "noise-multiplier": -1.0 if dp.noise_multiplier is None else float(dp.noise_multiplier),
-            "dp-accountant": str(dp.accountant),
-            "dp-poisson-sampling": bool(dp.poisson_sampling),
-            "dp-max-noise-multiplier": float(dp.max_noise_multiplier),
-            "dp-unit": "auto" if dp.unit is None else str(dp.unit),
-            "dp-reproducible-noise-NOT-PRIVATE": bool(dp.reproducible_noise_NOT_PRIVATE),
-            "client-evaluation": {None: "auto", True: "on", False: "off"}[fed.client_evaluation],
-            "max-num-examples": int(fed.max_num_examples),
-            "max-update-norm": float(fed.max_update_norm),
-            "round-timeout": float(fed.round_timeout),
-            "run-dir": run_dir,
-        }
-    )

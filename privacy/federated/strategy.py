@@ -67,6 +67,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from privacy.dp import central_noise_multiplier_for_budget
 from privacy.federated.compression import MalformedPayload, NoCompression, decompress, wire_nbytes
 from privacy.federated.task import apply_delta, arrays_to_state, state_to_arrays, update_norm
 
@@ -325,7 +326,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
             )
         noise = float(cfg["noise-multiplier"])
         if noise < 0:
-            noise = noise_multiplier_for_budget(
+            noise = central_noise_multiplier_for_budget(
                 float(cfg["target-epsilon"]), float(cfg["target-delta"]), int(cfg["num-rounds"]), float(cfg["dp-max-noise-multiplier"])
             )
         dp_wrapper = SecureNoiseServerSideFixedClipping(
@@ -402,32 +403,3 @@ def central_accountant(target_delta: float, population: int, max_epsilon: Option
             max_epsilon=max_epsilon,
         )
     )
-
-
-def central_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon of `rounds` Gaussian releases with this noise multiplier (no amplification), via dp-accounting RDP."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    accountant = RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
-    return float(accountant.get_epsilon(delta))
-
-
-def noise_multiplier_for_budget(target_epsilon: float, target_delta: float, rounds: int, max_noise_multiplier: float = 1e4) -> float:
-    """Smallest noise multiplier (to 1e-3 relative) whose `rounds` releases stay within (target_epsilon, target_delta)."""
-    low, high = 1e-2, 1.0
-    if central_epsilon(max_noise_multiplier, rounds, target_delta) > target_epsilon:
-        raise ValueError(
-            f"no noise multiplier <= {max_noise_multiplier:g} (dp.max_noise_multiplier) reaches epsilon {target_epsilon} "
-            f"in {rounds} rounds at delta {target_delta}"
-        )
-    while central_epsilon(high, rounds, target_delta) > target_epsilon:
-        high *= 2
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        if central_epsilon(mid, rounds, target_delta) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high

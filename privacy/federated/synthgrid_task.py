@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -264,6 +265,25 @@ def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.T
 
 
 # --------------------------------------------------------------------------- the task
+@dataclass
+class SynthGridTask(FederatedTask):
+    """A FederatedTask plus what the centralised baseline and the final scoring need.
+
+    ``tokenizer``: the run's tokenizer (built once); ``build_union_loader(num_partitions,
+    generator)``: the union of every client's training utterances, shuffled with
+    ``generator`` (one data holder, for the centralised baseline);
+    ``build_split_loader(split)``: a whole split in order (e.g. the test speakers).
+    """
+
+    tokenizer: Any = None
+    build_union_loader: Optional[Callable[[int, torch.Generator], DataLoader]] = None
+    build_split_loader: Optional[Callable[[str], DataLoader]] = None
+
+    def evaluate_split(self, model: nn.Module, split: str) -> dict[str, float]:
+        """WER / CER / CTC loss of greedy decoding on a whole split (:func:`evaluate_transcripts`)."""
+        return evaluate_transcripts(model, self.build_split_loader(split), self.tokenizer)
+
+
 def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**DEFAULT_TASK_CONFIG, **{k: v for k, v in run_config.items() if k.startswith("task-")}}
     if not cfg["task-data-dir"]:
@@ -271,7 +291,7 @@ def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> FederatedTask:
+def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> SynthGridTask:
     """The FederatedTask factory named in run_config['task'] (see the module docstring)."""
     cfg = task_settings(run_config)
     seed = int(run_config.get("seed", 0))
@@ -305,4 +325,15 @@ def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> FederatedTask:
     def error_counts(model: nn.Module, batch) -> tuple[int, int]:
         return word_error_counts(model, batch, tokenizer)
 
-    return FederatedTask(build_model, build_loaders, ctc_loss, error_counts)
+    def build_union_loader(num_partitions: int, generator: torch.Generator) -> DataLoader:
+        speakers, _, waves, targets = load_split(data_dir, split, tokenizer)
+        idx = centralised_indices(speakers, num_partitions, seed, eval_utterances)
+        union = WaveformCTCDataset([waves[i] for i in idx], [targets[i] for i in idx])
+        return DataLoader(union, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_waveforms)
+
+    def build_split_loader(name: str) -> DataLoader:
+        _, _, waves, targets = load_split(data_dir, name, tokenizer)
+        return DataLoader(WaveformCTCDataset(waves, targets), batch_size=eval_batch_size, collate_fn=collate_waveforms)
+
+    return SynthGridTask(build_model, build_loaders, ctc_loss, error_counts, tokenizer=tokenizer,
+                         build_union_loader=build_union_loader, build_split_loader=build_split_loader)

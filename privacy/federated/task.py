@@ -78,10 +78,6 @@ def load_task(run_config: Mapping[str, Any]) -> FederatedTask:
     return task
 
 
-def get_model(run_config: Mapping[str, Any]) -> nn.Module:
-    return load_task(run_config).build_model()
-
-
 # --------------------------------------------------------------------------- state and deltas
 def federated_state(model: nn.Module) -> dict[str, np.ndarray]:
     """The parameters that are trained and exchanged: trainable named_parameters, as float32 numpy."""

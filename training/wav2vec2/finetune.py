@@ -12,87 +12,31 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from training.wav2vec2.plan import _eval_utterances, _task_keys, centralised_steps, check_plan
+from training.wav2vec2.plan import centralised_steps, check_plan
 from training.wav2vec2.pretrain import checkpoint_ready, ensure_pretrained, pretrain
+from training.wav2vec2.run_config import wav2vec2_run_config
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- runs
-def _tokenizer(cfg: DictConfig):
-    from privacy.federated.synthgrid_task import make_tokenizer
-
-    return make_tokenizer(str(cfg.data.tokenizer), cfg.data.dir)
-
-
-def _test_loader(cfg: DictConfig, tokenizer):
-    from privacy.federated.synthgrid_task import WaveformCTCDataset, collate_waveforms, load_split
-
-    _, _, waves, targets = load_split(cfg.data.dir, str(cfg.eval.split), tokenizer)
-    return DataLoader(WaveformCTCDataset(waves, targets), batch_size=16, collate_fn=collate_waveforms)
-
-
-def _run_config(cfg: DictConfig, run_dir: Path, strategy: str | None = None) -> dict[str, Any]:
-    from privacy.federated.settings import resolve_run_config, run_config_from_cfg
-    from privacy.federated.synthgrid_task import TASK_REFERENCE
-
-    if strategy is not None:  # the centralised run reuses the flat config with a placeholder strategy
-        base = dict(run_config_from_cfg(_with_strategy(cfg, strategy), TASK_REFERENCE, str(run_dir)))
-    else:
-        base = run_config_from_cfg(cfg, TASK_REFERENCE, str(run_dir))
-    return resolve_run_config(base, _task_keys(cfg))
-
-
-def _with_strategy(cfg: DictConfig, name: str) -> DictConfig:
-    from omegaconf import OmegaConf
-
-    copy = OmegaConf.to_container(cfg, resolve=True)
-    copy["federated"]["name"] = name
-    return OmegaConf.create(copy)
-
-
-def run_centralised(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:
     """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
-    from privacy.federated.local_dp import LocalDPSession
-    from privacy.federated.synthgrid_task import (
-        WaveformCTCDataset, centralised_indices, collate_waveforms, evaluate_transcripts, load_split,
-        wav2vec2_synthgrid_task,
-    )
-    from privacy.federated.task import train_local
-    from common.seeding import seed_everything
+    from privacy.federated.runner import run_centralised as train_centralised
 
-    steps = centralised_steps(cfg, plan["clients"])
-    run_config = _run_config(cfg, out_dir, strategy="fedavg")
-    task = wav2vec2_synthgrid_task(run_config)
-    generator = seed_everything(int(cfg.seed))
-    tokenizer = _tokenizer(cfg)
-    speakers, _, waves, targets = load_split(cfg.data.dir, "train", tokenizer)
-    idx = centralised_indices(speakers, int(cfg.federated.num_clients), int(cfg.seed), _eval_utterances())
-    loader = DataLoader(WaveformCTCDataset([waves[i] for i in idx], [targets[i] for i in idx]), batch_size=int(cfg.trainer.batch_size),
-                        shuffle=True, generator=generator, collate_fn=collate_waveforms)
-    model = task.build_model()
-    session = None
-    if cfg.dp.name == "local":
-        session = LocalDPSession.from_run_config(dict(run_config, **{"local-steps": steps, "num-rounds": 1}), len(idx), None, partition_id=0)
-    optimizer = str(cfg.federated.local_optimizer)
-    log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
-             cfg.trainer.batch_size, len(idx))
-    t0 = time.time()
-    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg.trainer.lr),
-                        optimizer=optimizer, dp=session)
-    seconds = time.time() - t0
-    metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": seconds,
-               "clients": 1, "rounds": 0, "train_utterances": len(idx)}
+    result = train_centralised(run_config, centralised_steps(cfg, plan["clients"]), task)
+    stats, session = result["stats"], result["dp"]
+    metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
+               "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}
     metrics.update(_privacy_labels(cfg, run_config))
     if session is not None:
         delta = float(cfg.dp.target_delta)
         eps = session.epsilon(delta)
         metrics.update({"epsilon/max": eps, "epsilon/client_0": eps, "noise_multiplier": session.noise_multiplier})
-        metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / len(loader), session.accountant.steps, eps))
-    result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
-    metrics.update(wer=result["wer"], cer=result["cer"], test_loss=result["loss"], test_utterances=result["utterances"])
+        metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / result["batches"], session.accountant.steps, eps))
+    score = task.evaluate_split(result["model"], str(cfg.eval.split))
+    metrics.update(wer=score["wer"], cer=score["cer"], test_loss=score["loss"], test_utterances=score["utterances"])
     return metrics
 
 
@@ -117,22 +61,19 @@ def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps
     return {"epsilon/independent_rdp": independent, "epsilon/independent_rel_diff": abs(independent - epsilon) / max(epsilon, 1e-12)}
 
 
-def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:
     from privacy.federated.runner import run_federated
-    from privacy.federated.synthgrid_task import evaluate_transcripts, wav2vec2_synthgrid_task
     from privacy.federated.task import load_federated_state
 
-    run_config = _run_config(cfg, out_dir)
     num_clients = int(cfg.federated.num_clients)
     t0 = time.time()
     summary = run_federated(run_config, num_clients, backend=str(cfg.federated.backend))
     seconds = time.time() - t0
     summary.pop("grid", None)
 
-    model = wav2vec2_synthgrid_task(run_config).build_model()
+    model = task.build_model()
     load_federated_state(model, summary["final_state"])
-    tokenizer = _tokenizer(cfg)
-    result = evaluate_transcripts(model, _test_loader(cfg, tokenizer), tokenizer)
+    result = task.evaluate_split(model, str(cfg.eval.split))
 
     entries = [c for r in summary["rounds"] for c in r["clients"]]
     per_client_eps: dict[int, float] = {}
@@ -187,31 +128,29 @@ def run_fl(cfg: DictConfig, out_dir: Path, plan: dict[str, Any]) -> dict[str, An
 
 def run_wav2vec2_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
-    from training.stage import Stage
+    from training.stage import Stage, skip_if_done
 
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
-        if not cfg.force and checkpoint_ready(cfg.model.checkpoint) and Stage(cfg, "pretrain", directory=cfg.model.checkpoint).done:
-            log.info("%s is already pre-trained (status.json says done); force=true runs it again", cfg.model.checkpoint)
-            import json
-
-            return json.loads((Path(cfg.model.checkpoint) / "metrics.json").read_text())
-        return pretrain(cfg)
+        done = skip_if_done(cfg, cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None
+        return done if done is not None else pretrain(cfg)
+    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / "federated")
+    if done is not None:
+        return done
     stage = Stage(cfg, "federated")
-    if not cfg.force and stage.done:
-        import json
-
-        log.info("%s is done (status.json); skipping. Pass force=true to run it again.", stage.dir)
-        return json.loads((stage.dir / "metrics.json").read_text())
     ensure_pretrained(cfg)
     if cfg.dp.name == "local":
         log.info("dp=local: noise multiplier(s) %s for target epsilon %g, delta %g", plan.get("noise_multipliers"),
                  cfg.dp.target_epsilon, cfg.dp.target_delta)
     with stage:
-        if cfg.federated.name == "none":
-            metrics = run_centralised(cfg, stage.dir, plan)
+        from privacy.federated.synthgrid_task import wav2vec2_synthgrid_task
+
+        if cfg.federated.name == "none":  # the same flat config; FedAvg is a placeholder no federation uses
+            run_config = wav2vec2_run_config(cfg, stage.dir, strategy="fedavg")
+            metrics = run_centralised(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
         else:
-            metrics = run_fl(cfg, stage.dir, plan)
+            run_config = wav2vec2_run_config(cfg, stage.dir)
+            metrics = run_fl(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
         metrics.setdefault("epsilon/max", 0.0)
         stage.metrics.update(metrics)
     log.info("wav2vec2 %s / dp=%s / compression=%s: WER %.3f CER %.3f", cfg.federated.name, cfg.dp.name, cfg.compression.name,

@@ -19,18 +19,6 @@ def _steps_per_round(cfg: DictConfig, n_train: int) -> int:
     return _local_steps(cfg) or int(cfg.federated.local_epochs) * math.ceil(n_train / int(cfg.trainer.batch_size))
 
 
-def _task_keys(cfg: DictConfig) -> dict[str, Any]:
-    checkpoint = cfg.model.get("checkpoint")
-    layers = cfg.dp.get("trainable_layers")
-    return {
-        "task-data-dir": str(cfg.data.dir),
-        "task-tokenizer": str(cfg.data.tokenizer),
-        "task-checkpoint": str(checkpoint) if checkpoint else "",
-        "task-trainable-layers": -1 if layers is None else int(layers),
-        "task-train-positional-conv": bool(cfg.dp.get("train_positional_conv", True)),
-    }
-
-
 def _eval_utterances() -> int:
     from privacy.federated.synthgrid_task import DEFAULT_TASK_CONFIG
 
@@ -92,11 +80,10 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             f"dp.grad_sample_mode={dp.grad_sample_mode!r}: the federated client trains with Opacus' hooks mode and "
             f"Hugging Face's CTC loss; use dp=local (ghost clipping is measured in benchmarks/bench_fl_dp.py)"
         )
-    from privacy.federated.settings import run_config_from_cfg
-    from privacy.federated.synthgrid_task import TASK_REFERENCE
+    from training.wav2vec2.run_config import wav2vec2_run_config
 
     try:  # every DP / federated option is checked here, before any audio is read (settings.resolve_run_config)
-        flat = run_config_from_cfg(_as_federation(cfg) if fed.name == "none" else cfg, TASK_REFERENCE, "")
+        flat = wav2vec2_run_config(cfg, "", strategy="fedavg" if fed.name == "none" else None)
     except (KeyError, ValueError) as error:
         raise DPPlanError(f"federated / dp configuration: {error}") from None
     if fed.name != "none":  # robust aggregators (trimmed mean trims >= 1 per side, krum's f explicit) fail here, not in round 1
@@ -135,7 +122,7 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
                 raise DPPlanError(f"dp=local, {who} ({h['n_train']} training utterances, {h['total_steps']} steps): {error}") from None
         out["noise_multipliers"] = sigmas
     if dp.name == "central":
-        from privacy.federated.strategy import noise_multiplier_for_budget
+        from privacy.dp import central_noise_multiplier_for_budget
 
         n_clients = int(fed.num_clients)
         if not 0 < float(dp.target_delta) < 1.0 / n_clients:
@@ -147,19 +134,11 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
         if dp.noise_multiplier is None:
             try:
-                out["noise_multipliers"] = [noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]
+                out["noise_multipliers"] = [central_noise_multiplier_for_budget(
+                    float(dp.target_epsilon), float(dp.target_delta), rounds, float(dp.max_noise_multiplier))]
             except ValueError as error:
                 raise DPPlanError(f"dp=central: {error}") from None
     return out
-
-
-def _as_federation(cfg: DictConfig) -> DictConfig:
-    """The config with federated.name=fedavg: the centralised runs reuse the federation's flat run config."""
-    from omegaconf import OmegaConf
-
-    copy = OmegaConf.to_container(cfg, resolve=True)
-    copy["federated"]["name"] = "fedavg"
-    return OmegaConf.create(copy)
 
 
 def centralised_steps(cfg: DictConfig, plan: list[dict[str, int]]) -> int:
