@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.files import read_text
 from data import features
 from data.collate import collate_av
 from data.media import MediaError, read_video, read_wav
@@ -69,11 +70,11 @@ def _read_split_tolerant(data_dir: str | Path, split: str, on_bad) -> list[Utter
     for path in (tsv, wrd, spk):
         if not path.is_file():
             raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m scripts.prepare_data data=...`)")
-    lines = tsv.read_text(encoding="utf-8").splitlines()
+    lines = read_text(tsv, ManifestError).splitlines()
     if not lines:
         raise ManifestError(f"{tsv}: empty file; expected a root line followed by one line per utterance")
-    words = wrd.read_text(encoding="utf-8").splitlines()
-    speakers = spk.read_text(encoding="utf-8").splitlines()
+    words = read_text(wrd, ManifestError).splitlines()
+    speakers = read_text(spk, ManifestError).splitlines()
     entries = lines[1:]
     for other, name in ((words, wrd), (speakers, spk)):
         if len(other) != len(entries):
@@ -127,6 +128,8 @@ class AVSRDataset(Dataset):
         image_std: float = features.IMAGE_STD,
         validate: bool = True,
         cache_items: bool = False,
+        roi_size: Optional[int] = None,
+        max_skip_fraction: float = 1.0,
     ):
         from common.skips import SkipCounter
 
@@ -145,7 +148,12 @@ class AVSRDataset(Dataset):
         self.sample_rate, self.fps, self.stack_order = sample_rate, fps, stack_order
         self.normalize_audio = normalize_audio
         self.crop_size, self.image_mean, self.image_std = crop_size, image_mean, image_std
+        self.roi_size = roi_size  # prepared mouth ROIs are roi_size x roi_size; None: any size >= crop_size
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
+        self.max_skip_fraction = max_skip_fraction
         self.skips = SkipCounter(f"dataset {split}")
+        self.skipped: dict[str, str] = {}  # utterance id -> skip reason (validation and keep_only)
         self._wrd_path = manifest_dir(data_dir) / f"{split}.wrd"
         self.noise = self._check_noise(noise)
 
@@ -215,6 +223,12 @@ class AVSRDataset(Dataset):
             frames = read_video(path, expected_fps=self.fps)
         except MediaError as e:
             raise self._fail("corrupt_video", f"{u.id}: {e}") from e
+        if self.roi_size is not None and frames.shape[1:] != (self.roi_size, self.roi_size):
+            raise self._fail(
+                "wrong_frame_size", f"{u.id}: {path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected "
+                f"{self.roi_size}x{self.roi_size} mouth ROIs (data.roi_size); a larger frame is not a mouth ROI "
+                "(prepare real videos with `python -m data.prepare`, which crops the mouth)"
+            )
         if frames.shape[1] < self.crop_size or frames.shape[2] < self.crop_size:
             raise self._fail(
                 "corrupt_video", f"{u.id}: {path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected at least {self.crop_size}x{self.crop_size}"
@@ -266,13 +280,46 @@ class AVSRDataset(Dataset):
                 if self.on_error == "raise":
                     raise
                 self.skips.skip(e.reason, str(e))
+                self.skipped[u.id] = e.reason
                 continue
             kept.append(u)
         self.utterances = kept
         report = self.skips.report()
         if self.skips.total:
             log.warning("split %r: %d usable utterances, %d skipped", self.split, len(kept), self.skips.total)
+        self.check_skip_fraction()
         return report
+
+    def keep_only(self, ids: Any, reasons: Optional[dict[str, str]] = None, what: str = "the other modality") -> None:
+        """Drop the utterances whose id is not in `ids` (e.g. those without a cached video front-end
+        output because the video dataset skipped them), counting each as a skip with its reason in
+        `reasons` (the other dataset's `skipped`), so both modalities hold the same utterances."""
+        ids, reasons = set(ids), reasons or {}
+        kept = []
+        for u in self.utterances:
+            if u.id in ids:
+                kept.append(u)
+                continue
+            reason = reasons.get(u.id, "missing_" + what.replace(" ", "_"))
+            self.skips.skip(reason, f"split {self.split!r}, utterance {u.id}: dropped, {what} skipped it ({reason})")
+            self.skipped[u.id] = reason
+        if len(kept) != len(self.utterances):
+            self.utterances = kept
+            self._items = {} if self._items is not None else None  # indices shifted
+            self.check_skip_fraction()
+        if not self.utterances:
+            raise DatasetError("empty", f"{manifest_dir(self.data_dir) / (self.split + '.tsv')}: no usable utterances in split {self.split!r}")
+
+    def check_skip_fraction(self) -> None:
+        """data.on_error=skip may drop a few broken utterances, not a large part of a split."""
+        seen = len(self.utterances) + self.skips.total
+        if seen and self.skips.total / seen > self.max_skip_fraction:
+            examples = "; ".join(f"{n} x {r} (e.g. {self.skips.examples[r]})" for r, n in self.skips.reasons.most_common(3))
+            raise DatasetError(
+                "too_many_skips",
+                f"split {self.split!r} of {self.data_dir}: {self.skips.total} of {seen} utterances skipped "
+                f"({self.skips.total / seen:.0%}), more than data.max_skip_fraction={self.max_skip_fraction:g}: {examples}",
+            )
 
     # ------------------------------------------------------------------ items
     def set_epoch(self, epoch: int) -> None:
@@ -371,10 +418,12 @@ def build_dataloader(
     num_replicas: int = 1,
     rank: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """DataLoader with a length-bucketed ("bucket") or P x K speaker ("speaker") batch sampler.
 
     Workers are not persistent, so the dataset's epoch set by `set_loader_epoch` reaches them.
+    pin_memory: page-locked batches, for non_blocking copies to a GPU (`common.device.pin_memory_for`).
     """
     if sampler_kind == "bucket":
         sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=train, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
@@ -382,7 +431,8 @@ def build_dataloader(
         sampler = SpeakerBatchSampler(dataset.speaker_ids, P, K, seed=seed, num_replicas=num_replicas, rank=rank)
     else:
         raise ValueError(f"sampler_kind must be 'bucket' or 'speaker', got {sampler_kind!r}")
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_av, num_workers=num_workers, persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_av, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=pin_memory)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -75,6 +75,36 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
 
 
+MASKED = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",
+          "trainer.utterances_per_speaker=2"]
+
+
+def test_export_and_attack_pointed_at_another_asr_run(tiny_corpus):
+    """The LRS3 -> VoxCeleb2 route in small: a run that did not fine-tune (other overrides; there another corpus)
+    exports through the model of `asr_run` and its attacker reads that export; a mismatch is refused."""
+    from training.avhubert.export import read_export
+    from training.tasks import run_asr_task, run_attack_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    run_asr_task(cfg_for(tmp, *MASKED))  # skipped when the end-to-end test above already ran it
+    asr = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-cl0.1-t0.1" / "s1"
+    other = ["masks=multiplicative", "seed=3", f"asr_run={asr}"]
+    mine = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-multiplicative-s1.0-ctc" / "s3"
+    run_asr_task(cfg_for(tmp, *other, "task=export"))
+    assert not (mine / "finetune").exists()
+    meta = json.loads((mine / "export" / "attacker_train.json").read_text())
+    assert meta["asr_run"] == str(asr.resolve()) and meta["masks"] == "both"  # the masks of the ASR run, not "multiplicative"
+    feats, _, _ = read_export(mine / "export", "attacker_trials")
+    assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])
+    eer = run_attack_task(cfg_for(tmp, *other, "attacker.scenario=semi_informed"))
+    assert 0.0 <= eer <= 1.0 and (mine / "attack" / "semi_informed" / "metrics.json").is_file()
+    with pytest.raises(ValueError, match="exported through the model of .* but this attack is on asr_run="):
+        run_attack_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={tmp}/elsewhere", "force=true"))
+    with pytest.raises(FileNotFoundError, match="finetune/model.pt not found: asr_run=.* holds no finished fine-tuning"):
+        run_asr_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={mine}", "task=export", "force=true"))
+
+
 def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):
     from training.tasks import run_attack_task
 
@@ -162,9 +192,11 @@ def test_optuna_search_runs_trials_and_reports_both_objectives(tiny_corpus, tmp_
     assert len(done) == 2 and all(len(t.values) == 2 for t in done)
 
 
-@pytest.mark.slow
 def test_torchrun_two_process_finetune(tiny_corpus):
-    """`torchrun --nproc_per_node=2 train_avhubert.py ...` (DDP, gloo on CPU) fine-tunes and rank 0 writes the stages."""
+    """`torchrun --nproc_per_node=2 train_avhubert.py ...` (DDP, gloo on CPU) fine-tunes and rank 0 writes the stages.
+
+    In the fast suite: modality dropout is on (model default 0.5), which is what broke DDP before the
+    dropped branch stayed in the graph (tests/test_device.py tests that cause directly)."""
     import subprocess
     import sys
 
@@ -175,10 +207,51 @@ def test_torchrun_two_process_finetune(tiny_corpus):
     args = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10", "data.splits.public=2",
             "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1", "data.splits.attacker_train=2",
             "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
-            "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5"]
+            "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5", "model.modality_dropout=0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_avhubert.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-additive-s1.0-ctc" / "s5"
     for stage in ("finetune", "evaluate", "export"):
         assert json.loads((run_dir / stage / "status.json").read_text())["status"] == "done", stage
+
+
+def test_skips_hold_end_to_end_with_cached_video_frontends(tiny_corpus, tmp_path):
+    """data.on_error=skip with a broken video: fine-tuning with the cached video front-end used to crash
+    with a bare KeyError at step 2, and evaluation scored 3 of 4 test utterances without saying so."""
+    import shutil
+    from pathlib import Path
+
+    from data.dataset import DatasetError
+    from data.manifest import read_split
+    from training.tasks import run_asr_task
+
+    shutil.copytree(tiny_corpus / "data_cache", tmp_path / "data_cache")
+    corpus = tmp_path / "data_cache" / "synthgrid"
+    Path(read_split(corpus, "train")[1].video).write_bytes(b"not an mp4")
+    Path(read_split(corpus, "test")[2].video).write_bytes(b"not an mp4")
+    n_train, n_test = len(read_split(corpus, "train")), len(read_split(corpus, "test"))
+    skip = ["model.checkpoint=null", "data.on_error=skip", "trainer.max_steps=2", "eval.noise_types=[]"]
+    run_asr_task(cfg_for(tmp_path, *skip, "data.max_skip_fraction=0.3"))
+    run_dir = tmp_path / "runs" / "synthgrid" / "avhubert_tiny-adalora-ctc" / "s1"
+    ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+    assert ft["steps"] == 2 and ft["utterances"] == n_train - 1
+    assert ft["skipped/corrupt_video"] == 1 and ft["skipped/total"] == 1 and ft["valid/skipped/total"] == 0
+    ev = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert ev["n_utterances"] == n_test - 1 and ev["skipped/corrupt_video"] == 1 and ev["skipped/total"] == 1
+    hyp = (run_dir / "evaluate" / "hypotheses" / "audio.clean.hyp").read_text().splitlines()
+    vhyp = (run_dir / "evaluate" / "hypotheses" / "video.clean.hyp").read_text().splitlines()
+    assert len(hyp) == len(vhyp) == n_test - 1  # every modality scores the same utterances
+    ex = json.loads((run_dir / "export" / "metrics.json").read_text())
+    assert ex["attacker_trials/skipped/total"] == 0 and ex["attacker_trials/utterances"] > 0
+
+    from training.stage import StageConfigMismatch, stage_status
+
+    # a stage that skipped more than data.max_skip_fraction (default 0.1) of a split fails, and says so
+    with pytest.raises(DatasetError, match=r"split 'test'.*1 of 4 utterances skipped.*data.max_skip_fraction=0.1"):
+        run_asr_task(cfg_for(tmp_path, *skip, "task=evaluate", "force=true"))
+    assert stage_status(run_dir / "evaluate")["status"] == "failed"
+
+    # the same run directory with another learning rate is refused before any data is read
+    with pytest.raises(StageConfigMismatch, match="trainer.lr: 0.001 -> 0.05"):
+        run_asr_task(cfg_for(tmp_path, *skip, "data.max_skip_fraction=0.3", "trainer.lr=0.05"))

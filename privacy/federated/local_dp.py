@@ -63,8 +63,13 @@ class LocalDPSession:
     def reproducible(self) -> bool:
         return bool(self.cfg["dp-reproducible-noise-NOT-PRIVATE"])
 
-    def generator(self) -> torch.Generator:
+    def generator(self, device: torch.device | None = None) -> torch.Generator:
         """This round's source of noise and Poisson batches (see the module docstring)."""
+        if device is not None and torch.device(device).type != "cpu":
+            raise NotImplementedError(
+                f"local DP with the model on {device}: the CSPRNG-seeded generator is a CPU generator, and Opacus draws "
+                f"the noise on the model's device with it; run DP clients on the CPU (device=cpu)"
+            )
         if self.reproducible:
             return torch.Generator().manual_seed(int(self.cfg["seed"]) * 7919 + self.partition_id * 104_729 + self.accountant.steps)
         return csprng_generator()
@@ -82,7 +87,7 @@ class LocalDPSession:
             poisson_sampling=bool(self.cfg["dp-poisson-sampling"]),
             max_noise_multiplier=float(self.cfg["dp-max-noise-multiplier"]),
             client_accountant=self.accountant,
-            generator=self.generator(),
+            generator=self.generator(next(model.parameters()).device),
         )
         self.noise_multiplier = float(sigma)
         return private_model, private_optimizer, private_loader

@@ -11,6 +11,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from common.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -26,12 +28,12 @@ def pretrain(cfg: DictConfig) -> dict:
     from models.wav2vec2 import pretrain_wav2vec2_tiny
     from privacy.federated.synthgrid_task import load_split
     from common.seeding import seed_everything
-    from training.stage import Stage
+    from training.stage import open_stage
 
     if not cfg.model.get("checkpoint"):
         raise ValueError(f"task=pretrain with model={cfg.model.name}: model.checkpoint is empty; where should the model go?")
     out_dir = Path(cfg.model.checkpoint)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir) as stage:
         generator = seed_everything(int(cfg.seed))
         _, _, waves, _ = load_split(cfg.data.dir, "public")
         loader = DataLoader(waves, batch_size=int(cfg.pretrain.batch_size), shuffle=True, generator=generator,
@@ -39,7 +41,8 @@ def pretrain(cfg: DictConfig) -> dict:
         t0 = time.time()
         steps = int(cfg.pretrain.max_steps)
         _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
-                                           log_every=int(cfg.pretrain.log_every))
+                                           log_every=int(cfg.pretrain.log_every),
+                                           device=resolve_device(cfg.pretrain.device, field="pretrain.device"))
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),
