@@ -143,13 +143,20 @@ def central_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float
     return independent_epsilon(noise_multiplier, 1.0, rounds, delta, "rdp")
 
 
-def central_noise_multiplier_for_budget(target_epsilon: float, target_delta: float, rounds: int) -> float:
-    """Smallest noise multiplier (to 1e-3 relative) whose `rounds` central releases stay within (target_epsilon, target_delta)."""
+def central_noise_multiplier_for_budget(
+    target_epsilon: float, target_delta: float, rounds: int, max_noise_multiplier: float = 1e4
+) -> float:
+    """Smallest noise multiplier (to 1e-3 relative) whose `rounds` central releases stay within (target_epsilon, target_delta).
+
+    Raises ValueError if even ``max_noise_multiplier`` (dp.max_noise_multiplier) does not reach the budget."""
     low, high = 1e-2, 1.0
+    if central_epsilon(max_noise_multiplier, rounds, target_delta) > target_epsilon:
+        raise ValueError(
+            f"no noise multiplier <= {max_noise_multiplier:g} (dp.max_noise_multiplier) reaches epsilon {target_epsilon} "
+            f"in {rounds} rounds at delta {target_delta}"
+        )
     while central_epsilon(high, rounds, target_delta) > target_epsilon:
         high *= 2
-        if high > 1e4:
-            raise ValueError(f"no noise multiplier <= 1e4 reaches epsilon {target_epsilon} in {rounds} rounds at delta {target_delta}")
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         if central_epsilon(mid, rounds, target_delta) > target_epsilon:
@@ -374,11 +381,22 @@ def make_private_local(
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
     client_accountant: Optional[ClientPrivacyAccountant] = None,
-    noise_generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None,
     criterion: Optional[nn.Module] = None,
     max_noise_multiplier: float = MAX_SANE_NOISE_MULTIPLIER,
 ):
     """Wrap a client's model/optimizer/loader for DP-SGD with Opacus.
+
+    Randomness: the Gaussian noise AND the Poisson sampling both come from
+    ``generator``; None (the default, and the only private choice) means a fresh
+    :func:`csprng_generator`, whose state comes from the OS CSPRNG and is never
+    stored, so nobody (the server included) can regenerate the noise or the
+    batches from the configuration. Opacus' ``secure_mode`` code path is used
+    for both (its noise is a sum of Gaussians that resists the floating-point
+    attack of Mironov 2012 / Jin et al. 2021); Opacus would take the generator
+    from ``torchcsprng``, which has no build for this torch, so the generator is
+    supplied here. Pass a seeded generator only for tests or the explicitly
+    NOT-PRIVATE reproducible option.
 
     ``epochs_or_steps`` is the TOTAL number of optimizer steps planned on this
     client over ALL rounds (e.g. rounds * local_steps); sigma is calibrated for
@@ -392,8 +410,6 @@ def make_private_local(
     (the optimizer's step hook is chained), so ``client_accountant.epsilon(delta)``
     is the budget spent over all rounds.
     """
-    from opacus import PrivacyEngine
-
     _check_accountant(accountant)
     check_model_for_dp(model)
     sample_rate = local_sample_rate(data_loader)
@@ -402,7 +418,7 @@ def make_private_local(
         target_epsilon, target_delta, n_samples, int(epochs_or_steps), sample_rate,
         accountant=accountant, max_noise_multiplier=max_noise_multiplier,
     )
-    engine = PrivacyEngine(accountant=accountant)
+    engine = _secure_mode_engine(accountant, generator if generator is not None else csprng_generator())
     kwargs = dict(
         module=model,
         optimizer=optimizer,
@@ -411,7 +427,6 @@ def make_private_local(
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
-        noise_generator=noise_generator,
     )
     if "ghost" in grad_sample_mode:
         kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
@@ -433,6 +448,46 @@ def make_private_local(
     if "ghost" in grad_sample_mode:
         return private_model, private_optimizer, private_criterion, private_loader, noise_multiplier
     return private_model, private_optimizer, private_loader, noise_multiplier
+
+
+_MT_STATE_OFFSET, _MT_STATE_WORDS = 24, 624  # torch's CPU generator state: seed (8), left (4), seeded (4), next (8), 624 x uint64
+
+
+def csprng_generator() -> torch.Generator:
+    """A CPU ``torch.Generator`` whose whole Mersenne-Twister state comes from the OS CSPRNG (``os.urandom``).
+
+    ``manual_seed(s)`` would not do: torch initialises the 624-word state from the
+    low 32 bits of ``s`` only, so 2**32 guesses would regenerate the noise. Here
+    all 624 state words (19,968 bits) are written from ``os.urandom``; they exist
+    only inside this generator and are never stored or sent.
+    """
+    import os
+
+    import numpy as np
+
+    probe = torch.Generator().manual_seed(0x1234_5678_9ABC)
+    state = probe.get_state().numpy().copy()
+    words = state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_STATE_WORDS].view(np.uint64)
+    if words[0] != 0x1234_5678_9ABC & 0xFFFF_FFFF:  # layout check: word 0 = low 32 bits of the seed
+        raise RuntimeError("torch's CPU generator state layout is not the expected one; cannot seed it from the OS CSPRNG")
+    words[:] = np.frombuffer(os.urandom(4 * _MT_STATE_WORDS), dtype=np.uint32).astype(np.uint64)
+    generator = torch.Generator()
+    generator.set_state(torch.from_numpy(state))
+    return generator
+
+
+def _secure_mode_engine(accountant: str, generator: torch.Generator):
+    """An Opacus PrivacyEngine on its secure_mode code path, with ``generator`` as its random source (see make_private_local)."""
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # it is on: set just below
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)  # True would import torchcsprng
+    engine.secure_mode = True
+    engine.secure_rng = generator  # Opacus draws the noise and the Poisson batches from it
+    return engine
 
 
 def dp_step_on_empty_batch(optimizer) -> None:

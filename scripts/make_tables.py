@@ -44,6 +44,8 @@ AXES = (
     "federated.name",
     "dp.name",
     "dp.target_epsilon",
+    "dp.unit",  # utterance / client / speaker: a different guarantee, never merged
+    "dp.reproducible_noise_NOT_PRIVATE",
     "compression.name",
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
     "federated.local_steps",  # baseline makes the same total), so a demo run never merges with a sweep
@@ -75,8 +77,25 @@ class Run:
         if self.axis("masks.name") in (None, "none"):
             axes[AXES.index("masks.init_scale")] = None
         if self.axis("dp.name") in (None, "none"):
-            axes[AXES.index("dp.target_epsilon")] = None
+            for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
+                axes[AXES.index(key)] = None
         return tuple(axes)
+
+    @property
+    def dp_unit(self) -> str | None:
+        """The privacy unit of a DP row (older configs have no dp.unit: local DP = utterance, central DP = client)."""
+        dp = self.axis("dp.name")
+        if dp in (None, "none"):
+            return None
+        return str(self.axis("dp.unit") or {"local": "utterance", "central": "client"}.get(dp, dp))
+
+    @property
+    def not_private(self) -> bool:
+        """A DP row whose noise can be regenerated from its configuration: the NOT-PRIVATE option, or a run
+        from before the noise came from the OS CSPRNG (its metrics lack federated:dp/noise_from_os_csprng)."""
+        if self.axis("dp.name") in (None, "none"):
+            return False
+        return self.metrics.get("federated:dp/noise_from_os_csprng") != 1
 
     @property
     def seed(self):
@@ -155,13 +174,26 @@ MASK_TABLE = [
 FL_TABLE = [
     Column("WER", "federated:wer"),
     Column("CER", "federated:cer"),
-    Column("ε spent (max client)", "federated:epsilon/max", scale=1.0, digits=2),
+    Column("ε spent (max client)", "federated:epsilon/max", scale=1.0, digits=2),  # title completed by epsilon_title()
     Column("rounds", "federated:rounds", scale=1.0, digits=0),
     Column("test CTC loss", "federated:test_loss", scale=1.0, digits=2),
     Column("KB sent / client / round", "federated:bytes_per_client_round", scale=1e-3, digits=1),
     Column("compression ratio", "federated:compression_ratio", scale=1.0, digits=2),
 ]
 WER_MARGIN = 0.02  # the seed document's claim: under 2 points absolute WER degradation
+
+
+UNIT_NAMES = {"utterance": "utterance", "client": "client", "speaker": "speaker"}
+
+
+def epsilon_title(runs: list[Run]) -> str:
+    """The ε column header names the privacy unit and the adjacency of every kind of DP row in the table."""
+    units = sorted({(r.axis("dp.name"), r.dp_unit) for r in runs if r.dp_unit and "federated:epsilon/max" in r.metrics})
+    if not units:
+        return "ε spent (max client)"
+    # every accountant here is add/remove: Opacus RDP/PRV with Poisson sampling, Flower's ADD_OR_REMOVE_ONE
+    which = " / ".join(f"{unit} ({dp} DP)" for dp, unit in units)
+    return f"ε spent (max client), δ = 1e-5, add/remove one {which}"
 
 
 def _label(run: Run) -> str:
@@ -171,10 +203,14 @@ def _label(run: Run) -> str:
         fed, dp = run.axis("federated.name"), run.axis("dp.name")
         parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
         if dp not in (None, "none"):
-            parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')}")
+            parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)")
         if run.axis("compression.name") not in (None, "none"):
             parts.append(str(run.axis("compression.name")))
         parts.append(f"{run.axis('federated.num_rounds')}x{run.axis('federated.local_steps') or 'epoch'} steps")
+        if run.not_private:
+            parts.append("**NOT PRIVATE: DP noise reproducible from the config**")
+        if fed not in (None, "none") and "federated:bytes_on_wire" not in run.metrics and "federated:bytes_per_client_round" in run.metrics:
+            parts.append("bytes from array sizes, not the wire (old run)")
         return ", ".join(parts)
     parts.append(f"masks={run.axis('masks.name')}")
     if run.axis("masks.name") not in (None, "none") and run.axis("masks.init_scale") not in (None, 1.0):
@@ -223,8 +259,8 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             continue
         reference = wer(base)
         groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
-        for r in members:
-            if r.axis("dp.name") not in (None, "none") and r.axis("federated.name") != "none":
+        for r in members:  # a NOT-PRIVATE row cannot support a privacy claim
+            if r.axis("dp.name") not in (None, "none") and r.axis("federated.name") != "none" and not r.not_private:
                 groups[(r.axis("dp.name"), r.axis("compression.name"))][float(r.axis("dp.target_epsilon"))].append(r)
         for (dp, comp), by_eps in sorted(groups.items()):
             tried = sorted(by_eps)
@@ -530,7 +566,8 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
     header, rows, raw_masks = build_table(runs, MASK_TABLE)
     if rows:
         sections.append(("AV-HuBERT + masks: utility (WER, %) and identity leakage (probe, attacker EER, %)", "masks", header, rows))
-    header_fl, rows_fl, _ = build_table(runs, FL_TABLE)
+    fl_columns = [Column(epsilon_title(runs), c.key, c.scale, c.digits) if c.key == "federated:epsilon/max" else c for c in FL_TABLE]
+    header_fl, rows_fl, _ = build_table(runs, fl_columns)
     if rows_fl:
         sections.append(("Wav2Vec2 federated + DP (WER/CER in %)", "fl_dp", header_fl, rows_fl))
     margin_lines = smallest_epsilon_within_margin(runs)  # the seed's "< 2 points at epsilon 1" claim, checked

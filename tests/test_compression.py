@@ -6,10 +6,12 @@ from privacy.federated.compression import (
     Int8Quantizer,
     NoCompression,
     TopKSparsifier,
+    MalformedPayload,
     build_compressor,
     decompress,
     dense_nbytes,
     payload_nbytes,
+    wire_nbytes,
 )
 
 
@@ -91,27 +93,97 @@ def test_topk_residual_state_round_trips():
 
 
 def test_bytes_are_measured_on_the_serialised_payload():
+    from flwr.app import Array, ArrayRecord
+
     delta = {"w": torch.randn(256, 256)}
     dense = payload_nbytes(NoCompression().compress(delta))
     assert dense == dense_nbytes(delta)
-    assert 256 * 256 * 4 <= dense < 256 * 256 * 4 + 512  # float32 data + npy header + key
+    # Flower's wire form: the float32 data in an ArrayChunk, plus the Array / ArrayRecord objects and their ids
+    assert 256 * 256 * 4 < dense < 256 * 256 * 4 + 1024
+    record = ArrayRecord({"w::dense": Array(NoCompression().compress(delta)["w::dense"])})
+    assert dense == wire_nbytes(record) > record.count_bytes()  # more than the bare array bytes
     int8 = payload_nbytes(Int8Quantizer(block_size=256).compress(delta))
     assert 3.5 < dense / int8 < 4.1
     topk = payload_nbytes(TopKSparsifier(0.01).compress(delta))
     k = int(np.ceil(0.01 * 256 * 256))
-    assert 8 * k <= topk < 8 * k + 1024
+    assert 8 * k <= topk < 8 * k + 2048
     assert dense / topk > 10
 
 
-def test_malformed_payloads_are_rejected_with_the_parameter_name():
-    with pytest.raises(ValueError, match="'w'.*indices"):
-        decompress({"w::idx": np.array([0, 99], dtype=np.int32), "w::val": np.ones(2, np.float32), "w::shape": np.array([4])})
-    with pytest.raises(ValueError, match="'w'.*int8"):
-        decompress({"w::q": np.zeros(3, np.int8), "w::scale": np.ones(1, np.float32), "w::shape": np.array([4])})
-    with pytest.raises(ValueError, match="fields"):
-        decompress({"w::idx": np.array([0], dtype=np.int32), "w::shape": np.array([4])})
-    with pytest.raises(ValueError, match="payload key"):
-        decompress({"w": np.zeros(3, np.float32)})
+def test_int8_block_size_travels_with_the_payload_and_a_short_last_block_decodes_exactly():
+    # 53 x 128 = 6784 values = 26 full blocks of 256 + one of 128: ceil(6784 / 27) = 252 would be the wrong block
+    g = torch.Generator().manual_seed(0)
+    delta = {"w": torch.randn(53, 128, generator=g) * torch.linspace(0.01, 10, 53)[:, None]}
+    payload = Int8Quantizer(block_size=256).compress(delta)
+    assert payload["w::block"].tolist() == [256] and payload["w::scale"].size == 27
+    restored = decompress(payload)["w"]
+    x = delta["w"].numpy().reshape(-1)
+    y = restored.reshape(-1)
+    for start in range(0, x.size, 256):
+        chunk = x[start : start + 256]
+        assert np.abs(chunk - y[start : start + 256]).max() <= np.abs(chunk).max() / 127 / 2 + 1e-6
+    assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.01
+    # the block size is part of the payload: without it, or with one that does not tile, the payload is rejected
+    with pytest.raises(MalformedPayload, match="fields"):
+        decompress({k: v for k, v in payload.items() if not k.endswith("::block")})
+    # what the old decoder inferred, ceil(6784 / 27) = 252, also tiles 27 blocks but decodes wrongly
+    wrong = decompress({**payload, "w::block": np.array([252])})["w"].reshape(-1)
+    assert np.linalg.norm(x - wrong) / np.linalg.norm(x) > 10 * np.linalg.norm(x - y) / np.linalg.norm(x)
+    with pytest.raises(MalformedPayload, match="need 14"):
+        decompress({**payload, "w::block": np.array([512])})
+
+
+REFERENCE = {"w": (4,)}
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        # a top-k payload declaring 2**40 values: rejected from the declaration, nothing of that size is allocated
+        ({"w::idx": np.array([0], np.int32), "w::val": np.ones(1, np.float32), "w::shape": np.array([2**40])}, "declares shape \\(1099511627776,\\)"),
+        ({"w::idx": np.array([0], np.int32), "w::val": np.ones(1, np.float32), "w::shape": np.array([2**62, 2**62])}, "declares shape"),
+        # ::shape missing (raised KeyError before)
+        ({"w::idx": np.array([0], np.int32), "w::val": np.ones(1, np.float32)}, "fields \\['idx', 'val'\\]"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([4])}, "fields"),
+        ({"w::idx": np.array([0, 99], np.int32), "w::val": np.ones(2, np.float32), "w::shape": np.array([4])}, "indices must be"),
+        ({"w::idx": np.array([1, 1], np.int32), "w::val": np.ones(2, np.float32), "w::shape": np.array([4])}, "repeated indices"),
+        ({"w::idx": np.array([0.5]), "w::val": np.ones(1, np.float32), "w::shape": np.array([4])}, "indices have dtype float64"),
+        ({"w::idx": np.array([0], np.int32), "w::val": np.array(["x"]), "w::shape": np.array([4])}, "values have dtype"),
+        ({"w::idx": np.arange(4, dtype=np.int32), "w::val": np.ones(3, np.float32), "w::shape": np.array([4])}, "4 indices and 3 values"),
+        ({"w::q": np.zeros(3, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([4]), "w::shape": np.array([4])}, "int8"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.array([np.inf], np.float32), "w::block": np.array([4]), "w::shape": np.array([4])}, "finite"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([0]), "w::shape": np.array([4])}, "'::block'"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([4]), "w::shape": np.array([[4]])}, "'::shape'"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([4]), "w::shape": np.array([-4])}, "'::shape'"),
+        ({"w::q": np.zeros(4, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([4]), "w::shape": np.array([2, 2])}, "the global model has \\(4,\\)"),
+        ({"w::dense": np.zeros(5, np.float32)}, "shape \\(5,\\), the global model has \\(4,\\)"),
+        ({"w::dense": np.zeros(4, np.int64)}, "dtype int64"),
+        ({"v::dense": np.zeros(4, np.float32)}, "missing \\['w'\\], unexpected \\['v'\\]"),
+        ({"w": np.zeros(4, np.float32)}, "payload key"),
+    ],
+)
+def test_every_malformed_payload_is_rejected_with_a_reason(payload, reason):
+    with pytest.raises(MalformedPayload, match=reason):
+        decompress(payload, REFERENCE)
+
+
+def test_without_a_reference_declared_sizes_are_capped_before_allocation():
+    with pytest.raises(MalformedPayload, match="more than the limit"):
+        decompress({"w::idx": np.array([0], np.int32), "w::val": np.ones(1, np.float32), "w::shape": np.array([2**40])})
+    with pytest.raises(MalformedPayload, match="more than the limit 100"):
+        decompress({"w::q": np.zeros(101, np.int8), "w::scale": np.ones(1, np.float32), "w::block": np.array([101]),
+                    "w::shape": np.array([101])}, max_values=100)
+
+
+def test_an_unexpected_exception_while_decoding_becomes_a_rejection(monkeypatch):
+    import privacy.federated.compression as compression
+
+    def explode(*args, **kwargs):
+        raise MemoryError("cannot allocate 4 TiB")
+
+    monkeypatch.setattr(compression.np, "zeros", explode)
+    with pytest.raises(MalformedPayload, match="MemoryError: cannot allocate"):
+        decompress({"w::idx": np.array([0], np.int32), "w::val": np.ones(1, np.float32), "w::shape": np.array([4])}, REFERENCE)
 
 
 def test_build_compressor_rejects_unknown_names():

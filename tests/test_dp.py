@@ -182,7 +182,7 @@ def test_wav2vec2_tiny_is_opacus_valid_after_make_dp_compatible_and_dp_step_trai
     ledger = ClientPrivacyAccountant()
     dp_model, optimizer, dp_loader, sigma = make_private_local(
         model, optimizer, loader, target_epsilon=8.0, target_delta=1e-2, epochs_or_steps=4, max_grad_norm=1.0,
-        client_accountant=ledger, noise_generator=torch.Generator().manual_seed(0),
+        client_accountant=ledger, generator=torch.Generator().manual_seed(0),
     )
     dp_model.train()
     x, y, mask = next(iter(dp_loader))

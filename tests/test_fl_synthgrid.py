@@ -98,6 +98,9 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
     for key in REQUIRED_KEYS + ("epsilon/client_0", "epsilon/client_1"):
         assert key in written, key
     assert written["rounds"] == 1 and written["clients"] == 2 and written["failed"] == 0 and written["rejected"] == 0
+    # private noise (OS CSPRNG), bytes from the wire, no per-round evaluation on the clients' private data
+    assert written["not_private"] == 0 and written["dp/noise_from_os_csprng"] == 1 and written["bytes_on_wire"] == 1
+    assert written["client_evaluation"] == 0 and written["rounds_not_aggregated"] == 0
     assert 0 < written["epsilon/max"] <= 8.0 + 1e-6
     assert written["epsilon/max"] == max(written["epsilon/client_0"], written["epsilon/client_1"])
     # int8 payload: about a quarter of the dense float32 update
@@ -126,7 +129,8 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
             assert key.split("::")[0] in trainable, key
         # int8 codes + scales: no more values than the model has trainable parameters (no room for audio)
         assert sum(a.numpy().size for a in content["arrays"].values()) < 1.1 * n_trainable
-        assert set(content["metrics"]) == {"num-examples", "train_loss", "epsilon", "bytes_sent", "dense_bytes", "partition-id"}
+        # under DP nothing outside the guarantee: no loss, no example count (bytes are measured by the server)
+        assert set(content["metrics"]) == {"epsilon", "partition-id"}
         for key, value in content["metrics"].items():
             assert isinstance(value, (int, float)), key
         assert not any(t in json.dumps(dict(content["metrics"].items())) for t in texts)
@@ -183,6 +187,29 @@ def test_startup_errors_name_the_problem_before_any_audio_is_read(corpus, tmp_pa
     # data.on_error=skip is not implemented here: refused up front instead of silently ignored
     with pytest.raises(ValueError, match="data.on_error=skip: the Wav2Vec2 variant reads every audio file strictly"):
         run_wav2vec2_task(_cfg(corpus, runs, "data.on_error=skip"))
+    # issue 18: DP options that cannot hold, robust aggregators that defend nobody, speaker-level DP without one speaker per client
+    with pytest.raises(DPPlanError, match="dp-poisson-sampling"):
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.poisson_sampling=false"))
+    with pytest.raises(DPPlanError, match="dp-unit.*dp=local"):
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=local", "dp.unit=speaker"))
+    with pytest.raises(DPPlanError, match="one client per speaker: federated.num_clients=2 but .* has 6 speakers"):
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=central", "dp.unit=speaker", "dp.target_delta=1e-3"))
+    with pytest.raises(ValueError, match="krum-malicious"):
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=none", "federated=krum", "federated.num_clients=5"))
+    with pytest.raises(ValueError, match="trims int\\(beta x n\\)"):
+        run_wav2vec2_task(_cfg(corpus, runs, "dp=none", "federated=fedtrimmedavg", "federated.num_clients=4"))
+
+
+def test_speaker_level_dp_is_central_dp_with_one_client_per_speaker(corpus):
+    from training.wav2vec2.plan import check_plan
+
+    cfg = _cfg(corpus, Path("/tmp/unused"), "dp=central", "dp.unit=speaker", "federated.num_clients=6", "dp.target_delta=1e-3")
+    plan = check_plan(cfg)
+    assert plan["dp_unit"] == "speaker" and len(plan["clients"]) == 6
+    assert "cdp-eps8.0-spk" in cfg.paths.run_dir  # never shares a directory with a client-level run
+    assert check_plan(_cfg(corpus, Path("/tmp/unused"), "dp=central", "dp.target_delta=1e-3"))["dp_unit"] == "client"
+    repro = _cfg(corpus, Path("/tmp/unused"), "dp=local", "dp.reproducible_noise_NOT_PRIVATE=true")
+    assert "NOTPRIVATE" in repro.paths.run_dir
 
 
 def test_client_partitions_hold_whole_speakers_and_batches_pad_labels_with_minus_100(corpus):

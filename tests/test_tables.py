@@ -107,7 +107,8 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
     }.items():
         write_stage(runs / name / "s1", "federated", fl_config(fed, dp, eps, comp, rounds),
                     {"wer": wer, "cer": wer / 2, "epsilon/max": eps if dp != "none" else 0.0, "test_loss": 2.0,
-                     "bytes_per_client_round": 1000.0, "compression_ratio": 1.0})
+                     "bytes_per_client_round": 1000.0, "compression_ratio": 1.0, "bytes_on_wire": 1,
+                     **({"dp/noise_from_os_csprng": 1, "not_private": 0} if dp != "none" else {})})
         if fed != "none":
             rounds_log = {"rounds": [{"server_round": i, "eval": {"eval_loss": 4.0 / i, "eval_wer": 1.0 - wer / i}} for i in (1, 2, 3)]}
             (runs / name / "s1" / "federated" / "federated_rounds.json").write_text(json.dumps(rounds_log))
@@ -115,10 +116,31 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
     assert (tmp_path / "out" / "federated_rounds.png").stat().st_size > 1000
     rows = [line for line in (tmp_path / "out" / "fl_dp.md").read_text().splitlines() if line.startswith("| wav2vec2")]
     assert len(rows) == 7
-    assert sum("local DP ε=8.0, 10x20 steps" in r for r in rows) == 1 and sum("2x20 steps" in r for r in rows) == 1
+    assert sum("local DP ε=8.0 (utterance-level), 10x20 steps" in r for r in rows) == 1 and sum("2x20 steps" in r for r in rows) == 1
     assert "FL + local DP, compression none: smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text
     assert "FL + local DP, compression int8: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
     assert "2x20 steps, FL + local DP" not in text  # no centralised baseline with that budget: no claim
+    # the epsilon column names the privacy unit and the adjacency; rows say their unit
+    assert "ε spent (max client), δ = 1e-5, add/remove one utterance (local DP) |" in text
+    assert sum("local DP ε=3.0 (utterance-level)" in r for r in rows) == 1
+    assert not any("NOT PRIVATE" in r for r in rows)
+
+    # a run with reproducible noise (the option, or an old run without the CSPRNG marker) is labelled
+    # NOT PRIVATE, kept apart from the private rows, and never supports a privacy claim
+    reproducible = fl_config("fedavg", "local", 1.0)
+    reproducible["dp"]["reproducible_noise_NOT_PRIVATE"] = True
+    write_stage(runs / "e1-repro" / "s1", "federated", reproducible,
+                {"wer": 0.50, "cer": 0.2, "epsilon/max": 1.0, "test_loss": 2.0, "dp/noise_from_os_csprng": 0, "not_private": 1})
+    write_stage(runs / "e2-old" / "s1", "federated", fl_config("fedavg", "central", 2.0),
+                {"wer": 0.50, "cer": 0.2, "epsilon/max": 2.0, "test_loss": 2.0, "bytes_per_client_round": 1000.0})
+    text = make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "fl_dp.md").read_text().splitlines() if line.startswith("| wav2vec2")]
+    flagged = [r for r in rows if "NOT PRIVATE" in r]
+    assert len(rows) == 9 and len(flagged) == 2
+    assert any("local DP ε=1.0" in r for r in flagged) and any("central DP ε=2.0 (client-level)" in r and "not the wire" in r for r in flagged)
+    assert "add/remove one client (central DP) / utterance (local DP)" in text
+    assert "smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text  # not ε = 1 (50 %, not private)
+    assert "FL + central DP" not in text
 
 
 def test_where_selects_runs_by_config_value(tmp_path):

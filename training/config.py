@@ -231,6 +231,10 @@ class DPConfig:
     trainable_layers: Optional[int] = None  # local DP: None = all transformer layers (+ pos conv, projection); k = top k + lm_head
     train_positional_conv: bool = True  # local DP: the folded positional conv keeps training
     max_noise_multiplier: float = 1.0e3  # a plan needing more noise than this is rejected at start-up
+    unit: Optional[str] = None  # privacy unit; None: utterance (dp=local) / client (dp=central); speaker: dp=central, one speaker per client
+    # True: DP noise and Poisson batches seeded from the run seed, so runs repeat bit for bit, and anyone who
+    # knows the config can regenerate and subtract the noise. NOT PRIVATE; every metric/table row says so.
+    reproducible_noise_NOT_PRIVATE: bool = False
     cross_check: bool = True  # also report epsilon from dp_accounting (independent accountant)
 
 
@@ -252,7 +256,9 @@ class FederatedConfig:
     fraction_evaluate: float = 1.0
     server_lr: float = 0.1  # fedadam: server learning rate (eta)
     trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
-    krum_malicious: int = 0  # krum: assumed number of malicious clients
+    krum_malicious: Optional[int] = None  # krum: number of malicious clients f to tolerate; required (>= 1) with krum
+    client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
+    max_num_examples: int = 0  # fedavg/fedprox/fedadam without DP: largest num-examples a client may claim (0: local_steps x batch_size)
 
 
 @dataclass
@@ -454,6 +460,15 @@ def _run_tags(*parts: Any) -> str:
     return "-".join(kept) if kept else "base"
 
 
+def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any) -> str:
+    """Run-name suffix of a DP run: "-spk" for speaker-level DP, "-NOTPRIVATE" for reproducible noise, so such a run
+    never shares a directory with (or is mistaken for) a private utterance-level run."""
+    suffix = "-spk" if str(unit) == "speaker" else ""
+    if str(reproducible_noise_not_private).lower() == "true":
+        suffix += "-NOTPRIVATE"
+    return suffix
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
     baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
@@ -491,6 +506,8 @@ def register() -> None:
         cs.store(group="schema", name=group, node=schema)
     if not OmegaConf.has_resolver("run_tags"):
         OmegaConf.register_new_resolver("run_tags", _run_tags)
+    if not OmegaConf.has_resolver("dp_tag_suffix"):
+        OmegaConf.register_new_resolver("dp_tag_suffix", _dp_tag_suffix)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("app_config_groups"):

@@ -10,8 +10,20 @@ Per message the ClientApp is rebuilt; what must survive between rounds lives in
 
 The reply holds ONLY the (compressed) update of the trainable parameters, keyed
 ``"<parameter name>::<field>"`` (see compression.py), and a MetricRecord of
-numbers: ``num-examples``, ``train_loss``, ``epsilon``, ``bytes_sent``,
-``dense_bytes``, ``partition-id``. No audio, features or transcripts.
+numbers. No audio, features or transcripts. Which numbers depends on DP:
+
+* without DP: ``num-examples``, ``train_loss``, ``partition-id``;
+* under DP (local or central): ``epsilon`` and ``partition-id`` only. The
+  training loss and the realised number of examples are functions of the
+  private data that no DP mechanism covers, so they are not sent. ``epsilon``
+  is a function of the public plan (sigma, sampling rate, steps); the sampling
+  rate 1 / batches depends on the client's dataset size, which DP-SGD treats as
+  public, as Opacus does.
+
+Evaluation on the client's held-out utterances (``handle_evaluate``) is a
+release of private data outside any DP guarantee: under DP the client refuses it
+unless the run config says ``client-evaluation = "on"`` (see settings.py).
+Bytes on the wire are measured by the server, not reported by the client.
 
 Central DP: the server clips every update and adds noise to the aggregate
 (Flower's ``DifferentialPrivacyServerSideFixedClipping``, see strategy.py).
@@ -31,8 +43,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.device import resolve_device
-from privacy.federated.compression import build_compressor, dense_nbytes, payload_nbytes
-from privacy.federated.settings import resolve_run_config
+from privacy.federated.compression import build_compressor
+from privacy.federated.settings import client_evaluation_enabled, resolve_run_config
 from privacy.federated.task import (
     arrays_to_state,
     compute_delta,
@@ -59,12 +71,12 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def _local_dp(cfg: Mapping[str, Any], context: Context, num_examples: int):
+def _local_dp(cfg: Mapping[str, Any], context: Context, num_examples: int, partition_id: int):
     """The client's local-DP engine, restored from context.state (privacy/dp.py does the Opacus work)."""
     from privacy.federated.local_dp import LocalDPSession
 
     saved = context.state[PRIVACY_KEY]["accountant"] if PRIVACY_KEY in context.state else None
-    return LocalDPSession.from_run_config(cfg, num_examples=num_examples, saved_state=saved)
+    return LocalDPSession.from_run_config(cfg, num_examples=num_examples, saved_state=saved, partition_id=partition_id)
 
 
 def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str, Any]] = None) -> Message:
@@ -81,7 +93,7 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
 
     dp = None
     if cfg["dp"] == "local":
-        dp = _local_dp(cfg, context, num_examples=len(train_loader.dataset))
+        dp = _local_dp(cfg, context, num_examples=len(train_loader.dataset), partition_id=partition_id)
     prox_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     steps = int(cfg["local-steps"]) or None
     metrics = train_local(
@@ -117,21 +129,23 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
     if residual:
         context.state[RESIDUAL_KEY] = state_to_arrays(residual)
 
-    reply_metrics = MetricRecord(
-        {
-            "num-examples": int(metrics["num-examples"]),
-            "train_loss": float(metrics["train_loss"]),
-            "epsilon": epsilon,
-            "bytes_sent": payload_nbytes(payload),
-            "dense_bytes": dense_nbytes(delta),
-            "partition-id": partition_id,
-        }
-    )
+    if cfg["dp"] == "none":
+        reply_metrics = MetricRecord(
+            {"num-examples": int(metrics["num-examples"]), "train_loss": float(metrics["train_loss"]), "partition-id": partition_id}
+        )
+    else:  # nothing outside the DP guarantee (see the module docstring)
+        reply_metrics = MetricRecord({"epsilon": epsilon, "partition-id": partition_id})
     return Message(RecordDict({"arrays": state_to_arrays(payload), "metrics": reply_metrics}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: Optional[Mapping[str, Any]] = None) -> Message:
     cfg = resolve_run_config(context.run_config, overrides)
+    if not client_evaluation_enabled(cfg):
+        raise PermissionError(
+            f"evaluation on this client's private held-out data refused: dp={cfg['dp']} and client-evaluation="
+            f"{cfg['client-evaluation']!r}; its loss and word errors would be a release outside the DP guarantee "
+            f"(set client-evaluation='on' to allow it, and report it as such)"
+        )
     partition_id, num_partitions = _partition(context)
     task = load_task(cfg)
     model = task.build_model()

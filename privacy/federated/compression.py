@@ -11,7 +11,10 @@ Payload fields per parameter
 ----------------------------
 * no compression: ``::dense`` float32, the delta itself.
 * :class:`Int8Quantizer`: ``::q`` int8 (flattened), ``::scale`` float32 (one per
-  block, or one per tensor), ``::shape`` int64. Value ``x`` in a block with
+  block, or one per tensor), ``::block`` int64 (the block size, one value: it
+  travels with the payload, because ``ceil(numel / n_blocks)`` is not the block
+  size when the last block is short, e.g. 53 x 128 values in blocks of 256),
+  ``::shape`` int64. Value ``x`` in a block with
   ``scale = max|block| / 127`` is sent as ``q = round(x / scale)``; the decoded
   ``q * scale`` differs from ``x`` by at most ``scale / 2`` (rounding), and
   ``scale <= max|block| / 127``. About 4x smaller than float32.
@@ -52,7 +55,14 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 SEPARATOR = "::"
-PAYLOAD_FIELDS = ("dense", "q", "scale", "shape", "idx", "val")
+PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val")
+MAX_DIMS = 8
+# without a reference model, a payload may not declare more values than this (1 GiB of float32)
+MAX_DECODED_VALUES = 2**28
+
+
+class MalformedPayload(ValueError):
+    """A payload that cannot be an update of the global model; the message says which field and why."""
 
 
 def _as_numpy(value: ArrayLike) -> np.ndarray:
@@ -117,6 +127,7 @@ class Int8Quantizer:
             q, scale = self.quantize(array)
             payload[payload_key(name, "q")] = q
             payload[payload_key(name, "scale")] = scale
+            payload[payload_key(name, "block")] = np.asarray([self.block_size or max(array.size, 1)], dtype=np.int64)
             payload[payload_key(name, "shape")] = np.asarray(array.shape, dtype=np.int64)
         return payload
 
@@ -191,60 +202,125 @@ def build_compressor(
     raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
 
 
-def decompress(payload: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Payload -> float32 delta per parameter. Raises ValueError on a malformed payload."""
+def decompress(
+    payload: Mapping[str, np.ndarray],
+    reference_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_values: int = MAX_DECODED_VALUES,
+) -> dict[str, np.ndarray]:
+    """Payload -> float32 delta per parameter. Raises :class:`MalformedPayload` (a ValueError) with the reason.
+
+    Every declared shape is checked BEFORE anything of that size is allocated:
+    against ``reference_shapes`` (the global model's, on the server: names must
+    match exactly and shapes be equal) or, without a reference, against
+    ``max_values``. Any other exception while decoding (a crafted array that
+    numpy cannot handle) is turned into MalformedPayload too, so one client's
+    payload can never end a federation.
+    """
+    try:
+        return _decompress(payload, reference_shapes, max_values)
+    except MalformedPayload:
+        raise
+    except Exception as error:  # MemoryError, OverflowError, TypeError ... from a crafted payload
+        raise MalformedPayload(f"payload does not decode ({type(error).__name__}: {error})") from None
+
+
+def _decompress(payload, reference_shapes, max_values) -> dict[str, np.ndarray]:
     fields: dict[str, dict[str, np.ndarray]] = {}
     for key, value in payload.items():
-        name, field = split_payload_key(key)
+        try:
+            name, field = split_payload_key(key)
+        except ValueError as error:
+            raise MalformedPayload(str(error)) from None
         fields.setdefault(name, {})[field] = np.asarray(value)
+    if reference_shapes is not None:
+        missing, unexpected = sorted(set(reference_shapes) - set(fields)), sorted(set(fields) - set(reference_shapes))
+        if missing or unexpected:
+            raise MalformedPayload(f"parameter names differ from the global model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     delta: dict[str, np.ndarray] = {}
     for name, parts in fields.items():
         kinds = set(parts)
+        expected = None if reference_shapes is None else tuple(int(d) for d in reference_shapes[name])
         if kinds == {"dense"}:
-            delta[name] = parts["dense"].astype(np.float32)
+            dense = parts["dense"]
+            if dense.dtype.kind != "f":
+                raise MalformedPayload(f"dense payload for {name!r} has dtype {dense.dtype}, expected floating point")
+            if expected is not None and dense.shape != expected:
+                raise MalformedPayload(f"{name!r} has shape {dense.shape}, the global model has {expected}")
+            delta[name] = dense.astype(np.float32)
             continue
-        shape = _shape(name, parts)
-        numel = int(np.prod(shape)) if len(shape) else 1
-        if kinds == {"q", "scale", "shape"}:
-            q, scale = parts["q"], parts["scale"].astype(np.float32).reshape(-1)
-            if q.dtype != np.int8 or q.size != numel or scale.size < 1:
-                raise ValueError(f"int8 payload for {name!r}: q has dtype {q.dtype} and {q.size} values, expected int8 x {numel}")
-            block = max(math.ceil(numel / scale.size), 1)
-            if numel and math.ceil(numel / block) != scale.size:
-                raise ValueError(f"int8 payload for {name!r}: {scale.size} scales do not tile {numel} values")
-            per_value = np.repeat(scale, block)[:numel]
+        if kinds not in ({"q", "scale", "block", "shape"}, {"idx", "val", "shape"}):
+            raise MalformedPayload(
+                f"payload for {name!r} has fields {sorted(kinds)}; expected one of dense | q+scale+block+shape | idx+val+shape"
+            )
+        shape = _shape(name, parts["shape"])
+        if expected is not None and shape != expected:
+            raise MalformedPayload(f"{name!r} declares shape {shape}, the global model has {expected}")
+        numel = math.prod(shape)
+        if expected is None and numel > max_values:
+            raise MalformedPayload(f"payload for {name!r} declares shape {shape} = {numel} values, more than the limit {max_values}")
+        if kinds == {"q", "scale", "block", "shape"}:
+            q, scale, block = parts["q"], parts["scale"], parts["block"]
+            if q.dtype != np.int8 or q.size != numel:
+                raise MalformedPayload(f"int8 payload for {name!r}: q has dtype {q.dtype} and {q.size} values, expected int8 x {numel}")
+            if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)):
+                raise MalformedPayload(f"int8 payload for {name!r}: '::scale' must be finite floating point, got dtype {scale.dtype}")
+            if block.dtype.kind not in "iu" or block.size != 1 or int(block.reshape(-1)[0]) < 1:
+                raise MalformedPayload(f"int8 payload for {name!r}: '::block' must be one integer >= 1, got {block!r}")
+            block_size = int(block.reshape(-1)[0])
+            num_blocks = max(math.ceil(numel / block_size), 1)
+            if scale.size != num_blocks:
+                raise MalformedPayload(
+                    f"int8 payload for {name!r}: {scale.size} scales, but {numel} values in blocks of {block_size} need {num_blocks}"
+                )
+            per_value = np.repeat(scale.reshape(-1).astype(np.float32), block_size)[:numel]
             delta[name] = (q.reshape(-1).astype(np.float32) * per_value).reshape(shape)
-        elif kinds == {"idx", "val", "shape"}:
+        else:
             idx, val = parts["idx"].reshape(-1), parts["val"].reshape(-1)
-            if idx.size != val.size:
-                raise ValueError(f"top-k payload for {name!r}: {idx.size} indices but {val.size} values")
-            if not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= numel)):
-                raise ValueError(f"top-k payload for {name!r}: indices must be integers in [0, {numel})")
+            if idx.dtype.kind not in "iu":
+                raise MalformedPayload(f"top-k payload for {name!r}: indices have dtype {idx.dtype}, expected integers")
+            if val.dtype.kind != "f":
+                raise MalformedPayload(f"top-k payload for {name!r}: values have dtype {val.dtype}, expected floating point")
+            if idx.size != val.size or idx.size > numel:
+                raise MalformedPayload(f"top-k payload for {name!r}: {idx.size} indices and {val.size} values for {numel} entries")
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise MalformedPayload(f"top-k payload for {name!r}: indices must be integers in [0, {numel})")
             if np.unique(idx).size != idx.size:
-                raise ValueError(f"top-k payload for {name!r}: repeated indices")
+                raise MalformedPayload(f"top-k payload for {name!r}: repeated indices")
             dense = np.zeros(numel, dtype=np.float32)
             dense[idx] = val.astype(np.float32)
             delta[name] = dense.reshape(shape)
-        else:
-            raise ValueError(f"payload for {name!r} has fields {sorted(kinds)}; expected one of dense | q+scale+shape | idx+val+shape")
     return delta
 
 
-def _shape(name: str, parts: Mapping[str, np.ndarray]) -> tuple[int, ...]:
-    shape = parts["shape"]
-    if shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer) or (shape.size and shape.min() < 0):
-        raise ValueError(f"payload for {name!r}: '::shape' must be a 1-d array of non-negative integers, got {shape!r}")
+def _shape(name: str, shape: np.ndarray) -> tuple[int, ...]:
+    if shape.ndim != 1 or shape.dtype.kind not in "iu" or shape.size > MAX_DIMS or (shape.size and int(shape.min()) < 0):
+        raise MalformedPayload(
+            f"payload for {name!r}: '::shape' must be a 1-d array of at most {MAX_DIMS} non-negative integers, got {shape!r}"
+        )
     return tuple(int(s) for s in shape)
 
 
+def wire_nbytes(obj) -> int:
+    """Bytes Flower puts on the wire for a Message, RecordDict or ArrayRecord.
+
+    Flower (>= 1.20) sends a message as a tree of "inflatable" objects (the
+    message, its RecordDict, each record, each Array and its <= 5 MB ArrayChunks),
+    each pushed as its serialised content plus its object id; an object already
+    sent in the same tree (same id) is not sent again. This sums exactly those
+    bytes; the gRPC/HTTP-2 framing around them is not counted.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return int(sum(len(child.deflate()) + len(object_id) for object_id, child in get_all_nested_objects(obj).items()))
+
+
 def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
-    """Bytes of the payload as it travels: the serialised arrays of the ArrayRecord (data incl. numpy headers, plus keys)."""
+    """Wire bytes of a payload's ArrayRecord (see :func:`wire_nbytes`)."""
     from flwr.app import Array, ArrayRecord
 
-    record = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in payload.items()})
-    return int(record.count_bytes())
+    return wire_nbytes(ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in payload.items()}))
 
 
 def dense_nbytes(delta: Mapping[str, ArrayLike]) -> int:
-    """Bytes the same update would take uncompressed (float32), for the compression ratio."""
+    """Wire bytes the same update would take uncompressed (float32), for the compression ratio."""
     return payload_nbytes(NoCompression().compress(delta))

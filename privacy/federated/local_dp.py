@@ -6,6 +6,14 @@ DP-SGD steps (a client sampled in fewer rounds spends less), so that the
 composed epsilon ends at ``target-epsilon``. The :class:`ClientPrivacyAccountant`
 history comes from ``context.state`` and goes back there after the round, so
 ``epsilon`` is over ALL rounds so far, not just this one.
+
+Randomness: every round draws its noise and its Poisson batches from a fresh
+:func:`privacy.dp.csprng_generator` (state from the OS CSPRNG, never stored, never
+sent), so a server that knows the whole configuration and seed cannot
+regenerate them, and two clients never share noise. Only the run-config option
+``dp-reproducible-noise-NOT-PRIVATE`` seeds them from (seed, partition, steps
+so far) instead; such a run gives no privacy and is marked "NOT PRIVATE" in its
+metrics and tables.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from privacy.dp import ClientPrivacyAccountant, make_private_local
+from privacy.dp import ClientPrivacyAccountant, csprng_generator, make_private_local
 
 
 class LocalPrivacyBudgetExhausted(RuntimeError):
@@ -25,29 +33,48 @@ class LocalPrivacyBudgetExhausted(RuntimeError):
 
 
 class LocalDPSession:
-    def __init__(self, cfg: Mapping[str, Any], accountant: ClientPrivacyAccountant, num_examples: int):
+    def __init__(self, cfg: Mapping[str, Any], accountant: ClientPrivacyAccountant, num_examples: int, partition_id: int = 0):
         self.cfg = cfg
         self.accountant = accountant
         self.num_examples = num_examples
+        self.partition_id = int(partition_id)
         self.noise_multiplier: Optional[float] = None
 
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any], num_examples: int, saved_state: Optional[str]) -> "LocalDPSession":
-        accountant = ClientPrivacyAccountant.from_state(json.loads(saved_state) if saved_state else None)
+    def from_run_config(
+        cls, cfg: Mapping[str, Any], num_examples: int, saved_state: Optional[str], partition_id: int = 0
+    ) -> "LocalDPSession":
+        if saved_state:
+            accountant = ClientPrivacyAccountant.from_state(json.loads(saved_state))
+        else:
+            accountant = ClientPrivacyAccountant(mechanism=str(cfg["dp-accountant"]))
         target, delta = float(cfg["target-epsilon"]), float(cfg["target-delta"])
         if accountant.steps and accountant.budget_exhausted(target, delta):
             raise LocalPrivacyBudgetExhausted(
                 f"local privacy budget exhausted: epsilon {accountant.epsilon(delta):.3f} >= target {target} after {accountant.steps} steps"
             )
-        return cls(cfg, accountant, num_examples)
+        return cls(cfg, accountant, num_examples, partition_id)
 
     def planned_steps(self, loader) -> int:
         per_round = int(self.cfg["local-steps"]) or int(self.cfg["local-epochs"]) * len(loader)
         return max(1, per_round * int(self.cfg["num-rounds"]))
 
+    @property
+    def reproducible(self) -> bool:
+        return bool(self.cfg["dp-reproducible-noise-NOT-PRIVATE"])
+
+    def generator(self, device: torch.device | None = None) -> torch.Generator:
+        """This round's source of noise and Poisson batches (see the module docstring)."""
+        if device is not None and torch.device(device).type != "cpu":
+            raise NotImplementedError(
+                f"local DP with the model on {device}: the CSPRNG-seeded generator is a CPU generator, and Opacus draws "
+                f"the noise on the model's device with it; run DP clients on the CPU (device=cpu)"
+            )
+        if self.reproducible:
+            return torch.Generator().manual_seed(int(self.cfg["seed"]) * 7919 + self.partition_id * 104_729 + self.accountant.steps)
+        return csprng_generator()
+
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
-        # On the model's device: Opacus draws the noise where the gradients are.
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(self.cfg["seed"]) * 7919 + self.accountant.steps)
         private_model, private_optimizer, private_loader, sigma = make_private_local(
             model,
             optimizer,
@@ -56,8 +83,11 @@ class LocalDPSession:
             target_delta=float(self.cfg["target-delta"]),
             epochs_or_steps=self.planned_steps(loader),
             max_grad_norm=float(self.cfg["max-grad-norm"]),
+            accountant=str(self.accountant.mechanism),
+            poisson_sampling=bool(self.cfg["dp-poisson-sampling"]),
+            max_noise_multiplier=float(self.cfg["dp-max-noise-multiplier"]),
             client_accountant=self.accountant,
-            noise_generator=generator,
+            generator=self.generator(next(model.parameters()).device),
         )
         self.noise_multiplier = float(sigma)
         return private_model, private_optimizer, private_loader

@@ -13,6 +13,11 @@
   one persistent ``Context`` per virtual node (as a SuperNode keeps it). An
   exception in a client becomes an error reply, as in the real runtimes. No Ray,
   no threads: for debugging, deterministic tests, and benchmark comparison.
+  The round timeout (``round-timeout``) is enforced as in Flower's grids: a reply
+  that arrives after the deadline is discarded and counted as a failure
+  ("timed out"), and clients not yet called when the deadline passes are not
+  called. Without threads a running client cannot be interrupted, so one that
+  never returns still blocks this grid; the Ray and deployment grids time it out.
 
 Both run :func:`privacy.federated.server_app.run_server`; results are read back
 from the run directory (``federated_rounds.json``, ``global_model.npz``).
@@ -36,6 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_JSON, make_server_app, run_server
@@ -43,7 +49,8 @@ from privacy.federated.settings import resolve_run_config
 
 log = logging.getLogger(__name__)
 
-CLIENT_EXCEPTION_CODE = 1  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+CLIENT_EXCEPTION_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+TIMEOUT_CODE = ErrorCode.REPLY_MESSAGE_UNAVAILABLE  # no reply before the deadline
 
 
 def _set_task_identity(run_id: int) -> None:
@@ -105,15 +112,27 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
         for message in messages:
             node_id = message.metadata.dst_node_id
             self.sent.append(message)
+            if deadline is not None and time.monotonic() > deadline:
+                reason = f"timed out: the round timeout of {timeout:g} s had passed before this node was called"
+                log.warning("node %d %s", node_id, reason)
+                reply = Message(Error(code=TIMEOUT_CODE, reason=reason), reply_to=message)
+                self.received.append(reply)
+                replies.append(reply)
+                continue
             try:
                 reply = self._apps(node_id)(message, self.contexts[node_id])
             except Exception as error:  # a crashing client becomes an error reply, as in Flower's runtimes
                 log.warning("node %d raised: %s", node_id, error)
                 reason = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
                 reply = Message(Error(code=CLIENT_EXCEPTION_CODE, reason=reason), reply_to=message)
+            if deadline is not None and time.monotonic() > deadline:
+                reason = f"timed out: the reply came after the round timeout of {timeout:g} s and was discarded"
+                log.warning("node %d %s", node_id, reason)
+                reply = Message(Error(code=TIMEOUT_CODE, reason=reason), reply_to=message)
             self.received.append(reply)
             replies.append(reply)
         return replies

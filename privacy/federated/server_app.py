@@ -11,7 +11,15 @@ loop written out, because it also has to
 * stop early when the privacy budget is exhausted: central DP stops BEFORE a
   release that would exceed ``target-epsilon`` (Flower's accountant raises
   ``PrivacyBudgetExhausted`` in ``configure_train``); local DP stops once a
-  client reports ``epsilon >= target-epsilon``.
+  client reports ``epsilon >= target-epsilon``;
+* say honestly how the run ended: ``stop_reason`` is ``completed`` only if every
+  planned round ran AND aggregated; a round that aggregated nothing (every
+  client failed, was rejected, or too few for the aggregator) is listed in
+  ``rounds_not_aggregated`` and named in the stop reason;
+* run federated evaluation on the clients' held-out data only when enabled
+  (settings.client_evaluation_enabled: off under DP unless asked for, because it
+  releases statistics of private data outside the guarantee); the summary says
+  ``client_evaluation`` and ``not_private`` (reproducible DP noise) explicitly.
 
 The final global model (trainable parameters) is saved as
 ``<run-dir>/global_model.npz``.
@@ -35,7 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.files import atomic_write_bytes
-from privacy.federated.settings import resolve_run_config
+from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import build_strategy
 from privacy.federated.task import arrays_to_state, federated_state, load_task, state_to_arrays
 
@@ -75,8 +83,18 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     train_config = ConfigRecord({"lr": float(cfg["lr"])})
     stop_reason = "completed"
     rounds_done = 0
+    evaluate_on_clients = client_evaluation_enabled(cfg)
+    not_aggregated: list[int] = []
     t0 = time.time()
-    summary: dict[str, Any] = {"config": dict(cfg), "rounds": []}
+    summary: dict[str, Any] = {
+        "config": dict(cfg),
+        "rounds": [],
+        "client_evaluation": evaluate_on_clients,
+        "not_private": not_private(cfg),
+        "dp_unit": cfg["dp-unit"] if cfg["dp"] != "none" else None,
+    }
+    if summary["not_private"]:
+        log.warning("dp-reproducible-noise-NOT-PRIVATE is on: the DP noise can be regenerated from the configuration; this run is NOT PRIVATE")
     for server_round in range(1, int(cfg["num-rounds"]) + 1):
         try:
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
@@ -88,21 +106,30 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        strategy.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=float(cfg["round-timeout"])))
+        if evaluate_on_clients:
+            eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            strategy.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=float(cfg["round-timeout"])))
         rounds_done = server_round
 
         record = strategy.rounds[server_round]
         entry = asdict(record)
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
+        if not record.aggregated:
+            not_aggregated.append(server_round)
+            if not record.skip_reason:
+                record.skip_reason = entry["skip_reason"] = (
+                    f"no update accepted ({len(record.failed)} failed, {len(record.rejected)} rejected)"
+                )
         accepted = record.clients
-        entry["train_loss"] = float(np.average([c["train_loss"] for c in accepted], weights=[c["num_examples"] for c in accepted])) if accepted else None
+        losses = [(c["train_loss"], c["num_examples"] or 1.0) for c in accepted if c["train_loss"] is not None]
+        entry["train_loss"] = float(np.average([l for l, _ in losses], weights=[w for _, w in losses])) if losses else None
         entry["max_client_epsilon"] = max((c["epsilon"] for c in accepted), default=0.0)
         entry["bytes_sent_total"] = sum(c["bytes_sent"] for c in accepted)
         if dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
             entry["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
         summary["rounds"].append(entry)
-        summary.update(rounds_completed=rounds_done, stop_reason=stop_reason, seconds=time.time() - t0)
+        summary.update(rounds_completed=rounds_done, rounds_not_aggregated=list(not_aggregated),
+                       stop_reason=_honest(stop_reason, not_aggregated, strategy), seconds=time.time() - t0)
         if run_dir is not None:
             _write_round_log(run_dir, summary)
         if cfg["dp"] == "local" and entry["max_client_epsilon"] >= float(cfg["target-epsilon"]):
@@ -113,7 +140,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     final = arrays_to_state(arrays)
     summary.update(
         rounds_completed=rounds_done,
-        stop_reason=stop_reason,
+        rounds_not_aggregated=not_aggregated,
+        stop_reason=_honest(stop_reason, not_aggregated, strategy),
         seconds=time.time() - t0,
         noise_multiplier=dp_wrapper.noise_multiplier if dp_wrapper is not None else None,
         total_rejected=sum(r["num_rejected"] for r in summary["rounds"]),
@@ -129,6 +157,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     summary["final_state"] = final
     summary["initial_state"] = initial
     return summary
+
+
+def _honest(stop_reason: str, not_aggregated: list[int], strategy) -> str:
+    """The stop reason, naming every round that aggregated nothing ('completed' only if there is none)."""
+    if not not_aggregated:
+        return stop_reason
+    detail = "; ".join(f"round {r}: {strategy.rounds[r].skip_reason}" for r in not_aggregated)
+    prefix = "completed all rounds" if stop_reason == "completed" else stop_reason
+    return f"{prefix}, but {len(not_aggregated)} round(s) aggregated nothing ({detail})"
 
 
 def make_server_app(overrides: Optional[Mapping[str, Any]] = None) -> ServerApp:

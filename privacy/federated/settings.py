@@ -24,7 +24,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "min-train-nodes": 2,
     "proximal-mu": 0.01,
     "trimmed-beta": 0.2,
-    "krum-malicious": 0,
+    "krum-malicious": -1,  # krum: f, the number of malicious clients tolerated; must be set (>= 1)
     "server-lr": 0.1,  # fedadam eta
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
@@ -42,6 +42,13 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "max-grad-norm": 1.0,
     "clipping-norm": 1.0,
     "noise-multiplier": -1.0,  # < 0: derived from the budget
+    "dp-accountant": "rdp",  # local DP: rdp | prv (central DP is accounted with Flower's RDP accountant)
+    "dp-poisson-sampling": True,  # local DP: must stay true (the accounting assumes Poisson sampling)
+    "dp-max-noise-multiplier": 1.0e3,  # a plan needing more noise is rejected
+    "dp-unit": "auto",  # privacy unit: auto | utterance (dp=local) | client (dp=central) | speaker (dp=central, one speaker per client)
+    "dp-reproducible-noise-NOT-PRIVATE": False,  # True: DP noise + Poisson sampling seeded from the run seed. NOT PRIVATE
+    "client-evaluation": "auto",  # auto (on without DP, off under DP) | on | off: federated evaluation on clients' held-out data
+    "max-num-examples": 0,  # > 0: the largest num-examples a client may claim (fedavg / fedprox / fedadam without DP)
     "max-update-norm": 1.0e6,
     "round-timeout": 3600.0,
     "run-dir": "",
@@ -65,5 +72,58 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run_config['local-optimizer']={merged['local-optimizer']!r}; expected one of {LOCAL_OPTIMIZERS}")
     if merged["dp"] not in ("none", "local", "central"):
         raise ValueError(f"run_config['dp']={merged['dp']!r}; expected none | local | central")
+    _check_dp_options(merged)
+    if merged["client-evaluation"] not in ("auto", "on", "off"):
+        raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")
     return merged
 
+
+DP_UNITS = ("utterance", "client", "speaker")
+
+
+def _check_dp_options(cfg: dict[str, Any]) -> None:
+    """Every DP option either reaches the clients or is rejected here, naming the key and why ("auto" unit resolved in place)."""
+    if cfg["dp-accountant"] not in ("rdp", "prv"):
+        raise ValueError(f"run_config['dp-accountant']={cfg['dp-accountant']!r}; expected rdp | prv")
+    if cfg["dp-unit"] == "auto":
+        cfg["dp-unit"] = {"local": "utterance", "central": "client"}.get(cfg["dp"], "auto")
+    if cfg["dp-unit"] not in DP_UNITS + (("auto",) if cfg["dp"] == "none" else ()):
+        raise ValueError(f"run_config['dp-unit']={cfg['dp-unit']!r}; expected auto or one of {DP_UNITS}")
+    if not float(cfg["dp-max-noise-multiplier"]) > 0:
+        raise ValueError(f"run_config['dp-max-noise-multiplier']={cfg['dp-max-noise-multiplier']!r}; must be > 0")
+    if cfg["dp"] == "local":
+        if not bool(cfg["dp-poisson-sampling"]):
+            raise ValueError(
+                "run_config['dp-poisson-sampling']=False with dp=local: the accountant's subsampling amplification assumes "
+                "Poisson sampling; shuffled fixed-size batches would make the reported epsilon wrong"
+            )
+        if cfg["dp-unit"] != "utterance":
+            raise ValueError(
+                f"run_config['dp-unit']={cfg['dp-unit']!r} with dp=local: local DP-SGD protects one utterance; speaker-level "
+                f"DP is dp=central with one client per speaker (dp.unit=speaker)"
+            )
+    if cfg["dp"] == "central" and cfg["dp-unit"] not in ("client", "speaker"):
+        raise ValueError(
+            f"run_config['dp-unit']={cfg['dp-unit']!r} with dp=central: central DP protects a whole client's data "
+            f"(client), or one speaker when every client holds exactly one speaker (speaker)"
+        )
+    if cfg["dp"] == "central" and cfg["dp-accountant"] != "rdp":
+        raise ValueError(
+            f"run_config['dp-accountant']={cfg['dp-accountant']!r} with dp=central: central DP is accounted with Flower's "
+            f"RDP accountant only; use rdp"
+        )
+    if cfg["dp"] == "none" and bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]):
+        raise ValueError("run_config['dp-reproducible-noise-NOT-PRIVATE']=True with dp=none: there is no DP noise to make reproducible")
+
+
+def client_evaluation_enabled(cfg: Mapping[str, Any]) -> bool:
+    """Federated evaluation on the clients' held-out (private) utterances: a release outside the DP guarantee,
+    so under DP it runs only when asked for ("on")."""
+    if cfg["client-evaluation"] == "auto":
+        return cfg["dp"] == "none"
+    return cfg["client-evaluation"] == "on"
+
+
+def not_private(cfg: Mapping[str, Any]) -> bool:
+    """True when the run's DP noise can be regenerated from its configuration (the reproducible option)."""
+    return cfg["dp"] != "none" and bool(cfg["dp-reproducible-noise-NOT-PRIVATE"])

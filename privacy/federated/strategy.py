@@ -14,20 +14,33 @@ Flower's aggregators and its central-DP wrapper (which clips ``reply - global``
 and noises the aggregate) work unchanged.
 
 A reply is REJECTED (logged with its reason, counted) when it is not exactly one
-ArrayRecord + one MetricRecord, its payload does not decode, its parameter
-names or shapes differ from the global model's, it has a NaN/inf, its update
-norm exceeds ``max_update_norm``, its payload is larger than the dense update
-would be, or ``num-examples`` is not a positive number. An error reply (the
-client raised, timed out, crashed) is counted as FAILED. The round completes
-with whatever was accepted; with none, the global model stays as it was.
+ArrayRecord + one MetricRecord, its payload does not decode (any exception while
+decoding, e.g. a declared shape of 2**40 values: shapes are compared with the
+global model's BEFORE anything is allocated, see compression.decompress), its
+parameter names or shapes differ from the global model's, it has a NaN/inf, its
+update norm exceeds ``max_update_norm``, its message is larger on the wire than
+the dense update would be, or its ``num-examples`` (when the strategy uses it)
+is not a positive number within what the server knows a client can have
+processed. An error reply (the client raised, timed out, crashed) is counted as
+FAILED. The round completes with whatever was accepted; when fewer replies are
+accepted than the aggregator needs (1; for fedtrimmedavg enough to trim one per
+side; for krum 2f + 3), the global model stays as it was and the round records
+why (``skip_reason``).
 
-Aggregation weight: the inner strategy weighs by ``aggregation-weight``, which
-is ``num-examples`` normally and 1 under central DP, where user-level
-sensitivity assumes every client moves the mean by at most C / n.
+Aggregation weight: the inner strategy weighs by ``aggregation-weight``:
+``num-examples`` for fedavg / fedprox / fedadam without DP, bounded by
+``max-num-examples`` (or local-steps x batch-size, the most a client can process
+in a round); 1 (uniform) under any DP (clients do not send counts, and user-level
+sensitivity assumes every client moves the mean by at most C / n) and for the
+robust aggregators, which must not let one client buy influence by claiming data.
 Central DP with Flower's accountant requires plain FedAvg aggregation (Flower
 checks this) and skips a round in which fewer than the sampled number of
 clients were accepted (averaging fewer updates with noise calibrated for more
-would under-noise).
+would under-noise). Its noise comes from the OS CSPRNG (:class:`SecureNoiseServerSideFixedClipping`).
+
+Bytes: ``bytes_sent`` of a client is measured by the server on the reply
+message as Flower serialises it (compression.wire_nbytes), ``dense_bytes`` on
+the same reply with the update sent uncompressed; nothing a client claims.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -54,13 +68,14 @@ from flwr.serverapp.strategy import (
 )
 
 from privacy.dp import central_noise_multiplier_for_budget
-from privacy.federated.compression import decompress
+from privacy.federated.compression import MalformedPayload, NoCompression, decompress, wire_nbytes
 from privacy.federated.task import apply_delta, arrays_to_state, state_to_arrays, update_norm
 
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "aggregation-weight"
 PER_CLIENT_ONLY_METRICS = ("partition-id",)
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass
@@ -72,6 +87,7 @@ class RoundRecord:
     aggregated: bool = False
     eval: dict[str, float] = field(default_factory=dict)
     eval_failed: int = 0
+    skip_reason: str = ""
 
 
 class UpdateRejected(ValueError):
@@ -81,17 +97,16 @@ class UpdateRejected(ValueError):
 def validate_update(
     payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_update_norm: float
 ) -> dict[str, np.ndarray]:
-    """Decode and check one client's update against the global model; raises UpdateRejected with the reason."""
+    """Decode and check one client's update against the global model; raises UpdateRejected with the reason.
+
+    Whatever goes wrong while decoding becomes UpdateRejected: a crafted payload
+    must cost its sender the round, not end the federation.
+    """
     try:
-        delta = decompress(payload)
-    except ValueError as error:
+        delta = decompress(payload, {name: np.shape(value) for name, value in reference.items()})
+    except MalformedPayload as error:
         raise UpdateRejected(f"payload does not decode: {error}") from None
-    missing, unexpected = sorted(set(reference) - set(delta)), sorted(set(delta) - set(reference))
-    if missing or unexpected:
-        raise UpdateRejected(f"parameter names differ from the global model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, value in delta.items():
-        if value.shape != np.shape(reference[name]):
-            raise UpdateRejected(f"{name!r} has shape {value.shape}, the global model has {np.shape(reference[name])}")
         if not np.all(np.isfinite(value)):
             raise UpdateRejected(f"{name!r} has non-finite values")
     norm = update_norm(delta)
@@ -101,20 +116,41 @@ def validate_update(
 
 
 class ValidatingStrategy(Strategy):
-    """Wraps a Flower strategy: see the module docstring."""
+    """Wraps a Flower strategy: see the module docstring.
 
-    def __init__(self, inner: Strategy, max_update_norm: float, uniform_weights: bool = False):
+    ``max_num_examples``: None = clients' ``num-examples`` are ignored (uniform
+    weights); a number = the largest claim accepted (larger ones are rejected).
+    ``min_accepted``: fewer accepted replies than this and the round is not aggregated.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        max_update_norm: float,
+        max_num_examples: Optional[float] = None,
+        min_accepted: int = 1,
+        min_accepted_reason: str = "",
+    ):
         self.inner = inner
         self.max_update_norm = float(max_update_norm)
-        self.uniform_weights = uniform_weights
+        self.max_num_examples = max_num_examples
+        self.min_accepted = int(min_accepted)
+        self.min_accepted_reason = min_accepted_reason
         self.current: dict[str, np.ndarray] = {}
         self.rounds: dict[int, RoundRecord] = {}
+
+    @property
+    def uniform_weights(self) -> bool:
+        return self.max_num_examples is None
 
     def _record(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(server_round))
 
     def summary(self) -> None:
-        log.info("ValidatingStrategy(max_update_norm=%g, uniform_weights=%s) around %s", self.max_update_norm, self.uniform_weights, type(self.inner).__name__)
+        log.info(
+            "ValidatingStrategy(max_update_norm=%g, weights=%s, min_accepted=%d) around %s", self.max_update_norm,
+            "uniform" if self.uniform_weights else f"num-examples <= {self.max_num_examples:g}", self.min_accepted, type(self.inner).__name__,
+        )
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -124,7 +160,8 @@ class ValidatingStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def _check_reply(self, reply: Message) -> tuple[dict[str, np.ndarray], MetricRecord]:
+    def _check_reply(self, reply: Message) -> tuple[dict[str, np.ndarray], MetricRecord, int, int]:
+        """(delta, metrics, wire bytes, dense wire bytes) of an acceptable reply; UpdateRejected otherwise."""
         content = reply.content
         if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"] or content.config_records:
             raise UpdateRejected(
@@ -132,19 +169,25 @@ class ValidatingStrategy(Strategy):
                 f"metrics={list(content.metric_records)} configs={list(content.config_records)}"
             )
         metrics = content["metrics"]
-        weight = metrics.get("num-examples")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            raise UpdateRejected(f"num-examples must be a positive number, got {weight!r}")
         for key, value in metrics.items():
-            if isinstance(value, list) or not math.isfinite(float(value)):
+            if isinstance(value, (list, bool)) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
                 raise UpdateRejected(f"metric {key!r} is not a finite number: {value!r}")
+        if not self.uniform_weights:
+            weight = metrics.get("num-examples")
+            if weight is None or not weight > 0:
+                raise UpdateRejected(f"num-examples must be a positive number, got {weight!r}")
+            if weight > self.max_num_examples:
+                raise UpdateRejected(
+                    f"num-examples {weight!r} exceeds {self.max_num_examples:g}, the most a client can have processed in a round "
+                    f"(max-num-examples, or local-steps x batch-size)"
+                )
+        sent = wire_nbytes(reply)
         payload = arrays_to_state(content["arrays"])
         delta = validate_update(payload, self.current, self.max_update_norm)
-        sent = sum(a.nbytes for a in payload.values())
-        dense = sum(np.asarray(v, np.float32).nbytes for v in self.current.values())
+        dense = sent - wire_nbytes(content["arrays"]) + wire_nbytes(state_to_arrays(NoCompression().compress(delta)))
         if sent > 1.5 * dense + 4096:
-            raise UpdateRejected(f"payload of {sent} bytes is larger than the dense update would be ({dense} bytes)")
-        return delta, metrics
+            raise UpdateRejected(f"reply of {sent} bytes is larger than the dense update would be ({dense} bytes)")
+        return delta, metrics, sent, dense
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         record = self._record(server_round)
@@ -157,20 +200,21 @@ class ValidatingStrategy(Strategy):
                 record.failed.append({"node_id": node, "reason": str(reason)[:500]})
                 continue
             try:
-                delta, metrics = self._check_reply(reply)
-            except UpdateRejected as error:
-                log.warning("round %d: update from node %d REJECTED: %s", server_round, node, error)
-                record.rejected.append({"node_id": node, "reason": str(error)})
+                delta, metrics, sent, dense = self._check_reply(reply)
+            except Exception as error:  # whatever a crafted reply triggers, it costs that client the round, not the run
+                reason = str(error) if isinstance(error, UpdateRejected) else f"reply does not decode ({type(error).__name__}: {error})"
+                log.warning("round %d: update from node %d REJECTED: %s", server_round, node, reason)
+                record.rejected.append({"node_id": node, "reason": reason[:500]})
                 continue
             record.clients.append(
                 {
                     "node_id": node,
                     "partition_id": int(metrics.get("partition-id", -1)),
-                    "num_examples": float(metrics["num-examples"]),
-                    "train_loss": float(metrics.get("train_loss", math.nan)),
+                    "num_examples": float(metrics["num-examples"]) if "num-examples" in metrics else None,
+                    "train_loss": float(metrics["train_loss"]) if "train_loss" in metrics else None,
                     "epsilon": float(metrics.get("epsilon", 0.0)),
-                    "bytes_sent": int(metrics.get("bytes_sent", 0)),
-                    "dense_bytes": int(metrics.get("dense_bytes", 0)),
+                    "bytes_sent": int(sent),
+                    "dense_bytes": int(dense),
                     "update_norm": update_norm(delta),
                 }
             )
@@ -184,10 +228,17 @@ class ValidatingStrategy(Strategy):
         log.info(
             "round %d: %d accepted, %d rejected, %d failed", server_round, len(accepted), len(record.rejected), len(record.failed)
         )
-        if not accepted:
+        if len(accepted) < self.min_accepted:
+            record.skip_reason = (
+                f"{len(accepted)} accepted update(s) ({len(record.failed)} failed, {len(record.rejected)} rejected), "
+                f"the aggregator needs {self.min_accepted}" + (f" ({self.min_accepted_reason})" if self.min_accepted_reason else "")
+            )
+            log.warning("round %d NOT aggregated: %s", server_round, record.skip_reason)
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         record.aggregated = arrays is not None
+        if arrays is None:
+            record.skip_reason = f"{type(self.inner).__name__} returned no aggregate (e.g. central DP with fewer accepted clients than sampled)"
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
@@ -213,8 +264,23 @@ class ValidatingStrategy(Strategy):
         return MetricRecord(result)
 
 
+def robust_min_clients(cfg: Mapping[str, Any]) -> tuple[int, str]:
+    """The fewest accepted updates the configured aggregator can work with, and why."""
+    name = str(cfg["strategy"])
+    if name == "fedtrimmedavg":
+        beta = float(cfg["trimmed-beta"])
+        if not 0 < beta < 0.5:
+            raise ValueError(f"run_config['trimmed-beta']={beta}: must be in (0, 0.5) (the fraction trimmed at each end)")
+        need = math.ceil(1.0 / beta - 1e-9)
+        return need, f"fedtrimmedavg trims int(beta x n) per side; with beta={beta:g} that is >= 1 only from n = {need}"
+    if name == "krum":
+        f = int(cfg["krum-malicious"])
+        return 2 * f + 3, f"krum with f={f} needs n >= 2f + 3"
+    return 1, ""
+
+
 def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[ValidatingStrategy, Optional[DifferentialPrivacyServerSideFixedClipping]]:
-    """The strategy stack for a flat run config (see settings.py)."""
+    """The strategy stack for a flat run config (see settings.py). Robust aggregators are validated here, at start-up."""
     name = str(cfg["strategy"])
     sample_size = max(int(num_clients * float(cfg["fraction-train"])), min(int(cfg["min-train-nodes"]), num_clients))
     common = dict(
@@ -225,6 +291,17 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
         min_available_nodes=num_clients,
         weighted_by_key=WEIGHT_KEY,
     )
+    if name == "krum" and int(cfg["krum-malicious"]) < 1:
+        raise ValueError(
+            f"run_config['krum-malicious']={cfg['krum-malicious']}: krum needs the number of malicious clients f it should "
+            f"tolerate, explicitly and >= 1 (federated.krum_malicious); with f = 0 it defends against nobody"
+        )
+    min_accepted, why = robust_min_clients(cfg)
+    if sample_size < min_accepted:
+        raise ValueError(
+            f"strategy={name} with {sample_size} sampled clients per round (num-clients={num_clients}, fraction-train="
+            f"{cfg['fraction-train']}): {why}. Use more clients, or a larger trimmed-beta / smaller krum-malicious"
+        )
     inner: Strategy
     if name == "fedavg":
         inner = FedAvg(**common)
@@ -249,16 +326,67 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
             )
         noise = float(cfg["noise-multiplier"])
         if noise < 0:
-            noise = central_noise_multiplier_for_budget(float(cfg["target-epsilon"]), float(cfg["target-delta"]), int(cfg["num-rounds"]))
-        dp_wrapper = DifferentialPrivacyServerSideFixedClipping(
+            noise = central_noise_multiplier_for_budget(
+                float(cfg["target-epsilon"]), float(cfg["target-delta"]), int(cfg["num-rounds"]), float(cfg["dp-max-noise-multiplier"])
+            )
+        dp_wrapper = SecureNoiseServerSideFixedClipping(
             inner,
             noise_multiplier=noise,
             clipping_norm=float(cfg["clipping-norm"]),
             num_sampled_clients=sample_size,
             accountant=central_accountant(float(cfg["target-delta"]), num_clients, float(cfg["target-epsilon"])),
         )
+        dp_wrapper.reproducible_seed = (
+            int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None
+        )
         inner = dp_wrapper
-    return ValidatingStrategy(inner, float(cfg["max-update-norm"]), uniform_weights=dp_wrapper is not None), dp_wrapper
+    return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, name),
+                              min_accepted=min_accepted, min_accepted_reason=why), dp_wrapper
+
+
+def max_num_examples(cfg: Mapping[str, Any], name: Optional[str] = None) -> Optional[float]:
+    """The largest ``num-examples`` the server accepts, or None: weights are uniform and client counts ignored.
+
+    Uniform under any DP (clients send no counts; central DP's sensitivity assumes
+    equal weights) and for the robust aggregators. Otherwise ``max-num-examples``
+    if set, else local-steps x batch-size (the most a client processes in a round
+    without DP); with epoch-based rounds and no bound the server knows nothing,
+    so weights are uniform too.
+    """
+    name = name or str(cfg["strategy"])
+    if cfg["dp"] != "none" or name in ROBUST_STRATEGIES:
+        return None
+    if float(cfg["max-num-examples"]) > 0:
+        return float(cfg["max-num-examples"])
+    if int(cfg["local-steps"]) > 0:
+        return float(int(cfg["local-steps"]) * int(cfg["batch-size"]))
+    return None
+
+
+class SecureNoiseServerSideFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping central DP, with its Gaussian noise drawn from the OS CSPRNG.
+
+    Flower draws the noise from NumPy's global generator (``np.random.normal``),
+    which the entry script seeds from the run's seed, so anyone knowing the
+    configuration could regenerate the noise and subtract it from the released
+    model. Around each aggregation the global generator is re-seeded with 256 bits
+    from ``os.urandom`` (its previous state is restored afterwards, so nothing else
+    changes). ``reproducible_seed`` (set only by the NOT-PRIVATE option) seeds it
+    from the run seed and the round instead.
+    """
+
+    reproducible_seed: Optional[int] = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        saved = np.random.get_state()
+        if self.reproducible_seed is None:
+            np.random.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))
+        else:
+            np.random.seed([self.reproducible_seed % 2**32, server_round])
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            np.random.set_state(saved)
 
 
 def central_accountant(target_delta: float, population: int, max_epsilon: Optional[float]):

@@ -29,6 +29,7 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
     stats, session = result["stats"], result["dp"]
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
                "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}
+    metrics.update(_privacy_labels(cfg, run_config))
     if session is not None:
         delta = float(cfg.dp.target_delta)
         eps = session.epsilon(delta)
@@ -59,6 +60,18 @@ def write_run_log(cfg: DictConfig, out_dir: Path, rounds: list[dict[str, Any]], 
     last_step = int(rounds[-1]["server_round"]) if rounds else int(final.get("steps", 0))
     logger.log(last_step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
     logger.close()
+
+
+def _privacy_labels(cfg: DictConfig, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Numbers a results row needs to say what it is (metrics.json holds numbers only; the privacy unit is in config.yaml):
+    bytes measured on the wire, DP noise from the OS CSPRNG, or reproducible and NOT private."""
+    from privacy.federated.settings import not_private
+
+    labels: dict[str, Any] = {"bytes_on_wire": 1}
+    if cfg.dp.name != "none":
+        labels["not_private"] = int(not_private(run_config))
+        labels["dp/noise_from_os_csprng"] = 1 - labels["not_private"]
+    return labels
 
 
 def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps: int, epsilon: float) -> dict[str, float]:
@@ -106,7 +119,10 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
         "rejected": int(summary.get("total_rejected", 0)),
         "failed": int(summary.get("total_failed", 0)),
         "stopped_early": int(summary["rounds_completed"] < int(cfg.federated.num_rounds)),
+        "rounds_not_aggregated": len(summary.get("rounds_not_aggregated", [])),
+        "client_evaluation": int(bool(summary.get("client_evaluation", False))),
     }
+    metrics.update(_privacy_labels(cfg, run_config))
     last = summary["rounds"][-1] if summary["rounds"] else {}
     if last.get("eval"):
         metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])

@@ -46,8 +46,9 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
     return plan
 
 
-def check_config(cfg: DictConfig) -> None:
-    """The start-up checks that need only the configuration (a dry run without a prepared corpus runs these)."""
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """The start-up checks that need only the configuration (a dry run without a prepared corpus runs these).
+    Returns the flat Flower run config the options translate to."""
     from privacy.dp import DPPlanError
 
     if cfg.model.family != "wav2vec2":
@@ -93,6 +94,18 @@ def check_config(cfg: DictConfig) -> None:
         if fed.name not in ("fedavg", "fedprox"):
             raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
 
+    from training.wav2vec2.run_config import wav2vec2_run_config
+
+    try:  # every DP / federated option is checked here, before any audio is read (settings.resolve_run_config)
+        flat = wav2vec2_run_config(cfg, "", strategy="fedavg" if fed.name == "none" else None)
+    except (KeyError, ValueError) as error:
+        raise DPPlanError(f"federated / dp configuration: {error}") from None
+    if fed.name != "none":  # robust aggregators (trimmed mean trims >= 1 per side, krum's f explicit) fail here, not in round 1
+        from privacy.federated.strategy import build_strategy
+
+        build_strategy(flat, int(fed.num_clients))
+    return flat
+
 
 def check_plan(cfg: DictConfig) -> dict[str, Any]:
     """Start-up checks (no audio is read): `check_config`, then clients vs speakers and the DP
@@ -102,10 +115,20 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
     """
     from privacy.dp import DPPlanError, validate_dp_plan
 
-    check_config(cfg)
+    flat = check_config(cfg)
     fed, dp = cfg.federated, cfg.dp
     plan = client_plan(cfg)
-    out: dict[str, Any] = {"clients": plan}
+    out: dict[str, Any] = {"clients": plan, "dp_unit": flat["dp-unit"] if dp.name != "none" else None}
+    if flat["dp-unit"] == "speaker":
+        from privacy.federated.synthgrid_task import split_speakers
+
+        n_speakers = len(set(split_speakers(cfg.data.dir, "train")))
+        if fed.name == "none" or int(fed.num_clients) != n_speakers:
+            raise DPPlanError(
+                f"dp.unit=speaker needs one client per speaker: federated.num_clients={fed.num_clients} but the train split "
+                f"of {cfg.data.dir} has {n_speakers} speakers (set federated.num_clients={n_speakers}; "
+                f"experiment=fl_dp_speaker does)"
+            )
     rounds = int(fed.num_rounds)
     if dp.name == "local":
         if fed.name == "none":  # DP-only: one data holder with the union of the clients' data
@@ -130,7 +153,8 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
 
         if dp.noise_multiplier is None:
             try:
-                out["noise_multipliers"] = [central_noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]
+                out["noise_multipliers"] = [central_noise_multiplier_for_budget(
+                    float(dp.target_epsilon), float(dp.target_delta), rounds, float(dp.max_noise_multiplier))]
             except ValueError as error:
                 raise DPPlanError(f"dp=central: {error}") from None
     return out

@@ -38,7 +38,7 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "fraction-evaluate": ("federated.fraction_evaluate", float),
     "server-lr": ("federated.server_lr", float),
     "trimmed-beta": ("federated.trimmed_beta", float),
-    "krum-malicious": ("federated.krum_malicious", int),
+    "krum-malicious": ("federated.krum_malicious", _optional_int(-1)),  # -1: not given (krum refuses to start)
     "min-train-nodes": ("federated.min_train_nodes", int),
     "proximal-mu": ("federated.proximal_mu", float),
     "local-epochs": ("federated.local_epochs", int),
@@ -57,6 +57,13 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max-grad-norm": ("dp.max_grad_norm", float),
     "clipping-norm": ("dp.clipping_norm", float),
     "noise-multiplier": ("dp.noise_multiplier", lambda value: -1.0 if value is None else float(value)),  # < 0: from the budget
+    "dp-accountant": ("dp.accountant", str),
+    "dp-poisson-sampling": ("dp.poisson_sampling", bool),
+    "dp-max-noise-multiplier": ("dp.max_noise_multiplier", float),
+    "dp-unit": ("dp.unit", lambda value: "auto" if value is None else str(value)),  # auto: utterance (local) / client (central)
+    "dp-reproducible-noise-NOT-PRIVATE": ("dp.reproducible_noise_NOT_PRIVATE", bool),
+    "client-evaluation": ("federated.client_evaluation", lambda value: {None: "auto", True: "on", False: "off"}[value]),
+    "max-num-examples": ("federated.max_num_examples", int),
     "max-update-norm": ("federated.max_update_norm", float),
     "round-timeout": ("federated.round_timeout", float),
     "task-data-dir": ("data.dir", str),
@@ -81,7 +88,8 @@ DEFAULTS_DIFFER_ON_PURPOSE = {
     "task-checkpoint": "model.checkpoint comes from the model group",
 }
 
-OPTIONAL = ("federated.local_steps", "dp.noise_multiplier", "dp.trainable_layers", "model.checkpoint")  # null is meaningful
+OPTIONAL = ("federated.local_steps", "dp.noise_multiplier", "dp.trainable_layers", "model.checkpoint",
+            "federated.krum_malicious", "dp.unit", "federated.client_evaluation")  # null is meaningful
 SYNTHGRID_TASK = "privacy.federated.synthgrid_task:wav2vec2_synthgrid_task"
 
 
