@@ -67,9 +67,9 @@ class MaskedAVSR(nn.Module):
             def layer_hook(i, x):
                 if i != layer:
                     return x
-                y = self.masks(i, x)
+                y = self.masks(i, x, padding_mask=padding_mask)
                 if capture:
-                    captured["pair"] = (self.masks(i, x, noise=False), y)
+                    captured["pair"] = (self.masks(i, x, noise=False, padding_mask=padding_mask), y)
                 return y
 
         else:

@@ -151,6 +151,10 @@ class MasksConfig:
     min_scale: float = 0.0  # floor on the relative noise std (keeps the masks from learning to vanish)
     modalities: list[str] = field(default_factory=lambda: ["audio", "video"])  # frontend position: masked front-ends
     noise_at_eval: bool = True  # the protected representation is noisy at inference too (docs/method.md)
+    # frame: a fresh noise draw per frame | segment: one per `segment_frames` frames | utterance: one per
+    # utterance. The same at training, evaluation, export and attack (docs/method.md, section 2).
+    noise_granularity: str = "frame"
+    segment_frames: int = 25  # segment granularity: frames per draw (25 = 1 s at 25 fps)
 
 
 class LossConfig:
@@ -348,6 +352,16 @@ def _run_tags(*parts: Any) -> str:
     return "-".join(kept) if kept else "base"
 
 
+def _noise_tag(granularity: Any, segment_frames: Any) -> str:
+    """Run-name suffix for the masks' noise granularity: empty for frame noise (the original
+    run names stay valid), "-utt" for utterance noise, "-seg<N>" for segments of N frames."""
+    if str(granularity) == "utterance":
+        return "-utt"
+    if str(granularity) == "segment":
+        return f"-seg{segment_frames}"
+    return ""
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
     baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
@@ -373,6 +387,8 @@ def register() -> None:
         cs.store(group="schema", name=group, node=schema)
     if not OmegaConf.has_resolver("run_tags"):
         OmegaConf.register_new_resolver("run_tags", _run_tags)
+    if not OmegaConf.has_resolver("noise_tag"):
+        OmegaConf.register_new_resolver("noise_tag", _noise_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("entry_help"):

@@ -16,8 +16,7 @@ from omegaconf import DictConfig
 from common.files import atomic_write_text
 from common.seeding import seed_everything
 from data.dataset import build_dataloader
-from privacy.masks import build_masks, mask_kind
-from training.avhubert.finetune import load_finetuned, make_dataset
+from training.avhubert.finetune import load_finetuned, make_dataset, masks_from_config
 from training.stage import Stage
 
 
@@ -43,8 +42,7 @@ def export(cfg: DictConfig) -> dict:
         system, tokenizer, mask_gen = load_finetuned(cfg)
         m = cfg.masks
         lazy_gen = torch.Generator().manual_seed(cfg.seed + cfg.attacker.lazy_seed_offset)
-        lazy_masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, system.core.cfg.encoder_embed_dim,
-                                 tuple(m.modalities), m.init_scale, system.core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, lazy_gen)
+        lazy_masks = masks_from_config(m, system.core.cfg, lazy_gen)
         if lazy_masks is not None:
             lazy_masks.eval()
         for split in EXPORT_SPLITS:

@@ -27,7 +27,7 @@ from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
 from models.avhubert_checkpoint import load_avhubert_checkpoint
 from models.heads import AVHubertForCTC
 from privacy.contrastive import ProjectionHead, check_loss_options
-from privacy.masks import build_masks, mask_kind
+from privacy.masks import build_masks, check_noise_granularity, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
 from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
@@ -127,16 +127,24 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
 
 
 # --------------------------------------------------------------------------- finetune
+def masks_from_config(m: DictConfig, core_cfg: AVHubertConfig, generator: torch.Generator):
+    """The masks of the `masks` group for an encoder of `core_cfg` (None for masks=none).
+
+    Fine-tuning, evaluation and export all build them here, so the protected representation
+    (kind, position, noise level and noise granularity) is defined once."""
+    return build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core_cfg.encoder_embed_dim,
+                       tuple(m.modalities), m.init_scale, core_cfg.encoder_layers, m.min_scale, m.noise_at_eval, generator,
+                       noise_granularity=m.noise_granularity, segment_frames=m.segment_frames)
+
+
 def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
     if cfg.model.freeze_frontends:
         freeze_frontends(asr)
-    m = cfg.masks
     mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
-    masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core.cfg.encoder_embed_dim,
-                        tuple(m.modalities), m.init_scale, core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, mask_gen)
+    masks = masks_from_config(cfg.masks, core.cfg, mask_gen)
     projection = ProjectionHead(core.cfg.encoder_embed_dim, cfg.loss.projection_dim, pooling=cfg.loss.pooling) if cfg.loss.contrastive else None
     a = cfg.adapter
     total = cfg.trainer.max_steps
@@ -163,11 +171,32 @@ def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
 
 def validate_options(cfg: DictConfig) -> None:
     """Incompatible options fail here, before any data is loaded."""
+    check_noise_granularity(cfg.masks.noise_granularity, cfg.masks.segment_frames)
+    if cfg.masks.noise_granularity == "segment":
+        check_segment_against_data(cfg.masks.segment_frames, cfg.data.dir)
     check_loss_options(cfg.loss, cfg.trainer.sampler, cfg.trainer.utterances_per_speaker, cfg.masks.name)
     if cfg.masks.position == "encoder" and cfg.masks.layer >= cfg.model.encoder_layers:
         raise ValueError(f"masks.layer={cfg.masks.layer} is beyond the encoder depth model.encoder_layers={cfg.model.encoder_layers}")
     if cfg.trainer.sampler == "speaker" and cfg.trainer.speakers_per_batch * cfg.trainer.utterances_per_speaker < 2:
         raise ValueError("trainer.sampler=speaker needs speakers_per_batch x utterances_per_speaker >= 2")
+
+
+def check_segment_against_data(segment_frames: int, data_dir: str, split: str = "train") -> None:
+    """masks.segment_frames must be shorter than the longest utterance of the prepared corpus.
+
+    A segment at least as long as every utterance is one draw per utterance under another
+    name (and a run directory that hides it); nothing to check before the corpus is prepared."""
+    from data.manifest import manifest_dir, read_split
+
+    if not (manifest_dir(data_dir) / f"{split}.tsv").is_file():
+        return
+    longest = max((u.n_frames for u in read_split(data_dir, split)), default=0)
+    if longest and segment_frames >= longest:
+        raise ValueError(
+            f"masks.segment_frames={segment_frames} is not shorter than the longest utterance of "
+            f"data.dir={data_dir} ({split}: {longest} frames), so masks.noise_granularity=segment would draw one noise "
+            "per utterance; use masks.noise_granularity=utterance, or a smaller masks.segment_frames"
+        )
 
 
 def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
