@@ -166,6 +166,14 @@ class LossConfig:
     pooling: str = "utterance"  # utterance | frame
     other_speaker_negatives: bool = False  # ablation: every other utterance is a negative, not only same-speaker ones
     projection_dim: int = 128  # contrastive projection head output (head is dropped after training)
+    projection: str = "learned"  # learned | frozen (random, not trained) | none (cosine on the pooled representation)
+    negatives: str = "clean"  # clean | protected: which versions of the same-speaker utterances are the negatives
+    # Gradient-reversal adversarial speaker classifier on pooled protected features (privacy/adversary.py); 0 = off.
+    adversary_weight: float = 0.0
+    adversary_grl_scale: float = 1.0
+    adversary_input: str = "fused"  # fused | audio | video (the last two: front-end masks only)
+    adversary_hidden_dim: int = 256
+    noise_weight: float = 0.0  # beta in  - beta * mean log sigma  (pushes the noise level up); 0 = off
 
 
 @dataclass
@@ -362,6 +370,22 @@ def _noise_tag(granularity: Any, segment_frames: Any) -> str:
     return ""
 
 
+def _privacy_terms_tag(contrastive: Any, projection: Any, negatives: Any, adversary_weight: Any,
+                       adversary_input: Any, noise_weight: Any) -> str:
+    """Run-name part for the privacy terms beyond loss.tag; "none" (dropped) at their defaults."""
+    parts = []
+    if str(contrastive) == "True":
+        if str(projection) != "learned":
+            parts.append(f"p{projection}")
+        if str(negatives) != "clean":
+            parts.append(f"n{negatives}")
+    if float(adversary_weight) > 0:
+        parts.append(f"adv{adversary_weight}" + ("" if str(adversary_input) == "fused" else f"{adversary_input}"))
+    if float(noise_weight) > 0:
+        parts.append(f"nw{noise_weight}")
+    return "-".join(parts) if parts else "none"
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
     baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
@@ -389,6 +413,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_tags", _run_tags)
     if not OmegaConf.has_resolver("noise_tag"):
         OmegaConf.register_new_resolver("noise_tag", _noise_tag)
+    if not OmegaConf.has_resolver("privacy_terms_tag"):
+        OmegaConf.register_new_resolver("privacy_terms_tag", _privacy_terms_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("entry_help"):

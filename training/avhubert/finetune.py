@@ -26,6 +26,7 @@ from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_
 from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
 from models.avhubert_checkpoint import load_avhubert_checkpoint
 from models.heads import AVHubertForCTC
+from privacy.adversary import SpeakerAdversary, check_privacy_terms
 from privacy.contrastive import ProjectionHead, check_loss_options
 from privacy.masks import build_masks, check_noise_granularity, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
@@ -145,7 +146,19 @@ def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
         freeze_frontends(asr)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
     masks = masks_from_config(cfg.masks, core.cfg, mask_gen)
-    projection = ProjectionHead(core.cfg.encoder_embed_dim, cfg.loss.projection_dim, pooling=cfg.loss.pooling) if cfg.loss.contrastive else None
+    lc = cfg.loss
+    projection = None
+    if lc.contrastive and lc.projection != "none":
+        projection = ProjectionHead(core.cfg.encoder_embed_dim, lc.projection_dim, pooling=lc.pooling)
+        if lc.projection == "frozen":
+            projection.requires_grad_(False)  # a fixed random map: it cannot learn to drop the speaker itself
+    adversary = None
+    if lc.adversary_weight > 0:
+        from data.manifest import read_split
+
+        # speaker_idx in a batch indexes the sorted speakers of the train manifest (data/dataset.py)
+        n_speakers = len({u.speaker for u in read_split(cfg.data.dir, "train")})
+        adversary = SpeakerAdversary(core.cfg.encoder_embed_dim, n_speakers, lc.adversary_hidden_dim, lc.adversary_grl_scale)
     a = cfg.adapter
     total = cfg.trainer.max_steps
     tinit, tfinal, delta_t = adalora_schedule(total, a.tinit_frac, a.tfinal_frac, a.delta_t) if a.name == "adalora" else (0, 0, a.delta_t)
@@ -157,7 +170,7 @@ def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
     if a.name != "none":
         asr.avhubert.requires_grad_(False)
     _, handle = apply_adapter(asr.avhubert.encoder, spec, trainable_extra=[])
-    system = MaskedAVSR(asr, masks, projection)
+    system = MaskedAVSR(asr, masks, projection, adversary, lc.adversary_input)
     for p in asr.ctc_proj.parameters():
         p.requires_grad_(True)
     if a.name == "none":
@@ -175,6 +188,8 @@ def validate_options(cfg: DictConfig) -> None:
     if cfg.masks.noise_granularity == "segment":
         check_segment_against_data(cfg.masks.segment_frames, cfg.data.dir)
     check_loss_options(cfg.loss, cfg.trainer.sampler, cfg.trainer.utterances_per_speaker, cfg.masks.name)
+    check_privacy_terms(cfg.loss.adversary_weight, cfg.loss.adversary_input, cfg.loss.noise_weight, cfg.masks.name,
+                        cfg.masks.position, cfg.masks.modalities, cfg.model.modalities)
     if cfg.masks.position == "encoder" and cfg.masks.layer >= cfg.model.encoder_layers:
         raise ValueError(f"masks.layer={cfg.masks.layer} is beyond the encoder depth model.encoder_layers={cfg.model.encoder_layers}")
     if cfg.trainer.sampler == "speaker" and cfg.trainer.speakers_per_batch * cfg.trainer.utterances_per_speaker < 2:
@@ -232,19 +247,23 @@ def finetune(cfg: DictConfig) -> dict:
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
                                   seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank)
         lam = float(cfg.loss["lambda"])
+        lc = cfg.loss
+        capture = bool(lc.contrastive) or lc.adversary_weight > 0
 
         def step_fn(model, batch):
             system_ = ddp.unwrap(model)
             fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]) if video_cache is not None else None
-            out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=cfg.loss.contrastive)
+            out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=capture)
             ctc = system_.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
             loss = ctc + adapter.regularization()
             logs = {"ctc": float(ctc.detach())}
-            if cfg.loss.contrastive:
-                cl, diag = system_.contrastive_loss(out, batch["speaker_idx"], batch["padding_mask"], cfg.loss.temperature,
-                                                    cfg.loss.pooling, cfg.loss.other_speaker_negatives)
-                loss = loss + lam * cl
-                logs.update(contrastive=float(cl.detach()), **{f"cl_{k}": float(v) for k, v in diag.items()})
+            if capture or lc.noise_weight > 0:
+                privacy, privacy_logs = system_.privacy_loss(
+                    out, batch["speaker_idx"], batch["padding_mask"], contrastive_weight=lam if lc.contrastive else None,
+                    temperature=lc.temperature, pooling=lc.pooling, other_speaker_negatives=lc.other_speaker_negatives,
+                    negatives_from=lc.negatives, adversary_weight=lc.adversary_weight, noise_weight=lc.noise_weight)
+                loss = loss + privacy
+                logs.update(privacy_logs)
             if system_.masks is not None:
                 logs["mask_log_sigma"] = float(system_.masks.mean_log_sigma().detach())
             return loss, logs
