@@ -17,7 +17,7 @@ import traceback
 
 from benchmarks.common import RESULTS
 
-BENCHMARKS = ("data", "avhubert", "attacker", "fl_dp", "roi")
+BENCHMARKS = ("data", "avhubert", "attacker", "fl_dp", "roi", "compute_plan")
 
 
 def _lines(prefix: str, value) -> list[str]:

@@ -4,6 +4,7 @@
     common.seeding   seeding Python, NumPy and torch
     common.skips     counting items skipped under `data.on_error=skip`
     common.metrics   WER / CER and speaker-verification metrics (EER, minDCF, DET)
+    common.device    `trainer.device` resolved to a torch.device; batches moved there
 
 Imports run downwards only (scripts -> training -> privacy -> models / data -> common);
 tests/test_import_direction.py checks it.

@@ -1,9 +1,18 @@
-"""CTC decoding: greedy, and lexicon-constrained beam search (flashlight-text).
+"""CTC decoding: greedy, and beam search (flashlight-text) for every unit kind.
 
-The beam decoder only emits words of a lexicon (for SynthGRID: the 51 GRID
-words; for real corpora: the training transcripts' words), with no language
-model (ZeroLM) unless one is given. flashlight-text is used because it works
-with numpy 2, whereas pyctcdecode pins numpy < 2.
+    eval.decoder   data.tokenizer   decoder
+    greedy         any              best path (argmax per frame, merge repeats, drop blanks)
+    beam           char             LexiconBeamDecoder: only words of a lexicon (SynthGRID: the
+                                    51 GRID words; real corpora: the training transcripts' words)
+    beam           sentencepiece    LexiconFreeBeamDecoder: CTC prefix beam search over the pieces
+                                    (paths that collapse to the same pieces are summed), words
+                                    joined by SentencePiece's own "▁" markers, so any word the
+                                    pieces can spell is allowed (LRS3's open vocabulary)
+    beam           word             LexiconFreeBeamDecoder over the word units
+
+No language model (ZeroLM). `check_decoder_options` is called at start-up (finetune,
+evaluate), so a combination nothing can decode fails before any training.
+flashlight-text is used because it works with numpy 2, whereas pyctcdecode pins numpy < 2.
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ class LexiconBeamDecoder:
 
         if not hasattr(tokenizer, "spell"):
             raise ValueError(
-                f"lexicon beam search needs a character tokenizer (data.tokenizer=char); got {type(tokenizer).__name__}. "
-                "Use eval.decoder=greedy with sentencepiece units."
+                f"lexicon beam search spells words in characters (data.tokenizer=char); got {type(tokenizer).__name__}. "
+                "build_beam_decoder picks LexiconFreeBeamDecoder for sentencepiece and word units."
             )
         self.tokenizer = tokenizer
         self.words = sorted(set(w for w in words if w))
@@ -85,6 +94,69 @@ class LexiconBeamDecoder:
             results = self.decoder.decode(em.ctypes.data, n, em.shape[1])
             hyps.append(" ".join(self.words[i] for i in results[0].words if i >= 0) if results else "")
         return hyps
+
+
+class LexiconFreeBeamDecoder:
+    """CTC prefix beam search over the token vocabulary (flashlight's LexiconFreeDecoder, ZeroLM).
+
+    Hypotheses are token sequences; alignments that collapse to the same tokens are merged
+    (log-add), which is what lets beam search beat the best path. The result is turned into
+    text by the tokenizer (`decode(ids)`), so SentencePiece pieces become words at their
+    "▁" markers and word units are joined by spaces.
+    """
+
+    def __init__(self, tokenizer, beam_size: int = 20, beam_threshold: float = 25.0):
+        from flashlight.lib.text.decoder import CriterionType, LexiconFreeDecoder, LexiconFreeDecoderOptions, ZeroLM
+
+        self.tokenizer = tokenizer
+        self.blank = tokenizer.blank_id
+        options = LexiconFreeDecoderOptions(beam_size=beam_size, beam_size_token=tokenizer.vocab_size, beam_threshold=beam_threshold,
+                                            lm_weight=0.0, sil_score=0.0, log_add=True, criterion_type=CriterionType.CTC)
+        # No unit means silence here; the blank takes that role (with sil_score 0 it changes no score).
+        self.decoder = LexiconFreeDecoder(options, ZeroLM(), self.blank, self.blank, [])
+
+    def decode_ids(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        from data.tokenizer import ctc_collapse
+
+        emissions = log_probs.detach().float().cpu().contiguous()
+        out = []
+        for b in range(emissions.shape[0]):
+            n = int(lengths[b])
+            em = np.ascontiguousarray(emissions[b, :n].numpy())
+            results = self.decoder.decode(em.ctypes.data, n, em.shape[1])
+            # tokens: one per frame plus a start and an end marker, with blanks and repeats.
+            out.append(ctc_collapse([t for t in results[0].tokens if t >= 0], self.blank) if results else [])
+        return out
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(ids) for ids in self.decode_ids(log_probs, lengths)]
+
+
+DECODERS = ("greedy", "beam")
+UNIT_KINDS = ("char", "sentencepiece", "word")
+
+
+def check_decoder_options(decoder: str, tokenizer_kind: str, beam_size: int) -> None:
+    """Start-up check of eval.decoder x data.tokenizer (and that the beam decoder can be built)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"eval.decoder={decoder!r}: expected one of {', '.join(DECODERS)}")
+    if tokenizer_kind not in UNIT_KINDS:
+        raise ValueError(f"data.tokenizer={tokenizer_kind!r}: expected one of {', '.join(UNIT_KINDS)}")
+    if decoder == "beam":
+        if beam_size < 1:
+            raise ValueError(f"eval.beam_size={beam_size}: the beam decoder needs at least 1")
+        try:
+            import flashlight.lib.text.decoder  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"eval.decoder=beam needs flashlight-text (requirements.txt): {exc}") from exc
+
+
+def build_beam_decoder(tokenizer, train_texts: Sequence[str], beam_size: int = 20):
+    """The beam decoder for this tokenizer's units (table in the module docstring)."""
+    check_decoder_options("beam", tokenizer.kind, beam_size)
+    if tokenizer.kind == "char":
+        return LexiconBeamDecoder(tokenizer, lexicon_from_texts(train_texts), beam_size=beam_size)
+    return LexiconFreeBeamDecoder(tokenizer, beam_size=beam_size)
 
 
 def lexicon_from_texts(texts: Sequence[str]) -> list[str]:

@@ -371,10 +371,12 @@ def build_dataloader(
     num_replicas: int = 1,
     rank: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """DataLoader with a length-bucketed ("bucket") or P x K speaker ("speaker") batch sampler.
 
     Workers are not persistent, so the dataset's epoch set by `set_loader_epoch` reaches them.
+    pin_memory: page-locked batches, for non_blocking copies to a GPU (`common.device.pin_memory_for`).
     """
     if sampler_kind == "bucket":
         sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=train, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
@@ -382,7 +384,8 @@ def build_dataloader(
         sampler = SpeakerBatchSampler(dataset.speaker_ids, P, K, seed=seed, num_replicas=num_replicas, rank=rank)
     else:
         raise ValueError(f"sampler_kind must be 'bucket' or 'speaker', got {sampler_kind!r}")
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_av, num_workers=num_workers, persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_av, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=pin_memory)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

@@ -87,7 +87,7 @@ class AdapterHandle:
         for name, p in self.peft_model.named_parameters():
             if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
                 cov = p @ p.T if "lora_A" in name else p.T @ p
-                penalties.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype)))
+                penalties.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
         return self.spec.orth_reg_weight * torch.stack(penalties).mean() if penalties else 0.0
 
     def rank_budget(self) -> int:

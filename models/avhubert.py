@@ -389,14 +389,20 @@ class AVHubertModel(nn.Module):
         return feat_audio, feat_video
 
     def modality_dropout(self, feat_audio: Optional[torch.Tensor], feat_video: Optional[torch.Tensor]):
-        """In training, with probability modality_dropout zero one modality (audio w.p. audio_dropout)."""
+        """In training, with probability modality_dropout zero one modality (audio w.p. audio_dropout).
+
+        The dropped features are multiplied by 0 rather than replaced by new zeros: the values are
+        the same, but whatever produced them (front-end, privacy masks) stays in the autograd graph
+        with a zero gradient, so DistributedDataParallel (find_unused_parameters=False) sees every
+        parameter used on every rank whichever modality a rank dropped.
+        """
         if not self.training or self.cfg.modality_dropout <= 0 or feat_audio is None or feat_video is None:
             return feat_audio, feat_video
         if float(torch.rand(())) < self.cfg.modality_dropout:
             if float(torch.rand(())) < self.cfg.audio_dropout:
-                feat_audio = torch.zeros_like(feat_audio)
+                feat_audio = feat_audio * 0.0
             else:
-                feat_video = torch.zeros_like(feat_video)
+                feat_video = feat_video * 0.0
         return feat_audio, feat_video
 
     def fuse(self, feat_audio: Optional[torch.Tensor], feat_video: Optional[torch.Tensor]) -> torch.Tensor:

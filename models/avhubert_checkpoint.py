@@ -10,7 +10,9 @@ Formats read by `load_avhubert_checkpoint`:
   seq2seq (`AVHubertSeq2Seq`) under `encoder.w2v_model.` (the `decoder.*` keys
   are ignored and reported).
 * Hugging Face port (nguyenvulebinh/AV-HuBERT): a directory with `config.json`
-  and `model.safetensors` or `pytorch_model.bin`, keys `model.encoder.*` renamed
+  and `model.safetensors` or `pytorch_model.bin`, or shards of either listed in
+  `model.safetensors.index.json` / `pytorch_model.bin.index.json` (also accepted as the
+  path itself), keys `model.encoder.*` renamed
   by `export_muavic_checkpoint_to_hf.py` (`pos_conv.0` -> `pos_conv_embed.conv`,
   `self_attn.*_proj` -> `attention.*_proj`, `self_attn_layer_norm` -> `layer_norm`,
   `fc1`/`fc2` -> `feed_forward.intermediate_dense`/`output_dense`); `model.decoder.*`
@@ -20,10 +22,18 @@ Formats read by `load_avhubert_checkpoint`:
   two extra top-level keys, `format` and `extra`.
 
 Everything is read with `torch.load(weights_only=True)`. fairseq pickles some of
-its own objects (a `Dictionary` in `task_state`, meters in `extra_state`); those
-globals are replaced by inert stand-in classes that only keep the pickled
-attributes, so no code from the checkpoint runs and fairseq need not be
-installed. Any other non-tensor global is refused with an error naming it.
+its own objects (a `Dictionary` in `task_state`, meters in `extra_state`, and in the
+seq2seq fine-tunes `task_state['s2s_tokenizer']`, a `SentencepieceBPE` holding a
+`sentencepiece.SentencePieceProcessor`); those globals are replaced by inert stand-in
+classes that only keep the pickled attributes, so no code from the checkpoint runs and
+neither fairseq nor sentencepiece is called. The tokenizer's serialized SentencePiece
+model (what the processor pickles) comes back as bytes in `info['s2s_tokenizer']`. Any
+other non-tensor global is refused with an error naming it.
+
+A checkpoint whose config asks for something `AVHubertModel` does not implement (post-LN
+layers, dot-product logits, a target GLU, per-modality sub-encoders, several label sets,
+another model class) is refused with an error naming the field and its value
+(`UNIMPLEMENTED`), rather than loaded into a model that would compute something else.
 """
 
 from __future__ import annotations
@@ -93,7 +103,34 @@ class Dictionary(_FairseqStandIn):
 
 
 Dictionary.__module__, Dictionary.__qualname__ = "fairseq.data.dictionary", "Dictionary"
-_STANDINS: dict[str, type] = {"fairseq.data.dictionary.Dictionary": Dictionary}
+
+
+class SentencePieceProcessor:
+    """Stand-in for `sentencepiece.SentencePieceProcessor` as pickled inside fairseq's SentencepieceBPE.
+
+    sentencepiece pickles the serialized model: bytes (versions of 2021, the released
+    checkpoints) or a dict with `model_proto` and the processor's options (0.2.x).
+    Only those are kept; sentencepiece is never called while loading.
+    """
+
+    model_proto: Optional[bytes] = None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            proto = state.get("model_proto")
+            self.options = {k: v for k, v in state.items() if k != "model_proto" and isinstance(v, (bool, int, float, str))}
+        else:
+            proto = state
+        self.model_proto = bytes(proto) if isinstance(proto, (bytes, bytearray)) else None
+
+    def __repr__(self) -> str:
+        size = len(self.model_proto) if self.model_proto is not None else 0
+        return f"<stand-in sentencepiece.SentencePieceProcessor, {size} bytes of model>"
+
+
+SentencePieceProcessor.__module__, SentencePieceProcessor.__qualname__ = "sentencepiece", "SentencePieceProcessor"
+_STANDINS: dict[str, type] = {"fairseq.data.dictionary.Dictionary": Dictionary,
+                              "sentencepiece.SentencePieceProcessor": SentencePieceProcessor}
 
 
 def _standin_for(full_name: str) -> type:
@@ -123,7 +160,8 @@ def _numpy_safe_globals() -> list[tuple[Any, str]]:
 
 def _torch_load(source: Union[str, Path, io.BytesIO], name: str) -> Any:
     """torch.load(weights_only=True) with fairseq globals mapped to stand-ins."""
-    allowed: list[Any] = [(argparse.Namespace, "argparse.Namespace")] + _numpy_safe_globals()
+    # builtins.int: sentencepiece >= 0.2 pickles its output type (`_return_type = int`) with the model.
+    allowed: list[Any] = [(argparse.Namespace, "argparse.Namespace"), (int, "builtins.int")] + _numpy_safe_globals()
     allowed += [(cls, full) for full, cls in _STANDINS.items()]
     if isinstance(source, (str, Path)) and zipfile.is_zipfile(source):
         try:
@@ -249,6 +287,43 @@ def _architecture_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# cfg['model'] fields (of the pretraining config, w2v_args for fine-tunes) whose other values
+# AVHubertModel does not compute: (the value it implements, what the other value would need).
+UNIMPLEMENTED: dict[str, tuple[Any, str]] = {
+    "layer_norm_first": (True, "post-LN transformer layers (every released AV-HuBERT is pre-LN)"),
+    "sim_type": ("cosine", "dot-product logits against the label embeddings"),
+    "target_glu": (False, "a GLU on the label embeddings"),
+    "sub_encoder_layers": (0, "per-modality transformer sub-encoders"),
+    "activation_fn": ("gelu", "another activation in the transformer layers"),
+    "layer_type": ("transformer", "conformer layers"),
+}
+MODEL_NAMES = ("av_hubert", "av_hubert_ctc", "av_hubert_seq2seq")
+
+
+def check_implemented(model_cfg: Mapping[str, Any], top_cfg: Mapping[str, Any], name: str) -> None:
+    """Refuse a checkpoint config AVHubertModel does not implement, naming the field and its value.
+
+    untie_final_proj only matters with several label sets: with one, fairseq projects once either
+    way (hubert.py: the untied projection is chunked into one piece), so False loads; several
+    label sets are refused here, whatever untie_final_proj says.
+    """
+    model_name = _as_dict(top_cfg.get("model")).get("_name")
+    if model_name is not None and model_name not in MODEL_NAMES:
+        raise CheckpointError(f"{name}: cfg.model._name={model_name!r} is not an AV-HuBERT model (expected one of {list(MODEL_NAMES)})")
+    for key, (implemented, meaning) in UNIMPLEMENTED.items():
+        value = model_cfg.get(key)
+        if value is not None and value != implemented:
+            raise CheckpointError(f"{name}: cfg.model.{key}={value!r} is not implemented ({meaning}); "
+                                  f"AVHubertModel implements {key}={implemented!r}")
+    task = _as_dict(top_cfg.get("task"))
+    w2v_task = _as_dict(_as_dict(_as_dict(top_cfg.get("model")).get("w2v_args")).get("task"))
+    labels = task.get("labels") if not w2v_task else w2v_task.get("labels", task.get("labels"))
+    if labels is not None and not isinstance(labels, str) and len(list(labels)) > 1:
+        raise CheckpointError(f"{name}: cfg.task.labels={list(labels)!r}: {len(list(labels))} label sets "
+                              f"(untie_final_proj={model_cfg.get('untie_final_proj')!r}) are not implemented; "
+                              "AVHubertModel predicts one label set")
+
+
 def infer_config(body: Mapping[str, torch.Tensor], cfg_values: Optional[Mapping[str, Any]] = None) -> AVHubertConfig:
     """AVHubertConfig from the state-dict shapes; non-shape fields (heads, dropouts, masking) from cfg_values."""
     values = {k: v for k, v in dict(cfg_values or {}).items() if v is not None}
@@ -290,29 +365,66 @@ def infer_config(body: Mapping[str, torch.Tensor], cfg_values: Optional[Mapping[
 
 
 # --------------------------------------------------------------------------- reading
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path, str(path))
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The union of the shards a Hugging Face `*.index.json` lists (`weight_map`: key -> shard file)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a shard index (expected JSON with a 'weight_map' of key -> shard file): {exc}") from exc
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' is empty or not a mapping")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index.parent / str(shard)
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} is listed but {shard_path} does not exist")
+        tensors = _read_weights(shard_path)
+        wanted = sorted(k for k, f in weight_map.items() if f == shard)
+        absent = [k for k in wanted if k not in tensors]
+        if absent:
+            raise CheckpointError(f"{shard_path}: the index puts {absent[:3]} in this shard but it does not hold them")
+        extra = sorted(set(tensors) - set(wanted))
+        if extra:
+            raise CheckpointError(f"{shard_path}: holds {extra[:3]}, which {index.name} maps elsewhere or not at all")
+        state.update({k: tensors[k] for k in wanted})
+    return state
+
+
 def _read_source(path: Path) -> dict[str, Any]:
     """Raw contents: format, state (flat tensors), cfg, task_state, extra."""
     name = str(path)
     if not path.exists():
         raise CheckpointError(f"{name}: no such checkpoint file or directory")
+    if path.is_file() and path.name.endswith(".index.json"):
+        path, index = path.parent, path
+    else:
+        index = next((path / n for n in SHARD_INDEXES if (path / n).is_file()), None) if path.is_dir() else None
     if path.is_dir():
         weights = None
         for candidate in ("model.safetensors", "pytorch_model.bin"):
-            if (path / candidate).is_file():
+            if index is None and (path / candidate).is_file():
                 weights = path / candidate
                 break
-        if weights is None:
-            raise CheckpointError(f"{name}: a Hugging Face checkpoint directory needs model.safetensors or "
-                                  f"pytorch_model.bin")
+        if weights is None and index is None:
+            raise CheckpointError(f"{name}: a Hugging Face checkpoint directory needs model.safetensors, "
+                                  f"pytorch_model.bin or a shard index ({' or '.join(SHARD_INDEXES)})")
         hf_config: dict[str, Any] = {}
         if (path / "config.json").is_file():
             try:
                 hf_config = json.loads((path / "config.json").read_text())
             except ValueError as exc:
                 raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({exc})") from exc
-        state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights, str(weights))
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"{weights}: expected a state dict, got {type(state).__name__}")
+        state = _read_sharded(index) if index is not None else _read_weights(weights)
         return {"format": "hf", "state": dict(state), "cfg_values": hf_config, "raw": {}}
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
@@ -377,7 +489,8 @@ def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.M
 
     Returns (model, info) with info keys: path, format (fairseq|hf|ours), kind (pretrained|ctc|seq2seq|hf),
     config (dict), missing, missing_optional, unexpected, mismatched, ignored, head_loaded,
-    dictionaries (symbol lists from task_state), cfg (the checkpoint's cfg dict), extra (ours only).
+    dictionaries (symbol lists from task_state), target_dictionary (fine-tunes), s2s_tokenizer ({kind,
+    model_proto} of a seq2seq fine-tune, else None), cfg (the checkpoint's cfg dict), extra (ours only).
     """
     path = Path(path)
     name = str(path)
@@ -393,6 +506,8 @@ def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.M
         kind, body, head, ignored = _split_layout(src["state"])
     if not body:
         raise CheckpointError(f"{name}: no AV-HuBERT weights found")
+    if src["format"] != "hf":
+        check_implemented(src["cfg_values"], src.get("cfg", {}), name)
 
     if isinstance(model_or_config, (AVHubertModel, AVHubertForCTC)):
         model = model_or_config
@@ -425,8 +540,12 @@ def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.M
     for d in _as_dict(raw.get("task_state")).get("dictionaries", []) or []:
         symbols = getattr(d, "symbols", None)
         dictionaries.append(list(symbols) if symbols is not None else None)
+    task_state = _as_dict(raw.get("task_state"))
+    target = getattr(task_state.get("target_dictionary"), "symbols", None)
     core_model = model.avhubert if isinstance(model, AVHubertForCTC) else model
     info = {
+        "s2s_tokenizer": _recovered_tokenizer(task_state.get("s2s_tokenizer")),
+        "target_dictionary": list(target) if target is not None else None,
         "path": name,
         "format": src["format"],
         "kind": kind,
@@ -439,6 +558,27 @@ def load_avhubert_checkpoint(path: Union[str, Path], model_or_config: Union[nn.M
         **report,
     }
     return model, info
+
+
+def _recovered_tokenizer(bpe: Any) -> Optional[dict[str, Any]]:
+    """{'kind': 'sentencepiece', 'model_proto': bytes or None} from a pickled fairseq SentencepieceBPE stand-in."""
+    if bpe is None:
+        return None
+    processor = getattr(bpe, "sp", None)
+    proto = getattr(processor, "model_proto", None) if isinstance(processor, SentencePieceProcessor) else None
+    return {"kind": "sentencepiece" if processor is not None else type(bpe).__qualname__, "model_proto": proto}
+
+
+def write_recovered_tokenizer(info: Mapping[str, Any], path: Union[str, Path]) -> Path:
+    """Write the SentencePiece model a seq2seq checkpoint pickled (info from load_avhubert_checkpoint) to `path`."""
+    from common.files import atomic_write_bytes
+
+    tokenizer = info.get("s2s_tokenizer") or {}
+    if not tokenizer.get("model_proto"):
+        raise CheckpointError(f"{info.get('path')}: the checkpoint holds no SentencePiece model "
+                              f"(task_state['s2s_tokenizer'] is {'absent' if not tokenizer else tokenizer.get('kind')})")
+    atomic_write_bytes(path, tokenizer["model_proto"])
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- saving
@@ -495,5 +635,6 @@ def save_avhubert_checkpoint(path: Union[str, Path], model: nn.Module, cfg_dict:
     return Path(path)
 
 
-__all__ = ["CheckpointError", "Dictionary", "FORMAT_TAG", "avhubert_state_dict", "infer_config",
-           "load_avhubert_checkpoint", "save_avhubert_checkpoint"]
+__all__ = ["CheckpointError", "Dictionary", "FORMAT_TAG", "SentencePieceProcessor", "UNIMPLEMENTED", "avhubert_state_dict",
+           "check_implemented", "infer_config", "load_avhubert_checkpoint", "save_avhubert_checkpoint",
+           "write_recovered_tokenizer"]

@@ -381,7 +381,7 @@ def pretraining_loss(
         (batch_size, num_frames), mask_prob=mask_prob, mask_length=mask_length, attention_mask=frame_mask, min_masks=2
     )
     # negatives are drawn among the valid (unpadded) frames only
-    negative_pool = frame_mask.numpy().astype(bool) if frame_mask is not None else None
+    negative_pool = frame_mask.cpu().numpy().astype(bool) if frame_mask is not None else None
     sampled_negative_indices = _sample_negative_indices(
         (batch_size, num_frames), config.num_negatives, mask_time_indices=negative_pool
     )
@@ -418,6 +418,7 @@ def pretrain_wav2vec2_tiny(
     seed: int = 0,
     log_every: int = 50,
     model: Optional[Wav2Vec2ForPreTraining] = None,
+    device: Optional[torch.device] = None,
 ) -> tuple[Wav2Vec2ForPreTraining, list[float]]:
     """Self-supervised wav2vec 2.0 pre-training of the tiny model; returns (model, per-step losses).
 
@@ -428,6 +429,7 @@ def pretrain_wav2vec2_tiny(
     ``gumbel_temperature[0]`` to ``[1]``. If ``out_dir`` is given, the model is saved there
     with ``save_pretrained`` (config.json + model.safetensors).
     Seeds torch and numpy's global RNG (transformers' mask/negative sampling uses it).
+    ``device``: where the model trains and the batches go (default: where the model is).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -435,6 +437,8 @@ def pretrain_wav2vec2_tiny(
     np.random.seed(seed)
     if model is None:
         model = Wav2Vec2ForPreTraining(config if config is not None else wav2vec2_tiny_config(vocab_size=32))
+    if device is not None:
+        model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -452,6 +456,8 @@ def pretrain_wav2vec2_tiny(
     for step in range(steps):
         model.set_gumbel_temperature(t_start * (t_end / t_start) ** (step / max(1, steps - 1)))
         waveforms, attention_mask = _as_waveform_batch(next(batches))
+        waveforms = waveforms.to(params[0].device, non_blocking=True)
+        attention_mask = attention_mask.to(params[0].device, non_blocking=True) if attention_mask is not None else None
         loss, stats = pretraining_loss(model, waveforms, attention_mask, mask_prob=mask_prob, mask_length=mask_length)
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"pre-training loss is {stats['loss']} at step {step}")

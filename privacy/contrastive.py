@@ -86,6 +86,8 @@ def _negative_mask(speaker_ids: torch.Tensor, other_speaker_negatives: bool) -> 
 
 
 def _check_negatives(speaker_ids: torch.Tensor, negatives: torch.Tensor, other_speaker_negatives: bool) -> None:
+    if negatives.is_meta:
+        return  # meta tensors (device checks) have no values to check
     lonely = ~negatives.any(dim=1)
     if lonely.any():
         if other_speaker_negatives:

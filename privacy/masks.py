@@ -183,6 +183,10 @@ class AdditiveMask(_NoiseMask):
     def relative_sigma(self) -> torch.Tensor:
         return F.softplus(self.rho_a) + self.min_scale
 
+    def needs_calibration(self) -> bool:
+        # A meta tensor (device checks, FLOP counts) has no values to calibrate from.
+        return not self.calibrated.is_meta and not bool(self.calibrated)
+
     @torch.no_grad()
     def calibrate_(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         """Set the per-dimension feature scale from the (non-padded) frames of x."""
@@ -207,7 +211,7 @@ class AdditiveMask(_NoiseMask):
         generator: Optional[torch.Generator] = None,
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if not bool(self.calibrated):
+        if self.needs_calibration():
             self.calibrate_(x, padding_mask)
         if not self._noise_on(noise):
             return x
@@ -313,7 +317,7 @@ class FeatureMask(nn.Module):
         padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         gen = generator if generator is not None else self.generator
-        if self.additive is not None and not bool(self.additive.calibrated):
+        if self.additive is not None and self.additive.needs_calibration():
             # The additive scale is relative to the clean features, not to the multiplied ones.
             self.additive.calibrate_(x, padding_mask)
         for part in self.parts():

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import sentencepiece as real_spm  # bound before any test replaces sys.modules["sentencepiece"]
 import torch
 from safetensors.torch import save_file
 
@@ -280,3 +281,152 @@ def test_peft_lora_targets_attention_and_ffn_by_name():
     assert trainable and all("lora_" in n for n in trainable)
     out = wrapped(audio=torch.randn(1, 104, T))
     assert out.logits.shape == (1, T, 6)
+
+
+# --------------------------------------------------------------------------- seq2seq fine-tunes, config refusals, shards
+def sentencepiece_model(tmp_path) -> bytes:
+    real_spm.SentencePieceTrainer.train(sentence_iterator=iter(["bin blue at f two now", "place red by g nine again"] * 20),
+                                   model_prefix=str(tmp_path / "spm"), vocab_size=30, hard_vocab_limit=False, minloglevel=2)
+    return (tmp_path / "spm.model").read_bytes()
+
+
+@pytest.fixture
+def fake_sentencepiece_bpe(monkeypatch):
+    """fairseq's SentencepieceBPE as pickled by the released AVSR/VSR fine-tunes (2021 sentencepiece pickles the
+    serialized model as bytes). Any code of these classes running at load time would raise."""
+
+    class SentencePieceProcessor:
+        def __init__(self, proto: bytes):
+            self.proto = proto
+
+        def __getstate__(self):
+            return self.proto
+
+        def __setstate__(self, state):
+            raise AssertionError("code from the checkpoint ran")
+
+    class SentencepieceBPE:
+        def __init__(self, proto: bytes):
+            self.sp = SentencePieceProcessor(proto)
+
+        def __setstate__(self, state):
+            raise AssertionError("code from the checkpoint ran")
+
+    spm_mod = types.ModuleType("sentencepiece")
+    bpe_mod = types.ModuleType("fairseq.data.encoders.sentencepiece_bpe")
+    SentencePieceProcessor.__module__, SentencePieceProcessor.__qualname__ = "sentencepiece", "SentencePieceProcessor"
+    SentencepieceBPE.__module__, SentencepieceBPE.__qualname__ = bpe_mod.__name__, "SentencepieceBPE"
+    spm_mod.SentencePieceProcessor, bpe_mod.SentencepieceBPE = SentencePieceProcessor, SentencepieceBPE
+    monkeypatch.setitem(sys.modules, "fairseq.data.encoders", types.ModuleType("fairseq.data.encoders"))
+    monkeypatch.setitem(sys.modules, bpe_mod.__name__, bpe_mod)
+    monkeypatch.setitem(sys.modules, "sentencepiece", spm_mod)
+    return SentencepieceBPE
+
+
+def write_seq2seq(path, source, fake, tokenizer, model_cfg=None, task_cfg=None):
+    state = {"encoder.w2v_model." + k: v for k, v in source.state_dict().items() if k != "mask_emb"}
+    state["decoder.embed_tokens.weight"] = torch.zeros(30, 128)
+    cfg = {"model": {"_name": "av_hubert_seq2seq", "w2v_args": {"model": model_cfg or fairseq_arch(source),
+                                                                 "task": task_cfg or {"labels": ["km"]}},
+                     "decoder_layers": 6}, "task": {"labels": ["wrd"], "is_s2s": True, "fine_tuning": True}}
+    checkpoint = {"args": None, "cfg": cfg, "model": state, "criterion": None, "optimizer_history": [],
+                  "task_state": {"dictionaries": [fake.Dictionary([str(i) for i in range(20)])],
+                                 "target_dictionary": fake.Dictionary(["▁bin", "▁blue"]), "s2s_tokenizer": tokenizer},
+                  "extra_state": {}, "last_optimizer_state": None}
+    torch.save(checkpoint, path)
+
+
+def test_seq2seq_finetune_with_pickled_sentencepiece_tokenizer_loads_and_recovers_it(
+        tmp_path, fake_fairseq, fake_sentencepiece_bpe, only_weights_only_loads):
+    proto = sentencepiece_model(tmp_path)
+    source = tiny_model(seed=7)
+    path = tmp_path / "base_vox_433h_s2s.pt"
+    write_seq2seq(path, source, fake_fairseq, fake_sentencepiece_bpe(proto))
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    assert {"sentencepiece.SentencePieceProcessor", "fairseq.data.encoders.sentencepiece_bpe.SentencepieceBPE"} <= unsafe
+    model, info = load_avhubert_checkpoint(path)
+    assert info["kind"] == "seq2seq" and info["ignored"] == ["decoder.embed_tokens.weight"]
+    assert "mask_emb" in info["missing_optional"]  # hubert_asr deletes it before fine-tuning
+    assert info["target_dictionary"][4:] == ["▁bin", "▁blue"]
+    assert info["s2s_tokenizer"] == {"kind": "sentencepiece", "model_proto": proto}
+    torch.testing.assert_close(run(model), run(source))
+    # the recovered bytes are the tokenizer: the real sentencepiece reads them back
+    out = ckpt.write_recovered_tokenizer(info, tmp_path / "recovered.model")
+    assert real_spm.SentencePieceProcessor(model_file=str(out)).encode("bin blue", out_type=str) == \
+        real_spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model")).encode("bin blue", out_type=str)
+
+
+def test_tokenizer_pickled_by_current_sentencepiece_is_recovered_too(tmp_path, fake_fairseq, only_weights_only_loads, monkeypatch):
+    """sentencepiece >= 0.2 pickles a dict (model_proto + options, with builtins.int as the output type)."""
+    proto = sentencepiece_model(tmp_path)
+
+    class SentencepieceBPE:
+        def __init__(self):
+            self.sp = real_spm.SentencePieceProcessor(model_proto=proto)
+
+    bpe_mod = types.ModuleType("fairseq.data.encoders.sentencepiece_bpe")
+    SentencepieceBPE.__module__, SentencepieceBPE.__qualname__ = bpe_mod.__name__, "SentencepieceBPE"
+    bpe_mod.SentencepieceBPE = SentencepieceBPE
+    monkeypatch.setitem(sys.modules, bpe_mod.__name__, bpe_mod)
+    source = tiny_model(seed=8)
+    write_seq2seq(tmp_path / "s2s.pt", source, fake_fairseq, SentencepieceBPE())
+    _, info = load_avhubert_checkpoint(tmp_path / "s2s.pt")
+    assert info["s2s_tokenizer"]["model_proto"] == proto
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layer_norm_first", False, r"cfg.model.layer_norm_first=False is not implemented \(post-LN"),
+    ("sim_type", "dot", r"cfg.model.sim_type='dot' is not implemented \(dot-product logits"),
+    ("target_glu", True, r"cfg.model.target_glu=True is not implemented"),
+    ("sub_encoder_layers", 2, r"cfg.model.sub_encoder_layers=2 is not implemented"),
+])
+def test_config_the_model_does_not_implement_is_refused_naming_the_field(tmp_path, fake_fairseq, field, value, message):
+    source = tiny_model(seed=1)
+    for layout in ("pretrained", "ctc"):
+        arch = {**fairseq_arch(source), field: value}
+        if layout == "pretrained":
+            state, cfg = source.state_dict(), {"model": arch}
+        else:
+            state = {"w2v_encoder.w2v_model." + k: v for k, v in source.state_dict().items()}
+            cfg = {"model": {"_name": "av_hubert_ctc", "w2v_args": {"model": arch}}}
+        write_fairseq(tmp_path / f"{layout}.pt", state, cfg, fake_fairseq)
+        with pytest.raises(CheckpointError, match=message):
+            load_avhubert_checkpoint(tmp_path / f"{layout}.pt")
+        with pytest.raises(CheckpointError, match=message):  # also into a model the caller built
+            load_avhubert_checkpoint(tmp_path / f"{layout}.pt", tiny_model(seed=2))
+
+
+def test_several_label_sets_are_refused_but_one_untied_or_tied_loads(tmp_path, fake_fairseq):
+    source = tiny_model(seed=1)
+    tied = {**fairseq_arch(source), "untie_final_proj": False}
+    write_fairseq(tmp_path / "tied.pt", source.state_dict(), {"model": tied, "task": {"labels": ["km"]}}, fake_fairseq)
+    model, _ = load_avhubert_checkpoint(tmp_path / "tied.pt")  # one label set: tied and untied are the same projection
+    torch.testing.assert_close(run(model), run(source))
+    write_fairseq(tmp_path / "two.pt", source.state_dict(), {"model": tied, "task": {"labels": ["mfcc", "km"]}}, fake_fairseq)
+    with pytest.raises(CheckpointError, match=r"cfg.task.labels=\['mfcc', 'km'\]: 2 label sets \(untie_final_proj=False\)"):
+        load_avhubert_checkpoint(tmp_path / "two.pt")
+    write_fairseq(tmp_path / "hubert.pt", source.state_dict(), {"model": {**tied, "_name": "hubert"}}, fake_fairseq)
+    with pytest.raises(CheckpointError, match=r"cfg.model._name='hubert' is not an AV-HuBERT model"):
+        load_avhubert_checkpoint(tmp_path / "hubert.pt")
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_sharded_hf_checkpoint_loads_from_its_index(tmp_path, weights):
+    source = tiny_model(seed=5)
+    hf = to_hf(source.state_dict(), parametrizations=False)
+    keys = sorted(hf)
+    shards = {f"model-0000{i + 1}-of-00002.{weights}": dict((k, hf[k]) for k in keys[i::2]) for i in range(2)}
+    for name, part in shards.items():
+        save_file(part, str(tmp_path / name)) if weights == "safetensors" else torch.save(part, tmp_path / name)
+    index_name = "model.safetensors.index.json" if weights == "safetensors" else "pytorch_model.bin.index.json"
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (tmp_path / index_name).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    for where in (tmp_path, tmp_path / index_name):
+        model, info = load_avhubert_checkpoint(where)
+        assert info["format"] == "hf" and info["missing"] == info["unexpected"] == []
+        torch.testing.assert_close(run(model), run(source))
+    first = next(iter(shards))
+    (tmp_path / first).unlink()
+    with pytest.raises(CheckpointError, match=f"shard '{first}' is listed but .* does not exist"):
+        load_avhubert_checkpoint(tmp_path)

@@ -75,6 +75,36 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
 
 
+MASKED = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",
+          "trainer.utterances_per_speaker=2"]
+
+
+def test_export_and_attack_pointed_at_another_asr_run(tiny_corpus):
+    """The LRS3 -> VoxCeleb2 route in small: a run that did not fine-tune (other overrides; there another corpus)
+    exports through the model of `asr_run` and its attacker reads that export; a mismatch is refused."""
+    from training.avhubert.export import read_export
+    from training.tasks import run_asr_task, run_attack_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    run_asr_task(cfg_for(tmp, *MASKED))  # skipped when the end-to-end test above already ran it
+    asr = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-cl0.1-t0.1" / "s1"
+    other = ["masks=multiplicative", "seed=3", f"asr_run={asr}"]
+    mine = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-multiplicative-s1.0-ctc" / "s3"
+    run_asr_task(cfg_for(tmp, *other, "task=export"))
+    assert not (mine / "finetune").exists()
+    meta = json.loads((mine / "export" / "attacker_train.json").read_text())
+    assert meta["asr_run"] == str(asr.resolve()) and meta["masks"] == "both"  # the masks of the ASR run, not "multiplicative"
+    feats, _, _ = read_export(mine / "export", "attacker_trials")
+    assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])
+    eer = run_attack_task(cfg_for(tmp, *other, "attacker.scenario=semi_informed"))
+    assert 0.0 <= eer <= 1.0 and (mine / "attack" / "semi_informed" / "metrics.json").is_file()
+    with pytest.raises(ValueError, match="exported through the model of .* but this attack is on asr_run="):
+        run_attack_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={tmp}/elsewhere", "force=true"))
+    with pytest.raises(FileNotFoundError, match="finetune/model.pt not found: asr_run=.* holds no finished fine-tuning"):
+        run_asr_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={mine}", "task=export", "force=true"))
+
+
 def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):
     from training.tasks import run_attack_task
 
@@ -162,9 +192,11 @@ def test_optuna_search_runs_trials_and_reports_both_objectives(tiny_corpus, tmp_
     assert len(done) == 2 and all(len(t.values) == 2 for t in done)
 
 
-@pytest.mark.slow
 def test_torchrun_two_process_finetune(tiny_corpus):
-    """`torchrun --nproc_per_node=2 train_avhubert.py ...` (DDP, gloo on CPU) fine-tunes and rank 0 writes the stages."""
+    """`torchrun --nproc_per_node=2 train_avhubert.py ...` (DDP, gloo on CPU) fine-tunes and rank 0 writes the stages.
+
+    In the fast suite: modality dropout is on (model default 0.5), which is what broke DDP before the
+    dropped branch stayed in the graph (tests/test_device.py tests that cause directly)."""
     import subprocess
     import sys
 
@@ -175,7 +207,7 @@ def test_torchrun_two_process_finetune(tiny_corpus):
     args = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10", "data.splits.public=2",
             "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1", "data.splits.attacker_train=2",
             "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
-            "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5"]
+            "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5", "model.modality_dropout=0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_avhubert.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ at p_target 0.01 and 0.05), scores.txt (`label utt_a utt_b score`), det.png.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.manifest import manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
+from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train
 from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
@@ -98,6 +100,7 @@ def _check_finite(name: str, seqs: list[torch.Tensor] | None, source: Path | str
 def load_feature_sets(cfg: DictConfig):
     """(train FeatureSet, trials FeatureSet, feature dim) from the ASR run's export."""
     from training.avhubert.export import read_export
+    from training.avhubert.finetune import asr_run_dir
 
     a = cfg.attacker
     export_dir = Path(cfg.paths.run_dir) / "export"
@@ -106,7 +109,14 @@ def load_feature_sets(cfg: DictConfig):
             f"no exported representations in {export_dir}. The attacker reads what the ASR run wrote; create it with\n"
             f"  python train_avhubert.py task=finetune <the same overrides>   (fine-tunes, evaluates and exports)\n"
             f"or, for an existing fine-tuned run, python train_avhubert.py task=export <the same overrides>"
+            + (f"\n(asr_run={cfg.asr_run}: the export runs this corpus through that run's model)" if cfg.get("asr_run") else "")
         )
+    index = export_dir / "attacker_train.json"
+    source = json.loads(index.read_text()).get("asr_run") if index.is_file() else None
+    expected = asr_run_dir(cfg).resolve()
+    if source is not None and Path(source) != expected:
+        raise ValueError(f"{export_dir} was exported through the model of {source}, but this attack is on asr_run={expected}; "
+                         "re-run `python train_avhubert.py task=export force=true <the same overrides>`")
     train_kind = "clean" if a.input == "clean" else TRAIN_FEATURES[a.scenario]
     test_kind = "clean" if a.input == "clean" else "protected"
     sets = []
@@ -163,11 +173,15 @@ def run_attack(cfg: DictConfig) -> dict:
         trials = read_trials(trials_path, known_ids=set(test_set.ids))
         rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
                                      "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
+        from training.avhubert.finetune import task_device
+
+        device = task_device(cfg)
         model = RJCASpeakerVerifier(rcfg)
         head = AAMSoftmax(rcfg.embed_dim, len(train_set.speaker_names), a.aam_margin, a.aam_scale)
-        system = torch.nn.ModuleDict({"verifier": model, "aam": head})
+        system = torch.nn.ModuleDict({"verifier": model, "aam": head}).to(device)
         sampler = BucketBatchSampler(train_set.lengths, a.batch_size, shuffle=True, seed=cfg.seed)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=make_collate(train_set))
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=make_collate(train_set),
+                                             pin_memory=pin_memory_for(device))
         steps_per_epoch = len(sampler)
         max_steps = a.epochs * steps_per_epoch
         optimizer = torch.optim.Adam(system.parameters(), lr=a.lr, weight_decay=a.weight_decay)
@@ -182,7 +196,7 @@ def run_attack(cfg: DictConfig) -> dict:
         t0 = time.time()
         result = train(system, step_fn, loader, optimizer, scheduler, max_steps=max_steps, ckpt_dir=stage.dir / "checkpoints",
                        grad_clip=5.0, log_every=max(1, steps_per_epoch), ckpt_every=steps_per_epoch * max(1, a.epochs // 4),
-                       progress_bar=cfg.trainer.progress_bar)
+                       progress_bar=cfg.trainer.progress_bar, device=device)  # fp32: a small model; AAM logits at scale s
         train_seconds = time.time() - t0
         # Embed every trials utterance once, then score the pairs.
         model.eval()
@@ -192,9 +206,9 @@ def run_attack(cfg: DictConfig) -> dict:
         t1 = time.time()
         with torch.no_grad():
             for start in range(0, len(test_set), 32):
-                batch = collate(list(range(start, min(start + 32, len(test_set)))))
+                batch = move_to_device(collate(list(range(start, min(start + 32, len(test_set))))), device)
                 audio, video, pad = _inputs(batch, raw)
-                embs.append(model.embed(audio, video, pad))
+                embs.append(model.embed(audio, video, pad).float().cpu())
         emb = torch.cat(embs)
         ea = emb[[index[t.a] for t in trials]]
         eb = emb[[index[t.b] for t in trials]]
@@ -204,9 +218,9 @@ def run_attack(cfg: DictConfig) -> dict:
             with torch.no_grad():
                 tc = make_collate(train_set)
                 for start in range(0, len(train_set), 32):
-                    batch = tc(list(range(start, min(start + 32, len(train_set)))))
+                    batch = move_to_device(tc(list(range(start, min(start + 32, len(train_set))))), device)
                     audio, video, pad = _inputs(batch, raw)
-                    cohort.append(model.embed(audio, video, pad))
+                    cohort.append(model.embed(audio, video, pad).float().cpu())
             scores = RJCASpeakerVerifier.s_norm(scores, ea, eb, torch.cat(cohort), a.snorm_top_k)
         score_seconds = time.time() - t1
         if not torch.isfinite(scores).all():

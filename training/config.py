@@ -285,7 +285,10 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive NaN/inf losses or gradients before training stops
     progress_bar: bool = True  # tqdm; shown only on rank 0 and when stderr is a terminal
     num_workers: int = 0
-    precision: str = "fp32"
+    # auto | cpu | cuda | cuda:N (common.device.resolve_device); every task runs there: pretrain
+    # (pretrain.device follows trainer.device), finetune, evaluate, export, attack, federated clients.
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16
     cache_frontends: bool = False
 
 
@@ -314,6 +317,9 @@ class Config:
     dry_run: bool = False  # compose, print the run directory, write <run_dir>/plan/<task>.yaml, run nothing
     force: bool = False  # re-run a stage whose status.json says done (sweeps skip finished stages)
     eval_after_finetune: bool = True  # finetune also runs evaluate and export
+    # evaluate / export (and so the attacker) use the fine-tuned model of this ASR run directory
+    # (`<runs_dir>/<data>/<run_name>/s<seed>` of a finished task=finetune); null = this run
+    asr_run: Optional[str] = None
     run_name: str = MISSING
     paths: PathsConfig = MISSING
     data: DataConfig = MISSING

@@ -48,17 +48,21 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def device_for(local_rank: int) -> torch.device:
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
-    """DistributedDataParallel when distributed (rank 0's parameters are broadcast to all), else the model itself."""
+    """DistributedDataParallel when distributed (rank 0's parameters are broadcast to all), else the model itself.
+
+    Move the model to its device (`common.device.resolve_device`) first. Every trainable
+    parameter must get a gradient in every step on every rank unless `find_unused_parameters`
+    (slower: DDP then walks the autograd graph after each forward); AV-HuBERT's modality
+    dropout keeps the dropped branch in the graph for this reason, and layer drop, which skips
+    whole layers, needs the flag (training/avhubert/finetune.py sets it when model.encoder_layerdrop > 0).
+    """
     if not is_distributed():
         return model
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("wrap_ddp: the model has no trainable parameters")
-    device_ids = [next(model.parameters()).device.index] if torch.cuda.is_available() else None
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.device import move_to_device
 from training import ddp
 from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
@@ -166,13 +167,14 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
 
 
 def _autocast(precision: str, model: nn.Module):
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision={precision!r}; expected fp32 or bf16")
+    """bf16 autocast on CUDA (precision bf16, or auto on a GPU that supports bf16); fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}; expected auto, fp32 or bf16")
     device = next(model.parameters()).device
-    if precision == "bf16" and device.type == "cuda":
+    if device.type == "cuda" and (precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision != "fp32":
-        log.info("mixed precision %s is off on %s; training in fp32", precision, device.type)
+    if precision == "bf16":
+        log.info("mixed precision bf16 is off on %s; training in fp32", device.type)
     return contextlib.nullcontext
 
 
@@ -204,14 +206,17 @@ def train(
     extra_state: Mapping[str, Any] | None = None,
     progress_bar: bool = True,
     precision: str = "fp32",
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train `model` for `max_steps` optimizer updates (see the module docstring for the order of things).
 
     model          the module to train, DDP-wrapped or not (`ddp.wrap_ddp`); only
                    parameters with requires_grad are clipped/checked (the optimizer
                    should hold only those: `optim.build_optimizer` does that).
-    step_fn        (model, batch) -> (scalar loss tensor, {name: number}); moves the
-                   batch to the device itself. Log names without "/" get "train/".
+    step_fn        (model, batch) -> (scalar loss tensor, {name: number}); the batch is
+                   already on `device` (when given). Log names without "/" get "train/".
+    device         where the batches go (`common.device.move_to_device`, non_blocking);
+                   the model must already be there. None: batches are used as loaded.
     eval_fn        (unwrapped model, step) -> {name: number}; called on rank 0 only,
                    in eval mode under no_grad, logged as "eval/<name>".
     ckpt_dir       where checkpoints go (None: no checkpoints, no resume).
@@ -330,6 +335,8 @@ def train(
                 batches = _new_iterator(train_loader)
                 continue
             batches_in_epoch += 1
+            if device is not None:
+                batch = move_to_device(batch, device)
 
             with autocast():
                 loss, logs = step_fn(model, batch)

@@ -30,6 +30,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common.device import resolve_device
 from privacy.federated.compression import build_compressor, dense_nbytes, payload_nbytes
 from privacy.federated.settings import resolve_run_config
 from privacy.federated.task import (
@@ -94,6 +95,7 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
         dp=dp,
         prox_mu=prox_mu,
         global_params=global_state if prox_mu > 0 else None,
+        device=resolve_device(str(cfg["device"])),
     )
     epsilon = 0.0
     if dp is not None:
@@ -135,7 +137,7 @@ def handle_evaluate(msg: Message, context: Context, overrides: Optional[Mapping[
     model = task.build_model()
     load_federated_state(model, arrays_to_state(msg.content["arrays"]))
     _, eval_loader = task.build_loaders(partition_id, num_partitions)
-    result = evaluate(model, eval_loader, task.loss_fn, task.error_counts)
+    result = evaluate(model, eval_loader, task.loss_fn, task.error_counts, device=resolve_device(str(cfg["device"])))
     return Message(
         RecordDict(
             {

@@ -46,7 +46,8 @@ class LocalDPSession:
         return max(1, per_round * int(self.cfg["num-rounds"]))
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader):
-        generator = torch.Generator().manual_seed(int(self.cfg["seed"]) * 7919 + self.accountant.steps)
+        # On the model's device: Opacus draws the noise where the gradients are.
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(self.cfg["seed"]) * 7919 + self.accountant.steps)
         private_model, private_optimizer, private_loader, sigma = make_private_local(
             model,
             optimizer,

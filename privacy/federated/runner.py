@@ -188,6 +188,7 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None) -> dic
     """
     from common.seeding import seed_everything
     from privacy.federated.local_dp import LocalDPSession
+    from common.device import resolve_device
     from privacy.federated.task import load_task, train_local
 
     cfg = resolve_run_config(run_config)
@@ -205,6 +206,7 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None) -> dic
     log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
              cfg["batch-size"], utterances)
     t0 = time.time()
-    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session)
+    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session,
+                        device=resolve_device(str(cfg["device"])))
     return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
             "train_seconds": time.time() - t0}

@@ -31,6 +31,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "lr": 0.05,
     "local-optimizer": "sgd",  # sgd | adam (a fresh optimiser every round)
     "batch-size": 16,
+    "device": "auto",  # trainer.device: where each client trains (common.device.resolve_device)
     "compression": "none",  # none | int8 | topk
     "topk-fraction": 0.05,
     "error-feedback": True,

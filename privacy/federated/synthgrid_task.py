@@ -251,12 +251,15 @@ def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.T
     """
     from common.metrics import char_error_rate, word_error_rate
 
+    from common.device import move_to_device
+
     model.eval()
+    device = next(model.parameters()).device
     refs: list[str] = []
     hyps: list[str] = []
     loss_sum = 0.0
     for batch in loader:
-        r, h, loss = decode_batch(model, batch, tokenizer)
+        r, h, loss = decode_batch(model, move_to_device(batch, device), tokenizer)
         refs += r
         hyps += h
         loss_sum += loss * len(r)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.device import move_to_device
+
 Batch = Any
 
 
@@ -143,6 +145,7 @@ def train_local(
     dp: Optional[LocalDP] = None,
     prox_mu: float = 0.0,
     global_params: Optional[Mapping[str, np.ndarray]] = None,
+    device: Optional[torch.device] = None,
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -157,11 +160,16 @@ def train_local(
     be silently dropped; as a separate step it is post-processing (no privacy
     cost) and identical to the loss term for plain SGD. With Adam the proximal step
     stays this plain step (Adam does not rescale it), so mu means the same with both.
+
+    device: where the model is moved and each batch goes (`common.device`); None = where the model is.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    anchors = {name: torch.as_tensor(np.asarray(global_params[name])) for name in trainable} if prox_mu > 0 else {}
+    anchors = {name: torch.as_tensor(np.asarray(global_params[name])).to(device) for name in trainable} if prox_mu > 0 else {}
     optimizer = build_local_optimizer(optimizer, list(trainable.values()), lr)
     run_model, run_loader = model, loader
     if dp is not None:
@@ -177,7 +185,7 @@ def train_local(
             if steps is not None and done >= steps:
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss, n = loss_fn(run_model, batch)
+            loss, n = loss_fn(run_model, move_to_device(batch, device))
             if n == 0:  # Poisson sampling can draw an empty batch
                 if dp is None:
                     continue
@@ -205,11 +213,16 @@ def evaluate(
     loader: Iterable[Batch],
     loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]],
     error_counts: Callable[[nn.Module, Batch], tuple[int, int]],
+    device: Optional[torch.device] = None,
 ) -> dict[str, float]:
     """Mean loss and corpus WER (sum of word errors / sum of reference words) over `loader`."""
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     model.eval()
     total_loss, examples, errors, words = 0.0, 0, 0, 0
     for batch in loader:
+        batch = move_to_device(batch, device)
         loss, n = loss_fn(model, batch)
         total_loss += float(loss) * n
         examples += n

@@ -25,13 +25,14 @@ from data.tokenizer import build_tokenizer, load_tokenizer
 from models.adapters import AdapterSpec, adalora_schedule, apply_adapter, count_parameters
 from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
 from models.avhubert_checkpoint import load_avhubert_checkpoint
+from common.device import move_to_device, pin_memory_for, resolve_device
 from models.heads import AVHubertForCTC
 from privacy.adversary import SpeakerAdversary, check_privacy_terms
 from privacy.contrastive import ProjectionHead, check_loss_options
 from privacy.masks import build_masks, check_noise_granularity, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
-from data.ctc_decode import LexiconBeamDecoder, ctc_greedy_decode, lexicon_from_texts
+from data.ctc_decode import build_beam_decoder, check_decoder_options, ctc_greedy_decode
 from training.loop import loop_kwargs_from_config, train
 from common.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
@@ -69,6 +70,13 @@ def make_logger(cfg: DictConfig, directory: Path) -> RunLogger:
                               enabled=ddp.is_main())
 
 
+def task_device(cfg: DictConfig, group: str = "trainer") -> torch.device:
+    """The device of this process for a task (`<group>.device`; under torchrun the local rank's GPU)."""
+    import os
+
+    return resolve_device(cfg[group].device, int(os.environ.get("LOCAL_RANK", "0")), field=f"{group}.device")
+
+
 FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
                            "modality_dropout", "audio_dropout")
 
@@ -102,17 +110,21 @@ def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
 
 @torch.no_grad()
 def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Frozen video front-end outputs per utterance id ([T, D], centre crop).
+    """Frozen video front-end outputs per utterance id ([T, D], centre crop), kept on the CPU.
 
     The ResNet is most of the compute of a tiny model; with frozen front-ends its
-    output never changes, so fine-tuning and evaluation compute it once.
+    output never changes, so fine-tuning and evaluation compute it once (on the
+    model's device; `pad_cached` batches come back to it with the rest of a batch).
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     cache: dict[str, torch.Tensor] = {}
-    loader = build_dataloader(dataset, "bucket", batch_size=batch_size, seed=0, num_workers=0, train=False)
+    loader = build_dataloader(dataset, "bucket", batch_size=batch_size, seed=0, num_workers=0, train=False,
+                              pin_memory=pin_memory_for(device))
     for batch in loader:
-        _, fv = model.extract_frontends(None, batch["video"])
+        _, fv = model.extract_frontends(None, batch["video"].to(device, non_blocking=True))
+        fv = fv.float().cpu()
         for i, uid in enumerate(batch["ids"]):
             cache[uid] = fv[i, : int(batch["lengths"][i])].clone()
     model.train(was_training)
@@ -135,7 +147,8 @@ def masks_from_config(m: DictConfig, core_cfg: AVHubertConfig, generator: torch.
     (kind, position, noise level and noise granularity) is defined once."""
     return build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core_cfg.encoder_embed_dim,
                        tuple(m.modalities), m.init_scale, core_cfg.encoder_layers, m.min_scale, m.noise_at_eval, generator,
-                       noise_granularity=m.noise_granularity, segment_frames=m.segment_frames)
+                       # a config saved before these options existed (asr_run) meant frame noise
+                       noise_granularity=m.get("noise_granularity", "frame"), segment_frames=m.get("segment_frames", 1))
 
 
 def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
@@ -146,7 +159,9 @@ def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
         freeze_frontends(asr)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
     masks = masks_from_config(cfg.masks, core.cfg, mask_gen)
-    lc = cfg.loss
+    # Defaults for the options a config saved before they existed lacks (asr_run): today's behaviour.
+    lc = OmegaConf.merge({"projection": "learned", "adversary_weight": 0.0, "adversary_input": "fused",
+                          "adversary_hidden_dim": 256, "adversary_grl_scale": 1.0}, cfg.loss)
     projection = None
     if lc.contrastive and lc.projection != "none":
         projection = ProjectionHead(core.cfg.encoder_embed_dim, lc.projection_dim, pooling=lc.pooling)
@@ -190,6 +205,8 @@ def validate_options(cfg: DictConfig) -> None:
     check_loss_options(cfg.loss, cfg.trainer.sampler, cfg.trainer.utterances_per_speaker, cfg.masks.name)
     check_privacy_terms(cfg.loss.adversary_weight, cfg.loss.adversary_input, cfg.loss.noise_weight, cfg.masks.name,
                         cfg.masks.position, cfg.masks.modalities, cfg.model.modalities)
+    check_decoder_options(cfg.eval.decoder, cfg.data.tokenizer, cfg.eval.beam_size)
+    task_device(cfg)  # an unusable trainer.device fails here, not after the data is loaded
     if cfg.masks.position == "encoder" and cfg.masks.layer >= cfg.model.encoder_layers:
         raise ValueError(f"masks.layer={cfg.masks.layer} is beyond the encoder depth model.encoder_layers={cfg.model.encoder_layers}")
     if cfg.trainer.sampler == "speaker" and cfg.trainer.speakers_per_batch * cfg.trainer.utterances_per_speaker < 2:
@@ -214,8 +231,8 @@ def check_segment_against_data(segment_frames: int, data_dir: str, split: str = 
         )
 
 
-def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None):
-    tok_dir = Path(cfg.paths.run_dir) / "tokenizer"
+def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None, run_dir: str | Path | None = None):
+    tok_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir) / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() or any(tok_dir.glob("*")):
         return load_tokenizer(tok_dir)
     if texts is None:
@@ -239,20 +256,23 @@ def finetune(cfg: DictConfig) -> dict:
         train_texts = [u.text for u in read_split(cfg.data.dir, "train")]
         tokenizer = tokenizer_for_run(cfg, train_texts)
         tc = cfg.trainer
+        device = task_device(cfg)
         system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
+        system.to(device)
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
         train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities, cache_items=cache_video)
         video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
-                                  seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank)
+                                  seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank,
+                                  pin_memory=pin_memory_for(device))
         lam = float(cfg.loss["lambda"])
         lc = cfg.loss
         capture = bool(lc.contrastive) or lc.adversary_weight > 0
 
         def step_fn(model, batch):
             system_ = ddp.unwrap(model)
-            fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]) if video_cache is not None else None
+            fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]).to(device, non_blocking=True) if video_cache is not None else None
             out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=capture)
             ctc = system_.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
             loss = ctc + adapter.regularization()
@@ -283,10 +303,12 @@ def finetune(cfg: DictConfig) -> dict:
                  stage.metrics["params/total"], cfg.adapter.name, cfg.masks.name, cfg.loss.name)
         logger = make_logger(cfg, stage.dir)
         t0 = time.time()
-        model = ddp.wrap_ddp(system) if world > 1 else system
+        # Layer drop skips whole layers (and their adapters) on some ranks: only then does DDP need to
+        # look for unused parameters. Modality dropout keeps its dropped branch in the graph.
+        model = ddp.wrap_ddp(system, find_unused_parameters=cfg.model.encoder_layerdrop > 0) if world > 1 else system
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
                        eval_fn=eval_fn, after_optimizer_step=adapter.after_optimizer_step, generators={"mask": mask_gen},
-                       extra_state={"adalora": adapter}, **loop_kwargs_from_config(tc))
+                       extra_state={"adalora": adapter}, device=device, **loop_kwargs_from_config(tc))
         logger.close()
         if not ddp.is_main():
             return {}
@@ -299,23 +321,56 @@ def finetune(cfg: DictConfig) -> dict:
 
 
 def save_system(path: Path, system: MaskedAVSR) -> None:
-    atomic_write(path, lambda f: torch.save({"model": system.state_dict()}, f))
+    state = {k: v.detach().cpu() for k, v in system.state_dict().items()}
+    atomic_write(path, lambda f: torch.save({"model": state}, f))
 
 
-def load_finetuned(cfg: DictConfig):
-    """The fine-tuned system of this run directory (same overrides as task=finetune)."""
-    path = Path(cfg.paths.run_dir) / "finetune" / "model.pt"
+def asr_run_dir(cfg: DictConfig) -> Path:
+    """The ASR run whose fine-tuned model evaluate / export (and so the attacker) use: `asr_run`, else this run."""
+    return Path(cfg.asr_run) if cfg.get("asr_run") else Path(cfg.paths.run_dir)
+
+
+def asr_run_config(cfg: DictConfig) -> DictConfig:
+    """The config the fine-tuned model was built with: this one, or the one `asr_run`'s fine-tuning saved.
+
+    Model, adapter, masks, loss, trainer and seed come from there (they define the system and its
+    mask noise); data, attacker and eval stay this command's, so an LRS3 model can export
+    VoxCeleb2 features.
+    """
+    if not cfg.get("asr_run"):
+        return cfg
+    saved = Path(cfg.asr_run) / "finetune" / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"asr_run={cfg.asr_run}: {saved} not found; asr_run must be the run directory of a "
+                                "finished `python train_avhubert.py task=finetune ...` (the directory holding finetune/)")
+    other = OmegaConf.load(saved)
+    merged = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("model", "adapter", "masks", "loss", "trainer", "seed"):
+        merged[key] = OmegaConf.to_container(other, resolve=True)[key] if key in other else merged[key]
+    return OmegaConf.create(merged)
+
+
+def load_finetuned(cfg: DictConfig, device: torch.device | None = None):
+    """The fine-tuned system of this run directory (same overrides as task=finetune), or of `asr_run`.
+
+    Returns (system on `device` in eval mode, tokenizer, mask generator, the config it was built from).
+    """
+    run_dir = asr_run_dir(cfg)
+    path = run_dir / "finetune" / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: no finished fine-tuning run for these overrides. Create it with "
-            f"`python train_avhubert.py task=finetune <the same overrides>` (run dir {cfg.paths.run_dir})"
-        )
-    tokenizer = tokenizer_for_run(cfg)
-    system, _, mask_gen = build_system(cfg, tokenizer.vocab_size)
+        how = (f"asr_run={cfg.asr_run} holds no finished fine-tuning (finetune/model.pt)" if cfg.get("asr_run") else
+               f"no finished fine-tuning run for these overrides. Create it with "
+               f"`python train_avhubert.py task=finetune <the same overrides>` (run dir {cfg.paths.run_dir}), or point "
+               "asr_run=<run dir> at the ASR run to use")
+        raise FileNotFoundError(f"{path} not found: {how}")
+    system_cfg = asr_run_config(cfg)
+    tokenizer = tokenizer_for_run(cfg, run_dir=run_dir)
+    system, _, mask_gen = build_system(system_cfg, tokenizer.vocab_size)
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     system.load_state_dict(state)
+    system.to(device if device is not None else torch.device("cpu"))
     system.eval()
-    return system, tokenizer, mask_gen
+    return system, tokenizer, mask_gen, system_cfg
 
 
 # --------------------------------------------------------------------------- probes / validation
@@ -338,7 +393,7 @@ class LeakageProbe:
 
     @torch.no_grad()
     def __call__(self, system: MaskedAVSR) -> dict:
-        b = self.batch
+        b = move_to_device(self.batch, next(system.parameters()).device)
         out = system(b["audio"], b["video"], b["padding_mask"], capture=True)
         if out.clean is None:
             return {}
@@ -346,7 +401,7 @@ class LeakageProbe:
         metrics = {}
         spk = [it["speaker"] for it in self.items]
         for name, rep in (("clean", out.clean), ("protected", out.protected)):
-            pooled = ((rep * keep).sum(1) / keep.sum(1)).numpy()
+            pooled = ((rep.float() * keep).sum(1) / keep.sum(1)).cpu().numpy()
             even = np.arange(len(spk)) % 2 == 0
             acc = speaker_probe(pooled[even], np.array(spk)[even], pooled[~even], np.array(spk)[~even])
             metrics[f"probe/speaker_acc_{name}"] = acc["accuracy"]
@@ -368,7 +423,9 @@ class Validation:
     @torch.no_grad()
     def __call__(self, system: MaskedAVSR) -> dict:
         refs, hyps = [], []
+        device = next(system.parameters()).device
         for b in self.batches:
+            b = move_to_device(b, device)
             out = system(b["audio"], b["video"], b["padding_mask"])
             hyps += ctc_greedy_decode(out.ctc.log_probs, out.ctc.output_lengths, self.tokenizer)
             refs += b["texts"]
@@ -386,9 +443,11 @@ def _conditions(cfg: DictConfig) -> list[tuple[str, Optional[dict]]]:
 
 def evaluate(cfg: DictConfig) -> dict:
     """WER/CER per modality (audio-visual, audio, video) and noise condition; hypotheses written alongside."""
+    check_decoder_options(cfg.eval.decoder, cfg.data.tokenizer, cfg.eval.beam_size)
     with Stage(cfg, "evaluate") as stage:
         seed_everything(cfg.seed)
-        system, tokenizer, mask_gen = load_finetuned(cfg)
+        device = task_device(cfg)
+        system, tokenizer, mask_gen, system_cfg = load_finetuned(cfg, device)
         split = cfg.eval.split
         clean_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
         video_cache = video_feature_cache(system.core, clean_ds)
@@ -396,25 +455,26 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.eval.decoder == "beam":
             from data.manifest import read_split
 
-            beam = LexiconBeamDecoder(tokenizer, lexicon_from_texts([u.text for u in read_split(cfg.data.dir, "train")]),
-                                      beam_size=cfg.eval.beam_size)
+            # Character units decode into the words of this corpus' training transcripts.
+            lexicon_texts = [u.text for u in read_split(cfg.data.dir, "train")] if tokenizer.kind == "char" else []
+            beam = build_beam_decoder(tokenizer, lexicon_texts, beam_size=cfg.eval.beam_size)
         hyp_dir = stage.dir / "hypotheses"
         for condition, noise in _conditions(cfg):
             ds = make_dataset(cfg, split, tokenizer, modalities=("audio",), noise=noise)
             loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
-            batches = list(loader)
+            batches = list(loader)  # kept on the CPU (every condition of a split at once); moved per batch
             for modality in cfg.eval.modalities:
                 if modality == "video" and condition != "clean":
                     continue  # audio noise does not reach a video-only model
                 inputs = MODALITY_INPUTS[modality]
-                mask_gen.manual_seed(cfg.seed + 11)  # same mask noise for every condition
+                mask_gen.manual_seed(system_cfg.seed + 11)  # same mask noise for every condition
                 refs, hyps, ids = [], [], []
                 with torch.no_grad():
                     for b in batches:
                         frames = b["audio"].shape[-1]
-                        fv = pad_cached(video_cache, b["ids"], frames) if "video" in inputs else None
-                        audio = b["audio"] if "audio" in inputs else None
-                        out = system(audio, None, b["padding_mask"], feat_video=fv)
+                        fv = pad_cached(video_cache, b["ids"], frames).to(device, non_blocking=True) if "video" in inputs else None
+                        audio = b["audio"].to(device, non_blocking=True) if "audio" in inputs else None
+                        out = system(audio, None, b["padding_mask"].to(device, non_blocking=True), feat_video=fv)
                         if beam is not None:
                             hyps += beam.decode(out.ctc.log_probs, out.ctc.output_lengths)
                         else:

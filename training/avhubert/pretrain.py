@@ -19,7 +19,8 @@ from data.dataset import AVSRDataset, build_dataloader
 from models.adapters import count_parameters
 from models.avhubert import AVHubertModel
 from models.avhubert_checkpoint import save_avhubert_checkpoint
-from training.avhubert.finetune import avhubert_config, make_dataset, make_logger
+from common.device import pin_memory_for
+from training.avhubert.finetune import avhubert_config, make_dataset, make_logger, task_device
 from training.loop import loop_kwargs_from_config, train
 from training.optim import optimizer_and_scheduler_from_config
 from training.stage import Stage
@@ -60,9 +61,11 @@ def pretrain(cfg: DictConfig) -> dict:
         dataset = make_dataset(cfg, "public", train=True)
         model_cfg = avhubert_config(cfg)
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
-        model = AVHubertModel(model_cfg)
+        device = task_device(cfg, "pretrain")
+        model = AVHubertModel(model_cfg).to(device)
         tc = cfg.pretrain
-        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
+        loader = build_dataloader(dataset, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True,
+                                  pin_memory=pin_memory_for(device))
         mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
         def step_fn(m, batch):
@@ -71,13 +74,14 @@ def pretrain(cfg: DictConfig) -> dict:
             for i, uid in enumerate(batch["ids"]):
                 lab = torch.from_numpy(targets[uid][:frames])
                 tgt[i, : lab.shape[0]] = lab + 4  # rows 0..3 are fairseq's dictionary specials
+            tgt = tgt.to(batch["audio"].device, non_blocking=True)
             return m.forward_pretrain(batch["audio"], batch["video"], batch["padding_mask"], tgt, generator=mask_gen)
 
         optimizer, scheduler = optimizer_and_scheduler_from_config(model.named_parameters(), tc)
         logger = make_logger(cfg, out_dir)
         t0 = time.time()
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, **loop_kwargs_from_config(tc))
+                       generators={"mask": mask_gen}, device=device, **loop_kwargs_from_config(tc))
         logger.close()
         ckpt = save_avhubert_checkpoint(
             out_dir / "checkpoint_last.pt", model,

@@ -11,6 +11,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from common.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,8 @@ def pretrain(cfg: DictConfig) -> dict:
         t0 = time.time()
         steps = int(cfg.pretrain.max_steps)
         _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
-                                           log_every=int(cfg.pretrain.log_every))
+                                           log_every=int(cfg.pretrain.log_every),
+                                           device=resolve_device(cfg.pretrain.device, field="pretrain.device"))
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),

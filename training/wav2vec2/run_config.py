@@ -46,6 +46,7 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr": ("trainer.lr", float),
     "local-optimizer": ("federated.local_optimizer", str),
     "batch-size": ("trainer.batch_size", int),
+    "device": ("trainer.device", str),
     "compression": ("compression.name", str),
     "topk-fraction": ("compression.topk_fraction", float),
     "error-feedback": ("compression.error_feedback", bool),
