@@ -148,3 +148,13 @@ def test_segment_longer_than_every_utterance_fails_at_start_up(tmp_path):
         validate_options(bad)
     with pytest.raises(ValueError, match="masks.noise_granularity must be one of"):
         validate_options(cfg_for("masks=both", "masks.noise_granularity=word"))
+
+
+def test_mcadams_baseline_has_its_own_run_dir_and_is_refused_by_the_wav2vec2_variant():
+    from training.tasks import run_asr_task
+
+    base = cfg_for().paths.run_dir
+    anon = cfg_for("data.anonymize=mcadams", "data.mcadams_alpha=0.8").paths.run_dir
+    assert anon.endswith("avhubert_tiny-mcadams0.8-adalora-ctc/s1") and anon != base
+    with pytest.raises(ValueError, match="data.anonymize=mcadams conflicts with model.family=wav2vec2"):
+        run_asr_task(cfg_for("experiment=fl_dp", "data.anonymize=mcadams"))

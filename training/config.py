@@ -79,6 +79,10 @@ class DataConfig:
     roi_detect_max_side: int = 360  # frames larger than this are downscaled for detection only (CNN time ~ pixels)
     roi_smooth_window: int = 12  # landmark smoothing window (frames), AV-HuBERT's window_margin
     max_utterances: Optional[int] = None  # debugging: prepare only the first N source files (sorted)
+    # Signal-level anonymisation of every waveform before the front-end (data/anonymize.py): none | mcadams
+    # (the VoicePrivacy McAdams-coefficient baseline, pole angles phi -> phi ** mcadams_alpha).
+    anonymize: str = "none"
+    mcadams_alpha: float = 0.8
 
 
 @dataclass
@@ -392,6 +396,13 @@ def _privacy_terms_tag(contrastive: Any, projection: Any, negatives: Any, advers
     return "-".join(parts) if parts else "none"
 
 
+def _anonymize_tag(method: Any, alpha: Any) -> str:
+    """Run-name part for data.anonymize: "none" (dropped) when off, "mcadams0.8" otherwise."""
+    if str(method) == "none":
+        return "none"
+    return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
     baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
@@ -421,6 +432,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("noise_tag", _noise_tag)
     if not OmegaConf.has_resolver("privacy_terms_tag"):
         OmegaConf.register_new_resolver("privacy_terms_tag", _privacy_terms_tag)
+    if not OmegaConf.has_resolver("anonymize_tag"):
+        OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("entry_help"):

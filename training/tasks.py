@@ -43,6 +43,9 @@ def run_asr_task(cfg: DictConfig):
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
+        if cfg.data.get("anonymize", "none") != "none":
+            raise ValueError(f"data.anonymize={cfg.data.anonymize} conflicts with model.family={cfg.model.family} / "
+                             f"federated={cfg.federated.name}: the McAdams baseline is wired into the AV-HuBERT stages only")
         from training.wav2vec2.finetune import run_wav2vec2_task
 
         return run_wav2vec2_task(cfg)

@@ -55,13 +55,16 @@ def avhubert_config(cfg: DictConfig) -> AVHubertConfig:
 
 
 def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = False, noise: Optional[dict] = None,
-                 modalities=("audio", "video"), return_waveform: bool = False, cache_items: bool = False) -> AVSRDataset:
+                 modalities=("audio", "video"), return_waveform: bool = False, cache_items: bool = False,
+                 anonymize: Optional[str] = None) -> AVSRDataset:
+    """anonymize=None: data.anonymize (the protection applied to every split); 'none' forces the original audio."""
     d = cfg.data
     return AVSRDataset(
         d.dir, split, tokenizer, train=train, modalities=tuple(modalities), return_waveform=return_waveform,
         noise=noise, on_error=d.on_error, max_av_length_mismatch=d.max_av_length_mismatch, seed=cfg.seed,
         sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
         crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std, cache_items=cache_items,
+        anonymize=d.get("anonymize", "none") if anonymize is None else anonymize, mcadams_alpha=d.get("mcadams_alpha", 0.8),
     )
 
 

@@ -58,7 +58,9 @@ def pretrain(cfg: DictConfig) -> dict:
     out_dir = pretrained_dir(cfg)
     with Stage(cfg, "pretrain", directory=out_dir) as stage:
         gen = seed_everything(cfg.seed)
-        dataset = make_dataset(cfg, "public", train=True)
+        # the public pretraining data is never anonymised: every run (McAdams baseline included) starts
+        # from the same pretrained checkpoint, which is not in the run directory
+        dataset = make_dataset(cfg, "public", train=True, anonymize="none")
         model_cfg = avhubert_config(cfg)
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
         device = task_device(cfg, "pretrain")
