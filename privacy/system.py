@@ -170,8 +170,9 @@ class MaskedAVSR(nn.Module):
         return total, logs
 
     @torch.no_grad()
-    def protected_features(self, audio, video, padding_mask=None, feat_video=None, masks=None):
-        """Per-modality front-end features before and after `masks` (default: this system's masks).
+    def protected_features(self, audio, video, padding_mask=None, feat_video=None, masks=None, generator=None):
+        """Per-modality front-end features before and after `masks` (default: this system's masks),
+        the noise drawn from `generator` (default: the masks' own).
 
         Returns (clean_audio, clean_video, protected_audio, protected_video), each [B, T, D] or None.
         """
@@ -183,5 +184,5 @@ class MaskedAVSR(nn.Module):
             return fa, fv, fa, fv
         if isinstance(masks, EncoderLayerMask):
             raise ValueError("export of per-modality protected features needs masks.position=frontend")
-        pa, pv = masks(fa, fv, padding_mask=padding_mask)
+        pa, pv = masks(fa, fv, padding_mask=padding_mask, generator=generator)
         return fa, fv, pa, pv

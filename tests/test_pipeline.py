@@ -62,6 +62,10 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert len(ids) == len(speakers) == len(feats["audio/protected"]) == raw["offsets"].numel() - 1
     assert feats["audio/protected"][0].shape == feats["audio/clean"][0].shape
     assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])  # the masks changed them
+    # the lazy-informed enrolment: the same trained masks, another noise draw; the untrained-masks variant differs too
+    assert {f"{m}/{k}" for m in ("audio", "video") for k in ("clean", "protected", "protected_enrol", "untrained")} == set(feats)
+    assert not torch.equal(feats["audio/protected_enrol"][0], feats["audio/protected"][0])
+    assert not torch.equal(feats["audio/untrained"][0], feats["audio/protected"][0])
 
     # a finished run is skipped on re-run (sweeps resume)
     before = (run_dir / "finetune" / "metrics.json").stat().st_mtime_ns

@@ -234,7 +234,7 @@ class AttackerConfig:
     "features" and audio_feat_dim / video_feat_dim from the features attacked)."""
 
     name: str = MISSING  # rjca | audio_only | video_only
-    scenario: str = "semi_informed"  # ignorant | lazy_informed | semi_informed
+    scenario: str = "semi_informed"  # ignorant | lazy_informed | semi_informed | untrained_masks (training/attack.py)
     input: str = "protected"  # raw | clean | protected
     modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
     segments: int = 8  # L segment embeddings per utterance (boundaries adapt to its length)
@@ -261,7 +261,7 @@ class AttackerConfig:
     batch_size: int = 32
     score_norm: str = "none"  # none | snorm
     snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
-    lazy_seed_offset: int = 1000  # lazy-informed: mask instance drawn with seed + offset
+    lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
 
 
 @dataclass
