@@ -120,3 +120,15 @@ def test_where_selects_runs_by_config_value(tmp_path):
     assert "masks=both" in text and "masks=none" not in text and "--where masks.name=both" in text
     with pytest.raises(ValueError, match="expected dotted.key=value"):
         make_tables(tmp_path / "runs", tmp_path / "out", where=["masks.name"])
+
+
+def test_speaker_resampling_intervals_are_shown_next_to_the_eer(tmp_path):
+    run = tmp_path / "runs" / "synthgrid" / "both" / "s1"
+    cfg = config("both", "ctc_contrastive", 1)
+    write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": 0.1})
+    write_stage(run, "attack/semi_informed", cfg, {"eer": 0.2, "eer_ci_low": 0.12, "eer_ci_high": 0.31, "min_dcf_p0.05": 0.5,
+                                                   "min_dcf_p0.05_ci_low": 0.4, "min_dcf_p0.05_ci_high": 0.65})
+    write_stage(run, "attack/ignorant", cfg, {"eer": 0.3})  # an older run without intervals: the value alone
+    make_tables(tmp_path / "runs", tmp_path / "out")
+    row = next(line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if "masks=both" in line)
+    assert "20.0 [12.0, 31.0]" in row and "0.500 [0.400, 0.650]" in row and "| 30.0 |" in row

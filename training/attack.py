@@ -15,7 +15,8 @@ Which representation (`training/avhubert/export.py`, EXPORT_KINDS) the attacker 
                               trained on masks of the same kind at their initial parameters)
 
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
-at p_target 0.01 and 0.05), scores.txt (`label utt_a utt_b score`), det.png.
+at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
+speakers, `*_ci_low` / `*_ci_high`), scores.txt (`label utt_a utt_b score`), det.png.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from data.samplers import BucketBatchSampler
 from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.loop import train
-from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from common.metrics import det_curve, plot_det_curve, speaker_bootstrap_ci, speaker_verification_metrics
 from common.files import atomic_write_text
 from common.seeding import seed_everything
 from training.stage import Stage
@@ -264,6 +265,10 @@ def run_attack(cfg: DictConfig) -> dict:
             raise ValueError(f"attack: {int((~torch.isfinite(scores)).sum())} trial scores are NaN/inf; the attacker diverged")
         labels = [int(t.target) for t in trials]
         metrics = speaker_verification_metrics(scores.numpy(), labels)
+        if a.get("ci_resamples", 0):
+            speaker_of = {uid: test_set.speaker_names[test_set.labels[i]] for i, uid in enumerate(test_set.ids)}
+            metrics.update(speaker_bootstrap_ci(scores.numpy(), labels, [speaker_of[t.a] for t in trials],
+                                                [speaker_of[t.b] for t in trials], n_resamples=a.ci_resamples, seed=cfg.seed))
         atomic_write_text(stage.dir / "scores.txt", "".join(f"{l} {t.a} {t.b} {s:.6f}\n" for l, t, s in zip(labels, trials, scores.tolist())))
         far, frr, _ = det_curve(scores.numpy(), labels)
         plot_det_curve({name: (far, frr)}, stage.dir / "det.png")

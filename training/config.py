@@ -261,6 +261,7 @@ class AttackerConfig:
     batch_size: int = 32
     score_norm: str = "none"  # none | snorm
     snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
+    ci_resamples: int = 1000  # speaker-resampling bootstrap replicates for the EER / minDCF 95 % intervals; 0 = none
     lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
 
 
