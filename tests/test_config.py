@@ -158,3 +158,14 @@ def test_mcadams_baseline_has_its_own_run_dir_and_is_refused_by_the_wav2vec2_var
     assert anon.endswith("avhubert_tiny-mcadams0.8-adalora-ctc/s1") and anon != base
     with pytest.raises(ValueError, match="data.anonymize=mcadams conflicts with model.family=wav2vec2"):
         run_asr_task(cfg_for("experiment=fl_dp", "data.anonymize=mcadams"))
+
+
+def test_privacy_stats_corpus_has_40_trial_speakers_in_its_own_directories():
+    from data.synthgrid.speakers import split_sizes
+
+    big, demo = cfg_for("experiment=privacy_stats"), cfg_for("experiment=demo")
+    splits = OmegaConf.to_container(big.data.splits)
+    sizes, _ = split_sizes(big.data.num_speakers, splits)
+    assert sizes["attacker_trials"] >= 40 and sum(sizes.values()) == big.data.num_speakers
+    assert big.data.dir != demo.data.dir and big.paths.run_dir != demo.paths.run_dir
+    assert big.paths.pretrained_dir != demo.paths.pretrained_dir

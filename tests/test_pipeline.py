@@ -109,6 +109,36 @@ def test_export_and_attack_pointed_at_another_asr_run(tiny_corpus):
         run_asr_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={mine}", "task=export", "force=true"))
 
 
+def test_privacy_terms_and_mcadams_baseline_end_to_end(tiny_corpus):
+    """The new privacy options through finetune -> evaluate -> export -> attack: utterance noise with the
+    head-free contrastive term, protected negatives, the adversary and the noise term; and the McAdams
+    baseline, whose export keeps the original audio as `clean` and the anonymised audio as `protected`."""
+    from training.avhubert.export import read_export
+    from training.tasks import run_asr_task, run_attack_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    terms = [*MASKED, "masks.noise_granularity=utterance", "loss.projection=none", "loss.negatives=protected",
+             "loss.adversary_weight=0.5", "loss.noise_weight=0.1"]
+    run_asr_task(cfg_for(tmp, *terms))
+    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5-nw0.1" / "s1"
+    ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+    assert {"train/contrastive", "train/adversary", "train/adversary_acc"} <= set(ft)
+    feats, _, _ = read_export(run_dir / "export", "attacker_trials")
+    noise = feats["audio/protected"][0] - feats["audio/clean"][0]
+    torch.testing.assert_close(noise, noise[:1].expand_as(noise), atol=2e-2, rtol=0)  # one draw per utterance (fp16 export)
+    eer = run_attack_task(cfg_for(tmp, *terms, "attacker.scenario=lazy_informed"))
+    attack = json.loads((run_dir / "attack" / "lazy_informed" / "metrics.json").read_text())
+    assert attack["eer"] == eer and attack["eer_ci_low"] <= eer <= attack["eer_ci_high"]
+
+    run_asr_task(cfg_for(tmp, "data.anonymize=mcadams"))
+    anon = tmp / "runs" / "synthgrid" / "avhubert_tiny-mcadams0.8-adalora-ctc" / "s1"
+    feats, _, _ = read_export(anon / "export", "attacker_trials")
+    assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])  # anonymised vs original audio
+    assert torch.equal(feats["video/protected"][0], feats["video/clean"][0])  # video untouched, no masks
+    assert torch.equal(feats["audio/protected_enrol"][0], feats["audio/protected"][0])  # deterministic baseline
+
+
 def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):
     from training.tasks import run_attack_task
 
