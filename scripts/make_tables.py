@@ -146,6 +146,8 @@ MASK_TABLE = [
     Column("WER A babble 0 dB", "evaluate:wer/audio/babble_0"),
     Column("probe spk acc", "finetune:probe/speaker_acc"),
     Column("probe EER", "finetune:probe/eer"),
+    Column("probe spk acc held-out", "evaluate:probe_heldout/speaker_acc"),
+    Column("probe chance held-out", "evaluate:probe_heldout/chance"),
     Column("EER raw inputs", "attack/raw:eer"),
     Column("EER clean feats", "attack/clean:eer"),
     Column("EER ignorant", "attack/ignorant:eer"),

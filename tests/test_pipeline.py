@@ -52,6 +52,8 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
         assert (run_dir / stage / "config.yaml").is_file()
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert {"wer/audio_video/clean", "wer/audio/clean", "wer/video/clean", "wer/audio_video/white_0"} <= set(metrics)
+    # the probe on held-out speakers (attacker_trials: 2 speakers here, so chance is 0.5)
+    assert metrics["probe_heldout/chance"] == 0.5 and 0.0 <= metrics["probe_heldout/speaker_acc_protected"] <= 1.0
     ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
     assert 0 < ft["params/trainable"] < ft["params/total"]
     assert "probe/speaker_acc_protected" in ft and "probe/eer_clean" in ft
@@ -123,7 +125,7 @@ def test_privacy_terms_and_mcadams_baseline_end_to_end(tiny_corpus):
     run_asr_task(cfg_for(tmp, *terms))
     run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5-nw0.1" / "s1"
     ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
-    assert {"train/contrastive", "train/adversary", "train/adversary_acc"} <= set(ft)
+    assert {"train/train/contrastive", "train/train/adversary", "train/train/adversary_acc"} <= set(ft)
     feats, _, _ = read_export(run_dir / "export", "attacker_trials")
     noise = feats["audio/protected"][0] - feats["audio/clean"][0]
     torch.testing.assert_close(noise, noise[:1].expand_as(noise), atol=2e-2, rtol=0)  # one draw per utterance (fp16 export)

@@ -378,15 +378,18 @@ def load_finetuned(cfg: DictConfig, device: torch.device | None = None):
 
 # --------------------------------------------------------------------------- probes / validation
 class LeakageProbe:
-    """Speaker information in pooled clean vs protected representations of train-speaker utterances.
+    """Speaker information in pooled clean vs protected representations of one split's speakers
+    (default: the train speakers the masks were trained on; evaluate also runs it on the held-out
+    attacker_trials speakers).
 
     A linear classifier (half the utterances of each speaker to fit, half to test)
     and cosine-scoring EER; cheap enough to log at every evaluation.
     """
 
-    def __init__(self, cfg: DictConfig, system: MaskedAVSR, video_cache_source: str = "train", per_speaker: int = 8):
+    def __init__(self, cfg: DictConfig, system: MaskedAVSR, video_cache_source: str = "train", per_speaker: int = 8,
+                 split: str = "train"):
         self.cfg = cfg
-        ds = make_dataset(cfg, "train", None, modalities=("audio", "video"))
+        ds = make_dataset(cfg, split, None, modalities=("audio", "video"))
         by_spk: dict[str, list[int]] = {}
         for i, u in enumerate(ds.utterances):
             by_spk.setdefault(u.speaker, []).append(i)
@@ -490,4 +493,9 @@ def evaluate(cfg: DictConfig) -> dict:
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.ref", "".join(f"{i}\t{r}\n" for i, r in zip(ids, refs)))
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
         stage.metrics["n_utterances"] = len(clean_ds)
+        # The linear probe on speakers neither the ASR model nor its masks ever saw (attacker_trials),
+        # after the WER loop so the WER noise draws are unchanged.
+        mask_gen.manual_seed(cfg.seed + 13)
+        heldout = LeakageProbe(cfg, system, split="attacker_trials")(system)
+        stage.metrics.update({k.replace("probe/", "probe_heldout/"): v for k, v in heldout.items()})
         return dict(stage.metrics)
