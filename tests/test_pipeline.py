@@ -120,15 +120,15 @@ def test_privacy_terms_and_mcadams_baseline_end_to_end(tiny_corpus):
 
     tmp = tiny_corpus
     run_asr_task(cfg_for(tmp, "task=pretrain"))
-    terms = [*MASKED, "masks.noise_granularity=utterance", "loss.projection=none", "loss.negatives=protected",
+    terms = [*MASKED, "masks=additive", "masks.noise_granularity=utterance", "loss.projection=none", "loss.negatives=protected",
              "loss.adversary_weight=0.5", "loss.noise_weight=0.1"]
     run_asr_task(cfg_for(tmp, *terms))
-    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5-nw0.1" / "s1"
+    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-additive-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5-nw0.1" / "s1"
     ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
     assert {"train/train/contrastive", "train/train/adversary", "train/train/adversary_acc"} <= set(ft)
     feats, _, _ = read_export(run_dir / "export", "attacker_trials")
     noise = feats["audio/protected"][0] - feats["audio/clean"][0]
-    torch.testing.assert_close(noise, noise[:1].expand_as(noise), atol=2e-2, rtol=0)  # one draw per utterance (fp16 export)
+    torch.testing.assert_close(noise, noise[:1].expand_as(noise), atol=2e-2, rtol=0)  # additive: one draw per utterance (fp16 export)
     eer = run_attack_task(cfg_for(tmp, *terms, "attacker.scenario=lazy_informed"))
     attack = json.loads((run_dir / "attack" / "lazy_informed" / "metrics.json").read_text())
     assert attack["eer"] == eer and attack["eer_ci_low"] <= eer <= attack["eer_ci_high"]
