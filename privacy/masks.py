@@ -7,7 +7,7 @@ eps ~ N(0, I), one draw per feature dimension and per noise unit, the unit set b
 per run of `segment_frames` frames, counted from each utterance's first frame) or "utterance"
 (one draw per utterance, the same for all its frames). Identity is an utterance-level
 statistic, and frame-wise noise is averaged away by any pooling over time; segment and
-utterance noise is not. Padded frames (padding_mask True) are never changed.
+utterance noise is not. Given a padding_mask, padded frames (True) are never changed.
 
 `rho_a`, `rho_m`, `mu_m` are one parameter per feature dimension. `s` is a per-dimension
 buffer holding the feature standard deviation (calibrated on the first batch the mask
