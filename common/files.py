@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -71,3 +72,41 @@ def save_config(directory: str | os.PathLike, cfg: Any) -> Path:
     path = Path(directory) / "config.yaml"
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def zip_integrity_error(path: str | os.PathLike) -> str | None:
+    """Why the zip archive at `path` (a torch checkpoint since torch 1.6) is damaged, or None if it is
+    intact: the central directory must read and every member must match the CRC-32 stored when it was
+    written. torch.load itself checks neither, so flipped bytes in tensor data would load silently."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        return f"not a complete zip archive ({type(exc).__name__}: {exc})"
+    if bad is not None:
+        return f"member {bad!r} does not match its stored CRC-32 (the file was modified or damaged after it was written)"
+    return None
+
+
+def read_text(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """A UTF-8 text file (manifest, transcript, tokenizer, k-means labels); a file that is not
+    valid UTF-8 raises `error` naming the path and the offending byte, not a bare UnicodeDecodeError."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
+                    "expected UTF-8 (re-encode the file, e.g. `iconv -f latin1 -t utf-8`)") from e
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (read in chunks), for formats without a checksum of their own."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

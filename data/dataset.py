@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.files import read_text
 from data import features
 from data.collate import collate_av
 from data.media import MediaError, read_video, read_wav
@@ -70,11 +71,11 @@ def _read_split_tolerant(data_dir: str | Path, split: str, on_bad) -> list[Utter
     for path in (tsv, wrd, spk):
         if not path.is_file():
             raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m scripts.prepare_data data=...`)")
-    lines = tsv.read_text(encoding="utf-8").splitlines()
+    lines = read_text(tsv, ManifestError).splitlines()
     if not lines:
         raise ManifestError(f"{tsv}: empty file; expected a root line followed by one line per utterance")
-    words = wrd.read_text(encoding="utf-8").splitlines()
-    speakers = spk.read_text(encoding="utf-8").splitlines()
+    words = read_text(wrd, ManifestError).splitlines()
+    speakers = read_text(spk, ManifestError).splitlines()
     entries = lines[1:]
     for other, name in ((words, wrd), (speakers, spk)):
         if len(other) != len(entries):
@@ -128,6 +129,8 @@ class AVSRDataset(Dataset):
         image_std: float = features.IMAGE_STD,
         validate: bool = True,
         cache_items: bool = False,
+        roi_size: Optional[int] = None,
+        max_skip_fraction: float = 1.0,
         anonymize: str = "none",
         mcadams_alpha: float = 0.8,
     ):
@@ -148,7 +151,12 @@ class AVSRDataset(Dataset):
         self.sample_rate, self.fps, self.stack_order = sample_rate, fps, stack_order
         self.normalize_audio = normalize_audio
         self.crop_size, self.image_mean, self.image_std = crop_size, image_mean, image_std
+        self.roi_size = roi_size  # prepared mouth ROIs are roi_size x roi_size; None: any size >= crop_size
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
+        self.max_skip_fraction = max_skip_fraction
         self.skips = SkipCounter(f"dataset {split}")
+        self.skipped: dict[str, str] = {}  # utterance id -> skip reason (validation and keep_only)
         self._wrd_path = manifest_dir(data_dir) / f"{split}.wrd"
         self.noise = self._check_noise(noise)
         if anonymize not in ANONYMIZERS:
@@ -225,6 +233,12 @@ class AVSRDataset(Dataset):
             frames = read_video(path, expected_fps=self.fps)
         except MediaError as e:
             raise self._fail("corrupt_video", f"{u.id}: {e}") from e
+        if self.roi_size is not None and frames.shape[1:] != (self.roi_size, self.roi_size):
+            raise self._fail(
+                "wrong_frame_size", f"{u.id}: {path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected "
+                f"{self.roi_size}x{self.roi_size} mouth ROIs (data.roi_size); a larger frame is not a mouth ROI "
+                "(prepare real videos with `python -m data.prepare`, which crops the mouth)"
+            )
         if frames.shape[1] < self.crop_size or frames.shape[2] < self.crop_size:
             raise self._fail(
                 "corrupt_video", f"{u.id}: {path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected at least {self.crop_size}x{self.crop_size}"
@@ -276,13 +290,46 @@ class AVSRDataset(Dataset):
                 if self.on_error == "raise":
                     raise
                 self.skips.skip(e.reason, str(e))
+                self.skipped[u.id] = e.reason
                 continue
             kept.append(u)
         self.utterances = kept
         report = self.skips.report()
         if self.skips.total:
             log.warning("split %r: %d usable utterances, %d skipped", self.split, len(kept), self.skips.total)
+        self.check_skip_fraction()
         return report
+
+    def keep_only(self, ids: Any, reasons: Optional[dict[str, str]] = None, what: str = "the other modality") -> None:
+        """Drop the utterances whose id is not in `ids` (e.g. those without a cached video front-end
+        output because the video dataset skipped them), counting each as a skip with its reason in
+        `reasons` (the other dataset's `skipped`), so both modalities hold the same utterances."""
+        ids, reasons = set(ids), reasons or {}
+        kept = []
+        for u in self.utterances:
+            if u.id in ids:
+                kept.append(u)
+                continue
+            reason = reasons.get(u.id, "missing_" + what.replace(" ", "_"))
+            self.skips.skip(reason, f"split {self.split!r}, utterance {u.id}: dropped, {what} skipped it ({reason})")
+            self.skipped[u.id] = reason
+        if len(kept) != len(self.utterances):
+            self.utterances = kept
+            self._items = {} if self._items is not None else None  # indices shifted
+            self.check_skip_fraction()
+        if not self.utterances:
+            raise DatasetError("empty", f"{manifest_dir(self.data_dir) / (self.split + '.tsv')}: no usable utterances in split {self.split!r}")
+
+    def check_skip_fraction(self) -> None:
+        """data.on_error=skip may drop a few broken utterances, not a large part of a split."""
+        seen = len(self.utterances) + self.skips.total
+        if seen and self.skips.total / seen > self.max_skip_fraction:
+            examples = "; ".join(f"{n} x {r} (e.g. {self.skips.examples[r]})" for r, n in self.skips.reasons.most_common(3))
+            raise DatasetError(
+                "too_many_skips",
+                f"split {self.split!r} of {self.data_dir}: {self.skips.total} of {seen} utterances skipped "
+                f"({self.skips.total / seen:.0%}), more than data.max_skip_fraction={self.max_skip_fraction:g}: {examples}",
+            )
 
     # ------------------------------------------------------------------ items
     def set_epoch(self, epoch: int) -> None:

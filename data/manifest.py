@@ -75,7 +75,9 @@ def write_split(data_dir: str | Path, split: str, utterances: Sequence[Utterance
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise ManifestError(f"{path}: file not found (prepare the corpus with `python -m scripts.prepare_data data=...`)")
-    return path.read_text(encoding="utf-8").splitlines()
+    from common.files import read_text
+
+    return read_text(path, ManifestError).splitlines()
 
 
 def read_split(data_dir: str | Path, split: str) -> list[Utterance]:

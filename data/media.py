@@ -34,6 +34,11 @@ def read_wav(path: str | Path, expected_rate: int | None = 16000) -> np.ndarray:
         raise MediaError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz")
     if samples.shape[0] == 0:
         raise MediaError(f"{path}: audio has no samples")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = int(np.argmin(finite.all(axis=1)))
+        raise MediaError(f"{path}: {int((~finite).sum())} samples are NaN or infinite (first at sample {bad}); "
+                         "expected finite samples in [-1, 1]")
     return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
 
 

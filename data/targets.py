@@ -67,7 +67,9 @@ def read_km(path: str | Path, expected: int | None = None) -> list[np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: label file not found (run `train_avhubert.py task=pretrain`, which creates it)")
-    lines = path.read_text().splitlines()
+    from common.files import read_text
+
+    lines = read_text(path).splitlines()
     if expected is not None and len(lines) != expected:
         raise ValueError(f"{path}: {len(lines)} label lines, expected {expected} (one per utterance of the manifest)")
     return [np.array([int(x) for x in line.split()], dtype=np.int64) for line in lines]

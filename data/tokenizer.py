@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from common.files import read_text
+
 BLANK = "<blank>"
 WORD_SEP = "|"
 DEFAULT_ALPHABET = WORD_SEP + "'" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -68,7 +70,7 @@ def _read_spec(path: str | Path, kind: str, field: str):
     if path.is_dir():
         path = path / "tokenizer.json"
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec = json.loads(read_text(path, TokenizerError))
     except (OSError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: cannot read the {kind} tokenizer ({e})") from e
     if spec.get("kind") != kind or field not in spec:
@@ -278,7 +280,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load whatever `build_tokenizer` saved into the directory `path`."""
     spec_path = Path(path) / "tokenizer.json"
     try:
-        kind = json.loads(spec_path.read_text(encoding="utf-8"))["kind"]
+        kind = json.loads(read_text(spec_path, TokenizerError))["kind"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise TokenizerError(f"{spec_path}: cannot read the tokenizer spec ({e}); build it with data.tokenizer.build_tokenizer") from e
     if kind == "char":

@@ -51,6 +51,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from common.files import zip_integrity_error
 from models.avhubert import AVHubertConfig, AVHubertModel
 from models.heads import AVHubertForCTC
 
@@ -158,12 +159,16 @@ def _numpy_safe_globals() -> list[tuple[Any, str]]:
     return found
 
 
-def _torch_load(source: Union[str, Path, io.BytesIO], name: str) -> Any:
-    """torch.load(weights_only=True) with fairseq globals mapped to stand-ins."""
+def load_torch_file(source: Union[str, Path, io.BytesIO], name: str) -> Any:
+    """torch.load(weights_only=True) with fairseq globals mapped to stand-ins; zip archives are
+    checked against their CRC-32s first."""
     # builtins.int: sentencepiece >= 0.2 pickles its output type (`_return_type = int`) with the model.
     allowed: list[Any] = [(argparse.Namespace, "argparse.Namespace"), (int, "builtins.int")] + _numpy_safe_globals()
     allowed += [(cls, full) for full, cls in _STANDINS.items()]
     if isinstance(source, (str, Path)) and zipfile.is_zipfile(source):
+        damage = zip_integrity_error(source)
+        if damage is not None:
+            raise CheckpointError(f"{name}: corrupt checkpoint: {damage}")
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(source))
         except Exception as exc:  # noqa: BLE001 - any failure here means a damaged archive
@@ -369,7 +374,7 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    state = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path, str(path))
+    state = _read_safetensors(path) if path.suffix == ".safetensors" else load_torch_file(path, str(path))
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
@@ -430,7 +435,7 @@ def _read_source(path: Path) -> dict[str, Any]:
         state = _read_safetensors(path)
         fmt = "hf" if any(k.startswith("model.encoder.") or ".attention." in k for k in state) else "fairseq"
         return {"format": fmt, "state": state, "cfg_values": {}, "raw": {}}
-    raw = _torch_load(path, name)
+    raw = load_torch_file(path, name)
     if not isinstance(raw, Mapping) or "model" not in raw or not isinstance(raw["model"], Mapping):
         found = sorted(raw)[:10] if isinstance(raw, Mapping) else type(raw).__name__
         raise CheckpointError(f"{name}: not an AV-HuBERT checkpoint: expected a dict with a 'model' state dict "

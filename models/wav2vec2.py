@@ -211,7 +211,9 @@ def _read_checkpoint_tensor(path: Path, key: str) -> torch.Tensor:
 
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             return f.get_tensor(key)
-    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)[key]
+    from models.avhubert_checkpoint import load_torch_file
+
+    return load_torch_file(path / "pytorch_model.bin", str(path / "pytorch_model.bin"))[key]
 
 
 def match_pos_conv_format(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Every run directory (`<runs>/<data>/<run_name>/s<seed>`) is one row before
 seed aggregation; its stages contribute columns as `<stage>:<metric>`. Rows are
 grouped by the config axes that identify a system (everything but the seed), and
 numbers become mean +- std over seeds. A stage that started but did not finish
-(`status.json` says running/failed, or no metrics.json) is listed in a
+(`status.json` says running, failed or interrupted, or no metrics.json) is listed in a
 "failed or incomplete" section: never silently dropped.
 """
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from training.stage import stage_status
 
 # The config keys that identify a system (a table row); seeds are aggregated.
 AXES = (
@@ -96,10 +98,9 @@ def find_runs(runs_dir: Path) -> list[Run]:
         run_dir = run_dir.resolve()
         run = runs.setdefault(run_dir, Run(run_dir=run_dir, config=config))
         stage = _stage_name(run_dir, stage_dir.resolve())
-        status_path = stage_dir / "status.json"
-        status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        status = stage_status(stage_dir)  # "running" without a live lock holder reads as "interrupted"
         metrics_path = stage_dir / "metrics.json"
-        if status.get("status") in ("failed", "running") or not metrics_path.is_file():
+        if status.get("status") != "done" or not metrics_path.is_file():
             reason = status.get("error") or status.get("status") or "no metrics.json"
             run.problems.append(f"{stage}: {reason}")
             continue

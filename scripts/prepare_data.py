@@ -18,6 +18,7 @@ from data.prepare import prepare
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    training.config.check_choices(cfg)  # enum-like options (data.on_error, data.tokenizer, ...) before any work
     prepare(cfg)
 
 

@@ -194,7 +194,7 @@ def test_our_checkpoint_round_trip_and_fairseq_layout(tmp_path, only_weights_onl
                                     dictionary_symbols=["a", "b"])
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary file
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == ["fairseq.data.dictionary.Dictionary"]
-    raw = ckpt._torch_load(path, str(path))
+    raw = ckpt.load_torch_file(path, str(path))
     assert {"args", "cfg", "model", "criterion", "optimizer_history", "task_state", "extra_state"} <= set(raw)
     assert raw["cfg"]["model"]["w2v_args"]["model"]["_name"] == "av_hubert"
     assert "w2v_encoder.proj.weight" in raw["model"] and "w2v_encoder.w2v_model.encoder.pos_conv.0.weight_g" in raw["model"]

@@ -35,7 +35,7 @@ def _corpus(root: Path, bad: str | None = None) -> tuple[list[Utterance], str]:
         kwargs = {"n_audio_frames": 20} if bad == "length_mismatch" else {"rate": 8000} if bad == "wrong_rate" else {}
         text = {"empty_transcript": "", "non_vocabulary": "BIN blue"}.get(bad, TEXTS[0])
         u = _write_utt(root, "bad_0", "spk1", 9, rng, text, **kwargs)
-        named = u.audio if bad in ("length_mismatch", "wrong_rate", "corrupt_wav", "missing_file") else u.video
+        named = u.audio if bad in ("length_mismatch", "wrong_rate", "corrupt_wav", "missing_file", "nan_wav") else u.video
         if bad == "corrupt_wav":
             Path(u.audio).write_bytes(b"RIFF\x00\x00garbage" * 10)
         elif bad == "truncated_mp4":
@@ -48,6 +48,14 @@ def _corpus(root: Path, bad: str | None = None) -> tuple[list[Utterance], str]:
             named = str(manifest_dir(root) / "train.tsv")
         elif bad in ("empty_transcript", "non_vocabulary"):
             named = str(manifest_dir(root) / "train.wrd")
+        elif bad == "nan_wav":  # a float wav holding NaN (PCM cannot): accepted before, crashed later in the probe
+            import soundfile as sf
+
+            wav = read_wav(u.audio)
+            wav[100:110] = np.nan
+            sf.write(u.audio, wav, 16000, subtype="FLOAT")
+        elif bad == "large_frames":  # a 192x192 frame with the mouth in a corner is not a 96x96 mouth ROI
+            write_video(u.video, np.zeros((9, 192, 192), dtype=np.uint8))
         utts.insert(3, u)
     write_split(root, "train", utts)
     if bad == "missing_columns":
@@ -138,15 +146,20 @@ def test_dataloader_batches(corpus):
     assert sorted(i for b in bucket for i in b["ids"]) == sorted(u.id for u in ds.utterances)
 
 
-BAD_CASES = ["corrupt_wav", "truncated_mp4", "missing_file", "wrong_rate", "length_mismatch", "empty_transcript", "non_vocabulary", "missing_columns", "stale_manifest"]
+BAD_CASES = ["corrupt_wav", "truncated_mp4", "missing_file", "wrong_rate", "length_mismatch", "empty_transcript", "non_vocabulary", "missing_columns",
+             "stale_manifest", "nan_wav", "large_frames"]
 
 
 @pytest.mark.parametrize("bad", BAD_CASES)
 def test_bad_input_raises_naming_the_file(tmp_path, bad):
     _, named = _corpus(tmp_path, bad)
     with pytest.raises((DatasetError, ManifestError)) as e:
-        AVSRDataset(tmp_path, "train", CharTokenizer())
+        AVSRDataset(tmp_path, "train", CharTokenizer(), roi_size=96)
     assert named in str(e.value), str(e.value)
+    if bad == "nan_wav":
+        assert "NaN" in str(e.value)
+    if bad == "large_frames":
+        assert "192x192" in str(e.value) and "96x96" in str(e.value) and "data.roi_size" in str(e.value)
     if bad == "non_vocabulary":
         assert "'b'" in str(e.value) and "bad_0" in str(e.value)
     if bad == "wrong_rate":
@@ -156,12 +169,48 @@ def test_bad_input_raises_naming_the_file(tmp_path, bad):
 @pytest.mark.parametrize("bad", BAD_CASES)
 def test_bad_input_skipped_and_counted(tmp_path, bad):
     _corpus(tmp_path, bad)
-    ds = AVSRDataset(tmp_path, "train", CharTokenizer(), on_error="skip")
+    ds = AVSRDataset(tmp_path, "train", CharTokenizer(), on_error="skip", roi_size=96)
     assert len(ds) == 6 and "bad_0" not in {u.id for u in ds.utterances}
     report = ds.skips.report()
     assert report["skipped/total"] == 1
     assert ds.speakers == ["spk0", "spk1", "spk2"]
     assert [ds[i]["id"] for i in range(len(ds))]  # the survivors load
+
+
+def test_too_many_skips_fail_the_split_naming_the_limit(tmp_path):
+    _corpus(tmp_path, "truncated_mp4")  # 1 of 7 utterances broken
+    with pytest.raises(DatasetError, match=r"1 of 7 utterances skipped .*data.max_skip_fraction=0.1") as e:
+        AVSRDataset(tmp_path, "train", CharTokenizer(), on_error="skip", max_skip_fraction=0.1)
+    assert e.value.reason == "too_many_skips"
+    assert len(AVSRDataset(tmp_path, "train", CharTokenizer(), on_error="skip", max_skip_fraction=0.2)) == 6
+
+
+def test_keep_only_aligns_an_audio_dataset_with_the_video_one(tmp_path):
+    """Fine-tuning and evaluation with cached video front-ends read audio and video through two
+    datasets; an utterance whose video the video dataset skipped must leave the audio one too,
+    counted under the video's reason (it used to stay and crash with a bare KeyError)."""
+    _corpus(tmp_path, "truncated_mp4")
+    video = AVSRDataset(tmp_path, "train", None, modalities=("video",), on_error="skip")
+    audio = AVSRDataset(tmp_path, "train", None, modalities=("audio",), on_error="skip", cache_items=True)
+    assert len(audio) == 7 and video.skipped == {"bad_0": "corrupt_video"}
+    audio[3]  # cached items are indexed by position: they must be dropped when positions shift
+    audio.keep_only({u.id for u in video.utterances}, video.skipped, what="the video front-end cache")
+    assert [u.id for u in audio.utterances] == [u.id for u in video.utterances]
+    assert audio.skips.report() == {"skipped/corrupt_video": 1, "skipped/total": 1}
+    assert [audio[i]["id"] for i in range(len(audio))] == [u.id for u in audio.utterances]
+    with pytest.raises(DatasetError, match="max_skip_fraction"):
+        strict = AVSRDataset(tmp_path, "train", None, modalities=("audio",), on_error="skip", max_skip_fraction=0.1)
+        strict.keep_only({u.id for u in video.utterances}, video.skipped)
+
+
+def test_non_utf8_transcript_names_the_file(tmp_path):
+    _corpus(tmp_path)
+    wrd = manifest_dir(tmp_path) / "train.wrd"
+    wrd.write_bytes(wrd.read_bytes().replace(b"BLUE", "BL\u00dcE".encode("latin-1"), 1))
+    for on_error in ("raise", "skip"):
+        with pytest.raises(ManifestError) as e:
+            AVSRDataset(tmp_path, "train", CharTokenizer(), on_error=on_error)
+        assert str(wrd) in str(e.value) and "UTF-8" in str(e.value) and "0xdc" in str(e.value)
 
 
 def test_mcadams_anonymisation_is_applied_to_the_waveform_before_the_front_end(corpus):

@@ -170,6 +170,9 @@ def test_startup_errors_name_the_problem_before_any_audio_is_read(corpus, tmp_pa
         run_wav2vec2_task(_cfg(corpus, runs, "model=avhubert_tiny", "dp=local"))
     with pytest.raises(ValueError, match="federated.local_optimizer='adamw': expected one of sgd | adam"):
         run_wav2vec2_task(_cfg(corpus, runs, "federated.local_optimizer=adamw"))
+    # data.on_error=skip is not implemented here: refused up front instead of silently ignored
+    with pytest.raises(ValueError, match="data.on_error=skip: the Wav2Vec2 variant reads every audio file strictly"):
+        run_wav2vec2_task(_cfg(corpus, runs, "data.on_error=skip"))
 
 
 def test_client_partitions_hold_whole_speakers_and_batches_pad_labels_with_minus_100(corpus):

@@ -250,3 +250,44 @@ def test_torchrun_two_process_finetune(tiny_corpus):
     run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-additive-s1.0-ctc" / "s5"
     for stage in ("finetune", "evaluate", "export"):
         assert json.loads((run_dir / stage / "status.json").read_text())["status"] == "done", stage
+
+
+def test_skips_hold_end_to_end_with_cached_video_frontends(tiny_corpus, tmp_path):
+    """data.on_error=skip with a broken video: fine-tuning with the cached video front-end used to crash
+    with a bare KeyError at step 2, and evaluation scored 3 of 4 test utterances without saying so."""
+    import shutil
+    from pathlib import Path
+
+    from data.dataset import DatasetError
+    from data.manifest import read_split
+    from training.tasks import run_asr_task
+
+    shutil.copytree(tiny_corpus / "data_cache", tmp_path / "data_cache")
+    corpus = tmp_path / "data_cache" / "synthgrid"
+    Path(read_split(corpus, "train")[1].video).write_bytes(b"not an mp4")
+    Path(read_split(corpus, "test")[2].video).write_bytes(b"not an mp4")
+    n_train, n_test = len(read_split(corpus, "train")), len(read_split(corpus, "test"))
+    skip = ["model.checkpoint=null", "data.on_error=skip", "trainer.max_steps=2", "eval.noise_types=[]"]
+    run_asr_task(cfg_for(tmp_path, *skip, "data.max_skip_fraction=0.3"))
+    run_dir = tmp_path / "runs" / "synthgrid" / "avhubert_tiny-adalora-ctc" / "s1"
+    ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+    assert ft["steps"] == 2 and ft["utterances"] == n_train - 1
+    assert ft["skipped/corrupt_video"] == 1 and ft["skipped/total"] == 1 and ft["valid/skipped/total"] == 0
+    ev = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert ev["n_utterances"] == n_test - 1 and ev["skipped/corrupt_video"] == 1 and ev["skipped/total"] == 1
+    hyp = (run_dir / "evaluate" / "hypotheses" / "audio.clean.hyp").read_text().splitlines()
+    vhyp = (run_dir / "evaluate" / "hypotheses" / "video.clean.hyp").read_text().splitlines()
+    assert len(hyp) == len(vhyp) == n_test - 1  # every modality scores the same utterances
+    ex = json.loads((run_dir / "export" / "metrics.json").read_text())
+    assert ex["attacker_trials/skipped/total"] == 0 and ex["attacker_trials/utterances"] > 0
+
+    from training.stage import StageConfigMismatch, stage_status
+
+    # a stage that skipped more than data.max_skip_fraction (default 0.1) of a split fails, and says so
+    with pytest.raises(DatasetError, match=r"split 'test'.*1 of 4 utterances skipped.*data.max_skip_fraction=0.1"):
+        run_asr_task(cfg_for(tmp_path, *skip, "task=evaluate", "force=true"))
+    assert stage_status(run_dir / "evaluate")["status"] == "failed"
+
+    # the same run directory with another learning rate is refused before any data is read
+    with pytest.raises(StageConfigMismatch, match="trainer.lr: 0.001 -> 0.05"):
+        run_asr_task(cfg_for(tmp_path, *skip, "data.max_skip_fraction=0.3", "trainer.lr=0.05"))

@@ -69,8 +69,16 @@ def test_hydra_job_folders_are_not_mistaken_for_stages(tmp_path):
 def test_incomplete_stage_without_metrics_is_reported_not_dropped(tmp_path):
     run = tmp_path / "runs" / "synthgrid" / "x" / "s1"
     write_stage(run, "evaluate", config("none", "ctc", 1), None, status="running")
+    # status.json says running, but no live process holds the stage's lock: it was killed
     runs = find_runs(tmp_path / "runs")
-    assert len(runs) == 1 and runs[0].problems == ["evaluate: running"]
+    assert len(runs) == 1 and runs[0].problems == ["evaluate: the process died while the stage was running (killed?)"]
+    from training.stage import StageLock
+
+    lock = StageLock(run / "evaluate").acquire()  # a live run holds it
+    try:
+        assert find_runs(tmp_path / "runs")[0].problems == ["evaluate: running"]
+    finally:
+        lock.release()
 
 
 def test_pareto_front_low_wer_high_eer():

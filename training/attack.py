@@ -37,7 +37,7 @@ from training.loop import train
 from common.metrics import det_curve, plot_det_curve, speaker_bootstrap_ci, speaker_verification_metrics
 from common.files import atomic_write_text
 from common.seeding import seed_everything
-from training.stage import Stage
+from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,24 @@ def load_raw_sets(cfg: DictConfig):
     return out[0], out[1], None
 
 
+def _usable_trials(cfg: DictConfig, path: Path, ids: set[str], metrics: dict) -> list:
+    """The verification trials; with data.on_error=skip, trials naming an utterance the export (or the raw
+    dataset) skipped are dropped and counted (skipped/trials), and too many dropped fail the stage."""
+    if cfg.data.on_error != "skip":
+        metrics.update({"skipped/trials": 0, "skipped/total": 0})
+        return read_trials(path, known_ids=ids)
+    trials = read_trials(path)
+    kept = [t for t in trials if t.a in ids and t.b in ids]
+    dropped = len(trials) - len(kept)
+    metrics.update({"skipped/trials": dropped, "skipped/total": dropped})
+    if dropped:
+        log.warning("%s: %d of %d trials name skipped utterances; scored %d", path, dropped, len(trials), len(kept))
+    if not kept or dropped / len(trials) > cfg.data.max_skip_fraction:
+        raise ValueError(f"{path}: {dropped} of {len(trials)} trials name utterances that were skipped (data.on_error=skip), "
+                         f"more than data.max_skip_fraction={cfg.data.max_skip_fraction:g}")
+    return kept
+
+
 def _inputs(fs_batch: dict, raw: bool):
     audio, video = fs_batch["audio"], fs_batch["video"]
     if raw and video is not None:
@@ -204,14 +222,14 @@ def run_attack(cfg: DictConfig) -> dict:
     name = attack_stage_name(cfg)
     raw = a.input == "raw"
     trials_path = manifest_dir(cfg.data.dir) / "trials.txt"
-    with Stage(cfg, name) as stage:
+    with open_stage(cfg, name) as stage:
         gen = seed_everything(cfg.seed)
         if raw:
             train_set, test_set, dim = load_raw_sets(cfg)
             enrol_set = test_set
         else:
             train_set, enrol_set, test_set, dim = load_feature_sets(cfg)
-        trials = read_trials(trials_path, known_ids=set(test_set.ids))
+        trials = _usable_trials(cfg, trials_path, set(test_set.ids), stage.metrics)
         rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
                                      "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
         from training.avhubert.finetune import task_device

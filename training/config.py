@@ -20,7 +20,54 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from privacy.federated.settings import LOCAL_OPTIMIZERS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- enum-like options
+# OmegaConf 2.3 has no typing.Literal; Enum fields would put Enum objects into every
+# config dict (and from there into checkpoints, which weights_only loading refuses).
+# So enum-like fields stay `str` and carry their allowed values as field metadata,
+# which `check_choices` verifies right after composition (milliseconds, before any
+# data or model is touched).
+def one_of(default: str, *others: str) -> Any:
+    """A str field whose value must be `default` or one of `others`."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def list_of(choices: tuple[str, ...], default: list[str]) -> Any:
+    """A list[str] field whose every element must be one of `choices`."""
+    return field(default_factory=lambda: list(default), metadata={"choices": choices})
+
+
+class ConfigChoiceError(ValueError):
+    """An enum-like option has a value outside its allowed set."""
+
+
+def check_choices(cfg: Any) -> None:
+    """Every enum-like field (declared with `one_of` / `list_of`) of the composed config holds an allowed
+    value; raises ConfigChoiceError naming the field, the value and the allowed values."""
+    import dataclasses
+
+    def walk(node: Any, schema: type, prefix: str) -> None:
+        for f in dataclasses.fields(schema):
+            if f.name not in node:
+                continue
+            value = node[f.name]
+            choices = f.metadata.get("choices")
+            if choices is not None and value is not None:
+                values = list(value) if not isinstance(value, str) else [value]
+                bad = [v for v in values if v not in choices]
+                if bad:
+                    raise ConfigChoiceError(f"{prefix}{f.name}={bad[0]!r}: expected one of {', '.join(choices)}")
+            sub = SECTION_SCHEMAS.get(f.name) if not prefix else None
+            if sub is not None and value is not None and hasattr(value, "keys"):
+                walk(value, sub, f"{f.name}.")
+            elif dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) and hasattr(value, "keys"):
+                walk(value, f.type, f"{prefix}{f.name}.")
+
+    walk(cfg, Config, "")
 
 
 # --------------------------------------------------------------------------- groups
@@ -64,33 +111,34 @@ class DataConfig:
     stack_order_audio: int = 4
     normalize_audio: bool = True
     max_av_length_mismatch: int = 2  # video frames; beyond this an utterance is invalid
-    tokenizer: str = "char"  # char | sentencepiece | word (closed vocabularies such as GRID)
+    tokenizer: str = one_of("char", "sentencepiece", "word")  # word: closed vocabularies such as GRID (closed vocabularies such as GRID)
     sentencepiece_vocab: int = 64
     num_workers: int = 2  # preparation worker processes / DataLoader workers
-    on_error: str = "raise"  # raise | skip (skips are counted and reported at the end of the stage)
+    on_error: str = one_of("raise", "skip")  # skip: skips are counted in every stage's metrics.json as skipped/<reason>
+    max_skip_fraction: float = 0.1  # on_error=skip: a split losing more than this fraction of its utterances fails the stage
     max_missing_face_frac: float = 0.2  # real corpora: utterances with more frames without a face are skipped
     subset: Optional[str] = None  # real corpora: e.g. lrs3 30h | 433h fine-tuning subset
     # real corpora (data/corpora/, data/roi.py; see data/README.md "Real corpora")
     trials_file: Optional[str] = None  # voxceleb2: official verification list (`1 id/clip/n.wav id/clip/n.wav`); None = balanced generated trials
     valid_utterances: int = 1200  # lrs3: size of the held-out valid set drawn (whole speakers) from trainval, as AV-HuBERT's 1200
     split_speakers: dict[str, list[str]] = field(default_factory=dict)  # grid: speakers per split; train = every speaker not listed
-    roi_method: str = "dlib_cnn"  # dlib_cnn | dlib_hog | center (no face detection: centre crop of already mouth-centred video)
+    roi_method: str = one_of("dlib_cnn", "dlib_hog", "center")  # center: no face detection (already mouth-centred video)
     roi_detect_every: int = 5  # run the face detector on every Nth frame; landmarks track the face in between
     roi_detect_max_side: int = 360  # frames larger than this are downscaled for detection only (CNN time ~ pixels)
     roi_smooth_window: int = 12  # landmark smoothing window (frames), AV-HuBERT's window_margin
     max_utterances: Optional[int] = None  # debugging: prepare only the first N source files (sorted)
     # Signal-level anonymisation of every waveform before the front-end (data/anonymize.py): none | mcadams
     # (the VoicePrivacy McAdams-coefficient baseline, pole angles phi -> phi ** mcadams_alpha).
-    anonymize: str = "none"
+    anonymize: str = one_of("none", "mcadams")
     mcadams_alpha: float = 0.8
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # avhubert_tiny | avhubert_base | avhubert_large | wav2vec2_tiny | wav2vec2_base
-    family: str = "avhubert"  # avhubert | wav2vec2
+    family: str = one_of("avhubert", "wav2vec2")
     checkpoint: Optional[str] = None  # path to a pretrained checkpoint (fairseq .pt, HF dir/safetensors, ours)
-    checkpoint_format: str = "auto"  # auto | fairseq | hf | ours
+    checkpoint_format: str = one_of("auto", "fairseq", "hf", "ours")
     encoder_embed_dim: int = 768
     encoder_layers: int = 12
     encoder_ffn_embed_dim: int = 3072
@@ -101,7 +149,7 @@ class ModelConfig:
     conv_pos: int = 128
     conv_pos_groups: int = 16
     final_dim: int = 256
-    modality_fuse: str = "concat"
+    modality_fuse: str = one_of("concat", "add")
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
@@ -112,16 +160,16 @@ class ModelConfig:
     modality_dropout: float = 0.5
     audio_dropout: float = 0.5
     freeze_frontends: bool = True
-    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
+    modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])
     # AV-HuBERT only (models.avhubert.AVHubertConfig.from_dict(model cfg) ignores the fields it lacks)
-    resnet_relu_type: str = "prelu"  # prelu | relu
+    resnet_relu_type: str = one_of("prelu", "relu")
     untie_final_proj: bool = True
-    masking_type: str = "input"  # input | feature
+    masking_type: str = one_of("input", "feature")
     mask_prob_audio: float = 0.8
     mask_length_audio: int = 10
     mask_prob_image: float = 0.3
     mask_length_image: int = 5
-    selection_type: str = "same_seq"  # same_seq | same_other_seq
+    selection_type: str = one_of("same_seq", "same_other_seq")
     logit_temp: float = 0.1
     num_classes: int = 504  # rows of label_embs_concat (k-means clusters + 4 fairseq specials)
 
@@ -149,15 +197,15 @@ class MasksConfig:
     tag: str = MISSING  # run-directory tag (name + initial noise scale)
     additive: bool = False
     multiplicative: bool = False
-    position: str = "frontend"  # frontend | encoder
+    position: str = one_of("frontend", "encoder")
     layer: int = 0  # encoder position: after this encoder layer (0-based)
     init_scale: float = 1.0  # initial noise standard deviation (relative to feature scale)
     min_scale: float = 0.0  # floor on the relative noise std (keeps the masks from learning to vanish)
-    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])  # frontend position: masked front-ends
+    modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])  # frontend position: masked front-ends
     noise_at_eval: bool = True  # the protected representation is noisy at inference too (docs/method.md)
     # frame: a fresh noise draw per frame | segment: one per `segment_frames` frames | utterance: one per
     # utterance. The same at training, evaluation, export and attack (docs/method.md, section 2).
-    noise_granularity: str = "frame"
+    noise_granularity: str = one_of("frame", "segment", "utterance")
     segment_frames: int = 25  # segment granularity: frames per draw (25 = 1 s at 25 fps)
 
 
@@ -167,15 +215,15 @@ class LossConfig:
     contrastive: bool = False
     # `lambda` is a Python keyword; YAML and the command line still say loss.lambda
     temperature: float = 0.1
-    pooling: str = "utterance"  # utterance | frame
+    pooling: str = one_of("utterance", "frame")
     other_speaker_negatives: bool = False  # ablation: every other utterance is a negative, not only same-speaker ones
     projection_dim: int = 128  # contrastive projection head output (head is dropped after training)
-    projection: str = "learned"  # learned | frozen (random, not trained) | none (cosine on the pooled representation)
-    negatives: str = "clean"  # clean | protected: which versions of the same-speaker utterances are the negatives
+    projection: str = one_of("learned", "frozen", "none")  # learned | frozen (random, not trained) | none (cosine on the pooled representation)
+    negatives: str = one_of("clean", "protected")  # clean | protected: which versions of the same-speaker utterances are the negatives
     # Gradient-reversal adversarial speaker classifier on pooled protected features (privacy/adversary.py); 0 = off.
     adversary_weight: float = 0.0
     adversary_grl_scale: float = 1.0
-    adversary_input: str = "fused"  # fused | audio | video (the last two: front-end masks only)
+    adversary_input: str = one_of("fused", "audio", "video")  # fused | audio | video (the last two: front-end masks only)
     adversary_hidden_dim: int = 256
     noise_weight: float = 0.0  # beta in  - beta * mean log sigma  (pushes the noise level up); 0 = off
 
@@ -189,8 +237,8 @@ class DPConfig:
     max_grad_norm: float = 1.0  # local: per-sample clipping bound
     clipping_norm: float = 1.0  # central: per-client update clipping bound
     noise_multiplier: Optional[float] = None  # central: if None, derived from the budget
-    accountant: str = "rdp"  # rdp | prv
-    grad_sample_mode: str = "hooks"  # hooks | ghost (ghost needs privacy.dp.CTCCriterion as the loss)
+    accountant: str = one_of("rdp", "prv")
+    grad_sample_mode: str = one_of("hooks", "ghost")  # ghost needs privacy.dp.CTCCriterion as the loss
     poisson_sampling: bool = True
     trainable_layers: Optional[int] = None  # local DP: None = all transformer layers (+ pos conv, projection); k = top k + lm_head
     train_positional_conv: bool = True  # local DP: the folded positional conv keeps training
@@ -206,11 +254,11 @@ class FederatedConfig:
     num_rounds: int = 5
     local_epochs: int = 1
     local_steps: Optional[int] = None
-    local_optimizer: str = "sgd"  # sgd | adam: the client's optimiser (fresh every round; DP-Adam under dp=local)
+    local_optimizer: str = one_of(*LOCAL_OPTIMIZERS)  # the client's optimiser (fresh every round; DP-Adam under dp=local)
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     proximal_mu: float = 0.01
-    backend: str = "ray"  # ray | sequential (in-process simulation of the same apps)
+    backend: str = one_of("ray", "sequential")  # sequential: in-process simulation of the same apps
     max_update_norm: float = 1.0e6  # updates larger than this are rejected as malformed
     round_timeout: float = 3600.0
     fraction_evaluate: float = 1.0
@@ -234,9 +282,9 @@ class AttackerConfig:
     "features" and audio_feat_dim / video_feat_dim from the features attacked)."""
 
     name: str = MISSING  # rjca | audio_only | video_only
-    scenario: str = "semi_informed"  # ignorant | lazy_informed | semi_informed | untrained_masks (training/attack.py)
-    input: str = "protected"  # raw | clean | protected
-    modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
+    scenario: str = one_of("semi_informed", "ignorant", "lazy_informed", "untrained_masks")  # training/attack.py SCENARIOS
+    input: str = one_of("protected", "raw", "clean")
+    modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])
     segments: int = 8  # L segment embeddings per utterance (boundaries adapt to its length)
     recursions: int = 2  # joint cross-attention steps, each with its own weights
     audio_dim: int = 192  # per-segment audio embedding d_a
@@ -259,7 +307,7 @@ class AttackerConfig:
     weight_decay: float = 2.0e-5
     epochs: int = 20
     batch_size: int = 32
-    score_norm: str = "none"  # none | snorm
+    score_norm: str = one_of("none", "snorm")
     snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
     ci_resamples: int = 1000  # speaker-resampling bootstrap replicates for the EER / minDCF 95 % intervals; 0 = none
     lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
@@ -273,7 +321,7 @@ class TrainerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     warmup_frac: float = 0.1
-    schedule: str = "tri_stage"  # tri_stage | cosine | constant
+    schedule: str = one_of("tri_stage", "cosine", "constant")
     hold_frac: float = 0.4
     init_lr_scale: float = 0.01  # warm-up starts at init_lr_scale * lr (fairseq tri-stage default)
     final_lr_scale: float = 0.05  # tri_stage / cosine end at final_lr_scale * lr
@@ -281,7 +329,7 @@ class TrainerConfig:
     batch_size: int = 16  # utterances per batch (P x K when the speaker sampler is on)
     speakers_per_batch: int = 4  # P
     utterances_per_speaker: int = 4  # K
-    sampler: str = "bucket"  # bucket | speaker (P x K)
+    sampler: str = one_of("bucket", "speaker")  # speaker: P x K batches
     eval_every: int = 200
     log_every: int = 10
     ckpt_every: int = 200
@@ -293,7 +341,7 @@ class TrainerConfig:
     # auto | cpu | cuda | cuda:N (common.device.resolve_device); every task runs there: pretrain
     # (pretrain.device follows trainer.device), finetune, evaluate, export, attack, federated clients.
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16
+    precision: str = one_of("auto", "fp32", "bf16")  # auto: bf16 autocast on a CUDA GPU that has it, else fp32
     cache_frontends: bool = False
 
 
@@ -301,15 +349,15 @@ class TrainerConfig:
 class LoggerConfig:
     name: str = MISSING  # csv | wandb
     project: str = "privacy-avsr"
-    mode: str = "offline"  # wandb: offline | online | disabled
+    mode: str = one_of("offline", "online", "disabled")  # wandb
 
 
 @dataclass
 class EvalConfig:
-    modalities: list[str] = field(default_factory=lambda: ["audio_video", "audio", "video"])
-    noise_types: list[str] = field(default_factory=lambda: ["babble", "white"])
+    modalities: list[str] = list_of(("audio_video", "audio", "video"), ["audio_video", "audio", "video"])
+    noise_types: list[str] = list_of(("babble", "white"), ["babble", "white"])
     snrs: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0])
-    decoder: str = "greedy"  # greedy | beam
+    decoder: str = one_of("greedy", "beam")  # beam: lexicon-constrained CTC beam search
     beam_size: int = 20
     split: str = "test"
 
@@ -363,6 +411,10 @@ GROUP_SCHEMAS = {
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
 }
+
+
+# Config sections and the schema that types them (trainer and pretrain share TrainerConfig).
+SECTION_SCHEMAS = {**GROUP_SCHEMAS, "pretrain": TrainerConfig, "eval": EvalConfig}
 
 
 def _run_tags(*parts: Any) -> str:

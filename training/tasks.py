@@ -5,8 +5,10 @@
         model.family=wav2vec2  -> training/wav2vec2/ (centralised, DP-only, FL, FL + DP; drives the Flower app in privacy/federated)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
-A sweep re-running a finished stage skips it (its status.json says done), so an
-interrupted multirun resumes where it stopped; `force=true` runs it again.
+A sweep re-running a finished stage skips it (its status.json says done and its
+configuration fingerprint matches, training/fingerprint.py), so an interrupted multirun
+resumes where it stopped; a different configuration in the same directory is refused
+with the differing keys; `force=true` runs the stage again from scratch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from training import ddp
+from training.config import check_choices
 from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ def _dry_run(cfg: DictConfig, name: str) -> None:
 
 
 def run_asr_task(cfg: DictConfig):
+    check_choices(cfg)  # enum-like options, before anything else runs
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
@@ -54,31 +58,30 @@ def run_asr_task(cfg: DictConfig):
     from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "pretrain":
-        done = skip_if_done(cfg, pretrain.pretrained_dir(cfg))
+        done = skip_if_done(cfg, "pretrain", pretrain.pretrained_dir(cfg))
         return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
     run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
-    stage = Path(cfg.paths.run_dir) / cfg.task
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,
         # so a sweep interrupted during evaluation does not train again.
-        run_dir = Path(cfg.paths.run_dir)
         stages = ("finetune", "evaluate", "export") if cfg.eval_after_finetune else ("finetune",)
         results: dict = {}
         for name in stages:
             if name != "finetune" and not ddp.is_main():
                 break  # under torchrun, rank 0 evaluates and exports
-            done = skip_if_done(cfg, run_dir / name)
+            done = skip_if_done(cfg, name)
             results.update(done or run_stage[name](cfg))
         return _objective(results, "wer/audio_video/clean")
-    done = skip_if_done(cfg, stage)
+    done = skip_if_done(cfg, cfg.task)
     return _objective(done or run_stage[cfg.task](cfg), "wer/audio_video/clean")
 
 
 def run_attack_task(cfg: DictConfig):
+    check_choices(cfg)
     from training.attack import attack_stage_name, run_attack
 
     if cfg.dry_run:
         return _dry_run(cfg, attack_stage_name(cfg))
 
-    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / attack_stage_name(cfg))
+    done = skip_if_done(cfg, attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")

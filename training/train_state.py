@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from common.files import atomic_write
+from common.files import atomic_write, zip_integrity_error
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,14 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict with `torch.load(weights_only=True)`; CheckpointError names the file on any failure."""
+    """Load a checkpoint dict with `torch.load(weights_only=True)` after checking every member of its zip
+    archive against the stored CRC-32; CheckpointError names the file on any failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damage = zip_integrity_error(path)
+    if damage is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {damage}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

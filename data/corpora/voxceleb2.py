@@ -29,6 +29,7 @@ from data.corpora.common import (
     NO_TRANSCRIPT, CorpusError, Problems, RoiSettings, SourceItem, balanced_trials, check_raw_dir, limit,
     prepare_media, write_corpus,
 )  # fmt: skip
+from common.files import read_text
 from data.manifest import Trial
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def read_official_trials(path: Path, test_ids: dict[str, str], problems: Problem
     if not path.is_file():
         raise CorpusError(f"data.trials_file={path}: file not found")
     trials = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(read_text(path, CorpusError).splitlines(), start=1):
         if not line.strip():
             continue
         cols = line.split()

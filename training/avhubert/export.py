@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.files import atomic_write_text
+from common.files import atomic_write_text, file_sha256
 from common.seeding import seed_everything
 from data.dataset import build_dataloader
 from common.device import move_to_device
 from training.avhubert.finetune import asr_run_dir, load_finetuned, make_dataset, masks_from_config, task_device
-from training.stage import Stage
+from training.stage import open_stage
 
 
 # --------------------------------------------------------------------------- export
@@ -47,7 +47,7 @@ def export(cfg: DictConfig) -> dict:
     """
     from safetensors.torch import save_file
 
-    with Stage(cfg, "export") as stage:
+    with open_stage(cfg, "export") as stage:
         seed_everything(cfg.seed)
         device = task_device(cfg)
         system, tokenizer, mask_gen, system_cfg = load_finetuned(cfg, device)
@@ -96,8 +96,9 @@ def export(cfg: DictConfig) -> dict:
                                                                       "masks": system_cfg.masks.name,
                                                                       "anonymize": cfg.data.get("anonymize", "none"),
                                                                       "kinds": list(EXPORT_KINDS),
-                                                                      "asr_run": str(asr_run_dir(cfg).resolve())}, indent=1))
+                                                                      "asr_run": str(asr_run_dir(cfg).resolve()), "sha256": file_sha256(out)}, indent=1))
             stage.metrics[f"{split}/utterances"] = len(ids)
+            stage.metrics.update({f"{split}/{k}": v for k, v in ds.skips.report().items()})
             stage.metrics[f"{split}/frames"] = int(sum(lengths))
             stage.metrics[f"{split}/bytes"] = out.stat().st_size
         return dict(stage.metrics)
@@ -111,8 +112,11 @@ def read_export(directory: str | Path, split: str) -> tuple[dict[str, list[torch
     path, index = directory / f"{split}.safetensors", directory / f"{split}.json"
     if not path.is_file() or not index.is_file():
         raise FileNotFoundError(f"{path} (or its .json index) not found: run `python train_avhubert.py task=export <same overrides>`")
-    tensors = load_file(str(path))
     meta = json.loads(index.read_text())
+    if "sha256" in meta and file_sha256(path) != meta["sha256"]:  # safetensors carry no checksum of their own
+        raise ValueError(f"{path}: sha256 differs from the one {index} recorded at export; the file was modified or damaged "
+                         "since. Re-run `python train_avhubert.py task=export force=true <same overrides>`")
+    tensors = load_file(str(path))
     offsets = tensors.pop("offsets").tolist()
     if len(offsets) != len(meta["ids"]) + 1:
         raise ValueError(f"{path}: {len(offsets) - 1} utterances but {index} lists {len(meta['ids'])}")

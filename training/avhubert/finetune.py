@@ -33,6 +33,7 @@ from privacy.masks import build_masks, check_noise_granularity, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
 from data.ctc_decode import build_beam_decoder, check_decoder_options, ctc_greedy_decode
+from training.train_state import CheckpointError, load_checkpoint
 from training.loop import loop_kwargs_from_config, train
 from common.metrics import char_error_rate, word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
@@ -40,7 +41,7 @@ from training.run_logger import RunLogger, logger_from_config
 from training import ddp
 from common.files import atomic_write, atomic_write_text
 from common.seeding import seed_everything
-from training.stage import Stage
+from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
         noise=noise, on_error=d.on_error, max_av_length_mismatch=d.max_av_length_mismatch, seed=cfg.seed,
         sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
         crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std, cache_items=cache_items,
+        roi_size=d.roi_size, max_skip_fraction=d.max_skip_fraction,
         anonymize=d.get("anonymize", "none") if anonymize is None else anonymize, mcadams_alpha=d.get("mcadams_alpha", 0.8),
     )
 
@@ -137,6 +139,9 @@ def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: 
 def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> torch.Tensor:
     out = torch.zeros(len(ids), frames, next(iter(cache.values())).shape[-1])
     for i, uid in enumerate(ids):
+        if uid not in cache:
+            raise KeyError(f"utterance {uid!r} has no cached video front-end output (its video was skipped or not "
+                           "cached); the audio dataset must be filtered to the cache (AVSRDataset.keep_only)")
         f = cache[uid][:frames]
         out[i, : f.shape[0]] = f
     return out
@@ -234,8 +239,15 @@ def check_segment_against_data(segment_frames: int, data_dir: str, split: str = 
         )
 
 
-def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None, run_dir: str | Path | None = None):
+def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None, run_dir: str | Path | None = None,
+                      rebuild: bool = False):
+    """The run's tokenizer (`<run_dir>/tokenizer`), built from `texts` by fine-tuning; `rebuild` (fine-tuning
+    with force=true, which may change data.tokenizer) replaces the one an earlier attempt built."""
     tok_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir) / "tokenizer"
+    if rebuild and texts is not None and tok_dir.is_dir():
+        import shutil
+
+        shutil.rmtree(tok_dir)
     if (tok_dir / "tokenizer.json").is_file() or any(tok_dir.glob("*")):
         return load_tokenizer(tok_dir)
     if texts is None:
@@ -252,12 +264,12 @@ def finetune(cfg: DictConfig) -> dict:
     """
     validate_options(cfg)
     rank, world, _ = ddp.setup_distributed()
-    with Stage(cfg, "finetune") as stage:
+    with open_stage(cfg, "finetune") as stage:
         gen = seed_everything(cfg.seed)
         from data.manifest import read_split
 
         train_texts = [u.text for u in read_split(cfg.data.dir, "train")]
-        tokenizer = tokenizer_for_run(cfg, train_texts)
+        tokenizer = tokenizer_for_run(cfg, train_texts, rebuild=stage.force and stage.writer)
         tc = cfg.trainer
         device = task_device(cfg)
         system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
@@ -265,7 +277,12 @@ def finetune(cfg: DictConfig) -> dict:
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
         train_ds = make_dataset(cfg, "train", tokenizer, train=True, modalities=modalities, cache_items=cache_video)
-        video_cache = video_feature_cache(system.core, make_dataset(cfg, "train", tokenizer, modalities=("video",))) if cache_video else None
+        video_cache = None
+        if cache_video:
+            video_ds = make_dataset(cfg, "train", tokenizer, modalities=("video",))
+            video_cache = video_feature_cache(system.core, video_ds)
+            # data.on_error=skip: the video dataset may have skipped utterances the audio one kept
+            train_ds.keep_only(video_cache, video_ds.skipped, what="the video front-end cache")
         loader = build_dataloader(train_ds, tc.sampler, batch_size=tc.batch_size, P=tc.speakers_per_batch, K=tc.utterances_per_speaker,
                                   seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank,
                                   pin_memory=pin_memory_for(device))
@@ -317,7 +334,8 @@ def finetune(cfg: DictConfig) -> dict:
             return {}
         save_system(stage.dir / "model.pt", system)
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
-                             rank_budget=adapter.rank_budget(), **train_ds.skips.report())
+                             rank_budget=adapter.rank_budget(), utterances=len(train_ds), **train_ds.skips.report())
+        stage.metrics.update({f"valid/{k}": v for k, v in valid.skips.items()})
         stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update({k.replace("eval/", ""): v for k, v in result.last_eval.items()})
     return dict(stage.metrics)
@@ -369,8 +387,10 @@ def load_finetuned(cfg: DictConfig, device: torch.device | None = None):
     system_cfg = asr_run_config(cfg)
     tokenizer = tokenizer_for_run(cfg, run_dir=run_dir)
     system, _, mask_gen = build_system(system_cfg, tokenizer.vocab_size)
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    system.load_state_dict(state)
+    state = load_checkpoint(path)  # CRC-checked, weights_only, errors name the file
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: expected {{'model': state dict}} as written by save_system, found keys {sorted(state)}")
+    system.load_state_dict(state["model"])
     system.to(device if device is not None else torch.device("cpu"))
     system.eval()
     return system, tokenizer, mask_gen, system_cfg
@@ -424,6 +444,7 @@ class Validation:
     def __init__(self, cfg: DictConfig, tokenizer, split: str):
         self.tokenizer = tokenizer
         ds = make_dataset(cfg, split, tokenizer)
+        self.skips = ds.skips.report()
         self.batches = list(build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=0, train=False))
 
     @torch.no_grad()
@@ -450,13 +471,13 @@ def _conditions(cfg: DictConfig) -> list[tuple[str, Optional[dict]]]:
 def evaluate(cfg: DictConfig) -> dict:
     """WER/CER per modality (audio-visual, audio, video) and noise condition; hypotheses written alongside."""
     check_decoder_options(cfg.eval.decoder, cfg.data.tokenizer, cfg.eval.beam_size)
-    with Stage(cfg, "evaluate") as stage:
+    with open_stage(cfg, "evaluate") as stage:
         seed_everything(cfg.seed)
         device = task_device(cfg)
         system, tokenizer, mask_gen, system_cfg = load_finetuned(cfg, device)
         split = cfg.eval.split
-        clean_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
-        video_cache = video_feature_cache(system.core, clean_ds)
+        video_ds = make_dataset(cfg, split, tokenizer, modalities=("video",))
+        video_cache = video_feature_cache(system.core, video_ds)
         beam = None
         if cfg.eval.decoder == "beam":
             from data.manifest import read_split
@@ -467,6 +488,9 @@ def evaluate(cfg: DictConfig) -> dict:
         hyp_dir = stage.dir / "hypotheses"
         for condition, noise in _conditions(cfg):
             ds = make_dataset(cfg, split, tokenizer, modalities=("audio",), noise=noise)
+            ds.keep_only(video_cache, video_ds.skipped, what="the video front-end cache")  # both modalities score the same set
+            if noise is None:
+                scored = ds
             loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
             batches = list(loader)  # kept on the CPU (every condition of a split at once); moved per batch
             for modality in cfg.eval.modalities:
@@ -492,7 +516,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.hyp", "".join(f"{i}\t{h}\n" for i, h in zip(ids, hyps)))
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.ref", "".join(f"{i}\t{r}\n" for i, r in zip(ids, refs)))
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
-        stage.metrics["n_utterances"] = len(clean_ds)
+        stage.metrics["n_utterances"] = len(scored)  # scored; skipped/* says how many were dropped and why
+        stage.metrics.update(scored.skips.report())
         # The linear probe on speakers neither the ASR model nor its masks ever saw (attacker_trials),
         # after the WER loop so the WER noise draws are unchanged.
         mask_gen.manual_seed(cfg.seed + 13)

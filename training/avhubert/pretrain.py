@@ -23,7 +23,7 @@ from common.device import pin_memory_for
 from training.avhubert.finetune import avhubert_config, make_dataset, make_logger, task_device
 from training.loop import loop_kwargs_from_config, train
 from training.optim import optimizer_and_scheduler_from_config
-from training.stage import Stage
+from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.model.family != "avhubert":
         raise ValueError(f"task=pretrain with model={cfg.model.name}: use train_avhubert.py experiment=fl_dp (wav2vec2) instead")
     out_dir = pretrained_dir(cfg)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir, attempt_outputs=("public.km", "checkpoint_last.pt")) as stage:
         gen = seed_everything(cfg.seed)
         # the public pretraining data is never anonymised: every run (McAdams baseline included) starts
         # from the same pretrained checkpoint, which is not in the run directory

@@ -112,16 +112,16 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
 
 def run_wav2vec2_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
-    from training.stage import Stage, skip_if_done
+    from training.stage import open_stage, skip_if_done
 
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
-        done = skip_if_done(cfg, cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None
+        done = skip_if_done(cfg, "pretrain", cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None
         return done if done is not None else pretrain(cfg)
-    done = skip_if_done(cfg, Path(cfg.paths.run_dir) / "federated")
+    done = skip_if_done(cfg, "federated")
     if done is not None:
         return done
-    stage = Stage(cfg, "federated")
+    stage = open_stage(cfg, "federated")
     ensure_pretrained(cfg)
     if cfg.dp.name == "local":
         log.info("dp=local: noise multiplier(s) %s for target epsilon %g, delta %g", plan.get("noise_multipliers"),

@@ -62,6 +62,12 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"model={cfg.model.name}: the SynthGRID federated task builds {SUPPORTED_MODELS} only")
     if cfg.task not in ("pretrain", "finetune"):
         raise ValueError(f"task={cfg.task!r} with model={cfg.model.name}: the Wav2Vec2 variant has task=pretrain | finetune (finetune also evaluates)")
+    if cfg.data.on_error != "raise":
+        raise ValueError(
+            f"data.on_error={cfg.data.on_error}: the Wav2Vec2 variant reads every audio file strictly (the first broken one "
+            "stops it, named); skipping, with skip counts in metrics.json, exists for the AV-HuBERT stages only. "
+            "Use data.on_error=raise, or fix or remove the files it names"
+        )
     fed, dp = cfg.federated, cfg.dp
     if fed.backend not in ("ray", "sequential"):
         raise ValueError(f"federated.backend={fed.backend!r}: expected ray | sequential")

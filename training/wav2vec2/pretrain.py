@@ -28,12 +28,12 @@ def pretrain(cfg: DictConfig) -> dict:
     from models.wav2vec2 import pretrain_wav2vec2_tiny
     from privacy.federated.synthgrid_task import load_split
     from common.seeding import seed_everything
-    from training.stage import Stage
+    from training.stage import open_stage
 
     if not cfg.model.get("checkpoint"):
         raise ValueError(f"task=pretrain with model={cfg.model.name}: model.checkpoint is empty; where should the model go?")
     out_dir = Path(cfg.model.checkpoint)
-    with Stage(cfg, "pretrain", directory=out_dir) as stage:
+    with open_stage(cfg, "pretrain", directory=out_dir) as stage:
         generator = seed_everything(int(cfg.seed))
         _, _, waves, _ = load_split(cfg.data.dir, "public")
         loader = DataLoader(waves, batch_size=int(cfg.pretrain.batch_size), shuffle=True, generator=generator,
