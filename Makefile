@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo checkpoints test test-slow bench clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'"; exit 1; }
@@ -22,6 +22,11 @@ $(STAMP): requirements.txt
 ## make demo: the whole pipeline on the embedded SynthGRID corpus (data -> pretrain -> finetune -> attack -> FL+DP -> table)
 demo: $(STAMP)
 	$(PY) -m scripts.demo
+
+## make checkpoints: regenerate the shipped starting checkpoint + model card (checkpoints/; ~1 h on 2 cores)
+checkpoints: $(STAMP)
+	$(PY) -m scripts.prepare_data
+	$(PY) train_avhubert.py experiment=starting_checkpoint task=build_checkpoint
 
 ## make test: the fast test suite
 test: $(STAMP)

@@ -73,6 +73,12 @@ class AVHubertConfig:
     # The released iter5 configs use 0.5 / 0.5 (fairseq's code default is 0 / 0).
     modality_dropout: float = 0.5  # probability that one modality is zeroed in training
     audio_dropout: float = 0.5  # given a modality drop, probability that it is the audio
+    # The original applies modality dropout only in pretraining (`forward`), never when fine-tuning
+    # (`extract_finetune`). True also applies it in `AVHubertModel.forward` (fine-tuning here).
+    finetune_modality_dropout: bool = False
+    # Gradient reaching the front-ends in pretraining is scaled by this (0: front-ends get none);
+    # fairseq's code default is 1.0, every pretraining yaml sets 0.1.
+    feature_grad_mult: float = 1.0
     masking_type: str = "input"  # input (mask_emb is [audio_feat_dim]) | feature (mask_emb is [D])
     mask_prob_audio: float = 0.8
     mask_length_audio: int = 10
@@ -314,29 +320,70 @@ def _init_bert_params(module: nn.Module) -> None:
 def compute_span_mask(padding_mask: Optional[torch.Tensor], batch: int, length: int, mask_prob: float,
                       mask_length: int, min_masks: int = 2, generator: Optional[torch.Generator] = None,
                       device: Optional[torch.device] = None) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Static-length span masking as in fairseq's compute_mask_indices (spans may overlap).
+    """fairseq's `compute_mask_indices` (static span length, overlap allowed), as AV-HuBERT uses it.
 
-    Per utterance of unpadded length L: n = max(min_masks, int(mask_prob * L / mask_length + U[0,1))) spans of
-    `mask_length` frames, starts uniform in [0, L - mask_length]. Returns the [B, T] bool mask and the list
-    of (batch index, start, end) spans.
+    Per row of unpadded length L: n = max(min_masks, int(mask_prob * L / mask_length + U[0,1)))
+    span starts drawn *without replacement* from [0, L - mask_length) (the range widened when the
+    row is too short for n spans), each span `mask_length` frames clipped at L. Every row is then cut
+    to the same number of masked frames, the smallest any row has, by keeping a random subset of
+    its masked frames (fairseq's equalisation; it is why the masked fraction is well below
+    mask_prob, 0.44 at p=0.8, L=10 on 75 frames). Rows without a valid frame are left unmasked
+    and do not take part in the equalisation (fairseq would then mask nothing anywhere).
+
+    The random draws follow fairseq's order with torch's generator in place of numpy's global
+    state (U[0,1) -> torch.rand, choice without replacement -> randperm): the same distribution,
+    not the same bits. Returns the [B, T] bool mask and the merged runs of masked frames as
+    (batch index, start, end) spans, which is what the video `same_seq` replacement uses.
     """
     mask = torch.zeros(batch, length, dtype=torch.bool)
     spans: list[tuple[int, int, int]] = []
     if mask_prob <= 0:
         return mask.to(device) if device is not None else mask, spans
-    lengths = [length] * batch if padding_mask is None else (~padding_mask).sum(1).tolist()
-    for b, valid in enumerate(lengths):
-        valid = int(valid)
-        if valid <= 0:
+    # fairseq draws the whole-length count first, whether or not a padding mask replaces it.
+    all_num_mask = max(min_masks, int(mask_prob * length / float(mask_length) + float(torch.rand((), generator=generator))))
+    rows: list[Optional[torch.Tensor]] = []
+    for b in range(batch):
+        if padding_mask is not None:
+            size = length - int(padding_mask[b].long().sum())
+            num_mask = max(min_masks, int(mask_prob * size / float(mask_length) + float(torch.rand((), generator=generator))))
+        else:
+            size, num_mask = length, all_num_mask
+        if size <= 0:
+            rows.append(None)
             continue
-        span = min(mask_length, valid)
-        count = int(mask_prob * valid / mask_length + float(torch.rand((), generator=generator)))
-        count = max(min_masks, count)
-        starts = torch.randint(0, valid - span + 1, (count,), generator=generator).tolist()
-        for s in starts:
-            mask[b, s:s + span] = True
-            spans.append((b, s, s + span))
+        min_len = mask_length
+        if size - min_len <= num_mask:
+            min_len = size - num_mask - 1
+        starts = torch.randperm(size - min_len, generator=generator)[:num_mask]
+        frames = (starts.view(-1, 1) + torch.arange(mask_length).view(1, -1)).flatten()
+        rows.append(torch.unique(frames[frames < size]))
+    counts = [len(r) for r in rows if r is not None]
+    keep = min(counts) if counts else 0
+    for b, frames in enumerate(rows):
+        if frames is None:
+            continue
+        if len(frames) > keep:
+            frames = frames[torch.randperm(len(frames), generator=generator)[:keep]]
+        mask[b, frames] = True
+        # merged runs of masked frames
+        row = torch.cat([torch.zeros(1, dtype=torch.int8), mask[b].to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+        edges = torch.diff(row)
+        for start, end in zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()):
+            spans.append((b, start, end))
     return (mask.to(device) if device is not None else mask), spans
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity forward, gradient scaled by `scale` backward (fairseq's GradMultiply, `feature_grad_mult`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 # --------------------------------------------------------------------------- the model
@@ -450,7 +497,9 @@ class AVHubertModel(nn.Module):
             feat_audio, feat_video = self.extract_frontends(audio, video)
         if frontend_hook is not None:
             feat_audio, feat_video = frontend_hook(feat_audio, feat_video)
-        dropped_audio, dropped_video = self.modality_dropout(feat_audio, feat_video)
+        dropped_audio, dropped_video = feat_audio, feat_video
+        if self.cfg.finetune_modality_dropout:
+            dropped_audio, dropped_video = self.modality_dropout(feat_audio, feat_video)
         x = self.fuse(dropped_audio, dropped_video)
         out = self.encode(x, padding_mask, layer_hook, output_hidden_states)
         out.feat_audio, out.feat_video = feat_audio, feat_video
@@ -504,10 +553,26 @@ class AVHubertModel(nn.Module):
         sim = F.normalize(projected, dim=-1, eps=1e-6) @ F.normalize(self.label_embs_concat, dim=-1, eps=1e-6).t()
         return sim / self.cfg.logit_temp
 
+    def pretrain_frontends(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor]):
+        """Front-ends as fairseq's `forward_features` in pretraining: gradient scaled by feature_grad_mult
+        (none at 0), then modality dropout."""
+        mult = self.cfg.feature_grad_mult
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
+            feat_audio, feat_video = self.extract_frontends(audio, video)
+        if mult > 0 and mult != 1.0 and torch.is_grad_enabled():
+            feat_audio = GradMultiply.apply(feat_audio, mult) if feat_audio is not None else None
+            feat_video = GradMultiply.apply(feat_video, mult) if feat_video is not None else None
+        return self.modality_dropout(feat_audio, feat_video)
+
     def forward_pretrain(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
                          padding_mask: Optional[torch.Tensor], targets: torch.Tensor,
-                         generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Masked prediction of cluster ids targets [B,T] (rows of label_embs_concat); CE over masked frames."""
+                         generator: Optional[torch.Generator] = None,
+                         features_pen_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Masked prediction of cluster ids targets [B,T] (rows of label_embs_concat); CE over masked frames.
+
+        Loss = mean CE over masked frames + features_pen_weight * mean(fused front-end features^2)
+        (fairseq's criterion: `loss_weights: [10]` on `features_pen`, normalised by the masked-frame count).
+        """
         ref = audio if audio is not None else video
         if ref is None:
             raise ValueError("forward_pretrain needs audio, video or both")
@@ -519,13 +584,16 @@ class AVHubertModel(nn.Module):
                              f"[{int(targets.min())}, {int(targets.max())}]")
         if self.cfg.masking_type == "input":
             audio, video, mask_indices = self.apply_input_mask(audio, video, padding_mask, generator)
-            feat_audio, feat_video = self.extract_frontends(audio, video)
-            feat_audio, feat_video = self.modality_dropout(feat_audio, feat_video)
-            x = self.fuse(feat_audio, feat_video)
+        feat_audio, feat_video = self.pretrain_frontends(audio, video)
+        # fairseq: mean square of the fused features before layer_norm (a missing modality counts as zeros)
+        ref_feat = feat_audio if feat_audio is not None else feat_video
+        if self.cfg.modality_fuse == "concat":
+            squares = sum(f.float().pow(2).sum() for f in (feat_audio, feat_video) if f is not None)
+            features_pen = squares / (2 * ref_feat.numel())
         else:
-            feat_audio, feat_video = self.extract_frontends(audio, video)
-            feat_audio, feat_video = self.modality_dropout(feat_audio, feat_video)
-            x = self.fuse(feat_audio, feat_video)
+            features_pen = sum(f.float() for f in (feat_audio, feat_video) if f is not None).pow(2).mean()
+        x = self.fuse(feat_audio, feat_video)
+        if self.cfg.masking_type == "feature":
             mask_indices, _ = compute_span_mask(padding_mask, batch, frames, self.cfg.mask_prob_audio,
                                                 self.cfg.mask_length_audio, generator=generator, device=x.device)
             x = torch.where(mask_indices.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
@@ -533,12 +601,15 @@ class AVHubertModel(nn.Module):
         logits = self.compute_logits(self.final_proj(out.last_hidden_state))  # [B, T, V]
         valid = torch.ones_like(mask_indices) if padding_mask is None else ~padding_mask
         masked, unmasked = mask_indices & valid, ~mask_indices & valid
-        loss = F.cross_entropy(logits[masked], targets[masked], reduction="sum") / masked.sum().clamp(min=1)
+        ce = F.cross_entropy(logits[masked], targets[masked], reduction="sum") / masked.sum().clamp(min=1)
+        loss = ce + features_pen_weight * features_pen
         with torch.no_grad():
             pred = logits.argmax(-1)
             correct = pred == targets
             logs = {
                 "loss": float(loss.detach()),
+                "ce_masked": float(ce.detach()),
+                "features_pen": float(features_pen.detach()),
                 "acc_masked": float(correct[masked].float().mean()) if masked.any() else 0.0,
                 "acc_unmasked": float(correct[unmasked].float().mean()) if unmasked.any() else 0.0,
                 "n_masked": int(masked.sum()),

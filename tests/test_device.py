@@ -26,7 +26,9 @@ def gpu(test):
 def masked_system(position: str = "frontend", modality_dropout: float = 0.0, audio_dropout: float = 0.5,
                   layerdrop: float = 0.0, adapter: str = "adalora"):
     """The fine-tuning system as training.avhubert.finetune.build_system assembles it (tiny sizes, CPU)."""
-    core = AVHubertModel(avhubert_tiny(modality_dropout=modality_dropout, audio_dropout=audio_dropout, encoder_layerdrop=layerdrop))
+    # modality dropout acts in fine-tuning only when asked (model.finetune_modality_dropout; off as in the original)
+    core = AVHubertModel(avhubert_tiny(modality_dropout=modality_dropout, audio_dropout=audio_dropout, encoder_layerdrop=layerdrop,
+                                       finetune_modality_dropout=modality_dropout > 0))
     asr = AVHubertForCTC(core, vocab_size=12)
     freeze_frontends(asr)
     masks = build_masks("both", position, 1, core.cfg.encoder_embed_dim, ("audio", "video"), 1.0, core.cfg.encoder_layers,

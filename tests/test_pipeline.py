@@ -40,10 +40,9 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
 
     tmp = tiny_corpus
     run_asr_task(cfg_for(tmp, "task=pretrain"))
-    ckpt = tmp / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny" / "checkpoint_last.pt"
+    ckpt = tmp / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny" / "iter1" / "checkpoint_last.pt"
     assert ckpt.is_file()
-    masked = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",
-              "trainer.utterances_per_speaker=2"]
+    masked = list(MASKED)  # fine-tuned from the shipped starting checkpoint (the default model.checkpoint)
     wer = run_asr_task(cfg_for(tmp, *masked))
     assert wer is not None and wer >= 0
     run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-both-s1.0-cl0.1-t0.1" / "s1"
@@ -79,6 +78,36 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert attack["eer"] == eer and {"min_dcf_p0.01", "min_dcf_p0.05", "n_trials"} <= set(attack)
     lines = (run_dir / "attack" / "semi_informed" / "scores.txt").read_text().splitlines()
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
+
+
+def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path):
+    """`task=build_checkpoint` end to end: iteration 1 (MFCC targets), iteration 2 (k-means on the
+    iteration-1 model's layer features), CTC fine-tuning on the public fit speakers, card + checksum."""
+    from data.manifest import read_split
+    from data.targets import read_km
+    from training.starting_checkpoint import card_paths, load_starting_checkpoint, sha256_file
+    from training.tasks import run_asr_task
+
+    out = tmp_path / "checkpoints" / "avhubert_tiny_synthgrid.pt"
+    run_asr_task(cfg_for(tiny_corpus, "task=build_checkpoint", "starting_checkpoint.iterations=2",
+                         "starting_checkpoint.heldout_speakers=1", f"starting_checkpoint.path={out}",
+                         "starting_checkpoint.finetune.max_steps=3", "starting_checkpoint.finetune.eval_every=0",
+                         "starting_checkpoint.finetune.progress_bar=false", "pretrain.progress_bar=false",
+                         f"paths.runs_dir={tmp_path}/runs", "pretrain.kmeans_clusters=20", "pretrain.target_layer=2"))
+    fit = read_split(tiny_corpus / "data_cache" / "synthgrid", "public_fit")
+    held = read_split(tiny_corpus / "data_cache" / "synthgrid", "public_heldout")
+    assert fit and held and not {u.speaker for u in fit} & {u.speaker for u in held}
+    pre = tmp_path / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny"
+    labels2 = read_km(pre / "iter2" / "public_fit.km", expected=len(fit))
+    for lab, u in zip(labels2, fit):  # iteration 2: one label per 25 Hz frame, from the feature k-means
+        assert len(lab) == u.n_frames and 0 <= lab.min() and lab.max() < 20
+    labels1 = read_km(pre / "iter1" / "public_fit.km", expected=len(fit))
+    assert len(labels1[0]) > 3 * fit[0].n_frames  # iteration 1: MFCC labels at 100 Hz
+    card = json.loads(card_paths(out)[0].read_text())
+    assert card["sha256"] == sha256_file(out) and [p["iteration"] for p in card["pretraining"]] == [1, 2]
+    assert card["finetuning"]["steps"] == 3 and card["data"]["heldout_speakers"] == sorted({u.speaker for u in held})
+    model, info = load_starting_checkpoint(out)
+    assert info["kind"] == "ctc" and info["missing"] == [] and info["unexpected"] == []
 
 
 MASKED = ["masks=both", "loss=ctc_contrastive", "trainer.sampler=speaker", "trainer.speakers_per_batch=2",

@@ -82,9 +82,9 @@ class PathsConfig:
 
 @dataclass
 class SplitsConfig:
-    """Number of speakers per speaker-disjoint split (SynthGRID)."""
+    """Number of speakers per speaker-disjoint split (SynthGRID; public is the last block of speakers)."""
 
-    public: int = 12
+    public: int = 80
     train: int = 12
     valid: int = 2
     test: int = 4
@@ -98,8 +98,9 @@ class DataConfig:
     dir: str = MISSING  # prepared corpus directory (manifests/, audio/, video/)
     raw_dir: Optional[str] = None  # real corpora: where the downloaded archives were unpacked
     seed: int = 1234  # corpus seed (independent of the training seed)
-    num_speakers: int = 50
+    num_speakers: int = 118
     utterances_per_speaker: int = 24
+    public_utterances_per_speaker: Optional[int] = 30  # SynthGRID public-split speakers (None: utterances_per_speaker)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     trials_per_speaker: int = 40  # verification trials per held-out speaker (half target, half non-target)
     sample_rate: int = 16000
@@ -159,7 +160,10 @@ class ModelConfig:
     encoder_layerdrop: float = 0.0
     modality_dropout: float = 0.5
     audio_dropout: float = 0.5
+    finetune_modality_dropout: bool = False  # the original never drops a modality when fine-tuning (docs/method.md)
+    feature_grad_mult: float = 1.0  # pretraining sets its own (conf/pretrain/*.yaml)
     freeze_frontends: bool = True
+    reuse_ctc_head: bool = True  # a fine-tuned checkpoint's CTC head initialises ours when the vocabularies are equal
     modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])
     # AV-HuBERT only (models.avhubert.AVHubertConfig.from_dict(model cfg) ignores the fields it lacks)
     resnet_relu_type: str = one_of("prelu", "relu")
@@ -346,6 +350,47 @@ class TrainerConfig:
 
 
 @dataclass
+class PretrainConfig(TrainerConfig):
+    """Embedded AV-HuBERT pretraining (`task=pretrain`): the optimiser fields of TrainerConfig plus the
+    recipe of one HuBERT iteration, which overrides the model group's fields of the same name.
+    Defaults are iteration 1 (`base_lrs3_iter1.yaml`); conf/pretrain/iter2.yaml, iter5.yaml change them."""
+
+    iteration: int = 1  # 1: k-means on MFCCs; >= 2: k-means on features of the previous iteration's model
+    split: str = "public"  # manifest the model is pretrained on
+    kmeans_clusters: int = 100  # model.num_classes becomes kmeans_clusters + 4 (fairseq dictionary specials)
+    target_checkpoint: Optional[str] = None  # iteration >= 2: model whose features are clustered
+    target_layer: int = 3  # iteration >= 2: output of this encoder layer (1-based) is clustered
+    masking_type: str = one_of("feature", "input")  # feature (iter1) | input (iter5)
+    mask_prob_audio: float = 0.8
+    mask_length_audio: int = 10
+    mask_prob_image: float = 0.8
+    mask_length_image: int = 10
+    modality_dropout: float = 0.0
+    audio_dropout: float = 0.5
+    feature_grad_mult: float = 0.1
+    features_pen_weight: float = 10.0  # criterion loss_weights: [10]
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    dropout_input: float = 0.1
+    dropout_features: float = 0.1
+    encoder_layerdrop: float = 0.05
+
+
+@dataclass
+class StartingCheckpointConfig:
+    """`task=build_checkpoint` (`make checkpoints`): the shipped starting checkpoint (training/starting_checkpoint.py)."""
+
+    path: str = MISSING  # where the checkpoint is written (its model card goes next to it)
+    heldout_speakers: int = 4  # last public speakers, kept out of pretraining and fine-tuning; the card's WER
+    iterations: int = 1  # HuBERT iterations before fine-tuning (2: k-means on the iteration-1 model's features)
+    finetune: TrainerConfig = field(default_factory=lambda: TrainerConfig(name="finetune_public"))
+    finetune_mask_prob: float = 0.0  # time masking of the front-end outputs while fine-tuning (0: off)
+    finetune_mask_length: int = 5
+    command_overrides: list[str] = field(default_factory=list)  # recorded in the card when not the defaults
+
+
+@dataclass
 class LoggerConfig:
     name: str = MISSING  # csv | wandb
     project: str = "privacy-avsr"
@@ -385,8 +430,9 @@ class Config:
     compression: CompressionConfig = MISSING
     attacker: AttackerConfig = MISSING
     trainer: TrainerConfig = MISSING  # fine-tuning (and the centralised Wav2Vec2 baseline)
-    pretrain: TrainerConfig = MISSING  # embedded self-supervised pretraining (task=pretrain)
+    pretrain: PretrainConfig = MISSING  # embedded self-supervised pretraining (task=pretrain)
     logger: LoggerConfig = MISSING
+    starting_checkpoint: StartingCheckpointConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -409,7 +455,9 @@ GROUP_SCHEMAS = {
     "compression": CompressionConfig,
     "attacker": AttackerConfig,
     "trainer": TrainerConfig,
+    "pretrain": PretrainConfig,
     "logger": LoggerConfig,
+    "starting_checkpoint": StartingCheckpointConfig,
 }
 
 

@@ -59,11 +59,13 @@ OPERATIONAL_KEYS = ("task", "force", "dry_run", "run_name", "paths", "logger", "
 OPERATIONAL_FIELDS = {
     "trainer": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every", "device"),
     "pretrain": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every", "device"),
+    "starting_checkpoint": ("path", "command_overrides"),
     "data": ("num_workers", "max_skip_fraction"),
 }
 # Which top-level groups each stage depends on (None: every non-operational group).
 STAGE_GROUPS: dict[str, tuple[str, ...] | None] = {
     "pretrain": ("seed", "data", "model", "pretrain"),
+    "finetune_public": ("seed", "data", "model", "pretrain", "starting_checkpoint"),  # task=build_checkpoint
     "finetune": None,
     "evaluate": None,
     "export": None,

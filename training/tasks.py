@@ -24,7 +24,7 @@ from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
 
-ASR_TASKS = ("pretrain", "finetune", "evaluate", "export")
+ASR_TASKS = ("pretrain", "finetune", "evaluate", "export", "build_checkpoint")
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -57,8 +57,12 @@ def run_asr_task(cfg: DictConfig):
         raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
     from training.avhubert import export, finetune, pretrain
 
+    if cfg.task == "build_checkpoint":
+        from training.starting_checkpoint import build_starting_checkpoint
+
+        return _objective(build_starting_checkpoint(cfg), "starting_checkpoint/wer/audio_video/clean")
     if cfg.task == "pretrain":
-        done = skip_if_done(cfg, "pretrain", pretrain.pretrained_dir(cfg))
+        done = skip_if_done(cfg, "pretrain", pretrain.pretrain_out_dir(cfg))
         return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
     run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     if cfg.task == "finetune":

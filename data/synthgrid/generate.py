@@ -52,10 +52,14 @@ CHECKSUMS = "checksums.sha256"
 @dataclass
 class SynthGridParams:
     seed: int = 1234
-    num_speakers: int = 50
+    # defaults = conf/data/synthgrid.yaml (the default corpus)
+    num_speakers: int = 118
     utterances_per_speaker: int = 24
+    # Utterances of each public-split speaker (None: utterances_per_speaker). The public split
+    # trains the starting checkpoint, so it is larger than the others.
+    public_utterances_per_speaker: int | None = 30
     splits: dict[str, int] = field(
-        default_factory=lambda: {"public": 12, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
+        default_factory=lambda: {"public": 80, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
     )
     trials_per_speaker: int = 40
     sample_rate: int = SAMPLE_RATE
@@ -89,6 +93,10 @@ class SynthGridParams:
         if self.utterances_per_speaker < 2:
             raise ValueError(
                 f"data.utterances_per_speaker={self.utterances_per_speaker}: need >= 2 (target trials pair two utterances)"
+            )
+        if self.public_utterances_per_speaker is not None and self.public_utterances_per_speaker < 1:
+            raise ValueError(
+                f"data.public_utterances_per_speaker={self.public_utterances_per_speaker}: expected >= 1 (or null)"
             )
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
@@ -132,11 +140,15 @@ def utterance_rng(seed: int, speaker_index: int, utterance_index: int) -> np.ran
     return np.random.default_rng(np.random.SeedSequence([seed, UTTERANCE_STREAM, speaker_index, utterance_index]))
 
 
-def plan_utterances(params: SynthGridParams) -> list[UtterancePlan]:
+def plan_utterances(params: SynthGridParams, public_speakers: frozenset[str] = frozenset()) -> list[UtterancePlan]:
+    """Every utterance of the corpus; speakers in `public_speakers` get public_utterances_per_speaker."""
     plans = []
     for si in range(params.num_speakers):
         spk = f"s{si + 1:02d}"
-        for ui in range(params.utterances_per_speaker):
+        count = params.utterances_per_speaker
+        if spk in public_speakers and params.public_utterances_per_speaker is not None:
+            count = params.public_utterances_per_speaker
+        for ui in range(count):
             words = sample_sentence(utterance_rng(params.seed, si, ui))
             plans.append(UtterancePlan(f"{spk}/{spk}_u{ui + 1:03d}", si, ui, tuple(words)))
     return plans
@@ -300,7 +312,8 @@ def generate_corpus(
             "data.num_speakers=%d leaves no room for separate public speakers: the public split reuses the train speakers %s",
             params.num_speakers, split_speakers["train"],
         )  # fmt: skip
-    plans = plan_utterances(params)
+    own_public = frozenset() if public_shares_train else frozenset(split_speakers["public"])
+    plans = plan_utterances(params, own_public)
 
     meta_path = out_dir / "meta.json"
     checksums = _read_checksums(out_dir)
@@ -383,6 +396,7 @@ def generate_corpus(
         "fingerprint": params.fingerprint(),
         "num_speakers": params.num_speakers,
         "utterances_per_speaker": params.utterances_per_speaker,
+        "public_utterances_per_speaker": params.public_utterances_per_speaker,
         "requested_split_speakers": dict(params.splits),
         "split_speakers": {s: split_speakers[s] for s in SPLITS},
         "public_shares_train_speakers": public_shares_train,

@@ -162,12 +162,17 @@ def split_sizes(num_speakers: int, requested: dict[str, int]) -> tuple[dict[str,
 
 
 def assign_splits(speakers: list[SpeakerParams], requested: dict[str, int]) -> tuple[dict[str, list[str]], bool]:
-    """Contiguous blocks of speakers in SPLITS order: public s01..s12, train s13..s24, ..."""
+    """Contiguous blocks of speakers: train, valid, test, attacker_train, attacker_trials, then public last.
+
+    The public split (self-supervised pretraining and the shipped starting checkpoint) is the
+    last block, so it can grow (more public speakers, `data.num_speakers` up by as many) without
+    moving any speaker of the other splits: with the defaults train is s01..s12, ..., public s39..s78.
+    """
     sizes, share_public = split_sizes(len(speakers), requested)
     out, start = {}, 0
-    for s in SPLITS:
+    for s in [*[s for s in SPLITS if s != "public"], "public"]:
         out[s] = [spk.id for spk in speakers[start : start + sizes[s]]]
         start += sizes[s]
     if share_public:
         out["public"] = list(out["train"])
-    return out, share_public
+    return {s: out[s] for s in SPLITS}, share_public

@@ -83,7 +83,8 @@ def task_device(cfg: DictConfig, group: str = "trainer") -> torch.device:
 
 
 FINETUNE_REGULARISATION = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
-                           "modality_dropout", "audio_dropout")
+                           "modality_dropout", "audio_dropout", "finetune_modality_dropout", "dropout_input",
+                           "feature_grad_mult")
 
 
 def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
@@ -91,20 +92,34 @@ def load_pretrained_avhubert(cfg: DictConfig) -> tuple[AVHubertModel, dict]:
 
     Architecture comes from the checkpoint; dropout rates come from the config,
     since fine-tuning regularises differently from pretraining. A fine-tuned
-    checkpoint's CTC head is dropped: our vocabulary is our own.
+    checkpoint's CTC head is returned in info["ctc_head"] (with its dictionary in
+    info["dictionaries"]); `build_system` reuses it only when the vocabularies agree.
+    A checkpoint with a model card (the shipped one) must match the card's sha256.
     """
+    from training.starting_checkpoint import REGENERATE, StartingCheckpointError, verify_starting_checkpoint
+
     path = cfg.model.checkpoint
     if path is None:
         log.warning("model.checkpoint is null: %s starts from random weights", cfg.model.name)
         return AVHubertModel(avhubert_config(cfg)), {"source": "random"}
     if not Path(path).exists():
         raise FileNotFoundError(
-            f"model.checkpoint={path} does not exist. For the embedded model create it with "
-            f"`python train_avhubert.py task=pretrain model={cfg.model.name}`; for real weights point "
+            f"model.checkpoint={path} does not exist. For the shipped starting checkpoint regenerate it with "
+            f"`{REGENERATE}`; for a pretrained-only embedded model `python train_avhubert.py task=pretrain` "
+            "(then model.checkpoint=<pretrained_dir>/<model>/iter1/checkpoint_last.pt); for real weights point "
             "model.checkpoint at a fairseq .pt or a Hugging Face AV-HuBERT directory."
         )
-    loaded, info = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    verify_starting_checkpoint(path)
+    try:
+        loaded, info = load_avhubert_checkpoint(path, strict=True, expected_format=cfg.model.checkpoint_format)
+    except Exception as exc:
+        from training.starting_checkpoint import card_paths
+
+        if card_paths(path)[0].is_file():  # the shipped checkpoint: say how to get a good one back
+            raise StartingCheckpointError(f"{path}: cannot load the checkpoint ({exc}). Regenerate it with `{REGENERATE}`") from exc
+        raise
     if isinstance(loaded, AVHubertForCTC):
+        info["ctc_head"] = {k: v.detach().clone() for k, v in loaded.ctc_proj.state_dict().items()}
         loaded = loaded.avhubert
     arch = loaded.cfg.to_dict()
     arch.update({k: cfg.model[k] for k in FINETUNE_REGULARISATION})
@@ -159,10 +174,18 @@ def masks_from_config(m: DictConfig, core_cfg: AVHubertConfig, generator: torch.
                        noise_granularity=m.get("noise_granularity", "frame"), segment_frames=m.get("segment_frames", 1))
 
 
-def build_system(cfg: DictConfig, vocab_size: int) -> tuple[MaskedAVSR, Any]:
+def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] = None) -> tuple[MaskedAVSR, Any]:
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
+    if cfg.model.reuse_ctc_head and "ctc_head" in info:
+        from training.starting_checkpoint import head_vocabulary
+
+        if symbols is not None and head_vocabulary(info) == list(symbols):
+            asr.ctc_proj.load_state_dict(info["ctc_head"])
+            log.info("CTC head initialised from %s (same %d-symbol vocabulary)", cfg.model.checkpoint, len(symbols))
+        else:
+            log.info("CTC head of %s not reused: its vocabulary differs from this run's tokenizer", cfg.model.checkpoint)
     if cfg.model.freeze_frontends:
         freeze_frontends(asr)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -272,7 +295,7 @@ def finetune(cfg: DictConfig) -> dict:
         tokenizer = tokenizer_for_run(cfg, train_texts, rebuild=stage.force and stage.writer)
         tc = cfg.trainer
         device = task_device(cfg)
-        system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size)
+        system, adapter, mask_gen = build_system(cfg, tokenizer.vocab_size, getattr(tokenizer, "symbols", None))
         system.to(device)
         cache_video = tc.cache_frontends and cfg.model.freeze_frontends
         modalities = ("audio",) if cache_video else ("audio", "video")
@@ -386,7 +409,7 @@ def load_finetuned(cfg: DictConfig, device: torch.device | None = None):
         raise FileNotFoundError(f"{path} not found: {how}")
     system_cfg = asr_run_config(cfg)
     tokenizer = tokenizer_for_run(cfg, run_dir=run_dir)
-    system, _, mask_gen = build_system(system_cfg, tokenizer.vocab_size)
+    system, _, mask_gen = build_system(system_cfg, tokenizer.vocab_size)  # head and all: overwritten by model.pt
     state = load_checkpoint(path)  # CRC-checked, weights_only, errors name the file
     if not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path}: expected {{'model': state dict}} as written by save_system, found keys {sorted(state)}")
