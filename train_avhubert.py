@@ -12,17 +12,22 @@ training/wav2vec2/. AV-HuBERT runs in training/avhubert/. Corpus preparation is
 `python -m scripts.prepare_data`. Composition only: the dispatch is training/tasks.py.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import training.config  # noqa: F401  (registers schemas and resolvers)
+from training.cli import hydra_argv, report_startup_errors
 from training.tasks import run_asr_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run_asr_task(cfg)
+    with report_startup_errors():
+        return run_asr_task(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = hydra_argv(sys.argv)
     main()

@@ -37,7 +37,7 @@ is <= 1 (the accept-all and reject-all points are always in the sweep).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -249,7 +249,73 @@ def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: 
 
 
 # --------------------------------------------------------------------------- plotting
-_DET_TICKS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99]
+# Candidate ticks (as rates) on a normal-deviate axis, most important first: the
+# ticks drawn are the first ones that keep DET_TICK_GAP deviate units apart, so
+# labels never overlap ("0.10.20.51 2") whatever the range.
+_DET_TICK_PRIORITY = [0.5, 0.1, 0.9, 0.01, 0.99, 0.2, 0.8, 0.05, 0.95, 0.02, 0.98, 0.4, 0.6, 0.001, 0.999, 0.3, 0.7,
+                      0.005, 0.995, 0.002, 0.998, 0.0001, 0.0005, 0.0002]
+DET_TICK_GAP = 0.42  # normal-deviate units between tick labels (a 5-inch axis spans about 6 units)
+
+
+def det_ticks(low: float, high: float, gap: float = DET_TICK_GAP) -> list[float]:
+    """Readable tick rates within [low, high] (rates in (0, 1)), sorted; neighbours at least `gap` apart in deviates."""
+    from scipy.stats import norm
+
+    chosen: list[float] = []
+    for rate in _DET_TICK_PRIORITY:
+        if low <= rate <= high and all(abs(norm.ppf(rate) - norm.ppf(c)) >= gap for c in chosen):
+            chosen.append(rate)
+    return sorted(chosen)
+
+
+def _tick_label(rate: float) -> str:
+    return f"{round(100 * rate, 3):g}"  # 0.001 -> "0.1", 0.999 -> "99.9"
+
+
+def det_range(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> tuple[float, float]:
+    """Axis range (rates) that fits every curve: from half the smallest non-zero rate (the
+    resolution of the trial list) to 1 minus that, within [0.01 %, 99.99 %]."""
+    smallest = 0.5
+    for far, frr in curves.values():
+        for rates in (np.asarray(far, dtype=float), np.asarray(frr, dtype=float)):
+            positive = rates[(rates > 0) & (rates < 1)]
+            if positive.size:
+                smallest = min(smallest, float(positive.min()), float(1 - positive.max()))
+    low = float(np.clip(smallest / 2, 1e-4, 0.05))
+    return low, 1 - low
+
+
+def draw_det(ax: Any, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], rate_range: tuple[float, float] | None = None,
+             styles: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[float, float]:
+    """DET curves (FRR vs FAR, normal-deviate axes, ticks in %) on a matplotlib axis.
+
+    Rates of exactly 0 or 1 have no normal deviate: they are drawn at the edge of the
+    range, so every curve's ends stay visible. `styles` gives plot keyword arguments per
+    curve name (colour, line style). Returns the rate range used.
+    """
+    from scipy.stats import norm
+
+    low, high = rate_range or det_range(curves)
+    for name, (far, frr) in curves.items():
+        far = np.clip(np.asarray(far, dtype=float), low, high)
+        frr = np.clip(np.asarray(frr, dtype=float), low, high)
+        if far.shape != frr.shape:
+            raise ValueError(f"plot_det_curve: curve {name!r} has far of shape {far.shape} but frr of shape {frr.shape}")
+        ax.plot(norm.ppf(far), norm.ppf(frr), label=str(name), **dict((styles or {}).get(name, {})))
+    span = float(norm.ppf(high) - norm.ppf(low))
+    ticks = det_ticks(low, high, gap=max(DET_TICK_GAP, span / 9))  # at most ~9 labels per axis
+    labels = [_tick_label(t) for t in ticks]
+    ax.set_xticks(norm.ppf(ticks), labels)
+    ax.set_yticks(norm.ppf(ticks), labels)
+    lim = norm.ppf([low, high])
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.plot(lim, lim, color="0.7", lw=0.8, ls="--", zorder=0)  # the EER line
+    ax.set_xlabel("False acceptance rate (%)")
+    ax.set_ylabel("False rejection rate (%)")
+    ax.set_aspect("equal")
+    ax.grid(True, lw=0.3)
+    return low, high
 
 
 def plot_det_curve(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
@@ -257,44 +323,26 @@ def plot_det_curve(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     """Draw DET curves (FRR vs FAR on normal-deviate axes) for several systems into ``path``.
 
     ``curves`` maps a legend name to ``(far, frr)`` as returned by :func:`det_curve`.
-    Rates of exactly 0 or 1 have no normal deviate; they are clipped to
-    [0.05 %, 99.95 %] so the curve's ends stay on the plot.
+    The range follows the data (:func:`det_range`), the ticks never overlap
+    (:func:`det_ticks`), and the legend sits below the axes, so long system names
+    never cover the curves.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy.stats import norm
 
     if not curves:
         raise ValueError("plot_det_curve: curves is empty, nothing to plot")
-    eps = 5e-4
     fig, ax = plt.subplots(figsize=(5, 5))
     try:
-        for name, (far, frr) in curves.items():
-            far = np.clip(np.asarray(far, dtype=float), eps, 1 - eps)
-            frr = np.clip(np.asarray(frr, dtype=float), eps, 1 - eps)
-            if far.shape != frr.shape:
-                raise ValueError(f"plot_det_curve: curve {name!r} has far of shape {far.shape} but frr of shape {frr.shape}")
-            ax.plot(norm.ppf(far), norm.ppf(frr), label=str(name))
-        ticks = norm.ppf(_DET_TICKS)
-        labels = [f"{100 * t:g}" for t in _DET_TICKS]
-        ax.set_xticks(ticks, labels)
-        ax.set_yticks(ticks, labels)
-        lim = norm.ppf([eps, 1 - eps])
-        ax.set_xlim(*lim)
-        ax.set_ylim(*lim)
-        ax.plot(lim, lim, color="0.7", lw=0.8, ls="--")  # EER line
-        ax.set_xlabel("False acceptance rate (%)")
-        ax.set_ylabel("False rejection rate (%)")
+        draw_det(ax, curves)
         if title:
             ax.set_title(title)
-        ax.grid(True, lw=0.3)
-        ax.legend(loc="upper right", fontsize="small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="small", frameon=False)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -30,6 +30,10 @@ def prepare(cfg: DictConfig) -> dict:
 
     name = cfg.data.name
     out_dir = Path(cfg.data.dir)
+    if name != "synthgrid" and name not in REAL_CORPORA:
+        raise ValueError(f"data.name={name!r}: unknown corpus; expected one of synthgrid, {', '.join(REAL_CORPORA)}")
+    if cfg.get("dry_run"):
+        return _dry_run(cfg)
     if name == "synthgrid":
         from data.synthgrid import generate_corpus
 
@@ -44,11 +48,29 @@ def prepare(cfg: DictConfig) -> dict:
         if not hasattr(module, "prepare"):
             raise RuntimeError(f"data/corpora/{name}.py has no prepare(cfg) function")
         metrics = module.prepare(cfg) or {}
-    else:
-        raise ValueError(f"data.name={name!r}: unknown corpus; expected one of synthgrid, {', '.join(REAL_CORPORA)}")
     stage = out_dir / "prepare"
     stage.mkdir(parents=True, exist_ok=True)
     write_metrics(stage, metrics)
     save_config(stage, cfg)
     log.info("prepared %s in %s", name, out_dir)
     return metrics
+
+
+def _dry_run(cfg: DictConfig) -> dict:
+    """The start-up checks of a preparation (corpus name; SynthGRID's split sizes; a real corpus'
+    data.raw_dir), then where it would write. No corpus file is written."""
+    name = cfg.data.name
+    if name == "synthgrid":
+        from data.synthgrid.generate import SynthGridParams
+
+        SynthGridParams.from_config(cfg.data).validate()
+        print(f"dry run: prepare {name} would write {cfg.data.dir} (start-up checks passed)")
+    else:
+        from data.corpora.common import CorpusError, check_raw_dir
+
+        print(f"dry run: prepare {name} would write {cfg.data.dir}")
+        try:
+            check_raw_dir(cfg.data, name)
+        except CorpusError as error:
+            print(f"  needs {error}")
+    return {}

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -73,6 +74,8 @@ import torch
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+from common.progress import progress_line
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +188,18 @@ def build_wav2vec2_ctc(
         path = _check_checkpoint_dir(checkpoint_dir, f"wav2vec2 {size}")
         # the checkpoint may be a pre-training one (no lm_head) or a CTC one with another vocabulary:
         # the body loads, lm_head is (re)initialised for this vocabulary
-        model, info = Wav2Vec2ForCTC.from_pretrained(
-            str(path), local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
-            **ctc_settings, **config_overrides,
-        )
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its UNEXPECTED / MISSING key table is expected here: one line below instead
+        try:
+            model, info = Wav2Vec2ForCTC.from_pretrained(
+                str(path), local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
+                **ctc_settings, **config_overrides,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _report_loading(path, info)
         if POS_CONV_PLAIN_WEIGHT in info["unexpected_keys"]:
             # saved after make_dp_compatible: transformers would silently re-initialise the weight-normed conv
             fold_positional_conv_weight_norm(model)
@@ -197,6 +208,27 @@ def build_wav2vec2_ctc(
                 model.wav2vec2.encoder.pos_conv_embed.conv.weight.copy_(weight)
     model.freeze_feature_encoder()
     return model
+
+
+# Keys a pre-training checkpoint has and Wav2Vec2ForCTC does not (quantizer, projections), and
+# the CTC head a pre-training checkpoint lacks: expected when fine-tuning from it.
+PRETRAINING_ONLY_PREFIXES = ("quantizer.", "project_q.", "project_hid.")
+CTC_HEAD_PREFIX = "lm_head."
+
+
+def _report_loading(path: Path, info: dict) -> None:
+    """One line for the expected differences between a checkpoint and Wav2Vec2ForCTC; a warning
+    naming any other missing / unexpected / resized tensor."""
+    unexpected = [k for k in info.get("unexpected_keys", []) if k != POS_CONV_PLAIN_WEIGHT]
+    missing = list(info.get("missing_keys", []))
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])]
+    odd_unexpected = [k for k in unexpected if not k.startswith(PRETRAINING_ONLY_PREFIXES)]
+    odd_missing = [k for k in missing + mismatched if not k.startswith(CTC_HEAD_PREFIX) and not k.startswith(POS_CONV_PREFIX)]
+    log.info("wav2vec2 from %s: encoder loaded; %d pre-training-only tensors unused (quantizer, projections), "
+             "CTC head new for this vocabulary (%d tensors)", path, len(unexpected) - len(odd_unexpected),
+             len(missing) + len(mismatched) - len(odd_missing))
+    if odd_unexpected or odd_missing:
+        log.warning("wav2vec2 from %s: unexpected tensors %s, missing or resized %s", path, odd_unexpected, odd_missing)
 
 
 POS_CONV_PREFIX = "wav2vec2.encoder.pos_conv_embed.conv."
@@ -455,6 +487,7 @@ def pretrain_wav2vec2_tiny(
     t_start, t_end = gumbel_temperature
     losses: list[float] = []
     batches = _cycle(dataloader_of_waveforms)
+    t0 = time.perf_counter()
     for step in range(steps):
         model.set_gumbel_temperature(t_start * (t_end / t_start) ** (step / max(1, steps - 1)))
         waveforms, attention_mask = _as_waveform_batch(next(batches))
@@ -470,7 +503,8 @@ def pretrain_wav2vec2_tiny(
         scheduler.step()
         losses.append(stats["loss"])
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log.info("pretrain step %d/%d %s", step + 1, steps, {k: round(v, 4) for k, v in stats.items()})
+            log.info("%s", progress_line("wav2vec2 pretrain step", step + 1, steps, time.perf_counter() - t0, unit="step",
+                                         extra=" ".join(f"{k} {v:.4g}" for k, v in stats.items())))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

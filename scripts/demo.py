@@ -7,11 +7,11 @@ Python), so what the demo shows is exactly what a user types:
   2. python train_avhubert.py experiment=demo                      fine-tune the shipped starting checkpoint
                                                                    (checkpoints/avhubert_tiny_synthgrid.pt), no masks
                                                                    (+ evaluate, export)
-  4. python train_avhubert.py experiment=demo masks=both loss=ctc_contrastive
-  5. python train_speaker_verification.py experiment=demo [...]    RJCA attacker: clean features, and the protected
+  3. python train_avhubert.py experiment=demo masks=both loss=ctc_contrastive
+  4. python train_speaker_verification.py experiment=demo [...]    RJCA attacker: clean features, and the protected
                                                                    ones under the three attack scenarios
-  6. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FL + local DP
-  7. python -m scripts.make_tables                                 the results table and plots
+  5. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FL + local DP
+  6. python -m scripts.make_tables                                 the results table and plots
 
 `python -m scripts.demo --rebuild-checkpoint` first regenerates the starting checkpoint the way
 `make checkpoints` does (full corpus, pretraining + CTC fine-tuning on the public split, about an
@@ -24,6 +24,7 @@ step, e.g. `python -m scripts.demo paths.root_dir=/scratch/demo`.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -58,8 +59,12 @@ def run(title: str, args: list[str], extra: list[str]) -> float:
 
 
 def main(argv: list[str]) -> None:
-    extra = [a for a in argv if a != "--rebuild-checkpoint"]
-    steps = (REBUILD_STEPS if "--rebuild-checkpoint" in argv else []) + STEPS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments are Hydra overrides passed to every step.")
+    parser.add_argument("--rebuild-checkpoint", action="store_true",
+                        help="first regenerate checkpoints/avhubert_tiny_synthgrid.pt as `make checkpoints` does (about an hour)")
+    args, extra = parser.parse_known_args(argv)
+    steps = (REBUILD_STEPS if args.rebuild_checkpoint else []) + STEPS
     t_start = time.time()
     timings = []
     for title, args in steps:

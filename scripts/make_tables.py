@@ -1,7 +1,7 @@
-"""Turn `runs/**/<stage>/metrics.json` into markdown/LaTeX tables and privacy-utility plots.
+"""Turn `runs/**/<stage>/metrics.json` into markdown/LaTeX tables and plots.
 
-    python -m scripts.make_tables                       # all runs under ./runs
-    python -m scripts.make_tables --runs-dir runs --out results --seeds-agg mean_std
+    python -m scripts.make_tables                       # all runs under ./runs -> runs/tables/
+    python -m scripts.make_tables --runs-dir runs --out results --where model.name=wav2vec2_tiny
 
 Every run directory (`<runs>/<data>/<run_name>/s<seed>`) is one row before
 seed aggregation; its stages contribute columns as `<stage>:<metric>`. Rows are
@@ -9,6 +9,13 @@ grouped by the config axes that identify a system (everything but the seed), and
 numbers become mean +- std over seeds. A stage that started but did not finish
 (`status.json` says running, failed or interrupted, or no metrics.json) is listed in a
 "failed or incomplete" section: never silently dropped.
+
+Plots (PNG, next to the tables): privacy vs utility per attack scenario (every
+masked system, the unmasked model attacked on its clean features, the raw-input
+attacker, the Pareto front; error bars = std over seeds), DET curves per attack
+scenario with the unprotected attacks as baselines, WER vs epsilon of the
+Wav2Vec2 DP runs with the runs without DP as labelled lines, and the per-round
+federated evaluation. Legends sit outside the axes; ranges follow the data.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ AXES = (
     "masks.name",
     "loss.name",
     "loss.lambda",
+    "masks.init_scale",
     "federated.name",
     "dp.name",
     "dp.target_epsilon",
@@ -64,6 +72,8 @@ class Run:
         # lambda / epsilon only distinguish systems where they are used
         if self.axis("loss.name") != "ctc_contrastive":
             axes[AXES.index("loss.lambda")] = None
+        if self.axis("masks.name") in (None, "none"):
+            axes[AXES.index("masks.init_scale")] = None
         if self.axis("dp.name") in (None, "none"):
             axes[AXES.index("dp.target_epsilon")] = None
         return tuple(axes)
@@ -182,9 +192,31 @@ def _label(run: Run) -> str:
         parts.append(f"{run.axis('federated.num_rounds')}x{run.axis('federated.local_steps') or 'epoch'} steps")
         return ", ".join(parts)
     parts.append(f"masks={run.axis('masks.name')}")
+    if run.axis("masks.name") not in (None, "none") and run.axis("masks.init_scale") not in (None, 1.0):
+        parts.append(f"init σ={run.axis('masks.init_scale')}")
     if run.axis("loss.name") == "ctc_contrastive":
         parts.append(f"contrastive λ={run.axis('loss.lambda')}")
     return ", ".join(parts)
+
+
+def plain_label(run: Run) -> str:
+    """A system in words, for plot legends ("both masks + contrastive (λ=0.1)", "no masks",
+    "FL + local DP, int8 updates")."""
+    if str(run.axis("model.name")).startswith("wav2vec2"):
+        fed, dp, comp = run.axis("federated.name"), run.axis("dp.name"), run.axis("compression.name")
+        text = "centralised" if fed in (None, "none") else f"FL ({fed})"
+        if dp not in (None, "none"):
+            text += f" + {dp} DP ε={float(run.axis('dp.target_epsilon')):g}"
+        if comp not in (None, "none"):
+            text += f", {comp} updates"
+        return text
+    masks = run.axis("masks.name")
+    text = "no masks" if masks in (None, "none") else f"{masks} masks"
+    if masks not in (None, "none") and run.axis("masks.init_scale") not in (None, 1.0):
+        text += f" (init σ={run.axis('masks.init_scale')})"
+    if run.axis("loss.name") == "ctc_contrastive":
+        text += f" + contrastive (λ={run.axis('loss.lambda')})"
+    return text
 
 
 def _budget(run: Run) -> tuple:
@@ -229,12 +261,14 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
     rows, raw = [], []
     for system, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
         row = [_label(members[0]), str(len(members))]
-        record = {"label": _label(members[0]), "n_seeds": len(members)}
+        record = {"label": _label(members[0]), "plain": plain_label(members[0]), "n_seeds": len(members),
+                  "masks": members[0].axis("masks.name")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
             row.append(fmt(values, c.scale, c.digits) + ci_suffix(members, c))
             finite = [v for v in values if v is not None and not math.isnan(v)]
             record[c.key] = statistics.mean(finite) if finite else None
+            record[f"{c.key}#std"] = statistics.stdev(finite) if len(finite) > 1 else None  # error bars over seeds
         rows.append(row)
         raw.append(record)
     return header, rows, raw
@@ -265,68 +299,138 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
-    pts = [(r[wer_key], r[eer_key], r["label"]) for r in raw if r.get(wer_key) is not None and r.get(eer_key) is not None]
-    if not pts:
-        return False
+SCENARIO_TITLES = {
+    "semi_informed": "semi-informed attacker (retrained on protected features)",
+    "lazy_informed": "lazy-informed attacker (knows the method, not the trained masks)",
+    "ignorant": "ignorant attacker (trained on clean features)",
+    "clean": "attacker on clean features (no protection)",
+    "raw": "attacker on raw audio + video",
+}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-    ax.scatter(xs, ys, color="tab:blue")
-    for x, y, (_, _, label) in zip(xs, ys, pts):
-        short = label.split("masks=", 1)[-1].replace("contrastive ", "+CL ") if "masks=" in label else label
-        ax.annotate(short, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    return plt
+
+
+def _legend_below(fig, ax, handles=None, labels=None, ncol: int = 1) -> None:
+    """Legend under the axes (never over the data); bbox_inches="tight" keeps it in the file."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=ncol, frameon=False)
+
+
+def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
+    """Utility (WER, x) vs privacy (attacker EER, y) of every masked system, with the unmasked model
+    (attacked on its clean features) and the raw-input attacker as baselines, error bars = std over
+    seeds, the Pareto front, and chance (50 % EER) when it is within reach of the data."""
+    scenario = eer_key.split(":")[0].split("/")[-1]
+    pts = [r for r in raw if r.get(wer_key) is not None and r.get(eer_key) is not None and r.get("masks") not in (None, "none")]
+    if not pts:
+        return False
+    clean_key, raw_key = "attack/clean:eer", "attack/raw:eer"
+    unmasked = [r for r in raw if r.get("masks") in (None, "none") and r.get(wer_key) is not None
+                and (r.get(eer_key) is not None or r.get(clean_key) is not None)]
+    raw_attack = [r[raw_key] for r in raw if r.get(raw_key) is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    pct = lambda v: None if v is None else 100 * v
+    xs, ys = [pct(r[wer_key]) for r in pts], [pct(r[eer_key]) for r in pts]
+    colours = plt.cm.tab10.colors + plt.cm.Dark2.colors
+    for i, (x, y, r) in enumerate(zip(xs, ys, pts)):  # one colour per system; squares: with the contrastive term
+        ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], yerr=[pct(r.get(f"{eer_key}#std")) or 0],
+                    fmt="s" if "contrastive" in r["plain"] else "o", ms=7, color=colours[i % len(colours)], elinewidth=0.8,
+                    capsize=2, label=r["plain"])
     front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--o", mfc="none", ms=10, label="Pareto front")
-    ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50%)")
-    ax.set_xlabel("WER AV clean (%)  (lower is better)")
-    ax.set_ylabel(f"attacker EER (%)  [{eer_key.split(':')[0]}]  (higher is more private)")
-    ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
+    if len(front) > 1:
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked)")
+    all_y = list(ys)
+    for r in unmasked:
+        eer = r.get(eer_key) if r.get(eer_key) is not None else r.get(clean_key)
+        x, y = pct(r[wer_key]), pct(eer)
+        ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], fmt="*", ms=13, color="black", capsize=2,
+                    label="no masks (attacker on its clean features)")
+        all_y.append(y)
+    for eer in raw_attack[:1]:
+        ax.axhline(pct(eer), color="0.45", lw=1, ls="-.", label="attacker on raw audio + video")
+        all_y.append(pct(eer))
+    top = max(all_y)
+    if top >= 30:  # chance is within reach of the data: show it; otherwise it would squash the points
+        ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50 %)")
+        all_y.append(50)
+    span = max(all_y) - min(all_y) or 1.0
+    ax.set_ylim(max(0.0, min(all_y) - 0.15 * span), max(all_y) + 0.15 * span)
+    ax.set_xlabel("Word error rate, audio-visual, clean test set (%)  — lower is better")
+    ax.set_ylabel("Attacker's equal error rate (%)  — higher is more private")
+    ax.set_title(f"Privacy vs utility: {SCENARIO_TITLES.get(scenario, scenario)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    _legend_below(fig, ax, ncol=2)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
-    pts = [
-        (r.metrics["federated:epsilon/max"], r.metrics["federated:wer"], r.axis("dp.name"), r.axis("compression.name"))
-        for r in runs
-        if "federated:epsilon/max" in r.metrics and "federated:wer" in r.metrics and r.axis("dp.name") not in (None, "none")
-    ]
-    base = [r.metrics["federated:wer"] for r in runs if "federated:wer" in r.metrics and r.axis("dp.name") in (None, "none")]
-    if not pts:
+    """WER vs epsilon per kind of DP and compression (mean ± std over seeds), with the runs without DP
+    as labelled horizontal baselines (or a note that there is none)."""
+    with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    no_dp: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if "federated:wer" not in r.metrics:
+            continue
+        if r.axis("dp.name") in (None, "none"):
+            fed = r.axis("federated.name")
+            no_dp["centralised" if fed in (None, "none") else f"FL ({fed})"].append(r.metrics["federated:wer"])
+        elif "federated:epsilon/max" in r.metrics:  # FL + DP and DP-only (one data holder) are separate lines
+            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"))
+            with_dp[key][float(r.axis("dp.target_epsilon"))].append((r.metrics["federated:epsilon/max"], r.metrics["federated:wer"]))
+    if not with_dp:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for dp_kind in sorted({p[2] for p in pts}):
-        for comp in sorted({p[3] for p in pts}):
-            sel = sorted((p for p in pts if p[2] == dp_kind and p[3] == comp), key=lambda p: p[0])
-            if sel:
-                ax.plot([p[0] for p in sel], [100 * p[1] for p in sel], "o-", label=f"{dp_kind} DP, {comp}")
-    for w in sorted(set(base))[:3]:
-        ax.axhline(100 * w, ls=":", color="gray")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    markers = iter(["o", "s", "^", "D", "v", "P", "X", "<", ">"] * 3)
+    for (dp_only, dp_kind, comp), by_target in sorted(with_dp.items(), key=lambda kv: [str(x) for x in kv[0]]):
+        eps, wer, err = [], [], []
+        for target in sorted(by_target):
+            e, _ = _mean_std([p[0] for p in by_target[target]])
+            w, sd = _mean_std([100 * p[1] for p in by_target[target]])
+            eps.append(e), wer.append(w), err.append(sd)
+        what = "local DP (per client)" if dp_kind == "local" else "central DP (server)" if dp_kind == "central" else f"{dp_kind} DP"
+        what = "DP-only, centralised DP-SGD" if dp_only else f"FL + {what}"
+        ax.errorbar(eps, wer, yerr=err if any(err) else None, fmt=next(markers) + "-", capsize=2, ms=5, alpha=0.85,
+                    label=f"{what}, {'no compression' if comp in (None, 'none') else comp + ' updates'}")
+    styles = iter([":", "--", "-."])
+    for name, values in sorted(no_dp.items()):
+        w, sd = _mean_std([100 * v for v in values])
+        ax.axhline(w, color="gray", lw=1.2, ls=next(styles, ":"), label=f"no DP: {name} ({w:.1f} %)")
+    if not no_dp:
+        ax.text(0.99, 0.98, "no run without DP among these runs:\nno baseline to compare with", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color="0.35")
     ax.set_xscale("log")
-    ax.set_xlabel("ε spent (δ = 1e-5)")
-    ax.set_ylabel("WER (%)")
-    ax.set_title("Wav2Vec2 FL + DP: privacy budget vs WER (dotted: no DP)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    targets = sorted({t for by_target in with_dp.values() for t in by_target})
+    ax.set_xticks(targets, [f"{t:g}" for t in targets])  # the budgets run, in plain numbers
+    ax.minorticks_off()
+    ax.set_xlabel("ε spent, largest over clients (δ = 1e-5)")
+    ax.set_ylabel("Word error rate, test speakers (%)")
+    ax.set_title("Wav2Vec2 federated + DP: privacy budget vs word error rate", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    _legend_below(fig, ax, ncol=2)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
-    """Per-round federated evaluation (clients' held-out utterances) of every FL run: CTC loss and WER."""
+    """Per-round federated evaluation (clients' held-out utterances) of every FL run: CTC loss and WER,
+    each on its own automatic scale (log when the values span more than a factor of 10)."""
     curves = []
     for run in runs:
         rounds_file = run.run_dir / "federated" / "federated_rounds.json"
@@ -334,54 +438,92 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
             continue
         rounds = [r for r in json.loads(rounds_file.read_text()).get("rounds", []) if r.get("eval")]
         if rounds:
-            curves.append((_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
+            curves.append((plain_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
                            [100 * r["eval"]["eval_wer"] for r in rounds], run.axis("dp.name")))
     if not curves:
         return False
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(14, 4.8))
+    plt = _pyplot()
+    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"local": "--", "central": ":"}  # line style = kind of DP, colour = run
     colours = plt.cm.tab20.colors
     for i, (label, x, loss, wer, dp) in enumerate(sorted(curves)):
         kwargs = dict(ls=style.get(dp, "-"), marker="o", ms=3, color=colours[i % len(colours)])
         ax_loss.plot(x, loss, label=label, **kwargs)
         ax_wer.plot(x, wer, **kwargs)
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("CTC loss (clients' held-out utterances)")
-    ax_wer.set_xlabel("round")
-    ax_wer.set_ylabel("WER % (clients' held-out utterances)")
-    ax_wer.set_ylim(0, 200)  # above 100 % only insertions grow; the loss panel keeps the full range
-    fig.legend(*ax_loss.get_legend_handles_labels(), loc="center right", fontsize=7)
-    fig.suptitle("Federated evaluation per round (solid: no DP, dashed: local DP, dotted: central DP)")
-    fig.subplots_adjust(left=0.05, right=0.7, wspace=0.25)
-    fig.savefig(path, dpi=130)
+    for ax, values in ((ax_loss, [v for c in curves for v in c[2]]), (ax_wer, [v for c in curves for v in c[3]])):
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) / min(positive) > 10:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    ax_loss.set_ylabel("CTC loss, clients' held-out utterances")
+    ax_wer.set_ylabel("Word error rate, clients' held-out utterances (%)")
+    ax_wer.axhline(100, color="gray", lw=0.8, ls=":")
+    fig.suptitle("Federated evaluation per round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
 def plot_det_overlay(runs: list[Run], path: Path) -> bool:
-    from common.metrics import det_curve, plot_det_curve
+    """DET curves, one panel per attack scenario, one colour per system (every seed drawn in that
+    colour); the unprotected attacks (clean features, raw inputs) drawn in every panel as baselines."""
+    from common.metrics import det_curve, det_range, draw_det
 
-    curves = {}
+    by_scenario: dict[str, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for stage, scores_path in run.det_scores.items():
             rows = [line.split() for line in scores_path.read_text().splitlines() if line.strip()]
-            if not rows:
-                continue
             labels = [int(r[0]) for r in rows]
-            scores = [float(r[-1]) for r in rows]
             if len(set(labels)) < 2:
                 continue
-            far, frr, _ = det_curve(scores, labels)
-            curves[f"{_label(run)} [{stage.split('/')[-1]}] s{run.seed}"] = (far, frr)
-    if not curves:
+            far, frr, _ = det_curve([float(r[-1]) for r in rows], labels)
+            by_scenario[stage.split("/")[-1]][plain_label(run)].append((far, frr))
+    if not by_scenario:
         return False
-    plot_det_curve(curves, path)
+    baselines = {name: by_scenario.pop(name) for name in ("clean", "raw") if name in by_scenario}
+    panels = [s for s in ("ignorant", "lazy_informed", "semi_informed") if s in by_scenario] + sorted(
+        s for s in by_scenario if s not in ("ignorant", "lazy_informed", "semi_informed"))
+    if not panels:  # only unprotected attacks: one panel with them
+        panels, by_scenario, baselines = ["clean"], {"clean": {}}, baselines
+    systems = sorted({name for s in panels for name in by_scenario[s]})
+    colours = dict(zip(systems, _pyplot().cm.tab10.colors * 3))
+    baseline_style = {"clean": dict(color="black", ls="--", lw=1.2), "raw": dict(color="0.45", ls="-.", lw=1.2)}
+    everything = {f"{s}|{n}|{i}": c for s in panels for n, cs in by_scenario[s].items() for i, c in enumerate(cs)}
+    everything.update({f"{b}|{n}|{i}": c for b, d in baselines.items() for n, cs in d.items() for i, c in enumerate(cs)})
+    rate_range = det_range(everything)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, scenario in zip(axes[0], panels):
+        curves, styles = {}, {}
+        for name, seeds in by_scenario[scenario].items():
+            for i, c in enumerate(seeds):
+                key = f"{name}#{i}"
+                curves[key], styles[key] = c, dict(color=colours[name], lw=1.4, alpha=1.0 if i == 0 else 0.5)
+        for base, d in baselines.items():
+            for name, seeds in d.items():
+                for i, c in enumerate(seeds):
+                    key = SCENARIO_TITLES[base] + ("" if name == "no masks" else f": {name}") + f"#{i}"
+                    curves[key], styles[key] = c, dict(baseline_style[base], alpha=1.0 if i == 0 else 0.5)
+        draw_det(ax, curves, rate_range, styles)
+        for line in ax.get_lines():
+            label = line.get_label().split("#")[0]
+            if not label.startswith("_"):
+                handles.setdefault(label, line)
+        ax.set_title(SCENARIO_TITLES.get(scenario, scenario).replace(" (", "\n("), fontsize=9)
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
     return True
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import training.config  # noqa: F401  (registers the structured-config schemas and resolvers)
 from data.prepare import prepare
+from training.cli import hydra_argv
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -31,5 +32,5 @@ def _default_hydra_dir(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv = _default_hydra_dir(sys.argv)
+    sys.argv = hydra_argv(_default_hydra_dir(sys.argv))
     main()

@@ -17,7 +17,8 @@ def cfg_for(tmp, *overrides):
             f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10",
             "data.splits.public=2", "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1",
             "data.splits.attacker_train=2", "data.splits.attacker_trials=2",
-            "data.utterances_per_speaker=4", "data.num_workers=1", "trainer=debug", "pretrain=debug",
+            # characters: a word vocabulary from 2 training speakers x 4 utterances misses valid/test words
+            "data.utterances_per_speaker=4", "data.tokenizer=char", "data.num_workers=1", "trainer=debug", "pretrain=debug",
             "trainer.cache_frontends=true", "trainer.progress_bar=false", "eval.snrs=[0]", "eval.noise_types=[white]",
             "attacker=rjca_small", "attacker.epochs=2", *overrides,
         ])
@@ -78,6 +79,11 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert attack["eer"] == eer and {"min_dcf_p0.01", "min_dcf_p0.05", "n_trials"} <= set(attack)
     lines = (run_dir / "attack" / "semi_informed" / "scores.txt").read_text().splitlines()
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
+    # the attacker writes the same training log as the ASR stages (logger choice honoured)
+    from training.run_logger import read_jsonl
+
+    log = read_jsonl(run_dir / "attack" / "semi_informed" / "log.jsonl")
+    assert log and log[-1]["step"] == attack["steps"] and "train/loss" in log[-1]
 
 
 def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path):
@@ -271,7 +277,7 @@ def test_torchrun_two_process_finetune(tiny_corpus):
     run_asr_task(cfg_for(tmp, "task=pretrain"))  # no-op when the first test already pretrained
     args = [f"paths.root_dir={tmp}", f"paths.data_dir={tmp}/data_cache", "data.num_speakers=10", "data.splits.public=2",
             "data.splits.train=2", "data.splits.valid=1", "data.splits.test=1", "data.splits.attacker_train=2",
-            "data.splits.attacker_trials=2", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
+            "data.splits.attacker_trials=2", "data.tokenizer=char", "trainer=debug", "trainer.cache_frontends=true", "trainer.progress_bar=false",
             "eval.snrs=[0]", "eval.noise_types=[white]", "masks=additive", "seed=5", "model.modality_dropout=0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_avhubert.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)

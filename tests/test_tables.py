@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from scripts.make_tables import find_runs, make_tables, pareto_front
@@ -128,6 +129,132 @@ def test_where_selects_runs_by_config_value(tmp_path):
     assert "masks=both" in text and "masks=none" not in text and "--where masks.name=both" in text
     with pytest.raises(ValueError, match="expected dotted.key=value"):
         make_tables(tmp_path / "runs", tmp_path / "out", where=["masks.name"])
+
+
+# --------------------------------------------------------------------------- plots a reviewer can use
+def _capture_figures(monkeypatch):
+    """Keep every figure make_tables closes, to inspect what was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    original = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) if fig is not None else original())
+    return figures
+
+
+def _extent(artist, fig):
+    return artist.get_window_extent(renderer=fig.canvas.get_renderer())
+
+
+def _labels_overlap(ax, fig, axis="x") -> bool:
+    ticks = ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()
+    boxes = sorted((_extent(t, fig) for t in ticks if t.get_text()), key=lambda b: b.x0 if axis == "x" else b.y0)
+    return any((a.x1 > b.x0) if axis == "x" else (a.y1 > b.y0) for a, b in zip(boxes, boxes[1:]))
+
+
+def make_full_runs(root: Path):
+    """The unmasked baseline attacked on clean features and raw inputs, three masked systems attacked in
+    every scenario, two seeds each (so error bars exist)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scores = lambda d: [(1, float(x)) for x in rng.normal(d, 1, 200)] + [(0, float(x)) for x in rng.normal(0, 1, 400)]
+    for masks, loss, wer, d in (("none", "ctc", 0.77, 3.0), ("additive", "ctc", 0.75, 1.5), ("both", "ctc", 0.73, 1.0),
+                                ("both", "ctc_contrastive", 0.72, 0.8)):
+        for seed in (1, 2):
+            run = root / "synthgrid" / f"{masks}-{loss}" / f"s{seed}"
+            cfg = config(masks, loss, seed)
+            write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": wer + 0.01 * seed})
+            stages = ("clean", "raw") if masks == "none" else ("ignorant", "lazy_informed", "semi_informed")
+            for stage in stages:
+                write_stage(run, f"attack/{stage}", cfg, {"eer": 0.4 / d + 0.01 * seed}, scores=scores(d))
+
+
+def test_privacy_utility_plot_has_the_baselines_plain_labels_and_the_legend_outside(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    make_full_runs(tmp_path / "runs")
+    make_tables(tmp_path / "runs", tmp_path / "out")
+    fig = next(f for f in figures if "Privacy vs utility: semi-informed" in f.axes[0].get_title())
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert "no masks (attacker on its clean features)" in texts and "attacker on raw audio + video" in texts
+    assert {"additive masks", "both masks", "both masks + contrastive (λ=0.1)"} <= set(texts)
+    assert "attack/" not in ax.get_ylabel() and "[" not in ax.get_ylabel()
+    assert _extent(legend, fig).y1 <= _extent(ax, fig).y0  # legend below the axes, not over the data
+    # error bars: two seeds per system give a vertical bar at every masked point
+    assert any(len(c.get_segments()) for c in ax.collections)
+    # automatic range: every point is inside the axes
+    low, high = ax.get_ylim()
+    assert low <= 100 * (0.4 / 3.0 + 0.01) and high >= 100 * (0.4 / 0.8 + 0.02)
+
+
+def test_det_overlay_panels_per_scenario_with_readable_ticks(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    make_full_runs(tmp_path / "runs")
+    make_tables(tmp_path / "runs", tmp_path / "out")
+    fig = next(f for f in figures if f.legends and len(f.axes) == 3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert [t.split("\n")[0] for t in titles] == ["ignorant attacker", "lazy-informed attacker", "semi-informed attacker"]
+    for ax in fig.axes:
+        assert not _labels_overlap(ax, fig, "x") and not _labels_overlap(ax, fig, "y")
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "attacker on clean features (no protection)" in legend_texts  # baseline in every panel
+    assert len(legend_texts) == 5  # 3 systems + 2 baselines, seeds share their system's entry
+    assert _extent(fig.legends[0], fig).y1 <= min(_extent(ax, fig).y0 for ax in fig.axes)
+
+
+def test_det_ticks_never_crowd_and_read_as_percentages():
+    from scipy.stats import norm
+
+    from common.metrics import _tick_label, det_ticks
+
+    for low in (1e-4, 1e-3, 0.01):
+        ticks = det_ticks(low, 1 - low)
+        assert len(ticks) >= 5
+        assert min(np.diff(norm.ppf(ticks))) >= 0.42
+    assert [_tick_label(t) for t in (0.001, 0.01, 0.5, 0.999)] == ["0.1", "1", "50", "99.9"]
+
+
+def test_epsilon_plot_labels_the_no_dp_baselines_or_says_there_is_none(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    for name, (fed, dp, eps, wer) in {"c": ("none", "none", 8.0, 0.7), "e1": ("fedavg", "local", 1.0, 2.0),
+                                       "e8": ("fedavg", "local", 8.0, 1.0)}.items():
+        write_stage(runs / name / "s1", "federated", fl_config(fed, dp, eps),
+                    {"wer": wer, "cer": wer, "epsilon/max": eps if dp != "none" else 0.0})
+    make_tables(runs, tmp_path / "out")
+    ax = next(f for f in figures if "privacy budget" in f.axes[0].get_title()).axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "no DP: centralised (70.0 %)" in texts and "FL + local DP (per client), no compression" in texts
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8"]
+
+    figures.clear()
+    import shutil
+
+    shutil.rmtree(runs / "c")
+    make_tables(runs, tmp_path / "out2")
+    ax = next(f for f in figures if "privacy budget" in f.axes[0].get_title()).axes[0]
+    assert any("no run without DP" in t.get_text() for t in ax.texts)
+
+
+def test_federated_rounds_plot_shows_every_value_and_whole_rounds(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    write_stage(runs / "fl" / "s1", "federated", fl_config("fedavg", "local", 8.0), {"wer": 5.0, "cer": 1.0, "epsilon/max": 8.0})
+    rounds = {"rounds": [{"server_round": i, "eval": {"eval_loss": 50.0 / i, "eval_wer": w}} for i, w in ((1, 6.0), (2, 3.5), (3, 1.0))]}
+    (runs / "fl" / "s1" / "federated" / "federated_rounds.json").write_text(json.dumps(rounds))
+    make_tables(runs, tmp_path / "out")
+    fig = next(f for f in figures if f._suptitle is not None and "per round" in f._suptitle.get_text())
+    ax_loss, ax_wer = fig.axes[:2]
+    assert ax_wer.get_ylim()[1] >= 600 and ax_wer.get_ylim()[0] <= 100  # nothing clipped (was a fixed 0-200)
+    for ax in (ax_loss, ax_wer):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert all(float(t).is_integer() for t in ticks)  # rounds 1, 2, 3: never 1.5
+    assert _extent(fig.axes[0].get_yaxis().get_label(), fig).x0 >= 0  # the y label is inside the figure
 
 
 def test_speaker_resampling_intervals_are_shown_next_to_the_eer(tmp_path):

@@ -16,7 +16,8 @@ Which representation (`training/avhubert/export.py`, EXPORT_KINDS) the attacker 
 
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
 at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
-speakers, `*_ci_low` / `*_ci_high`), scores.txt (`label utt_a utt_b score`), det.png.
+speakers, `*_ci_low` / `*_ci_high`), scores.txt (`label utt_a utt_b score`), det.png, and the
+training log (log.csv, log.jsonl; wandb too under logger=wandb).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from data.manifest import manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
 from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
+from training.run_logger import logger_from_config
 from training.loop import train
 from common.metrics import det_curve, plot_det_curve, speaker_bootstrap_ci, speaker_verification_metrics
 from common.files import atomic_write_text
@@ -253,9 +255,11 @@ def run_attack(cfg: DictConfig) -> dict:
             return loss, {"acc": float(acc)}
 
         t0 = time.time()
+        logger = logger_from_config(cfg.logger, stage.dir, OmegaConf.to_container(cfg, resolve=True), run_name=f"{cfg.run_name}-{name}")
         result = train(system, step_fn, loader, optimizer, scheduler, max_steps=max_steps, ckpt_dir=stage.dir / "checkpoints",
-                       grad_clip=5.0, log_every=max(1, steps_per_epoch), ckpt_every=steps_per_epoch * max(1, a.epochs // 4),
-                       progress_bar=cfg.trainer.progress_bar, device=device)  # fp32: a small model; AAM logits at scale s
+                       logger=logger, grad_clip=5.0, log_every=max(1, steps_per_epoch), ckpt_every=steps_per_epoch * max(1, a.epochs // 4),
+                       progress_bar=cfg.trainer.progress_bar, desc=name, device=device)  # fp32: a small model; AAM logits at scale s
+        logger.close()
         train_seconds = time.time() - t0
         # Embed every trials utterance once per representation (enrolment, test), then score the pairs:
         # utterance a of a trial is the enrolment, utterance b the test.

@@ -513,6 +513,18 @@ def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -
     return f"b{rounds}x{per_round}"
 
 
+def _app_config_groups() -> str:
+    """`--help`'s list of config groups, from conf/ itself: every group a user can choose
+    (`group=option`), without Hydra's own and the internal `schema` group."""
+    conf = PROJECT_ROOT / "conf"
+    lines = []
+    for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name not in ("hydra", "schema")):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:
+            lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def _entry_help(app_name: str) -> str:
     """The --help header: the entry script's own docstring (Hydra's template treats `$` as a placeholder)."""
     import sys
@@ -537,6 +549,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
+    if not OmegaConf.has_resolver("app_config_groups"):
+        OmegaConf.register_new_resolver("app_config_groups", _app_config_groups)
     if not OmegaConf.has_resolver("entry_help"):
         OmegaConf.register_new_resolver("entry_help", _entry_help)
     if not OmegaConf.has_resolver("project_root"):

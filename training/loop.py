@@ -53,7 +53,6 @@ import contextlib
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +61,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
 from common.device import move_to_device
+from common.progress import Progress, format_duration
 from training import ddp
 from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
@@ -207,6 +205,8 @@ def train(
     progress_bar: bool = True,
     precision: str = "fp32",
     device: torch.device | None = None,
+    progress_seconds: float = 60.0,
+    desc: str = "train",
 ) -> TrainResult:
     """Train `model` for `max_steps` optimizer updates (see the module docstring for the order of things).
 
@@ -224,6 +224,11 @@ def train(
     generators     extra torch.Generators whose state must be resumed (noise, data).
     extra_state    objects with state_dict()/load_state_dict() saved with the
                    checkpoint (e.g. AdaLoRA's rank allocator statistics).
+    progress_bar   a tqdm bar when stderr is a terminal (rank 0); in a log file the
+                   step lines every `log_every` steps carry time per step, throughput
+                   and ETA, and a progress line is logged whenever `progress_seconds`
+                   pass without one (common.progress).
+    desc           names the phase in progress lines ("pretrain", "finetune", ...).
     """
     if max_steps < 0:
         raise ValueError(f"train: max_steps must be >= 0, got {max_steps}")
@@ -316,8 +321,9 @@ def train(
         ddp.barrier()
         return path
 
-    show_bar = progress_bar and is_main and sys.stderr.isatty()
-    bar = tqdm(total=max_steps, initial=step, disable=not show_bar, dynamic_ncols=True, desc="train")
+    progress = Progress(total=max_steps, desc=desc, unit="step", initial=step, seconds=progress_seconds, enabled=is_main,
+                        terminal=None if progress_bar else False)
+    items_in_window = 0  # utterances (batch rows) since the last step line: throughput
     last_ckpt: Path | None = resumed_from
     empty_iterators = 0
     tick = time.perf_counter()
@@ -369,7 +375,7 @@ def train(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            bar.update(1)
+            items_in_window += _batch_rows(batch)
 
             for name, value in {"train/loss": loss, **{_keyed(k): v for k, v in logs.items()}, "train/grad_norm": grad_norm}.items():
                 acc = window.setdefault(name, [0.0, 0])
@@ -391,8 +397,15 @@ def train(
                 if logger is not None:
                     logger.log(step, means)
                 if is_main:
-                    bar.set_postfix(loss=f"{means['train/loss']:.4g}", lr=f"{means['lr']:.2e}")
-                    log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f", step, max_steps, means["train/loss"], means["lr"], means["train/grad_norm"])
+                    sec = means["perf/sec_per_step"]
+                    rate = f"  {items_in_window / (sec * steps_in_window):.3g} utt/s" if items_in_window else ""
+                    log.info("%s step %d/%d (%.0f%%)  loss %.4f  lr %.3e  grad_norm %.3f  %.3g s/step%s  ETA %s", desc, step, max_steps,
+                             100 * step / max(1, max_steps), means["train/loss"], means["lr"], means["train/grad_norm"], sec, rate,
+                             format_duration((max_steps - step) * sec))
+                    progress.update(1, loss=f"{means['train/loss']:.4g}", lr=f"{means['lr']:.2e}", quiet=True)
+                items_in_window = 0
+            else:
+                progress.update(1)
 
             if eval_fn is not None and ((eval_every > 0 and step % eval_every == 0) or step == max_steps):
                 if is_main:
@@ -409,7 +422,7 @@ def train(
             if ckpt_dir is not None and ((ckpt_every > 0 and step % ckpt_every == 0) or step == max_steps):
                 last_ckpt = save(step) or last_ckpt
     finally:
-        bar.close()
+        progress.close()
     return TrainResult(step=step, bad_steps_total=bad_total, last_logs=last_logs, last_eval=last_eval, checkpoint=last_ckpt, resumed_from=resumed_from)
 
 
@@ -427,3 +440,18 @@ def loop_kwargs_from_config(trainer_cfg: Any) -> dict[str, Any]:
         "progress_bar": trainer_cfg.progress_bar,
         "precision": trainer_cfg.precision,
     }
+
+
+def _batch_rows(batch: Any) -> int:
+    """Utterances in a batch (for throughput): len(ids), or the first tensor's batch dimension; 0 if unknown."""
+    if isinstance(batch, Mapping):
+        if "ids" in batch:
+            return len(batch["ids"])
+        batch = list(batch.values())
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, torch.Tensor) and item.dim():
+                return int(item.shape[0])
+    return 0

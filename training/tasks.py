@@ -5,6 +5,10 @@
         model.family=wav2vec2  -> training/wav2vec2/ (centralised, DP-only, FL, FL + DP; drives the Flower app in privacy/federated)
     train_speaker_verification.py -> training/attack.py (RJCA attacker)
 
+Both run the start-up checks (training/startup.py: enum-like choices, option conflicts,
+inputs) first; `dry_run=true` runs the same checks, then writes `<run_dir>/plan/<task>.yaml`
+and runs nothing.
+
 A sweep re-running a finished stage skips it (its status.json says done and its
 configuration fingerprint matches, training/fingerprint.py), so an interrupted multirun
 resumes where it stopped; a different configuration in the same directory is refused
@@ -18,13 +22,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from training import ddp
-from training.config import check_choices
+from common.library_logs import quiet_third_party
+from training import ddp, startup
 from training.stage import skip_if_done
 
 log = logging.getLogger(__name__)
-
-ASR_TASKS = ("pretrain", "finetune", "evaluate", "export", "build_checkpoint")
 
 
 def _objective(metrics: dict, key: str) -> float | None:
@@ -32,29 +34,32 @@ def _objective(metrics: dict, key: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def _dry_run(cfg: DictConfig, name: str) -> None:
+def _dry_run(cfg: DictConfig, name: str, plan: startup.Plan) -> None:
+    """Everything a real run checks at start-up has passed: write the plan, say where it would run."""
     from common.files import save_config
 
-    plan = Path(cfg.paths.run_dir) / "plan"
-    plan.mkdir(parents=True, exist_ok=True)
-    path = save_config(plan, cfg)
-    path.replace(plan / f"{name.replace('/', '_')}.yaml")
-    print(f"dry run: {name} would run in {cfg.paths.run_dir}")
+    plan_dir = Path(cfg.paths.run_dir) / "plan"
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    path = save_config(plan_dir, cfg)
+    path.replace(plan_dir / f"{name.replace('/', '_')}.yaml")
+    print(f"dry run: {name} would run in {cfg.paths.run_dir} (start-up checks passed)")
+    for item in plan.missing:
+        print(f"  missing input: {item}")
 
 
 def run_asr_task(cfg: DictConfig):
-    check_choices(cfg)  # enum-like options, before anything else runs
+    quiet_third_party()
+    if (cfg.model.family == "wav2vec2" or cfg.federated.name != "none") and cfg.data.get("anonymize", "none") != "none":
+        raise ValueError(f"data.anonymize={cfg.data.anonymize} conflicts with model.family={cfg.model.family} / "
+                         f"federated={cfg.federated.name}: the McAdams baseline is wired into the AV-HuBERT stages only")
+    plan = startup.run_checks(startup.check_asr, cfg)
     if cfg.dry_run:
-        return _dry_run(cfg, cfg.task)
+        return _dry_run(cfg, cfg.task, plan)
+    startup.enforce(plan)
     if cfg.model.family == "wav2vec2" or cfg.federated.name != "none":
-        if cfg.data.get("anonymize", "none") != "none":
-            raise ValueError(f"data.anonymize={cfg.data.anonymize} conflicts with model.family={cfg.model.family} / "
-                             f"federated={cfg.federated.name}: the McAdams baseline is wired into the AV-HuBERT stages only")
         from training.wav2vec2.finetune import run_wav2vec2_task
 
         return run_wav2vec2_task(cfg)
-    if cfg.task not in ASR_TASKS:
-        raise ValueError(f"task={cfg.task!r}: expected one of {', '.join(ASR_TASKS)} (data preparation is `python -m scripts.prepare_data`)")
     from training.avhubert import export, finetune, pretrain
 
     if cfg.task == "build_checkpoint":
@@ -81,11 +86,12 @@ def run_asr_task(cfg: DictConfig):
 
 
 def run_attack_task(cfg: DictConfig):
-    check_choices(cfg)
     from training.attack import attack_stage_name, run_attack
 
+    quiet_third_party()
+    plan = startup.run_checks(startup.check_attack, cfg)
     if cfg.dry_run:
-        return _dry_run(cfg, attack_stage_name(cfg))
-
+        return _dry_run(cfg, attack_stage_name(cfg), plan)
+    startup.enforce(plan)
     done = skip_if_done(cfg, attack_stage_name(cfg))
     return _objective(done or run_attack(cfg), "eer")

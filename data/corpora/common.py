@@ -8,7 +8,7 @@ speaker and transcript) and assigns them to splits; `prepare_corpus` then
   (`av.AudioResampler`);
 * makes the 96x96 mouth ROI (data/roi.py) and writes `audio/<id>.wav` and `video/<id>.mp4`
   (each via a temporary file + rename, audio padded/trimmed to 640 samples per video frame);
-* in worker processes (`data.num_workers`, spawned) with a tqdm progress bar;
+* in worker processes (`data.num_workers`, spawned) with progress (a tqdm bar in a terminal, log lines with ETA in a log file);
 * keeps outputs that already exist and are valid (resume), and rewrites the manifests,
   `speakers.tsv`, `trials.txt` and `meta.json` atomically at the end.
 
@@ -298,7 +298,7 @@ def prepare_media(
     items: Sequence[SourceItem], out_dir: Path, roi: RoiSettings, problems: Problems, num_workers: int, corpus: str, progress: bool = True
 ) -> PreparedCorpus:
     """Prepare (or keep) every item's wav + ROI mp4 in parallel; returns lengths of the good ones."""
-    from tqdm import tqdm
+    from common.progress import Progress
 
     meta_path = out_dir / "meta.json"
     force = False
@@ -313,7 +313,7 @@ def prepare_media(
     jobs = [(it, str(out_dir), roi, force) for it in items]
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=f"prepare {corpus}", unit="utt", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=len(jobs), desc=f"prepare {corpus}", unit="utt", every=max(1, len(jobs) // 20), enabled=progress)
     if num_workers <= 0 or len(jobs) <= 1:
         for job in jobs:
             r = prepare_item(job)

@@ -330,9 +330,9 @@ def generate_corpus(
 
     jobs = [(params, str(out_dir), p, {k: checksums[k] for k in (p.audio_rel, p.video_rel) if k in checksums}) for p in plans]
     results: dict[str, dict[str, Any]] = {}
-    from tqdm import tqdm
+    from common.progress import Progress
 
-    bar = tqdm(total=len(jobs), desc="synthgrid", unit="utt", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=len(jobs), desc="synthgrid", unit="utt", every=max(1, len(jobs) // 10), enabled=progress)
     if num_workers <= 0:
         for job in jobs:
             r = _work(job)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.progress import Progress
 from data.collate import collate_av
 from data.dataset import AVSRDataset, build_dataloader
 from data.tokenizer import build_tokenizer, load_tokenizer
@@ -142,11 +143,14 @@ def video_feature_cache(model: AVHubertModel, dataset: AVSRDataset, batch_size: 
     cache: dict[str, torch.Tensor] = {}
     loader = build_dataloader(dataset, "bucket", batch_size=batch_size, seed=0, num_workers=0, train=False,
                               pin_memory=pin_memory_for(device))
+    progress = Progress(total=len(dataset), desc=f"video front-end cache ({dataset.split})", unit="utt", enabled=ddp.is_main())
     for batch in loader:
         _, fv = model.extract_frontends(None, batch["video"].to(device, non_blocking=True))
         fv = fv.float().cpu()
         for i, uid in enumerate(batch["ids"]):
             cache[uid] = fv[i, : int(batch["lengths"][i])].clone()
+        progress.update(len(batch["ids"]))
+    progress.close()
     model.train(was_training)
     return cache
 
@@ -351,7 +355,7 @@ def finetune(cfg: DictConfig) -> dict:
         model = ddp.wrap_ddp(system, find_unused_parameters=cfg.model.encoder_layerdrop > 0) if world > 1 else system
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=stage.dir / "checkpoints", logger=logger,
                        eval_fn=eval_fn, after_optimizer_step=adapter.after_optimizer_step, generators={"mask": mask_gen},
-                       extra_state={"adalora": adapter}, device=device, **loop_kwargs_from_config(tc))
+                       extra_state={"adalora": adapter}, desc="finetune", device=device, **loop_kwargs_from_config(tc))
         logger.close()
         if not ddp.is_main():
             return {}

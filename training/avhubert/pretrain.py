@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.progress import Progress, heartbeat
 from common.seeding import seed_everything
 from data.dataset import AVSRDataset, build_dataloader
 from models.adapters import count_parameters
@@ -57,9 +58,16 @@ def _mfcc_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndar
     from data.media import read_wav
     from data.targets import assign_labels, fit_kmeans, mfcc_39
 
-    log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, len(dataset.utterances))
-    feats = [mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate) for u in dataset.utterances]
-    km = fit_kmeans(feats, k, seed=cfg.seed)
+    n = len(dataset.utterances)
+    log.info("pretrain: k-means (k=%d) on MFCCs of %d utterances", k, n)
+    feats = []
+    with Progress(total=n, desc="pretrain: MFCCs for k-means", unit="utt", every=max(1, n // 4)) as progress:
+        for u in dataset.utterances:
+            feats.append(mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate))
+            progress.update()
+    frames = sum(len(f) for f in feats)
+    with heartbeat(f"pretrain: k-means fit (k={k}, {frames} MFCC frames)", seconds=30.0):
+        km = fit_kmeans(feats, k, seed=cfg.seed)
     return [assign_labels(km, f) for f in feats]
 
 
@@ -90,7 +98,8 @@ def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.n
             feats[uid] = hidden[i, : int(batch["lengths"][i])].numpy()
     ordered = [feats[u.id] for u in dataset.utterances]
     log.info("pretrain: k-means (k=%d) on layer-%d features of %s (%d utterances)", k, layer, path, len(ordered))
-    km = fit_kmeans(ordered, k, seed=cfg.seed)
+    with heartbeat(f"pretrain: k-means fit (k={k}, {sum(len(f) for f in ordered)} layer-{layer} frames)", seconds=30.0):
+        km = fit_kmeans(ordered, k, seed=cfg.seed)
     return [assign_labels(km, f) for f in ordered]
 
 
@@ -146,7 +155,7 @@ def pretrain(cfg: DictConfig) -> dict:
         logger = make_logger(cfg, out_dir)
         t0 = time.time()
         result = train(model, step_fn, loader, optimizer, scheduler, ckpt_dir=out_dir / "checkpoints", logger=logger,
-                       generators={"mask": mask_gen}, device=device, **loop_kwargs_from_config(tc))
+                       generators={"mask": mask_gen}, desc="pretrain", device=device, **loop_kwargs_from_config(tc))
         logger.close()
         label_rate = 100 if int(tc.iteration) == 1 else cfg.data.fps
         ckpt = save_avhubert_checkpoint(

@@ -14,7 +14,9 @@ Stages (training.stage.Stage), one module each:
   ``public`` split (audio only), written to ``model.checkpoint``
   (``${paths.pretrained_dir}/wav2vec2_tiny``) with its own status/metrics.
   ``task=finetune`` runs it first when that checkpoint is missing.
-* ``task=finetune`` (finetune.py): ``<run_dir>/federated/metrics.json``.
+* ``task=finetune`` (finetune.py): ``<run_dir>/federated/metrics.json``, and ``log.csv`` /
+  ``log.jsonl`` (one entry per round; wandb too under ``logger=wandb``), written when the
+  federation has finished. Pretraining writes the same logs next to its checkpoint.
 
 Start-up checks and budgets: plan.py.
 
@@ -31,5 +33,6 @@ the budget, so a sweep cannot accidentally compare unequal budgets.
 
 Evaluation: greedy CTC decoding on the ``test`` split (speakers never seen by
 any client), WER and CER (common.metrics). All checks that can fail on bad
-configuration run before any audio is read (:func:`training.wav2vec2.plan.check_plan`).
+configuration run before any audio is read (:func:`training.wav2vec2.plan.check_plan`;
+:func:`~training.wav2vec2.plan.check_config` is the part a dry run without a prepared corpus runs).
 """

@@ -36,7 +36,29 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / result["batches"], session.accountant.steps, eps))
     score = task.evaluate_split(result["model"], str(cfg.eval.split))
     metrics.update(wer=score["wer"], cer=score["cer"], test_loss=score["loss"], test_utterances=score["utterances"])
+    write_run_log(cfg, Path(run_config["run-dir"]), [], metrics)
     return metrics
+
+
+def write_run_log(cfg: DictConfig, out_dir: Path, rounds: list[dict[str, Any]], final: dict[str, Any]) -> None:
+    """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes:
+    one entry per federated round (step = round: clients' weighted train loss, federated
+    evaluation, epsilon so far, bytes sent), then the test-set result at the last step.
+    Written when the federation has finished (the rounds run inside Flower's apps)."""
+    from omegaconf import OmegaConf
+
+    from training.run_logger import logger_from_config
+
+    logger = logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name)
+    logger.reset()
+    for entry in rounds:
+        values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
+                  "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
+        values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+        logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
+    last_step = int(rounds[-1]["server_round"]) if rounds else int(final.get("steps", 0))
+    logger.log(last_step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
+    logger.close()
 
 
 def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps: int, epsilon: float) -> dict[str, float]:
@@ -90,6 +112,7 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
         metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])
     if last.get("train_loss") is not None:
         metrics["train_loss"] = float(last["train_loss"])
+    write_run_log(cfg, Path(run_config["run-dir"]), summary["rounds"], metrics)
     if cfg.dp.name == "local":
         metrics["epsilon/max"] = max(per_client_eps.values(), default=0.0)
         for pid, eps in sorted(per_client_eps.items()):
@@ -112,8 +135,10 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
 
 def run_wav2vec2_task(cfg: DictConfig) -> dict:
     """Entry for model.family=wav2vec2 or federated != none (training/tasks.py dispatches here)."""
+    from common.library_logs import dedupe_flower_logs
     from training.stage import open_stage, skip_if_done
 
+    dedupe_flower_logs()
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
         done = skip_if_done(cfg, "pretrain", cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None

@@ -46,12 +46,9 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
     return plan
 
 
-def check_plan(cfg: DictConfig) -> dict[str, Any]:
-    """Start-up checks (no audio is read): model, clients vs speakers, DP budget and delta.
-
-    Returns what the run will do (client plan, noise multipliers) for logging/metrics.
-    """
-    from privacy.dp import DPPlanError, validate_dp_plan
+def check_config(cfg: DictConfig) -> None:
+    """The start-up checks that need only the configuration (a dry run without a prepared corpus runs these)."""
+    from privacy.dp import DPPlanError
 
     if cfg.model.family != "wav2vec2":
         raise ValueError(
@@ -86,6 +83,27 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
             f"dp.grad_sample_mode={dp.grad_sample_mode!r}: the federated client trains with Opacus' hooks mode and "
             f"Hugging Face's CTC loss; use dp=local (ghost clipping is measured in benchmarks/bench_fl_dp.py)"
         )
+    if dp.name == "central":
+        n_clients = int(fed.num_clients)
+        if not 0 < float(dp.target_delta) < 1.0 / n_clients:
+            raise DPPlanError(
+                f"dp.target_delta={float(dp.target_delta):g} must be < 1/N = 1/{n_clients} (N = number of clients: "
+                f"central DP protects a whole client)"
+            )
+        if fed.name not in ("fedavg", "fedprox"):
+            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
+
+
+def check_plan(cfg: DictConfig) -> dict[str, Any]:
+    """Start-up checks (no audio is read): `check_config`, then clients vs speakers and the DP
+    budget (from the manifest).
+
+    Returns what the run will do (client plan, noise multipliers) for logging/metrics.
+    """
+    from privacy.dp import DPPlanError, validate_dp_plan
+
+    check_config(cfg)
+    fed, dp = cfg.federated, cfg.dp
     plan = client_plan(cfg)
     out: dict[str, Any] = {"clients": plan}
     rounds = int(fed.num_rounds)
@@ -110,14 +128,6 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
     if dp.name == "central":
         from privacy.dp import central_noise_multiplier_for_budget
 
-        n_clients = int(fed.num_clients)
-        if not 0 < float(dp.target_delta) < 1.0 / n_clients:
-            raise DPPlanError(
-                f"dp.target_delta={float(dp.target_delta):g} must be < 1/N = 1/{n_clients} (N = number of clients: "
-                f"central DP protects a whole client)"
-            )
-        if fed.name not in ("fedavg", "fedprox"):
-            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
         if dp.noise_multiplier is None:
             try:
                 out["noise_multipliers"] = [central_noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta), rounds)]

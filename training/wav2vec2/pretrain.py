@@ -43,6 +43,16 @@ def pretrain(cfg: DictConfig) -> dict:
         _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
                                            log_every=int(cfg.pretrain.log_every),
                                            device=resolve_device(cfg.pretrain.device, field="pretrain.device"))
+        from omegaconf import OmegaConf
+
+        from training.run_logger import logger_from_config
+
+        with logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=f"{cfg.run_name}-pretrain") as logger:
+            logger.reset()
+            every = max(1, int(cfg.pretrain.log_every))
+            for start in range(0, len(losses), every):
+                window = losses[start:start + every]
+                logger.log(start + len(window), {"train/loss": float(np.mean(window))})
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),
