@@ -202,6 +202,52 @@ def speaker_verification_metrics(scores, labels) -> dict[str, float]:
     }
 
 
+def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: Sequence[str], n_resamples: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Confidence intervals of EER and minDCF from resampling speakers (percentile bootstrap).
+
+    Trials are not independent: every trial of a speaker shares that speaker's voice, so the
+    speakers are the sampling unit. Each replicate draws the trial speakers with replacement
+    (counts c_s) and weighs a target trial of speaker s by c_s and a non-target trial between s
+    and t by c_s * c_t (every pair of drawn copies brings its trials), by repeating trials.
+    Replicates without both target and non-target trials are redrawn. Returns
+    `{eer,min_dcf_p0.01,min_dcf_p0.05}_ci_{low,high}`, `ci_level`, `ci_resamples`, `ci_speakers`.
+    """
+    scores, labels = _check_trials(scores, labels)
+    spk_a, spk_b = np.asarray(speakers_a), np.asarray(speakers_b)
+    if spk_a.shape != scores.shape or spk_b.shape != scores.shape:
+        raise ValueError(f"speakers_a / speakers_b need one speaker per trial ({scores.size}), got {spk_a.shape} and {spk_b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    names, inverse = np.unique(np.concatenate([spk_a, spk_b]), return_inverse=True)
+    ia, ib = inverse[: scores.size], inverse[scores.size:]
+    rng = np.random.default_rng(seed)
+    stats = {"eer": [], "min_dcf_p0.01": [], "min_dcf_p0.05": []}
+    attempts = 0
+    while len(stats["eer"]) < n_resamples:
+        attempts += 1
+        if attempts > 20 * n_resamples:
+            raise ValueError("speaker resampling keeps losing all target or all non-target trials: too few trial speakers")
+        counts = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
+        weights = np.where(ia == ib, counts[ia], counts[ia] * counts[ib])
+        s, y = np.repeat(scores, weights), np.repeat(labels, weights)
+        n_tar = int(y.sum())
+        if n_tar == 0 or n_tar == y.size:
+            continue
+        stats["eer"].append(equal_error_rate(s, y)[0])
+        stats["min_dcf_p0.01"].append(min_dcf(s, y, 0.01)[0])
+        stats["min_dcf_p0.05"].append(min_dcf(s, y, 0.05)[0])
+    tail = 100 * (1 - level) / 2
+    out: dict[str, float] = {}
+    for key, values in stats.items():
+        low, high = np.percentile(values, [tail, 100 - tail])
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
+    out.update(ci_level=float(level), ci_resamples=int(n_resamples), ci_speakers=int(len(names)))
+    return out
+
+
 # --------------------------------------------------------------------------- plotting
 # Candidate ticks (as rates) on a normal-deviate axis, most important first: the
 # ticks drawn are the first ones that keep DET_TICK_GAP deviate units apart, so

@@ -40,6 +40,7 @@ from data import features
 from data.collate import collate_av
 from data.media import MediaError, read_video, read_wav
 from data.manifest import ManifestError, Utterance, manifest_dir, read_split
+from data.anonymize import ANONYMIZERS, anonymize_waveform
 from data.noise import babble_noise, mix_at_snr, white_noise
 from data.samplers import BucketBatchSampler, SpeakerBatchSampler
 from data.tokenizer import TokenizerError
@@ -130,6 +131,8 @@ class AVSRDataset(Dataset):
         cache_items: bool = False,
         roi_size: Optional[int] = None,
         max_skip_fraction: float = 1.0,
+        anonymize: str = "none",
+        mcadams_alpha: float = 0.8,
     ):
         from common.skips import SkipCounter
 
@@ -156,6 +159,13 @@ class AVSRDataset(Dataset):
         self.skipped: dict[str, str] = {}  # utterance id -> skip reason (validation and keep_only)
         self._wrd_path = manifest_dir(data_dir) / f"{split}.wrd"
         self.noise = self._check_noise(noise)
+        if anonymize not in ANONYMIZERS:
+            raise ValueError(f"data.anonymize must be one of {list(ANONYMIZERS)}, got {anonymize!r}")
+        if anonymize == "mcadams" and not (0 < float(mcadams_alpha) and np.isfinite(mcadams_alpha)):
+            raise ValueError(f"data.mcadams_alpha must be a positive number, got {mcadams_alpha}")
+        # Signal-level anonymisation (data/anonymize.py), applied after any evaluation noise: the
+        # device anonymises what its microphone recorded, environment included.
+        self.anonymize, self.mcadams_alpha = anonymize, float(mcadams_alpha)
 
         if on_error == "raise":
             utterances = read_split(data_dir, split)
@@ -380,6 +390,8 @@ class AVSRDataset(Dataset):
         wav = self._load_waveform(u) if need_wav else None
         if wav is not None and self.noise is not None:
             wav = self._add_noise(wav, index)
+        if wav is not None and self.anonymize != "none":
+            wav = anonymize_waveform(wav, self.anonymize, self.sample_rate, self.mcadams_alpha)
         frames = self._load_frames(u) if "video" in self.modalities else None
         self._check_lengths(u, wav, frames)
 

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 POOLINGS = ("utterance", "frame")
+# Where the same-speaker negatives come from: the clean versions p_j (the retrieval form) or the
+# protected versions a_j, so that the loss pushes the protected utterances of one speaker apart
+# (a gradient through both sides of every negative pair reaches the masks).
+NEGATIVE_SOURCES = ("clean", "protected")
+# The contrastive term's projection: a learned head (discarded after training), a frozen random
+# head, or none (cosine on the pooled representation itself). Only without a learned head does
+# the loss have to be satisfied by the masks rather than by a head that drops the speaker.
+PROJECTIONS = ("learned", "frozen", "none")
 
 _BATCH_HINT = (
     "loss=ctc_contrastive needs batches of P speakers x K utterances with K >= 2: "
@@ -107,8 +115,10 @@ def privacy_contrastive_loss(
     other_speaker_negatives: bool = False,
     padding_mask: Optional[torch.Tensor] = None,
     pooling: str = "utterance",
+    negatives_from: str = "clean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """InfoNCE with anchor = noisy, positive = clean, negatives = same-speaker clean utterances.
+    """InfoNCE with anchor = noisy, positive = clean, negatives = same-speaker utterances, their clean
+    versions (negatives_from='clean') or their protected versions (negatives_from='protected').
 
     anchor, positive: [B, P] (already pooled) or [B, T, P] (pooled here with padding_mask
         when pooling='utterance'; pooling='frame' needs [B, T, P]).
@@ -120,6 +130,8 @@ def privacy_contrastive_loss(
         raise ValueError(f"loss.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     if not temperature > 0:
         raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+    if negatives_from not in NEGATIVE_SOURCES:
+        raise ValueError(f"loss.negatives must be one of {list(NEGATIVE_SOURCES)}, got {negatives_from!r}")
     if anchor.shape != positive.shape:
         raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} must have the same shape")
     spk = _as_speaker_tensor(speaker_ids, anchor.device)
@@ -134,16 +146,25 @@ def privacy_contrastive_loss(
             positive = masked_mean_over_time(positive, padding_mask)
         elif anchor.dim() != 2:
             raise ValueError(f"utterance pooling expects [B, P] or [B, T, P], got {tuple(anchor.shape)}")
-        return _utterance_infonce(anchor, positive, negatives, temperature)
+        return _utterance_infonce(anchor, positive, negatives, temperature, negatives_from)
     if anchor.dim() != 3:
         raise ValueError(f"frame pooling expects [B, T, P] projections, got {tuple(anchor.shape)}")
-    return _frame_infonce(anchor, positive, negatives, temperature, padding_mask)
+    return _frame_infonce(anchor, positive, negatives, temperature, padding_mask, negatives_from)
 
 
-def _utterance_infonce(anchor, positive, negatives, temperature):
+def _similarities(a: torch.Tensor, p: torch.Tensor, negatives_from: str) -> torch.Tensor:
+    """[N, N] cosine logits: diagonal s(a_i, p_i); off-diagonal s(a_i, p_j) or s(a_i, a_j)."""
+    sim = a @ p.T
+    if negatives_from == "clean":
+        return sim
+    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    return torch.where(eye, sim, a @ a.T)
+
+
+def _utterance_infonce(anchor, positive, negatives, temperature, negatives_from="clean"):
     a = F.normalize(anchor, dim=-1)
     p = F.normalize(positive, dim=-1)
-    sim = a @ p.T  # [B, B]; diagonal = positives
+    sim = _similarities(a, p, negatives_from)  # [B, B]; diagonal = positives
     candidates = negatives | torch.eye(len(sim), dtype=torch.bool, device=sim.device)
     logits = (sim / temperature).masked_fill(~candidates, float("-inf"))
     target = torch.arange(len(sim), device=sim.device)
@@ -162,7 +183,7 @@ def _utterance_infonce(anchor, positive, negatives, temperature):
     return loss, diag
 
 
-def _frame_infonce(anchor, positive, negatives, temperature, padding_mask):
+def _frame_infonce(anchor, positive, negatives, temperature, padding_mask, negatives_from="clean"):
     """Frame (i, t): positive = clean frame (i, t); negatives = all valid clean frames of the
     negative utterances. Other frames of utterance i are neither (neighbouring frames are near
     duplicates, so they would be false negatives). Each utterance weighs equally."""
@@ -175,7 +196,7 @@ def _frame_infonce(anchor, positive, negatives, temperature, padding_mask):
     utt = torch.arange(B, device=anchor.device).unsqueeze(1).expand(B, T)[valid]  # [N]
     a = F.normalize(anchor[valid], dim=-1)  # [N, P]
     p = F.normalize(positive[valid], dim=-1)
-    sim = a @ p.T  # [N, N]
+    sim = _similarities(a, p, negatives_from)  # [N, N]
     same_frame = torch.eye(len(utt), dtype=torch.bool, device=sim.device)
     neg = negatives[utt][:, utt]  # frame j belongs to a negative utterance of frame i's utterance
     logits = (sim / temperature).masked_fill(~(neg | same_frame), float("-inf"))
@@ -222,6 +243,12 @@ def check_loss_options(loss_cfg: Any, sampler: str, utterances_per_speaker: int,
     weight = _field(loss_cfg, "lambda", 0.1)
     if weight is None or float(weight) < 0:
         raise ValueError(f"loss.lambda must be >= 0, got {weight}")
+    projection = _field(loss_cfg, "projection", "learned")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"loss.projection must be one of {list(PROJECTIONS)}, got {projection!r}")
+    negatives_from = _field(loss_cfg, "negatives", "clean")
+    if negatives_from not in NEGATIVE_SOURCES:
+        raise ValueError(f"loss.negatives must be one of {list(NEGATIVE_SOURCES)}, got {negatives_from!r}")
     pooling = _field(loss_cfg, "pooling", "utterance")
     if pooling not in POOLINGS:
         raise ValueError(f"loss.pooling must be one of {list(POOLINGS)}, got {pooling!r}")

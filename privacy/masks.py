@@ -2,7 +2,12 @@
 
 Additive mask        y = x + sigma_a * eps,               sigma_a = (softplus(rho_a) + min_scale) * s
 Multiplicative mask  y = x * (mu_m + sigma_m * eps),      sigma_m = softplus(rho_m) + min_scale
-eps ~ N(0, I), drawn independently for every element of the [B, T, D] input.
+eps ~ N(0, I), one draw per feature dimension and per noise unit, the unit set by
+`noise_granularity`: "frame" (a fresh draw for every frame, the default), "segment" (one draw
+per run of `segment_frames` frames, counted from each utterance's first frame) or "utterance"
+(one draw per utterance, the same for all its frames). Identity is an utterance-level
+statistic, and frame-wise noise is averaged away by any pooling over time; segment and
+utterance noise is not. Given a padding_mask, padded frames (True) are never changed.
 
 `rho_a`, `rho_m`, `mu_m` are one parameter per feature dimension. `s` is a per-dimension
 buffer holding the feature standard deviation (calibrated on the first batch the mask
@@ -33,6 +38,7 @@ from torch import nn
 
 MASK_KINDS = ("none", "additive", "multiplicative", "both")
 MASK_POSITIONS = ("frontend", "encoder")
+NOISE_GRANULARITIES = ("frame", "segment", "utterance")
 KNOWN_MODALITIES = ("audio", "video")
 
 
@@ -44,14 +50,49 @@ def inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
-def _draw_noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _randn(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     if generator is None:
-        return torch.randn_like(x)
-    if generator.device != x.device:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    if generator.device != like.device:
         # A CPU generator for CUDA tensors: draw on the generator's device, then move,
         # which keeps the stream reproducible across devices.
-        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def check_noise_granularity(granularity: str, segment_frames: int) -> None:
+    if granularity not in NOISE_GRANULARITIES:
+        raise ValueError(f"masks.noise_granularity must be one of {list(NOISE_GRANULARITIES)}, got {granularity!r}")
+    if granularity == "segment" and not (isinstance(segment_frames, int) and segment_frames >= 1):
+        raise ValueError(f"masks.noise_granularity=segment needs masks.segment_frames >= 1, got {segment_frames!r}")
+
+
+def _draw_noise(
+    x: torch.Tensor,
+    generator: Optional[torch.Generator],
+    granularity: str = "frame",
+    segment_frames: int = 1,
+    feature_axis: int = -1,
+) -> torch.Tensor:
+    """Standard normal noise shaped like x, shared over time within a segment / utterance.
+
+    x is [B, T, D] (feature_axis -1) or [B, D, T] (feature_axis 1); time is the other
+    non-batch axis. Frame noise is the plain element-wise draw (the same stream as before
+    granularity existed, so frame-level runs are unchanged).
+    """
+    if granularity == "frame":
+        return _randn(x.shape, x, generator)
+    if x.dim() != 3:
+        raise ValueError(f"noise_granularity={granularity!r} needs a 3-d [B, T, D] input, got {tuple(x.shape)}")
+    time_axis = 2 if feature_axis % 3 == 1 else 1
+    frames = x.shape[time_axis]
+    units = 1 if granularity == "utterance" else -(-frames // segment_frames)
+    shape = list(x.shape)
+    shape[time_axis] = units
+    eps = _randn(shape, x, generator)
+    if granularity == "utterance":
+        return eps.expand_as(x)
+    return eps.repeat_interleave(segment_frames, dim=time_axis).narrow(time_axis, 0, frames)
 
 
 def _param_view(p: torch.Tensor, x: torch.Tensor, feature_axis: int) -> torch.Tensor:
@@ -80,15 +121,23 @@ def _keep_padding(y: torch.Tensor, x: torch.Tensor, padding_mask: Optional[torch
 class _NoiseMask(nn.Module):
     """Shared switches: whether noise is drawn, where the generator comes from."""
 
-    def __init__(self, dim: int, noise: bool, noise_at_eval: bool, feature_axis: int, generator: Optional[torch.Generator]):
+    def __init__(self, dim: int, noise: bool, noise_at_eval: bool, feature_axis: int, generator: Optional[torch.Generator],
+                 noise_granularity: str = "frame", segment_frames: int = 1):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"mask dim must be positive, got {dim}")
+        check_noise_granularity(noise_granularity, segment_frames)
         self.dim = dim
+        self.noise_granularity = noise_granularity
+        self.segment_frames = int(segment_frames)
         self.noise = noise
         self.noise_at_eval = noise_at_eval
         self.feature_axis = feature_axis
         self.generator = generator  # not a buffer: the trainer saves/restores its state for exact resume
+
+    def _eps(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        return _draw_noise(x, generator if generator is not None else self.generator, self.noise_granularity,
+                           self.segment_frames, self.feature_axis)
 
     def _noise_on(self, noise: Optional[bool]) -> bool:
         if noise is not None:
@@ -116,8 +165,10 @@ class AdditiveMask(_NoiseMask):
         noise_at_eval: bool = True,
         feature_axis: int = -1,
         generator: Optional[torch.Generator] = None,
+        noise_granularity: str = "frame",
+        segment_frames: int = 1,
     ):
-        super().__init__(dim, noise, noise_at_eval, feature_axis, generator)
+        super().__init__(dim, noise, noise_at_eval, feature_axis, generator, noise_granularity, segment_frames)
         self.min_scale = float(min_scale)
         self.rho_a = _scale_parameter(dim, init_scale, min_scale)
         # Feature std per dimension; 1 until calibrated. Buffers travel with the state_dict,
@@ -164,7 +215,7 @@ class AdditiveMask(_NoiseMask):
             self.calibrate_(x, padding_mask)
         if not self._noise_on(noise):
             return x
-        eps = _draw_noise(x, generator if generator is not None else self.generator)
+        eps = self._eps(x, generator)
         y = x + _param_view(self.sigma(), x, self.feature_axis).to(x.dtype) * eps
         return _keep_padding(y, x, padding_mask, self.feature_axis)
 
@@ -182,8 +233,10 @@ class MultiplicativeMask(_NoiseMask):
         noise_at_eval: bool = True,
         feature_axis: int = -1,
         generator: Optional[torch.Generator] = None,
+        noise_granularity: str = "frame",
+        segment_frames: int = 1,
     ):
-        super().__init__(dim, noise, noise_at_eval, feature_axis, generator)
+        super().__init__(dim, noise, noise_at_eval, feature_axis, generator, noise_granularity, segment_frames)
         self.min_scale = float(min_scale)
         self.rho_m = _scale_parameter(dim, init_scale, min_scale)
         mu = torch.ones(dim)
@@ -208,7 +261,7 @@ class MultiplicativeMask(_NoiseMask):
         mu = _param_view(self.mu_m, x, self.feature_axis).to(x.dtype)
         if not self._noise_on(noise):
             return _keep_padding(x * mu, x, padding_mask, self.feature_axis)
-        eps = _draw_noise(x, generator if generator is not None else self.generator)
+        eps = self._eps(x, generator)
         y = x * (mu + _param_view(self.sigma(), x, self.feature_axis).to(x.dtype) * eps)
         return _keep_padding(y, x, padding_mask, self.feature_axis)
 
@@ -234,6 +287,8 @@ class FeatureMask(nn.Module):
         noise_at_eval: bool = True,
         feature_axis: int = -1,
         generator: Optional[torch.Generator] = None,
+        noise_granularity: str = "frame",
+        segment_frames: int = 1,
     ):
         super().__init__()
         if not (additive or multiplicative):
@@ -241,9 +296,11 @@ class FeatureMask(nn.Module):
         self.dim = dim
         self.generator = generator
         self.multiplicative = (
-            MultiplicativeMask(dim, init_scale, min_scale, learn_mean, noise, noise_at_eval, feature_axis) if multiplicative else None
+            MultiplicativeMask(dim, init_scale, min_scale, learn_mean, noise, noise_at_eval, feature_axis,
+                               noise_granularity=noise_granularity, segment_frames=segment_frames) if multiplicative else None
         )
-        self.additive = AdditiveMask(dim, init_scale, min_scale, calibrate, noise, noise_at_eval, feature_axis) if additive else None
+        self.additive = AdditiveMask(dim, init_scale, min_scale, calibrate, noise, noise_at_eval, feature_axis,
+                                     noise_granularity=noise_granularity, segment_frames=segment_frames) if additive else None
 
     def parts(self) -> list[_NoiseMask]:
         return [m for m in (self.multiplicative, self.additive) if m is not None]
@@ -331,7 +388,8 @@ class ModalityMasks(nn.Module):
 class EncoderLayerMask(nn.Module):
     """A FeatureMask applied to the encoder stream after encoder layer `layer` (0-based) only.
 
-    Use as `layer_hook(i, x)`; x can be [B, T, D] or [T, B, D] (features last either way).
+    Use as `layer_hook(i, x)`; x is [B, T, D] (the encoder's layout). Segment / utterance noise
+    needs that layout; pass `padding_mask` to leave padded frames untouched.
     """
 
     def __init__(self, dim: int, layer: int, additive: bool = True, multiplicative: bool = False,
@@ -348,10 +406,11 @@ class EncoderLayerMask(nn.Module):
         self.mask.set_noise(noise)
 
     def forward(self, i: int, x: torch.Tensor, noise: Optional[bool] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if i != self.layer:
             return x
-        return self.mask(x, noise=noise, generator=generator if generator is not None else self.generator)
+        return self.mask(x, noise=noise, generator=generator if generator is not None else self.generator,
+                         padding_mask=padding_mask)
 
     def mean_log_sigma(self) -> torch.Tensor:
         return self.mask.mean_log_sigma()
@@ -375,6 +434,8 @@ def build_masks(
     min_scale: float = 0.0,
     noise_at_eval: bool = True,
     generator: Optional[torch.Generator] = None,
+    noise_granularity: str = "frame",
+    segment_frames: int = 1,
 ) -> Optional[Union[ModalityMasks, EncoderLayerMask]]:
     """Masks from config values; None for kind='none'.
 
@@ -388,11 +449,13 @@ def build_masks(
         raise ValueError(f"masks.position must be one of {list(MASK_POSITIONS)}, got {position!r}")
     if not (init_scale > 0 and math.isfinite(init_scale)):
         raise ValueError(f"masks.init_scale must be a positive number, got {init_scale}")
+    check_noise_granularity(noise_granularity, segment_frames)
     if kind == "none":
         return None
     additive = kind in ("additive", "both")
     multiplicative = kind in ("multiplicative", "both")
-    common = dict(init_scale=init_scale, min_scale=min_scale, noise_at_eval=noise_at_eval)
+    common = dict(init_scale=init_scale, min_scale=min_scale, noise_at_eval=noise_at_eval,
+                  noise_granularity=noise_granularity, segment_frames=segment_frames)
     if position == "frontend":
         return ModalityMasks(dim, modalities, additive, multiplicative, generator=generator, **common)
     if isinstance(dim, Mapping):

@@ -149,6 +149,17 @@ def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def ci_suffix(members: list, c: "Column") -> str:
+    """" [low, high]": the 95 % speaker-resampling interval of the metric (training/attack.py), averaged
+    over the seeds that report one; "" when none does."""
+    bounds = [(r.metrics.get(f"{c.key}_ci_low"), r.metrics.get(f"{c.key}_ci_high")) for r in members]
+    bounds = [(lo, hi) for lo, hi in bounds if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi))]
+    if not bounds:
+        return ""
+    lo, hi = (statistics.mean(b[i] for b in bounds) * c.scale for i in (0, 1))
+    return f" [{lo:.{c.digits}f}, {hi:.{c.digits}f}]"
+
+
 @dataclass
 class Column:
     title: str
@@ -165,11 +176,15 @@ MASK_TABLE = [
     Column("WER A babble 0 dB", "evaluate:wer/audio/babble_0"),
     Column("probe spk acc", "finetune:probe/speaker_acc"),
     Column("probe EER", "finetune:probe/eer"),
+    Column("probe spk acc held-out", "evaluate:probe_heldout/speaker_acc"),
+    Column("probe chance held-out", "evaluate:probe_heldout/chance"),
     Column("EER raw inputs", "attack/raw:eer"),
     Column("EER clean feats", "attack/clean:eer"),
     Column("EER ignorant", "attack/ignorant:eer"),
     Column("EER lazy-inf.", "attack/lazy_informed:eer"),
     Column("EER semi-inf.", "attack/semi_informed:eer"),
+    Column("minDCF₀.₀₅ semi-inf.", "attack/semi_informed:min_dcf_p0.05", scale=1.0, digits=3),
+    Column("EER untrained masks", "attack/untrained_masks:eer"),
 ]
 FL_TABLE = [
     Column("WER", "federated:wer"),
@@ -286,7 +301,7 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
                   "masks": members[0].axis("masks.name")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
-            row.append(fmt(values, c.scale, c.digits))
+            row.append(fmt(values, c.scale, c.digits) + ci_suffix(members, c))
             finite = [v for v in values if v is not None and not math.isnan(v)]
             record[c.key] = statistics.mean(finite) if finite else None
             record[f"{c.key}#std"] = statistics.stdev(finite) if len(finite) > 1 else None  # error bars over seeds

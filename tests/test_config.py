@@ -125,3 +125,47 @@ def test_help_starts_with_the_entry_scripts_docstring(script, says):
     assert "powered by Hydra" not in header
     for text in says:
         assert text in out.stdout, text
+
+
+def test_noise_granularity_is_in_the_run_name_only_when_not_frame():
+    frame = cfg_for("masks=both").paths.run_dir
+    assert frame.endswith("avhubert_tiny-adalora-both-s1.0-ctc/s1")  # today's run names stay valid
+    assert cfg_for("masks=both", "masks.noise_granularity=utterance").paths.run_dir.endswith("both-s1.0-utt-ctc/s1")
+    seg = cfg_for("masks=both", "masks.noise_granularity=segment", "masks.segment_frames=10").paths.run_dir
+    assert seg.endswith("both-s1.0-seg10-ctc/s1")
+
+
+def test_segment_longer_than_every_utterance_fails_at_start_up(tmp_path):
+    from data.manifest import Utterance, write_split
+    from training.avhubert.finetune import validate_options
+
+    write_split(tmp_path, "train", [Utterance(f"u{i}", "", f"a{i}.wav", n, n * 640, "spk1", "bin blue")
+                                    for i, n in enumerate((40, 62))])
+    ok = cfg_for("masks=both", "masks.noise_granularity=segment", "masks.segment_frames=25", f"data.dir={tmp_path}")
+    validate_options(ok)
+    bad = cfg_for("masks=both", "masks.noise_granularity=segment", "masks.segment_frames=80", f"data.dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"masks.segment_frames=80 .*data.dir=.*62 frames.*masks.noise_granularity=utterance"):
+        validate_options(bad)
+    with pytest.raises(ValueError, match="masks.noise_granularity must be one of"):
+        validate_options(cfg_for("masks=both", "masks.noise_granularity=word"))
+
+
+def test_mcadams_baseline_has_its_own_run_dir_and_is_refused_by_the_wav2vec2_variant():
+    from training.tasks import run_asr_task
+
+    base = cfg_for().paths.run_dir
+    anon = cfg_for("data.anonymize=mcadams", "data.mcadams_alpha=0.8").paths.run_dir
+    assert anon.endswith("avhubert_tiny-mcadams0.8-adalora-ctc/s1") and anon != base
+    with pytest.raises(ValueError, match="data.anonymize=mcadams conflicts with model.family=wav2vec2"):
+        run_asr_task(cfg_for("experiment=fl_dp", "data.anonymize=mcadams"))
+
+
+def test_privacy_stats_corpus_has_40_trial_speakers_in_its_own_directories():
+    from data.synthgrid.speakers import split_sizes
+
+    big, demo = cfg_for("experiment=privacy_stats"), cfg_for("experiment=demo")
+    splits = OmegaConf.to_container(big.data.splits)
+    sizes, _ = split_sizes(big.data.num_speakers, splits)
+    assert sizes["attacker_trials"] >= 40 and sum(sizes.values()) == big.data.num_speakers
+    assert big.data.dir != demo.data.dir and big.paths.run_dir != demo.paths.run_dir
+    assert big.paths.pretrained_dir != demo.paths.pretrained_dir

@@ -211,3 +211,16 @@ def test_non_utf8_transcript_names_the_file(tmp_path):
         with pytest.raises(ManifestError) as e:
             AVSRDataset(tmp_path, "train", CharTokenizer(), on_error=on_error)
         assert str(wrd) in str(e.value) and "UTF-8" in str(e.value) and "0xdc" in str(e.value)
+
+
+def test_mcadams_anonymisation_is_applied_to_the_waveform_before_the_front_end(corpus):
+    from data.anonymize import mcadams_anonymize
+
+    root, _ = corpus
+    plain = AVSRDataset(root, "train", modalities=("audio",), return_waveform=True)[0]
+    anon = AVSRDataset(root, "train", modalities=("audio",), return_waveform=True, anonymize="mcadams", mcadams_alpha=0.8)[0]
+    expected = mcadams_anonymize(plain["waveform"].numpy(), 16000, 0.8)
+    torch.testing.assert_close(anon["waveform"], torch.from_numpy(expected).float())
+    assert anon["audio"].shape == plain["audio"].shape and not torch.allclose(anon["audio"], plain["audio"])
+    with pytest.raises(ValueError, match="data.anonymize must be one of"):
+        AVSRDataset(root, "train", modalities=("audio",), anonymize="pitch")

@@ -249,3 +249,95 @@ def test_mask_kind_from_config_booleans():
     from privacy.masks import mask_kind
 
     assert [mask_kind(a, m) for a, m in ((0, 0), (1, 0), (0, 1), (1, 1))] == ["none", "additive", "multiplicative", "both"]
+
+
+# --------------------------------------------------------------------------- noise granularity
+def _noise_of(mask_kind_, granularity, x, pad=None, segment_frames=3, seed=0):
+    m = build_masks(mask_kind_, dim=D, modalities=("audio",), init_scale=0.5, noise_granularity=granularity,
+                    segment_frames=segment_frames, generator=torch.Generator().manual_seed(seed))
+    y, _ = m(x, None, padding_mask=pad)
+    return y
+
+
+def test_frame_noise_is_the_plain_elementwise_draw():
+    """The default draws exactly what the mask drew before granularity existed: frame-level runs are unchanged."""
+    x = feats(4)
+    add = AdditiveMask(D, init_scale=0.5, calibrate=False, generator=torch.Generator().manual_seed(3))
+    expected = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(add(x), expected)
+    y = _noise_of("additive", "frame", x)
+    noise = y - x
+    assert not torch.allclose(noise[:, 0], noise[:, 1])  # a new draw on every frame
+
+
+@pytest.mark.parametrize("kind", ["additive", "multiplicative", "both"])
+def test_utterance_noise_is_one_draw_per_utterance_and_leaves_padding_alone(kind):
+    x = feats(5) + 3.0  # away from zero so the multiplicative factor is visible
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 4:] = True  # utterance 1 has 4 valid frames
+    y = _noise_of(kind, "utterance", x, pad)
+    assert torch.equal(y[1, 4:], x[1, 4:])  # padded frames untouched
+    for b in range(B):
+        n = int((~pad[b]).sum())
+        if kind == "additive":
+            change = y[b, :n] - x[b, :n]
+        elif kind == "multiplicative":
+            change = y[b, :n] / x[b, :n]
+        else:  # x * m + a: the affine map per dim is the same for every frame, so two frames fix it
+            m_ = (y[b, 1] - y[b, 0]) / (x[b, 1] - x[b, 0])
+            change = y[b, :n] - x[b, :n] * m_
+        torch.testing.assert_close(change, change[:1].expand_as(change), rtol=1e-4, atol=1e-4)
+        assert change[0].abs().sum() > 0
+    # utterances get different draws
+    assert not torch.allclose(y[0, 0] - x[0, 0], y[2, 0] - x[2, 0])
+
+
+def test_utterance_noise_of_an_utterance_does_not_depend_on_its_padding():
+    """One draw per utterance: the same utterance padded to another length in another batch gets the same noise
+    at its valid frames (given the same generator state)."""
+    x = feats(6)
+    short = x[:, :4]
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[:, 4:] = True
+    y_padded = _noise_of("additive", "utterance", x, pad, seed=9)
+    y_short = _noise_of("additive", "utterance", short, None, seed=9)
+    torch.testing.assert_close(y_padded[:, :4], y_short)
+
+
+def test_segment_noise_is_constant_within_segments_counted_from_the_first_frame():
+    x = torch.zeros(B, T, D)  # T = 7, segments of 3 frames: [0..2], [3..5], [6]
+    y = _noise_of("additive", "segment", x, segment_frames=3)
+    for b in range(B):
+        for seg in ((0, 3), (3, 6), (6, 7)):
+            block = y[b, seg[0]:seg[1]]
+            torch.testing.assert_close(block, block[:1].expand_as(block))
+        assert not torch.allclose(y[b, 0], y[b, 3]) and not torch.allclose(y[b, 3], y[b, 6])
+
+
+def test_pooling_removes_frame_noise_but_not_utterance_noise():
+    """Why granularity exists: the utterance mean keeps utterance noise at full strength."""
+    x = torch.zeros(64, 50, D)
+    frame_mean = _noise_of("additive", "frame", x).mean(dim=1)
+    utt_mean = _noise_of("additive", "utterance", x).mean(dim=1)
+    assert frame_mean.std().item() == pytest.approx(0.5 / math.sqrt(50), rel=0.15)
+    assert utt_mean.std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_encoder_mask_granularity_and_padding():
+    x = torch.zeros(B, T, D)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, 5:] = True
+    m = build_masks("additive", "encoder", 1, dim=D, noise_granularity="utterance",
+                    generator=torch.Generator().manual_seed(0))
+    y = m(1, x + 1.0, padding_mask=pad) - 1.0
+    assert torch.equal(y[0, 5:], torch.zeros(2, D))
+    torch.testing.assert_close(y[0, :5], y[0, :1].expand(5, D))
+
+
+@pytest.mark.parametrize("granularity, segment_frames, fragment", [
+    ("sentence", 3, "masks.noise_granularity must be one of"),
+    ("segment", 0, "masks.segment_frames >= 1"),
+])
+def test_bad_granularity_is_a_clear_error(granularity, segment_frames, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        build_masks("additive", dim=D, noise_granularity=granularity, segment_frames=segment_frames)

@@ -177,3 +177,42 @@ def test_speaker_verification_metrics_keys_and_plot(tmp_path):
     far, frr, _ = det_curve(scores, labels)
     out = plot_det_curve({"sys": (far, frr), "chance": ([1, 0.5, 0], [0, 0.5, 1])}, tmp_path / "det" / "det.png")
     assert out.exists() and out.stat().st_size > 1000
+
+
+def _speaker_trials(n_speakers=12, per_pair=4, separation=2.0, seed=0):
+    from itertools import combinations
+
+    rng = np.random.default_rng(seed)
+    spk = [f"s{i}" for i in range(n_speakers)]
+    offset = {s: rng.normal(0, 0.7) for s in spk}  # speaker-level effect: trials of a speaker are correlated
+    scores, labels, sa, sb = [], [], [], []
+    for s in spk:
+        for _ in range(per_pair):
+            scores.append(separation + offset[s] + rng.normal(0, 0.5)); labels.append(1); sa.append(s); sb.append(s)
+    for s, t in combinations(spk, 2):
+        scores.append(offset[s] + offset[t] + rng.normal(0, 0.5)); labels.append(0); sa.append(s); sb.append(t)
+    return np.array(scores), np.array(labels), sa, sb
+
+
+def test_speaker_bootstrap_ci_brackets_the_point_estimate_and_narrows_with_more_speakers():
+    from common.metrics import equal_error_rate, speaker_bootstrap_ci
+
+    scores, labels, sa, sb = _speaker_trials(n_speakers=8)
+    ci = speaker_bootstrap_ci(scores, labels, sa, sb, n_resamples=300, seed=0)
+    eer = equal_error_rate(scores, labels)[0]
+    assert ci["eer_ci_low"] <= eer <= ci["eer_ci_high"] and ci["eer_ci_low"] < ci["eer_ci_high"]
+    assert ci["min_dcf_p0.05_ci_low"] <= ci["min_dcf_p0.05_ci_high"] and ci["ci_speakers"] == 8
+    assert ci == speaker_bootstrap_ci(scores, labels, sa, sb, n_resamples=300, seed=0)  # deterministic
+    wide = ci["eer_ci_high"] - ci["eer_ci_low"]
+    big = speaker_bootstrap_ci(*_speaker_trials(n_speakers=48), n_resamples=300, seed=0)
+    assert big["eer_ci_high"] - big["eer_ci_low"] < 0.7 * wide
+
+
+def test_speaker_bootstrap_ci_bad_input():
+    from common.metrics import speaker_bootstrap_ci
+
+    scores, labels, sa, sb = _speaker_trials(n_speakers=4)
+    with pytest.raises(ValueError, match="one speaker per trial"):
+        speaker_bootstrap_ci(scores, labels, sa[:-1], sb)
+    with pytest.raises(ValueError, match="level must be in"):
+        speaker_bootstrap_ci(scores, labels, sa, sb, level=95)

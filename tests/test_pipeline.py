@@ -52,6 +52,8 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
         assert (run_dir / stage / "config.yaml").is_file()
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert {"wer/audio_video/clean", "wer/audio/clean", "wer/video/clean", "wer/audio_video/white_0"} <= set(metrics)
+    # the probe on held-out speakers (attacker_trials: 2 speakers here, so chance is 0.5)
+    assert metrics["probe_heldout/chance"] == 0.5 and 0.0 <= metrics["probe_heldout/speaker_acc_protected"] <= 1.0
     ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
     assert 0 < ft["params/trainable"] < ft["params/total"]
     assert "probe/speaker_acc_protected" in ft and "probe/eer_clean" in ft
@@ -62,6 +64,10 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     assert len(ids) == len(speakers) == len(feats["audio/protected"]) == raw["offsets"].numel() - 1
     assert feats["audio/protected"][0].shape == feats["audio/clean"][0].shape
     assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])  # the masks changed them
+    # the lazy-informed enrolment: the same trained masks, another noise draw; the untrained-masks variant differs too
+    assert {f"{m}/{k}" for m in ("audio", "video") for k in ("clean", "protected", "protected_enrol", "untrained")} == set(feats)
+    assert not torch.equal(feats["audio/protected_enrol"][0], feats["audio/protected"][0])
+    assert not torch.equal(feats["audio/untrained"][0], feats["audio/protected"][0])
 
     # a finished run is skipped on re-run (sweeps resume)
     before = (run_dir / "finetune" / "metrics.json").stat().st_mtime_ns
@@ -138,6 +144,36 @@ def test_export_and_attack_pointed_at_another_asr_run(tiny_corpus):
         run_attack_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={tmp}/elsewhere", "force=true"))
     with pytest.raises(FileNotFoundError, match="finetune/model.pt not found: asr_run=.* holds no finished fine-tuning"):
         run_asr_task(cfg_for(tmp, "masks=multiplicative", "seed=3", f"asr_run={mine}", "task=export", "force=true"))
+
+
+def test_privacy_terms_and_mcadams_baseline_end_to_end(tiny_corpus):
+    """The new privacy options through finetune -> evaluate -> export -> attack: utterance noise with the
+    head-free contrastive term, protected negatives, the adversary and the noise term; and the McAdams
+    baseline, whose export keeps the original audio as `clean` and the anonymised audio as `protected`."""
+    from training.avhubert.export import read_export
+    from training.tasks import run_asr_task, run_attack_task
+
+    tmp = tiny_corpus
+    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    terms = [*MASKED, "masks=additive", "masks.noise_granularity=utterance", "loss.projection=none", "loss.negatives=protected",
+             "loss.adversary_weight=0.5", "loss.noise_weight=0.1"]
+    run_asr_task(cfg_for(tmp, *terms))
+    run_dir = tmp / "runs" / "synthgrid" / "avhubert_tiny-adalora-additive-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5-nw0.1" / "s1"
+    ft = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+    assert {"train/train/contrastive", "train/train/adversary", "train/train/adversary_acc"} <= set(ft)
+    feats, _, _ = read_export(run_dir / "export", "attacker_trials")
+    noise = feats["audio/protected"][0] - feats["audio/clean"][0]
+    torch.testing.assert_close(noise, noise[:1].expand_as(noise), atol=2e-2, rtol=0)  # additive: one draw per utterance (fp16 export)
+    eer = run_attack_task(cfg_for(tmp, *terms, "attacker.scenario=lazy_informed"))
+    attack = json.loads((run_dir / "attack" / "lazy_informed" / "metrics.json").read_text())
+    assert attack["eer"] == eer and attack["eer_ci_low"] <= eer <= attack["eer_ci_high"]
+
+    run_asr_task(cfg_for(tmp, "data.anonymize=mcadams"))
+    anon = tmp / "runs" / "synthgrid" / "avhubert_tiny-mcadams0.8-adalora-ctc" / "s1"
+    feats, _, _ = read_export(anon / "export", "attacker_trials")
+    assert not torch.equal(feats["audio/protected"][0], feats["audio/clean"][0])  # anonymised vs original audio
+    assert torch.equal(feats["video/protected"][0], feats["video/clean"][0])  # video untouched, no masks
+    assert torch.equal(feats["audio/protected_enrol"][0], feats["audio/protected"][0])  # deterministic baseline
 
 
 def test_attacker_without_asr_run_names_the_directory_and_command(tiny_corpus):

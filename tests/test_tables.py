@@ -277,3 +277,15 @@ def test_federated_rounds_plot_shows_every_value_and_whole_rounds(tmp_path, monk
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert all(float(t).is_integer() for t in ticks)  # rounds 1, 2, 3: never 1.5
     assert _extent(fig.axes[0].get_yaxis().get_label(), fig).x0 >= 0  # the y label is inside the figure
+
+
+def test_speaker_resampling_intervals_are_shown_next_to_the_eer(tmp_path):
+    run = tmp_path / "runs" / "synthgrid" / "both" / "s1"
+    cfg = config("both", "ctc_contrastive", 1)
+    write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": 0.1})
+    write_stage(run, "attack/semi_informed", cfg, {"eer": 0.2, "eer_ci_low": 0.12, "eer_ci_high": 0.31, "min_dcf_p0.05": 0.5,
+                                                   "min_dcf_p0.05_ci_low": 0.4, "min_dcf_p0.05_ci_high": 0.65})
+    write_stage(run, "attack/ignorant", cfg, {"eer": 0.3})  # an older run without intervals: the value alone
+    make_tables(tmp_path / "runs", tmp_path / "out")
+    row = next(line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if "masks=both" in line)
+    assert "20.0 [12.0, 31.0]" in row and "0.500 [0.400, 0.650]" in row and "| 30.0 |" in row

@@ -1,17 +1,22 @@
 """The RJCA speaker-verification attacker on an ASR run's representations.
 
-Which features the attacker trains on (attacker_train speakers) and is tested on
-(the held-out attacker_trials speakers, `trials.txt`):
+Which representation (`training/avhubert/export.py`, EXPORT_KINDS) the attacker trains on
+(attacker_train speakers), enrols with (utterance a of each `trials.txt` pair) and tests
+(utterance b), on the held-out attacker_trials speakers:
 
     attacker.input=raw        raw inputs (waveform -> log-mel, mouth-ROI frames); needs no ASR run
-    attacker.input=clean      clean front-end features for training and trials (no protection at all)
-    attacker.input=protected  trials use the protected features; training data by scenario:
-        ignorant       clean features (the attacker does not know about the masks)
-        lazy_informed  features protected by masks of the same kind at their initial parameters, other seed
-        semi_informed  features protected by this run's trained masks (fresh noise)
+    attacker.input=clean      clean front-end features everywhere (no protection at all)
+    attacker.input=protected  by attacker.scenario (VoicePrivacy; docs/method.md, section 5):
+                              training     enrolment        trials
+        ignorant              clean        clean            protected
+        lazy_informed         clean        protected_enrol  protected   (same system, another noise draw)
+        semi_informed         protected    protected        protected
+        untrained_masks       untrained    protected        protected   (extra variant, not VoicePrivacy's:
+                              trained on masks of the same kind at their initial parameters)
 
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
-at p_target 0.01 and 0.05), scores.txt (`label utt_a utt_b score`), det.png, and the
+at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
+speakers, `*_ci_low` / `*_ci_high`), scores.txt (`label utt_a utt_b score`), det.png, and the
 training log (log.csv, log.jsonl; wandb too under logger=wandb).
 """
 
@@ -31,14 +36,31 @@ from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
 from training.run_logger import logger_from_config
 from training.loop import train
-from common.metrics import det_curve, plot_det_curve, speaker_verification_metrics
+from common.metrics import det_curve, plot_det_curve, speaker_bootstrap_ci, speaker_verification_metrics
 from common.files import atomic_write_text
 from common.seeding import seed_everything
 from training.stage import open_stage
 
 log = logging.getLogger(__name__)
 
-TRAIN_FEATURES = {"ignorant": "clean", "lazy_informed": "lazy", "semi_informed": "protected"}
+# attacker.scenario -> the export kinds of (training data, enrolment, trials)
+SCENARIOS = {
+    "ignorant": ("clean", "clean", "protected"),
+    "lazy_informed": ("clean", "protected_enrol", "protected"),
+    "semi_informed": ("protected", "protected", "protected"),
+    "untrained_masks": ("untrained", "protected", "protected"),
+}
+
+
+def scenario_kinds(input_: str, scenario: str) -> tuple[str, str, str]:
+    """The export kinds (training data, enrolment, trials) an attack reads."""
+    if input_ == "clean":
+        return "clean", "clean", "clean"
+    if input_ != "protected":
+        raise ValueError(f"attacker.input={input_!r}: expected raw, clean or protected")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"attacker.scenario={scenario!r}: expected one of {sorted(SCENARIOS)}")
+    return SCENARIOS[scenario]
 
 
 def attack_stage_name(cfg: DictConfig) -> str:
@@ -47,10 +69,7 @@ def attack_stage_name(cfg: DictConfig) -> str:
         return "attack/raw"
     if a.input == "clean":
         return "attack/clean"
-    if a.input != "protected":
-        raise ValueError(f"attacker.input={a.input!r}: expected raw, clean or protected")
-    if a.scenario not in TRAIN_FEATURES:
-        raise ValueError(f"attacker.scenario={a.scenario!r}: expected one of {sorted(TRAIN_FEATURES)}")
+    scenario_kinds(a.input, a.scenario)  # validates both
     return f"attack/{a.scenario}"
 
 
@@ -100,7 +119,7 @@ def _check_finite(name: str, seqs: list[torch.Tensor] | None, source: Path | str
 
 
 def load_feature_sets(cfg: DictConfig):
-    """(train FeatureSet, trials FeatureSet, feature dim) from the ASR run's export."""
+    """(training, enrolment, trials FeatureSets, feature dim) from the ASR run's export, by scenario."""
     from training.avhubert.export import read_export
     from training.avhubert.finetune import asr_run_dir
 
@@ -119,11 +138,14 @@ def load_feature_sets(cfg: DictConfig):
     if source is not None and Path(source) != expected:
         raise ValueError(f"{export_dir} was exported through the model of {source}, but this attack is on asr_run={expected}; "
                          "re-run `python train_avhubert.py task=export force=true <the same overrides>`")
-    train_kind = "clean" if a.input == "clean" else TRAIN_FEATURES[a.scenario]
-    test_kind = "clean" if a.input == "clean" else "protected"
+    train_kind, enrol_kind, test_kind = scenario_kinds(a.input, a.scenario)
     sets = []
-    for split, kind in (("attacker_train", train_kind), ("attacker_trials", test_kind)):
+    for split, kind in (("attacker_train", train_kind), ("attacker_trials", enrol_kind), ("attacker_trials", test_kind)):
         feats, ids, speakers = read_export(export_dir, split)
+        if f"audio/{kind}" not in feats:
+            raise ValueError(f"{export_dir / (split + '.safetensors')} has no '{kind}' features (it holds "
+                             f"{sorted({k.split('/', 1)[1] for k in feats})}), which attacker.scenario={a.scenario} needs; "
+                             "it was written by an older export: re-run `python train_avhubert.py task=export force=true <the same overrides>`")
         audio = feats[f"audio/{kind}"] if "audio" in a.modalities else None
         video = feats[f"video/{kind}"] if "video" in a.modalities else None
         _check_finite("audio", audio, export_dir / f"{split}.safetensors")
@@ -131,7 +153,10 @@ def load_feature_sets(cfg: DictConfig):
         lengths = [t.shape[0] for t in feats[f"audio/{kind}"]]
         sets.append(FeatureSet(audio, video, speakers, ids, lengths))
     dim = sets[0].audio[0].shape[-1] if sets[0].audio is not None else sets[0].video[0].shape[-1]
-    return sets[0], sets[1], dim
+    train_set, enrol_set, test_set = sets
+    if enrol_kind == test_kind:
+        enrol_set = test_set  # embedded once
+    return train_set, enrol_set, test_set, dim
 
 
 def load_raw_sets(cfg: DictConfig):
@@ -182,6 +207,18 @@ def _inputs(fs_batch: dict, raw: bool):
     return audio, video, pad
 
 
+@torch.no_grad()
+def embed_set(model: RJCASpeakerVerifier, fs: FeatureSet, raw: bool, device, batch_size: int = 32) -> torch.Tensor:
+    """Speaker embeddings [N, E] of every utterance of a FeatureSet, in its order."""
+    collate = make_collate(fs)
+    embs = []
+    for start in range(0, len(fs), batch_size):
+        batch = move_to_device(collate(list(range(start, min(start + batch_size, len(fs))))), device)
+        audio, video, pad = _inputs(batch, raw)
+        embs.append(model.embed(audio, video, pad).float().cpu())
+    return torch.cat(embs)
+
+
 def run_attack(cfg: DictConfig) -> dict:
     a = cfg.attacker
     name = attack_stage_name(cfg)
@@ -189,7 +226,11 @@ def run_attack(cfg: DictConfig) -> dict:
     trials_path = manifest_dir(cfg.data.dir) / "trials.txt"
     with open_stage(cfg, name) as stage:
         gen = seed_everything(cfg.seed)
-        train_set, test_set, dim = load_raw_sets(cfg) if raw else load_feature_sets(cfg)
+        if raw:
+            train_set, test_set, dim = load_raw_sets(cfg)
+            enrol_set = test_set
+        else:
+            train_set, enrol_set, test_set, dim = load_feature_sets(cfg)
         trials = _usable_trials(cfg, trials_path, set(test_set.ids), stage.metrics)
         rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
                                      "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
@@ -220,20 +261,17 @@ def run_attack(cfg: DictConfig) -> dict:
                        progress_bar=cfg.trainer.progress_bar, desc=name, device=device)  # fp32: a small model; AAM logits at scale s
         logger.close()
         train_seconds = time.time() - t0
-        # Embed every trials utterance once, then score the pairs.
+        # Embed every trials utterance once per representation (enrolment, test), then score the pairs:
+        # utterance a of a trial is the enrolment, utterance b the test.
         model.eval()
-        collate = make_collate(test_set)
-        index = {uid: i for i, uid in enumerate(test_set.ids)}
-        embs = []
         t1 = time.time()
-        with torch.no_grad():
-            for start in range(0, len(test_set), 32):
-                batch = move_to_device(collate(list(range(start, min(start + 32, len(test_set))))), device)
-                audio, video, pad = _inputs(batch, raw)
-                embs.append(model.embed(audio, video, pad).float().cpu())
-        emb = torch.cat(embs)
-        ea = emb[[index[t.a] for t in trials]]
-        eb = emb[[index[t.b] for t in trials]]
+        emb_test = embed_set(model, test_set, raw, device)
+        emb_enrol = emb_test if enrol_set is test_set else embed_set(model, enrol_set, raw, device)
+        index = {uid: i for i, uid in enumerate(test_set.ids)}
+        if enrol_set.ids != test_set.ids:
+            raise ValueError("attack: the enrolment and trial features list different utterances; re-run the export")
+        ea = emb_enrol[[index[t.a] for t in trials]]
+        eb = emb_test[[index[t.b] for t in trials]]
         scores = RJCASpeakerVerifier.score_trials(ea, eb)
         if a.score_norm == "snorm":
             cohort = []
@@ -249,6 +287,10 @@ def run_attack(cfg: DictConfig) -> dict:
             raise ValueError(f"attack: {int((~torch.isfinite(scores)).sum())} trial scores are NaN/inf; the attacker diverged")
         labels = [int(t.target) for t in trials]
         metrics = speaker_verification_metrics(scores.numpy(), labels)
+        if a.get("ci_resamples", 0):
+            speaker_of = {uid: test_set.speaker_names[test_set.labels[i]] for i, uid in enumerate(test_set.ids)}
+            metrics.update(speaker_bootstrap_ci(scores.numpy(), labels, [speaker_of[t.a] for t in trials],
+                                                [speaker_of[t.b] for t in trials], n_resamples=a.ci_resamples, seed=cfg.seed))
         atomic_write_text(stage.dir / "scores.txt", "".join(f"{l} {t.a} {t.b} {s:.6f}\n" for l, t, s in zip(labels, trials, scores.tolist())))
         far, frr, _ = det_curve(scores.numpy(), labels)
         plot_det_curve({name: (far, frr)}, stage.dir / "det.png")

@@ -128,6 +128,10 @@ class DataConfig:
     roi_detect_max_side: int = 360  # frames larger than this are downscaled for detection only (CNN time ~ pixels)
     roi_smooth_window: int = 12  # landmark smoothing window (frames), AV-HuBERT's window_margin
     max_utterances: Optional[int] = None  # debugging: prepare only the first N source files (sorted)
+    # Signal-level anonymisation of every waveform before the front-end (data/anonymize.py): none | mcadams
+    # (the VoicePrivacy McAdams-coefficient baseline, pole angles phi -> phi ** mcadams_alpha).
+    anonymize: str = one_of("none", "mcadams")
+    mcadams_alpha: float = 0.8
 
 
 @dataclass
@@ -203,6 +207,10 @@ class MasksConfig:
     min_scale: float = 0.0  # floor on the relative noise std (keeps the masks from learning to vanish)
     modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])  # frontend position: masked front-ends
     noise_at_eval: bool = True  # the protected representation is noisy at inference too (docs/method.md)
+    # frame: a fresh noise draw per frame | segment: one per `segment_frames` frames | utterance: one per
+    # utterance. The same at training, evaluation, export and attack (docs/method.md, section 2).
+    noise_granularity: str = one_of("frame", "segment", "utterance")
+    segment_frames: int = 25  # segment granularity: frames per draw (25 = 1 s at 25 fps)
 
 
 class LossConfig:
@@ -214,6 +222,14 @@ class LossConfig:
     pooling: str = one_of("utterance", "frame")
     other_speaker_negatives: bool = False  # ablation: every other utterance is a negative, not only same-speaker ones
     projection_dim: int = 128  # contrastive projection head output (head is dropped after training)
+    projection: str = one_of("learned", "frozen", "none")  # learned | frozen (random, not trained) | none (cosine on the pooled representation)
+    negatives: str = one_of("clean", "protected")  # clean | protected: which versions of the same-speaker utterances are the negatives
+    # Gradient-reversal adversarial speaker classifier on pooled protected features (privacy/adversary.py); 0 = off.
+    adversary_weight: float = 0.0
+    adversary_grl_scale: float = 1.0
+    adversary_input: str = one_of("fused", "audio", "video")  # fused | audio | video (the last two: front-end masks only)
+    adversary_hidden_dim: int = 256
+    noise_weight: float = 0.0  # beta in  - beta * mean log sigma  (pushes the noise level up); 0 = off
 
 
 @dataclass
@@ -276,7 +292,7 @@ class AttackerConfig:
     "features" and audio_feat_dim / video_feat_dim from the features attacked)."""
 
     name: str = MISSING  # rjca | audio_only | video_only
-    scenario: str = one_of("semi_informed", "ignorant", "lazy_informed")
+    scenario: str = one_of("semi_informed", "ignorant", "lazy_informed", "untrained_masks")  # training/attack.py SCENARIOS
     input: str = one_of("protected", "raw", "clean")
     modalities: list[str] = list_of(("audio", "video"), ["audio", "video"])
     segments: int = 8  # L segment embeddings per utterance (boundaries adapt to its length)
@@ -303,7 +319,8 @@ class AttackerConfig:
     batch_size: int = 32
     score_norm: str = one_of("none", "snorm")
     snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
-    lazy_seed_offset: int = 1000  # lazy-informed: mask instance drawn with seed + offset
+    ci_resamples: int = 1000  # speaker-resampling bootstrap replicates for the EER / minDCF 95 % intervals; 0 = none
+    lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
 
 
 @dataclass
@@ -469,6 +486,39 @@ def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any) -> str:
     return suffix
 
 
+def _noise_tag(granularity: Any, segment_frames: Any) -> str:
+    """Run-name suffix for the masks' noise granularity: empty for frame noise (the original
+    run names stay valid), "-utt" for utterance noise, "-seg<N>" for segments of N frames."""
+    if str(granularity) == "utterance":
+        return "-utt"
+    if str(granularity) == "segment":
+        return f"-seg{segment_frames}"
+    return ""
+
+
+def _privacy_terms_tag(contrastive: Any, projection: Any, negatives: Any, adversary_weight: Any,
+                       adversary_input: Any, noise_weight: Any) -> str:
+    """Run-name part for the privacy terms beyond loss.tag; "none" (dropped) at their defaults."""
+    parts = []
+    if str(contrastive) == "True":
+        if str(projection) != "learned":
+            parts.append(f"p{projection}")
+        if str(negatives) != "clean":
+            parts.append(f"n{negatives}")
+    if float(adversary_weight) > 0:
+        parts.append(f"adv{adversary_weight}" + ("" if str(adversary_input) == "fused" else f"{adversary_input}"))
+    if float(noise_weight) > 0:
+        parts.append(f"nw{noise_weight}")
+    return "-".join(parts) if parts else "none"
+
+
+def _anonymize_tag(method: Any, alpha: Any) -> str:
+    """Run-name part for data.anonymize: "none" (dropped) when off, "mcadams0.8" otherwise."""
+    if str(method) == "none":
+        return "none"
+    return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
     baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
@@ -508,6 +558,12 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_tags", _run_tags)
     if not OmegaConf.has_resolver("dp_tag_suffix"):
         OmegaConf.register_new_resolver("dp_tag_suffix", _dp_tag_suffix)
+    if not OmegaConf.has_resolver("noise_tag"):
+        OmegaConf.register_new_resolver("noise_tag", _noise_tag)
+    if not OmegaConf.has_resolver("privacy_terms_tag"):
+        OmegaConf.register_new_resolver("privacy_terms_tag", _privacy_terms_tag)
+    if not OmegaConf.has_resolver("anonymize_tag"):
+        OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("app_config_groups"):

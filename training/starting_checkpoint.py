@@ -177,11 +177,11 @@ def _ctc_finetune(cfg: DictConfig, pretrained: Path, tokenizer: WordTokenizer, s
     freeze_frontends(model)
     for p in (core.final_proj.weight, core.final_proj.bias, core.label_embs_concat, core.mask_emb):
         p.requires_grad_(False)  # pretraining-only parameters get no gradient from CTC
-    train_ds = make_dataset(cfg, FIT_SPLIT, tokenizer, train=True, modalities=("audio",), cache_items=True)
-    video_cache = video_feature_cache(core, make_dataset(cfg, FIT_SPLIT, tokenizer, modalities=("video",)))
+    train_ds = make_dataset(cfg, FIT_SPLIT, tokenizer, train=True, modalities=("audio",), cache_items=True, anonymize="none")
+    video_cache = video_feature_cache(core, make_dataset(cfg, FIT_SPLIT, tokenizer, modalities=("video",), anonymize="none"))
     loader = build_dataloader(train_ds, "bucket", batch_size=tc.batch_size, seed=cfg.seed, num_workers=tc.num_workers, train=True)
-    heldout = make_dataset(cfg, HELDOUT_SPLIT, tokenizer, modalities=("audio",))
-    heldout_video = video_feature_cache(core, make_dataset(cfg, HELDOUT_SPLIT, tokenizer, modalities=("video",)))
+    heldout = make_dataset(cfg, HELDOUT_SPLIT, tokenizer, modalities=("audio",), anonymize="none")
+    heldout_video = video_feature_cache(core, make_dataset(cfg, HELDOUT_SPLIT, tokenizer, modalities=("video",), anonymize="none"))
     heldout_batches = list(build_dataloader(heldout, "bucket", batch_size=16, seed=0, num_workers=0, train=False))
 
     mask_prob, mask_length = float(sc.finetune_mask_prob), int(sc.finetune_mask_length)

@@ -49,6 +49,9 @@ def _dry_run(cfg: DictConfig, name: str, plan: startup.Plan) -> None:
 
 def run_asr_task(cfg: DictConfig):
     quiet_third_party()
+    if (cfg.model.family == "wav2vec2" or cfg.federated.name != "none") and cfg.data.get("anonymize", "none") != "none":
+        raise ValueError(f"data.anonymize={cfg.data.anonymize} conflicts with model.family={cfg.model.family} / "
+                         f"federated={cfg.federated.name}: the McAdams baseline is wired into the AV-HuBERT stages only")
     plan = startup.run_checks(startup.check_asr, cfg)
     if cfg.dry_run:
         return _dry_run(cfg, cfg.task, plan)

@@ -16,9 +16,8 @@ from omegaconf import DictConfig
 from common.files import atomic_write_text, file_sha256
 from common.seeding import seed_everything
 from data.dataset import build_dataloader
-from privacy.masks import build_masks, mask_kind
 from common.device import move_to_device
-from training.avhubert.finetune import asr_run_dir, load_finetuned, make_dataset, task_device
+from training.avhubert.finetune import asr_run_dir, load_finetuned, make_dataset, masks_from_config, task_device
 from training.stage import open_stage
 
 
@@ -26,18 +25,25 @@ from training.stage import open_stage
 EXPORT_SPLITS = ("attacker_train", "attacker_trials")
 
 
+# The representations an export holds per modality (docs/method.md, section 5):
+#   clean            front-end features of the original audio/video: no masks, no anonymisation
+#   protected        this run's protection: data.anonymize (if any), then its trained masks (noise draw 1)
+#   protected_enrol  the same protection with another noise draw (generator seed + attacker.lazy_seed_offset):
+#                    what a lazy-informed attacker gets by running the same system on its enrolment data
+#   untrained        masks of the same kind at their initial parameters (generator seed + lazy_seed_offset + 1)
+#                    on the same audio: an attacker who knows the method but not the trained masks
+EXPORT_KINDS = ("clean", "protected", "protected_enrol", "untrained")
+
+
 @torch.no_grad()
 def export(cfg: DictConfig) -> dict:
-    """Protected (and clean) per-modality front-end features of the attacker splits.
+    """Clean and protected per-modality front-end features of the attacker splits.
 
     Format (docs/method.md): `<run_dir>/export/<split>.safetensors` with float16 tensors
-    `{audio,video}/{clean,protected,lazy}` of shape [sum of frames, D] and an int64
-    `offsets` [N+1]; `<split>.json` lists ids and speakers in the same order.
-    `protected` = this run's trained masks with fresh noise; `lazy` = masks of the
-    same kind at their initial parameters with another seed (an attacker who
-    knows the method but not the trained masks). With `asr_run` the model (and its
-    masks) is that run's and the data this command's; `<split>.json` records the
-    ASR run (`asr_run`), which the attacker checks.
+    `{audio,video}/{clean,protected,protected_enrol,untrained}` (EXPORT_KINDS) of shape
+    [sum of frames, D] and an int64 `offsets` [N+1]; `<split>.json` lists ids and speakers in
+    the same order. With `asr_run` the model (and its masks) is that run's and the data this
+    command's; `<split>.json` records the ASR run (`asr_run`), which the attacker checks.
     """
     from safetensors.torch import save_file
 
@@ -46,24 +52,37 @@ def export(cfg: DictConfig) -> dict:
         device = task_device(cfg)
         system, tokenizer, mask_gen, system_cfg = load_finetuned(cfg, device)
         m = system_cfg.masks
-        lazy_gen = torch.Generator().manual_seed(system_cfg.seed + cfg.attacker.lazy_seed_offset)
-        lazy_masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, system.core.cfg.encoder_embed_dim,
-                                 tuple(m.modalities), m.init_scale, system.core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, lazy_gen)
-        if lazy_masks is not None:
-            lazy_masks.to(device).eval()
+        enrol_gen = torch.Generator().manual_seed(system_cfg.seed + cfg.attacker.lazy_seed_offset)
+        untrained_gen = torch.Generator().manual_seed(system_cfg.seed + cfg.attacker.lazy_seed_offset + 1)
+        untrained_masks = masks_from_config(m, system.core.cfg, untrained_gen)
+        if untrained_masks is not None:
+            untrained_masks.to(device).eval()
+        anonymized = cfg.data.get("anonymize", "none") != "none"
         for split in EXPORT_SPLITS:
             ds = make_dataset(cfg, split, None)
             loader = build_dataloader(ds, "bucket", batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)
-            store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in ("clean", "protected", "lazy")}
+            # The original audio of the same utterances, in the same order (the sampler orders by length,
+            # which anonymisation keeps): the clean reference of the ignorant and lazy-informed attackers.
+            originals = iter(build_dataloader(make_dataset(cfg, split, None, modalities=("audio",), anonymize="none"), "bucket",
+                                              batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)) if anonymized else None
+            store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in EXPORT_KINDS}
             ids, speakers, lengths = [], [], []
             for b in loader:
                 b = move_to_device(b, device)
                 ca, cv, pa, pv = system.protected_features(b["audio"], b["video"], b["padding_mask"])
-                _, _, la, lv = system.protected_features(b["audio"], b["video"], b["padding_mask"], masks=lazy_masks) if lazy_masks is not None else (None, None, ca, cv)
+                _, _, ea, ev = system.protected_features(b["audio"], b["video"], b["padding_mask"], generator=enrol_gen)
+                _, _, ua, uv = (system.protected_features(b["audio"], b["video"], b["padding_mask"], masks=untrained_masks)
+                                if untrained_masks is not None else (None, None, ca, cv))
+                if originals is not None:
+                    o = move_to_device(next(originals), device)
+                    if o["ids"] != b["ids"]:
+                        raise RuntimeError(f"export {split}: original and anonymised batches are not aligned ({o['ids'][:3]} vs {b['ids'][:3]})")
+                    ca, _ = system.core.extract_frontends(o["audio"], None)
                 for i in range(len(b["ids"])):
                     n = int(b["lengths"][i])
                     for key, t in (("audio/clean", ca), ("video/clean", cv), ("audio/protected", pa), ("video/protected", pv),
-                                   ("audio/lazy", la), ("video/lazy", lv)):
+                                   ("audio/protected_enrol", ea), ("video/protected_enrol", ev),
+                                   ("audio/untrained", ua), ("video/untrained", uv)):
                         store[key].append(t[i, :n].to(torch.float16).cpu())
                     lengths.append(n)
                 ids += b["ids"]
@@ -75,6 +94,8 @@ def export(cfg: DictConfig) -> dict:
             out.with_suffix(".tmp").replace(out)
             atomic_write_text(stage.dir / f"{split}.json", json.dumps({"ids": ids, "speakers": speakers, "dim": int(tensors["audio/clean"].shape[-1]),
                                                                       "masks": system_cfg.masks.name,
+                                                                      "anonymize": cfg.data.get("anonymize", "none"),
+                                                                      "kinds": list(EXPORT_KINDS),
                                                                       "asr_run": str(asr_run_dir(cfg).resolve()), "sha256": file_sha256(out)}, indent=1))
             stage.metrics[f"{split}/utterances"] = len(ids)
             stage.metrics.update({f"{split}/{k}": v for k, v in ds.skips.report().items()})

@@ -28,8 +28,9 @@ from models.avhubert import AVHubertConfig, AVHubertModel, freeze_frontends
 from models.avhubert_checkpoint import load_avhubert_checkpoint
 from common.device import move_to_device, pin_memory_for, resolve_device
 from models.heads import AVHubertForCTC
+from privacy.adversary import SpeakerAdversary, check_privacy_terms
 from privacy.contrastive import ProjectionHead, check_loss_options
-from privacy.masks import build_masks, mask_kind
+from privacy.masks import build_masks, check_noise_granularity, mask_kind
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
 from data.ctc_decode import build_beam_decoder, check_decoder_options, ctc_greedy_decode
@@ -56,7 +57,9 @@ def avhubert_config(cfg: DictConfig) -> AVHubertConfig:
 
 
 def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = False, noise: Optional[dict] = None,
-                 modalities=("audio", "video"), return_waveform: bool = False, cache_items: bool = False) -> AVSRDataset:
+                 modalities=("audio", "video"), return_waveform: bool = False, cache_items: bool = False,
+                 anonymize: Optional[str] = None) -> AVSRDataset:
+    """anonymize=None: data.anonymize (the protection applied to every split); 'none' forces the original audio."""
     d = cfg.data
     return AVSRDataset(
         d.dir, split, tokenizer, train=train, modalities=tuple(modalities), return_waveform=return_waveform,
@@ -64,6 +67,7 @@ def make_dataset(cfg: DictConfig, split: str, tokenizer=None, train: bool = Fals
         sample_rate=d.sample_rate, fps=d.fps, stack_order=d.stack_order_audio, normalize_audio=d.normalize_audio,
         crop_size=d.crop_size, image_mean=d.image_mean, image_std=d.image_std, cache_items=cache_items,
         roi_size=d.roi_size, max_skip_fraction=d.max_skip_fraction,
+        anonymize=d.get("anonymize", "none") if anonymize is None else anonymize, mcadams_alpha=d.get("mcadams_alpha", 0.8),
     )
 
 
@@ -163,6 +167,17 @@ def pad_cached(cache: dict[str, torch.Tensor], ids: list[str], frames: int) -> t
 
 
 # --------------------------------------------------------------------------- finetune
+def masks_from_config(m: DictConfig, core_cfg: AVHubertConfig, generator: torch.Generator):
+    """The masks of the `masks` group for an encoder of `core_cfg` (None for masks=none).
+
+    Fine-tuning, evaluation and export all build them here, so the protected representation
+    (kind, position, noise level and noise granularity) is defined once."""
+    return build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core_cfg.encoder_embed_dim,
+                       tuple(m.modalities), m.init_scale, core_cfg.encoder_layers, m.min_scale, m.noise_at_eval, generator,
+                       # a config saved before these options existed (asr_run) meant frame noise
+                       noise_granularity=m.get("noise_granularity", "frame"), segment_frames=m.get("segment_frames", 1))
+
+
 def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] = None) -> tuple[MaskedAVSR, Any]:
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
@@ -177,11 +192,23 @@ def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] 
             log.info("CTC head of %s not reused: its vocabulary differs from this run's tokenizer", cfg.model.checkpoint)
     if cfg.model.freeze_frontends:
         freeze_frontends(asr)
-    m = cfg.masks
     mask_gen = torch.Generator().manual_seed(cfg.seed + 7)
-    masks = build_masks(mask_kind(m.additive, m.multiplicative), m.position, m.layer, core.cfg.encoder_embed_dim,
-                        tuple(m.modalities), m.init_scale, core.cfg.encoder_layers, m.min_scale, m.noise_at_eval, mask_gen)
-    projection = ProjectionHead(core.cfg.encoder_embed_dim, cfg.loss.projection_dim, pooling=cfg.loss.pooling) if cfg.loss.contrastive else None
+    masks = masks_from_config(cfg.masks, core.cfg, mask_gen)
+    # Defaults for the options a config saved before they existed lacks (asr_run): today's behaviour.
+    lc = OmegaConf.merge({"projection": "learned", "adversary_weight": 0.0, "adversary_input": "fused",
+                          "adversary_hidden_dim": 256, "adversary_grl_scale": 1.0}, cfg.loss)
+    projection = None
+    if lc.contrastive and lc.projection != "none":
+        projection = ProjectionHead(core.cfg.encoder_embed_dim, lc.projection_dim, pooling=lc.pooling)
+        if lc.projection == "frozen":
+            projection.requires_grad_(False)  # a fixed random map: it cannot learn to drop the speaker itself
+    adversary = None
+    if lc.adversary_weight > 0:
+        from data.manifest import read_split
+
+        # speaker_idx in a batch indexes the sorted speakers of the train manifest (data/dataset.py)
+        n_speakers = len({u.speaker for u in read_split(cfg.data.dir, "train")})
+        adversary = SpeakerAdversary(core.cfg.encoder_embed_dim, n_speakers, lc.adversary_hidden_dim, lc.adversary_grl_scale)
     a = cfg.adapter
     total = cfg.trainer.max_steps
     tinit, tfinal, delta_t = adalora_schedule(total, a.tinit_frac, a.tfinal_frac, a.delta_t) if a.name == "adalora" else (0, 0, a.delta_t)
@@ -193,7 +220,7 @@ def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] 
     if a.name != "none":
         asr.avhubert.requires_grad_(False)
     _, handle = apply_adapter(asr.avhubert.encoder, spec, trainable_extra=[])
-    system = MaskedAVSR(asr, masks, projection)
+    system = MaskedAVSR(asr, masks, projection, adversary, lc.adversary_input)
     for p in asr.ctc_proj.parameters():
         p.requires_grad_(True)
     if a.name == "none":
@@ -207,13 +234,36 @@ def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] 
 
 def validate_options(cfg: DictConfig) -> None:
     """Incompatible options fail here, before any data is loaded."""
+    check_noise_granularity(cfg.masks.noise_granularity, cfg.masks.segment_frames)
+    if cfg.masks.noise_granularity == "segment":
+        check_segment_against_data(cfg.masks.segment_frames, cfg.data.dir)
     check_loss_options(cfg.loss, cfg.trainer.sampler, cfg.trainer.utterances_per_speaker, cfg.masks.name)
+    check_privacy_terms(cfg.loss.adversary_weight, cfg.loss.adversary_input, cfg.loss.noise_weight, cfg.masks.name,
+                        cfg.masks.position, cfg.masks.modalities, cfg.model.modalities)
     check_decoder_options(cfg.eval.decoder, cfg.data.tokenizer, cfg.eval.beam_size)
     task_device(cfg)  # an unusable trainer.device fails here, not after the data is loaded
     if cfg.masks.position == "encoder" and cfg.masks.layer >= cfg.model.encoder_layers:
         raise ValueError(f"masks.layer={cfg.masks.layer} is beyond the encoder depth model.encoder_layers={cfg.model.encoder_layers}")
     if cfg.trainer.sampler == "speaker" and cfg.trainer.speakers_per_batch * cfg.trainer.utterances_per_speaker < 2:
         raise ValueError("trainer.sampler=speaker needs speakers_per_batch x utterances_per_speaker >= 2")
+
+
+def check_segment_against_data(segment_frames: int, data_dir: str, split: str = "train") -> None:
+    """masks.segment_frames must be shorter than the longest utterance of the prepared corpus.
+
+    A segment at least as long as every utterance is one draw per utterance under another
+    name (and a run directory that hides it); nothing to check before the corpus is prepared."""
+    from data.manifest import manifest_dir, read_split
+
+    if not (manifest_dir(data_dir) / f"{split}.tsv").is_file():
+        return
+    longest = max((u.n_frames for u in read_split(data_dir, split)), default=0)
+    if longest and segment_frames >= longest:
+        raise ValueError(
+            f"masks.segment_frames={segment_frames} is not shorter than the longest utterance of "
+            f"data.dir={data_dir} ({split}: {longest} frames), so masks.noise_granularity=segment would draw one noise "
+            "per utterance; use masks.noise_granularity=utterance, or a smaller masks.segment_frames"
+        )
 
 
 def tokenizer_for_run(cfg: DictConfig, texts: list[str] | None = None, run_dir: str | Path | None = None,
@@ -264,19 +314,23 @@ def finetune(cfg: DictConfig) -> dict:
                                   seed=cfg.seed, num_workers=tc.num_workers, train=True, num_replicas=world, rank=rank,
                                   pin_memory=pin_memory_for(device))
         lam = float(cfg.loss["lambda"])
+        lc = cfg.loss
+        capture = bool(lc.contrastive) or lc.adversary_weight > 0
 
         def step_fn(model, batch):
             system_ = ddp.unwrap(model)
             fv = pad_cached(video_cache, batch["ids"], batch["audio"].shape[-1]).to(device, non_blocking=True) if video_cache is not None else None
-            out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=cfg.loss.contrastive)
+            out = model(batch["audio"], batch["video"], batch["padding_mask"], feat_video=fv, capture=capture)
             ctc = system_.asr.ctc_loss(out.ctc, batch["targets"], batch["target_lengths"])
             loss = ctc + adapter.regularization()
             logs = {"ctc": float(ctc.detach())}
-            if cfg.loss.contrastive:
-                cl, diag = system_.contrastive_loss(out, batch["speaker_idx"], batch["padding_mask"], cfg.loss.temperature,
-                                                    cfg.loss.pooling, cfg.loss.other_speaker_negatives)
-                loss = loss + lam * cl
-                logs.update(contrastive=float(cl.detach()), **{f"cl_{k}": float(v) for k, v in diag.items()})
+            if capture or lc.noise_weight > 0:
+                privacy, privacy_logs = system_.privacy_loss(
+                    out, batch["speaker_idx"], batch["padding_mask"], contrastive_weight=lam if lc.contrastive else None,
+                    temperature=lc.temperature, pooling=lc.pooling, other_speaker_negatives=lc.other_speaker_negatives,
+                    negatives_from=lc.negatives, adversary_weight=lc.adversary_weight, noise_weight=lc.noise_weight)
+                loss = loss + privacy
+                logs.update(privacy_logs)
             if system_.masks is not None:
                 logs["mask_log_sigma"] = float(system_.masks.mean_log_sigma().detach())
             return loss, logs
@@ -371,15 +425,18 @@ def load_finetuned(cfg: DictConfig, device: torch.device | None = None):
 
 # --------------------------------------------------------------------------- probes / validation
 class LeakageProbe:
-    """Speaker information in pooled clean vs protected representations of train-speaker utterances.
+    """Speaker information in pooled clean vs protected representations of one split's speakers
+    (default: the train speakers the masks were trained on; evaluate also runs it on the held-out
+    attacker_trials speakers).
 
     A linear classifier (half the utterances of each speaker to fit, half to test)
     and cosine-scoring EER; cheap enough to log at every evaluation.
     """
 
-    def __init__(self, cfg: DictConfig, system: MaskedAVSR, video_cache_source: str = "train", per_speaker: int = 8):
+    def __init__(self, cfg: DictConfig, system: MaskedAVSR, video_cache_source: str = "train", per_speaker: int = 8,
+                 split: str = "train"):
         self.cfg = cfg
-        ds = make_dataset(cfg, "train", None, modalities=("audio", "video"))
+        ds = make_dataset(cfg, split, None, modalities=("audio", "video"))
         by_spk: dict[str, list[int]] = {}
         for i, u in enumerate(ds.utterances):
             by_spk.setdefault(u.speaker, []).append(i)
@@ -488,4 +545,9 @@ def evaluate(cfg: DictConfig) -> dict:
                 log.info("evaluate %s %-12s WER %.2f%%", modality, condition, 100 * stage.metrics[f"wer/{modality}/{condition}"])
         stage.metrics["n_utterances"] = len(scored)  # scored; skipped/* says how many were dropped and why
         stage.metrics.update(scored.skips.report())
+        # The linear probe on speakers neither the ASR model nor its masks ever saw (attacker_trials),
+        # after the WER loop so the WER noise draws are unchanged.
+        mask_gen.manual_seed(cfg.seed + 13)
+        heldout = LeakageProbe(cfg, system, split="attacker_trials")(system)
+        stage.metrics.update({k.replace("probe/", "probe_heldout/"): v for k, v in heldout.items()})
         return dict(stage.metrics)

@@ -90,7 +90,7 @@ def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.n
         raise ValueError(f"pretrain.target_layer={layer}: expected 1..{teacher.cfg.encoder_layers} (encoder layers of {path})")
     teacher.eval()
     feats: dict[str, np.ndarray] = {}
-    eval_ds = make_dataset(cfg, dataset.split, None)
+    eval_ds = make_dataset(cfg, dataset.split, None, anonymize="none")
     for batch in build_dataloader(eval_ds, "bucket", batch_size=8, seed=0, num_workers=0, train=False):
         out = teacher(batch["audio"], batch["video"], batch["padding_mask"], output_hidden_states=True)
         hidden = out.hidden_states[layer]  # index 0 is the encoder input
@@ -127,7 +127,9 @@ def pretrain(cfg: DictConfig) -> dict:
     with open_stage(cfg, "pretrain", directory=out_dir, attempt_outputs=(f"{cfg.pretrain.split}.km", "checkpoint_last.pt")) as stage:
         gen = seed_everything(cfg.seed)
         tc = cfg.pretrain
-        dataset = make_dataset(cfg, tc.split, train=True)
+        # the pretraining data is never anonymised: every run (McAdams baseline included) starts
+        # from the same pretrained checkpoint, which is not in the run directory
+        dataset = make_dataset(cfg, tc.split, train=True, anonymize="none")
         model_cfg = pretrain_model_config(cfg)
         t_targets = time.time()
         targets = _cluster_targets(cfg, dataset, out_dir, k=model_cfg.num_classes - 4)
