@@ -32,7 +32,7 @@ def compose_cfg(tmp, *overrides):
 # --------------------------------------------------------------------------- fingerprints
 def test_fingerprint_covers_what_the_stage_computes(tmp_path):
     base = stage_fingerprint(compose_cfg(tmp_path), "finetune")
-    assert base["trainer.lr"] == 1e-3 and base["data.tokenizer"] == "char" and base["seed"] == 1
+    assert base["trainer.lr"] == 1e-3 and base["data.tokenizer"] == "word" and base["seed"] == 1
     # operational settings and attacker options do not change what fine-tuning computes
     same = compose_cfg(tmp_path, "trainer.progress_bar=false", "trainer.log_every=3", "attacker.epochs=99", "logger.mode=disabled",
                        "eval.beam_size=3", "force=true")
@@ -48,7 +48,7 @@ def test_fingerprint_covers_what_the_stage_computes(tmp_path):
     assert base["data.dir"] == "${paths.root_dir}/datasets/synthgrid"
     assert stage_fingerprint(compose_cfg(tmp_path / "moved"), "finetune") == base
     # pretraining is shared by every fine-tuning configuration (and predicts k-means units, not tokens)
-    assert stage_fingerprint(other, "pretrain") == stage_fingerprint(compose_cfg(tmp_path, "data.tokenizer=word"), "pretrain")
+    assert stage_fingerprint(other, "pretrain") == stage_fingerprint(compose_cfg(tmp_path, "data.tokenizer=char"), "pretrain")
     assert stage_fingerprint(compose_cfg(tmp_path, "pretrain.lr=0.1"), "pretrain") != stage_fingerprint(other, "pretrain")
 
 

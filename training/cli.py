@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Iterator
 
+from training.config import ConfigChoiceError
 from training.startup import StartupError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def report_startup_errors() -> Iterator[None]:
     """
     try:
         yield
-    except StartupError as error:
+    except (StartupError, ConfigChoiceError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s\n(configuration error, nothing was run; set HYDRA_FULL_ERROR=1 for the traceback)", error)

@@ -129,9 +129,11 @@ def check_attack(cfg: DictConfig) -> Plan:
 
 def run_checks(check, cfg: DictConfig) -> Plan:
     """Run a check; any ValueError / FileNotFoundError it raises becomes a StartupError."""
+    from training.config import ConfigChoiceError
+
     try:
         return check(cfg)
-    except StartupError:
+    except (StartupError, ConfigChoiceError):  # already one clear message (cli.report_startup_errors prints both)
         raise
     except FileNotFoundError as error:
         raise MissingInputError(str(error)) from error

@@ -62,7 +62,7 @@ DEFAULT_TASK_CONFIG: dict[str, Any] = {
     "task-trainable-layers": -1,
     "task-train-positional-conv": True,
     "task-eval-batch-size": 16,
-    "task-tokenizer": "char",  # char | word (data.tokenizer)
+    "task-tokenizer": "word",  # word | char (data.tokenizer; word units leave the CTC blank plateau on SynthGRID)
 }
 
 
