@@ -20,25 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.avhubert import GradMultiply
 from privacy.contrastive import masked_mean_over_time
 
 ADVERSARY_INPUTS = ("fused", "audio", "video")
 
 
-class _GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.scale * grad, None
-
-
 def gradient_reversal(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity in the forward pass; the gradient is multiplied by -scale in the backward pass."""
-    return _GradientReversal.apply(x, float(scale))
+    """Identity in the forward pass; the gradient is multiplied by -scale in the backward pass
+    (fairseq's GradMultiply, which the model already uses for feature_grad_mult, with a negative scale)."""
+    return GradMultiply.apply(x, -float(scale))
 
 
 class SpeakerAdversary(nn.Module):
