@@ -63,6 +63,13 @@ def _set_task_identity(run_id: int) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
+def _timeout_reply(message: Message, what: str) -> Message:
+    """The error reply the strategy counts as a failure for a node the round timeout cut off."""
+    reason = f"timed out: {what}"
+    log.warning("node %d %s", message.metadata.dst_node_id, reason)
+    return Message(Error(code=TIMEOUT_CODE, reason=reason), reply_to=message)
+
+
 class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process (node ids 1..N, partition-id = node id - 1)."""
 
@@ -117,9 +124,7 @@ class InProcessGrid(Grid):
             node_id = message.metadata.dst_node_id
             self.sent.append(message)
             if deadline is not None and time.monotonic() > deadline:
-                reason = f"timed out: the round timeout of {timeout:g} s had passed before this node was called"
-                log.warning("node %d %s", node_id, reason)
-                reply = Message(Error(code=TIMEOUT_CODE, reason=reason), reply_to=message)
+                reply = _timeout_reply(message, f"the round timeout of {timeout:g} s had passed before this node was called")
                 self.received.append(reply)
                 replies.append(reply)
                 continue
@@ -130,9 +135,7 @@ class InProcessGrid(Grid):
                 reason = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}"
                 reply = Message(Error(code=CLIENT_EXCEPTION_CODE, reason=reason), reply_to=message)
             if deadline is not None and time.monotonic() > deadline:
-                reason = f"timed out: the reply came after the round timeout of {timeout:g} s and was discarded"
-                log.warning("node %d %s", node_id, reason)
-                reply = Message(Error(code=TIMEOUT_CODE, reason=reason), reply_to=message)
+                reply = _timeout_reply(message, f"the reply came after the round timeout of {timeout:g} s and was discarded")
             self.received.append(reply)
             replies.append(reply)
         return replies
