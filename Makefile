@@ -23,10 +23,13 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) -m scripts.demo
 
-## make checkpoints: regenerate the shipped starting checkpoint + model card (checkpoints/; ~1 h on 2 cores)
+## make checkpoints: regenerate the shipped starting checkpoints + model cards (checkpoints/; ~1 h on 2 cores):
+## AV-HuBERT (avhubert_tiny_synthgrid.pt) and the public Wav2Vec2 start of the private runs (wav2vec2_tiny_synthgrid.pt)
 checkpoints: $(STAMP)
 	$(PY) -m scripts.prepare_data
 	$(PY) train_avhubert.py experiment=starting_checkpoint task=build_checkpoint
+	$(PY) -m scripts.prepare_data data=synthgrid_population
+	$(PY) train_avhubert.py experiment=wav2vec2_public_start task=build_checkpoint
 
 ## make test: the fast test suite
 test: $(STAMP)

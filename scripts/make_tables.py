@@ -49,6 +49,7 @@ AXES = (
     "compression.name",
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
     "federated.local_steps",  # baseline makes the same total), so a demo run never merges with a sweep
+    "federated.cohort_rate",  # Poisson cohorts: the per-round sampling rate the user-level DP is accounted at
 )
 
 
@@ -192,6 +193,8 @@ FL_TABLE = [
     Column("ε spent (max client)", "federated:epsilon/max", scale=1.0, digits=2),  # title completed by epsilon_title()
     Column("rounds", "federated:rounds", scale=1.0, digits=0),
     Column("test CTC loss", "federated:test_loss", scale=1.0, digits=2),
+    Column("clients / round", "federated:mean_cohort_size", scale=1.0, digits=1),
+    Column("DP noise / signal (mean over rounds)", "federated:dp/noise_to_signal_mean", scale=1.0, digits=2),
     Column("KB sent / client / round", "federated:bytes_per_client_round", scale=1e-3, digits=1),
     Column("compression ratio", "federated:compression_ratio", scale=1.0, digits=2),
 ]
@@ -211,12 +214,23 @@ def epsilon_title(runs: list[Run]) -> str:
     return f"ε spent (max client), δ = 1e-5, add/remove one {which}"
 
 
+def _no_training(run: Run) -> bool:
+    """The public start evaluated as it is (federated=none, dp=none, 0 rounds): the "no private training" row."""
+    return run.axis("federated.name") in (None, "none") and run.axis("dp.name") in (None, "none") and run.axis("federated.num_rounds") == 0
+
+
 def _label(run: Run) -> str:
     parts = [str(run.axis("model.name")), str(run.axis("adapter.name"))]
     if str(run.axis("model.name")).startswith("wav2vec2"):
         parts = [str(run.axis("model.name"))]
+        if _no_training(run):
+            return ", ".join(parts + ["no private training (the public start as it is)"])
         fed, dp = run.axis("federated.name"), run.axis("dp.name")
+        if run.axis("adapter.name") == "lora":
+            parts.append(f"LoRA r={run.axis('adapter.r')} + CTC head")
         parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
+        if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson":
+            parts.append(f"{run.axis('federated.num_clients')} clients, Poisson q={run.axis('federated.cohort_rate')}")
         if dp not in (None, "none"):
             parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)")
         if run.axis("compression.name") not in (None, "none"):
@@ -239,6 +253,8 @@ def plain_label(run: Run) -> str:
     """A system in words, for plot legends ("both masks + contrastive (λ=0.1)", "no masks",
     "FL + local DP, int8 updates")."""
     if str(run.axis("model.name")).startswith("wav2vec2"):
+        if _no_training(run):
+            return "no private training (public start)"
         fed, dp, comp = run.axis("federated.name"), run.axis("dp.name"), run.axis("compression.name")
         text = "centralised" if fed in (None, "none") else f"FL ({fed})"
         if dp not in (None, "none"):
@@ -423,8 +439,11 @@ def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
         if "federated:wer" not in r.metrics:
             continue
         if r.axis("dp.name") in (None, "none"):
-            fed = r.axis("federated.name")
-            no_dp["centralised" if fed in (None, "none") else f"FL ({fed})"].append(r.metrics["federated:wer"])
+            fed, comp = r.axis("federated.name"), r.axis("compression.name")
+            name = plain_label(r) if _no_training(r) else "centralised" if fed in (None, "none") else f"FL ({fed})"
+            if fed not in (None, "none") and comp not in (None, "none"):
+                name += f", {comp} updates"
+            no_dp[name].append(r.metrics["federated:wer"])
         elif "federated:epsilon/max" in r.metrics:  # FL + DP and DP-only (one data holder) are separate lines
             key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"))
             with_dp[key][float(r.axis("dp.target_epsilon"))].append((r.metrics["federated:epsilon/max"], r.metrics["federated:wer"]))
@@ -443,10 +462,11 @@ def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
         what = "DP-only, centralised DP-SGD" if dp_only else f"FL + {what}"
         ax.errorbar(eps, wer, yerr=err if any(err) else None, fmt=next(markers) + "-", capsize=2, ms=5, alpha=0.85,
                     label=f"{what}, {'no compression' if comp in (None, 'none') else comp + ' updates'}")
-    styles = iter([":", "--", "-."])
+    styles = iter([":", "--", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1))])
+    greys = iter(["black", "0.45", "0.25", "0.6", "0.35", "0.5"])
     for name, values in sorted(no_dp.items()):
         w, sd = _mean_std([100 * v for v in values])
-        ax.axhline(w, color="gray", lw=1.2, ls=next(styles, ":"), label=f"no DP: {name} ({w:.1f} %)")
+        ax.axhline(w, color=next(greys, "gray"), lw=1.2, ls=next(styles, ":"), label=f"no DP: {name} ({w:.1f} %)")
     if not no_dp:
         ax.text(0.99, 0.98, "no run without DP among these runs:\nno baseline to compare with", transform=ax.transAxes,
                 ha="right", va="top", fontsize=7, color="0.35")
@@ -472,12 +492,21 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         rounds_file = run.run_dir / "federated" / "federated_rounds.json"
         if "federated:wer" not in run.metrics or not rounds_file.is_file():
             continue
-        rounds = [r for r in json.loads(rounds_file.read_text()).get("rounds", []) if r.get("eval")]
+        all_rounds = json.loads(rounds_file.read_text()).get("rounds", [])
+        server = [r for r in all_rounds if r.get("server_eval")]
+        if server:  # the server scored the global model on the test speakers every round
+            curves.append((plain_label(run), [r["server_round"] for r in server], [r["server_eval"]["loss"] for r in server],
+                           [100 * r["server_eval"]["wer"] for r in server], run.axis("dp.name")))
+            continue
+        rounds = [r for r in all_rounds if r.get("eval")]
         if rounds:
             curves.append((plain_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
                            [100 * r["eval"]["eval_wer"] for r in rounds], run.axis("dp.name")))
     if not curves:
         return False
+    on_test = any(r.run_dir.joinpath("federated", "federated_rounds.json").is_file() and '"server_eval"' in
+                  r.run_dir.joinpath("federated", "federated_rounds.json").read_text() for r in runs if "federated:wer" in r.metrics)
+    where = "test speakers (server-side)" if on_test else "clients' held-out utterances"
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -495,10 +524,11 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    ax_loss.set_ylabel("CTC loss, clients' held-out utterances")
-    ax_wer.set_ylabel("Word error rate, clients' held-out utterances (%)")
-    ax_wer.axhline(100, color="gray", lw=0.8, ls=":")
-    fig.suptitle("Federated evaluation per round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
+    ax_loss.set_ylabel(f"CTC loss, {where}")
+    ax_wer.set_ylabel(f"Word error rate, {where} (%)")
+    if max(v for c in curves for v in c[3]) >= 90:
+        ax_wer.axhline(100, color="gray", lw=0.8, ls=":")
+    fig.suptitle("Global model after each round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()

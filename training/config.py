@@ -106,6 +106,7 @@ class DataConfig:
     sample_rate: int = 16000
     fps: int = 25
     roi_size: int = 96
+    audio_only: bool = False  # SynthGRID: wav files only, no mouth video (audio-only models, large speaker populations)
     crop_size: int = 88
     image_mean: float = 0.421
     image_std: float = 0.165
@@ -264,6 +265,8 @@ class FederatedConfig:
     local_steps: Optional[int] = None
     local_optimizer: str = one_of(*LOCAL_OPTIMIZERS)  # the client's optimiser (fresh every round; DP-Adam under dp=local)
     fraction_train: float = 1.0
+    cohort_sampling: str = one_of("fixed", "poisson")  # poisson: every client joins a round with probability cohort_rate (fedavg)
+    cohort_rate: float = 1.0  # poisson: q; user-level DP (dp=central) is accounted for Poisson subsampling at this rate
     min_train_nodes: int = 2
     proximal_mu: float = 0.01
     backend: str = one_of("ray", "sequential")  # sequential: in-process simulation of the same apps

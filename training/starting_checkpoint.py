@@ -74,7 +74,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_starting_checkpoint(path: str | Path) -> Optional[dict]:
+def verify_starting_checkpoint(path: str | Path, regenerate: str = REGENERATE) -> Optional[dict]:
     """If `path` has a model card, check the file against it; returns the card (None without a card).
 
     Missing file, checksum mismatch or unreadable card -> StartingCheckpointError naming the file,
@@ -84,22 +84,22 @@ def verify_starting_checkpoint(path: str | Path) -> Optional[dict]:
     card_json, _ = card_paths(path)
     if not card_json.is_file():
         if not path.is_file():
-            raise StartingCheckpointError(f"{path}: checkpoint not found. Regenerate it with `{REGENERATE}`")
+            raise StartingCheckpointError(f"{path}: checkpoint not found. Regenerate it with `{regenerate}`")
         return None
     try:
         card = json.loads(card_json.read_text())
         expected = str(card["sha256"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise StartingCheckpointError(f"{card_json}: unreadable model card ({exc}); expected JSON with a 'sha256' field. "
-                                      f"Regenerate checkpoint and card with `{REGENERATE}`") from exc
+                                      f"Regenerate checkpoint and card with `{regenerate}`") from exc
     if not path.is_file():
         raise StartingCheckpointError(f"{path}: checkpoint not found (its card {card_json} exists). "
-                                      f"Regenerate it with `{REGENERATE}`")
+                                      f"Regenerate it with `{regenerate}`")
     actual = sha256_file(path)
     if actual != expected:
         raise StartingCheckpointError(
             f"{path}: sha256 {actual} does not match its model card {card_json} (sha256 {expected}); refusing to use it. "
-            f"Restore the shipped file (git checkout -- {path}) or regenerate checkpoint and card with `{REGENERATE}`")
+            f"Restore the shipped file (git checkout -- {path}) or regenerate checkpoint and card with `{regenerate}`")
     return card
 
 
@@ -142,6 +142,8 @@ def corpus_checksum(data_dir: str | Path, splits: tuple[str, ...]) -> str:
         for u in read_split(data_dir, split):
             digest.update(f"{split}\t{u.id}\t{u.speaker}\t{u.text}\t{u.n_frames}\t{u.n_samples}\n".encode())
             for media in (u.audio, u.video):
+                if not media:  # an audio-only corpus has no video
+                    continue
                 rel = Path(media).resolve().relative_to(data_dir.resolve()).as_posix()
                 digest.update(f"{sums.get(rel, 'unknown')}\n".encode())
     return digest.hexdigest()

@@ -66,6 +66,10 @@ class SynthGridParams:
     fps: int = FPS
     roi_size: int = 96
     on_error: str = "raise"  # raise | skip
+    # True: wav files only, no mouth video (the manifest's video column is empty). An utterance's audio
+    # bytes are the same as with video (the mouth is rendered after the audio, from the same stream);
+    # for audio-only models (Wav2Vec2) and large speaker populations (federated user-level DP).
+    audio_only: bool = False
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> "SynthGridParams":
@@ -169,8 +173,8 @@ def _espeak():
 
 def synthesize_utterance(
     params: SynthGridParams, spk: SpeakerParams, plan: UtterancePlan
-) -> tuple[np.ndarray, np.ndarray, list[tuple[float, str]]]:
-    """(audio float32 [n_frames*640], frames uint8 [n_frames, roi, roi], phoneme events in s)."""
+) -> tuple[np.ndarray, np.ndarray | None, list[tuple[float, str]]]:
+    """(audio float32 [n_frames*640], frames uint8 [n_frames, roi, roi] (None if params.audio_only), phoneme events in s)."""
     from data.synthgrid.lips import mouth_trajectory, render_mouth
     from data.synthgrid.tts import apply_timbre, vtl_resample_ratio
 
@@ -199,6 +203,8 @@ def synthesize_utterance(
     audio[lead : lead + len(speech)] = speech
     audio += rng.normal(0, 10 ** (-62 / 20), size=audio.shape).astype(np.float32)  # recording noise floor
     phonemes = [(lead / params.sample_rate + t * time_scale, name) for t, name in syn.phonemes]
+    if params.audio_only:  # the audio is complete: everything below only draws for the video
+        return audio, None, phonemes
     duration = n_frames / params.fps
     traj = mouth_trajectory(phonemes, duration, n_frames, params.fps, spk.coartic_ms)
     traj = traj * np.array([np.exp(rng.normal(0, 0.05)), 1.0, 1.0])  # articulation effort varies a little
@@ -210,9 +216,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _checksum_differs(out_dir: Path, plan: UtterancePlan, checksums: Mapping[str, str]) -> bool:
+def _media_rels(plan: UtterancePlan, audio_only: bool) -> tuple[str, ...]:
+    return (plan.audio_rel,) if audio_only else (plan.audio_rel, plan.video_rel)
+
+
+def _checksum_differs(out_dir: Path, plan: UtterancePlan, checksums: Mapping[str, str], audio_only: bool = False) -> bool:
     """True if a file of this utterance exists but differs from the checksum recorded when it was generated."""
-    for rel in (plan.audio_rel, plan.video_rel):
+    for rel in _media_rels(plan, audio_only):
         path = out_dir / rel
         if rel in checksums and path.is_file() and _sha256(path) != checksums[rel]:
             log.info("%s: checksum differs from %s; regenerating", rel, CHECKSUMS)
@@ -225,17 +235,35 @@ def _work(job: tuple[SynthGridParams, str, UtterancePlan, dict[str, str]]) -> di
     params, out_dir_s, plan, checksums = job
     out_dir = Path(out_dir_s)
     try:
-        kept = None if _checksum_differs(out_dir, plan, checksums) else check_existing(
-            out_dir / plan.audio_rel, out_dir / plan.video_rel, params.roi_size, SAMPLE_RATE, FPS)
+        if params.audio_only:
+            kept = None if _checksum_differs(out_dir, plan, checksums, True) else _existing_audio(out_dir / plan.audio_rel)
+        else:
+            kept = None if _checksum_differs(out_dir, plan, checksums) else check_existing(
+                out_dir / plan.audio_rel, out_dir / plan.video_rel, params.roi_size, SAMPLE_RATE, FPS)
         if kept is not None:
             return {"id": plan.id, "status": "kept", "n_frames": kept[0], "n_samples": kept[1]}
         spk = make_speaker(params.seed, plan.speaker_index)
         audio, frames, _ = synthesize_utterance(params, spk, plan)
         write_wav(out_dir / plan.audio_rel, audio, params.sample_rate)
-        write_video(out_dir / plan.video_rel, frames, fps=params.fps)
-        return {"id": plan.id, "status": "generated", "n_frames": frames.shape[0], "n_samples": len(audio)}
+        if frames is not None:
+            write_video(out_dir / plan.video_rel, frames, fps=params.fps)
+        return {"id": plan.id, "status": "generated", "n_frames": len(audio) // HOP, "n_samples": len(audio)}
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises or counts a skip
         return {"id": plan.id, "status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def _existing_audio(path: Path) -> tuple[int, int] | None:
+    """(n_frames, n_samples) of an audio-only utterance whose wav exists and decodes at 16 kHz; else None."""
+    from data.media import MediaError, read_wav
+
+    if not path.is_file():
+        return None
+    try:
+        n_samples = len(read_wav(path, expected_rate=SAMPLE_RATE))
+    except MediaError as e:
+        log.info("%s; making it again", e)
+        return None
+    return (n_samples // HOP, n_samples) if n_samples % HOP == 0 else None
 
 
 # ----------------------------------------------------------------------------- trials
@@ -328,7 +356,7 @@ def generate_corpus(
             )
             checksums = {rel: "stale" for p in plans for rel in (p.audio_rel, p.video_rel)}
 
-    jobs = [(params, str(out_dir), p, {k: checksums[k] for k in (p.audio_rel, p.video_rel) if k in checksums}) for p in plans]
+    jobs = [(params, str(out_dir), p, {k: checksums[k] for k in _media_rels(p, params.audio_only) if k in checksums}) for p in plans]
     results: dict[str, dict[str, Any]] = {}
     from common.progress import Progress
 
@@ -366,7 +394,7 @@ def generate_corpus(
         members = set(split_speakers[split])
         utts = [
             Utterance(
-                p.id, p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"],
+                p.id, "" if params.audio_only else p.video_rel, p.audio_rel, results[p.id]["n_frames"], results[p.id]["n_samples"],
                 p.speaker, " ".join(p.words),
             )  # fmt: skip
             for p in plans
@@ -384,7 +412,7 @@ def generate_corpus(
     sums = []
     for p in plans:
         if p.id in ok:
-            for rel in (p.audio_rel, p.video_rel):
+            for rel in _media_rels(p, params.audio_only):
                 sums.append(f"{_sha256(out_dir / rel)}  {rel}")
     atomic_write_text(out_dir / CHECKSUMS, "\n".join(sums) + "\n")
 
@@ -410,12 +438,13 @@ def generate_corpus(
         "roi_size": params.roi_size,
         "length_rule": "n_samples = n_frames * sample_rate / fps (audio padded with silence to whole video frames)",
         "audio_format": "wav PCM_16 mono",
-        "video_format": "mp4 H.264 yuv420p, grayscale content",
+        "video_format": "none (audio only)" if params.audio_only else "mp4 H.264 yuv420p, grayscale content",
+        "audio_only": params.audio_only,
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     wall = time.perf_counter() - t0
-    media_bytes = sum((out_dir / rel).stat().st_size for p in ok.values() for rel in (p.audio_rel, p.video_rel))
+    media_bytes = sum((out_dir / rel).stat().st_size for p in ok.values() for rel in _media_rels(p, params.audio_only))
     stats = {
         "utterances": len(ok),
         "generated": len(generated),

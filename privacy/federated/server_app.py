@@ -44,8 +44,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.files import atomic_write_bytes
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
-from privacy.federated.strategy import build_strategy
-from privacy.federated.task import arrays_to_state, federated_state, load_task, state_to_arrays
+from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
+from privacy.federated.task import arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
 
         record = strategy.rounds[server_round]
         entry = asdict(record)
+        if cfg["server-eval-split"]:  # the released model on speakers no client holds: post-processing, outside the clients
+            entry["server_eval"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
         if not record.aggregated:
             not_aggregated.append(server_round)
@@ -125,7 +127,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         entry["train_loss"] = float(np.average([l for l, _ in losses], weights=[w for _, w in losses])) if losses else None
         entry["max_client_epsilon"] = max((c["epsilon"] for c in accepted), default=0.0)
         entry["bytes_sent_total"] = sum(c["bytes_sent"] for c in accepted)
-        if dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
+        if isinstance(dp_wrapper, PoissonCohortFedAvg):
+            entry["cohort"] = dict(dp_wrapper.round_stats.get(server_round, {}))
+            if dp_wrapper.private:
+                entry["central_epsilon"] = dp_wrapper.epsilon(float(cfg["target-delta"]))
+        elif dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
             entry["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
         summary["rounds"].append(entry)
         summary.update(rounds_completed=rounds_done, rounds_not_aggregated=list(not_aggregated),
@@ -147,7 +153,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         total_rejected=sum(r["num_rejected"] for r in summary["rounds"]),
         total_failed=sum(r["num_failed"] for r in summary["rounds"]),
     )
-    if dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
+    if isinstance(dp_wrapper, PoissonCohortFedAvg):
+        summary.update(cohort_sampling="poisson", cohort_rate=dp_wrapper.cohort_rate, population=dp_wrapper.population,
+                       mean_cohort_size=float(np.mean([r["cohort"].get("cohort_size", 0.0) for r in summary["rounds"]] or [0.0])))
+        if dp_wrapper.private:
+            ratios = [r["cohort"]["noise_to_signal"] for r in summary["rounds"] if "noise_to_signal" in r["cohort"]]
+            summary.update(central_epsilon=dp_wrapper.epsilon(float(cfg["target-delta"])), central_releases=dp_wrapper.releases,
+                           noise_to_signal_mean=float(np.mean(ratios)) if ratios else None,
+                           clipped_fraction_mean=float(np.mean([r["cohort"].get("clipped_fraction", 0.0) for r in summary["rounds"]])))
+    elif dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
         summary["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
     if run_dir is not None:
         _write_round_log(run_dir, summary)
@@ -157,6 +171,16 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     summary["final_state"] = final
     summary["initial_state"] = initial
     return summary
+
+
+def _server_evaluation(task, arrays, split: str) -> dict[str, float]:
+    """WER / CTC loss of the current global model on a whole split (the task's evaluate_split)."""
+    if not hasattr(task, "evaluate_split"):
+        raise TypeError(f"server-eval-split={split!r}: the task {type(task).__name__} has no evaluate_split")
+    model = task.build_model()
+    load_federated_state(model, arrays_to_state(arrays))
+    result = task.evaluate_split(model, split)
+    return {"wer": float(result["wer"]), "loss": float(result["loss"])}
 
 
 def _honest(stop_reason: str, not_aggregated: list[int], strategy) -> str:

@@ -20,6 +20,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "num-rounds": 2,
     "strategy": "fedavg",  # fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
     "fraction-train": 1.0,
+    "cohort-sampling": "fixed",  # fixed: Flower's fraction-train sampling | poisson: each client joins a round with probability cohort-rate
+    "cohort-rate": 1.0,  # poisson: q, the per-round probability of every client (user-level DP is accounted at this rate)
     "fraction-evaluate": 1.0,
     "min-train-nodes": 2,
     "proximal-mu": 0.01,
@@ -47,6 +49,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "dp-max-noise-multiplier": 1.0e3,  # a plan needing more noise is rejected
     "dp-unit": "auto",  # privacy unit: auto | utterance (dp=local) | client (dp=central) | speaker (dp=central, one speaker per client)
     "dp-reproducible-noise-NOT-PRIVATE": False,  # True: DP noise + Poisson sampling seeded from the run seed. NOT PRIVATE
+    "server-eval-split": "",  # a split the SERVER scores the global model on after every round (test speakers; no client data); "" = off
     "client-evaluation": "auto",  # auto (on without DP, off under DP) | on | off: federated evaluation on clients' held-out data
     "max-num-examples": 0,  # > 0: the largest num-examples a client may claim (fedavg / fedprox / fedadam without DP)
     "max-update-norm": 1.0e6,
@@ -72,6 +75,10 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run_config['local-optimizer']={merged['local-optimizer']!r}; expected one of {LOCAL_OPTIMIZERS}")
     if merged["dp"] not in ("none", "local", "central"):
         raise ValueError(f"run_config['dp']={merged['dp']!r}; expected none | local | central")
+    if merged["cohort-sampling"] not in ("fixed", "poisson"):
+        raise ValueError(f"run_config['cohort-sampling']={merged['cohort-sampling']!r}; expected fixed | poisson")
+    if not 0 < float(merged["cohort-rate"]) <= 1:
+        raise ValueError(f"run_config['cohort-rate']={merged['cohort-rate']!r}; must be in (0, 1] (the probability of each client per round)")
     _check_dp_options(merged)
     if merged["client-evaluation"] not in ("auto", "on", "off"):
         raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")

@@ -302,6 +302,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
             f"strategy={name} with {sample_size} sampled clients per round (num-clients={num_clients}, fraction-train="
             f"{cfg['fraction-train']}): {why}. Use more clients, or a larger trimmed-beta / smaller krum-malicious"
         )
+    if str(cfg["cohort-sampling"]) == "poisson":
+        return _poisson_strategy(cfg, num_clients)
     inner: Strategy
     if name == "fedavg":
         inner = FedAvg(**common)
@@ -342,6 +344,23 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
         inner = dp_wrapper
     return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, name),
                               min_accepted=min_accepted, min_accepted_reason=why), dp_wrapper
+
+
+def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[ValidatingStrategy, "PoissonCohortFedAvg"]:
+    """FedAvg over Poisson cohorts (cohort-sampling = poisson), with user-level DP under dp=central."""
+    from privacy.dp import noise_multiplier_for_budget
+
+    if str(cfg["strategy"]) != "fedavg":
+        raise ValueError(f"cohort-sampling=poisson with strategy={cfg['strategy']!r}: Poisson cohorts are implemented for fedavg only")
+    noise = None
+    if cfg["dp"] == "central":
+        noise = float(cfg["noise-multiplier"])
+        if noise < 0:
+            noise = noise_multiplier_for_budget(float(cfg["target-epsilon"]), float(cfg["target-delta"]), float(cfg["cohort-rate"]),
+                                                int(cfg["num-rounds"]), "rdp", float(cfg["dp-max-noise-multiplier"]))
+    inner = PoissonCohortFedAvg(num_clients, float(cfg["cohort-rate"]), noise, float(cfg["clipping-norm"]),
+                                reproducible_seed=int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None)
+    return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, "fedavg")), inner
 
 
 def max_num_examples(cfg: Mapping[str, Any], name: Optional[str] = None) -> Optional[float]:
@@ -403,3 +422,137 @@ def central_accountant(target_delta: float, population: int, max_epsilon: Option
             max_epsilon=max_epsilon,
         )
     )
+
+
+class PoissonCohortFedAvg(Strategy):
+    """FedAvg over Poisson-sampled cohorts, optionally with user-level central DP (DP-FedAvg,
+    McMahan et al. 2018, "Learning differentially private recurrent language models").
+
+    Every round each of the N clients joins the cohort independently with probability q
+    (``cohort-rate``); the sampling draws from the OS CSPRNG (the server must not be able to
+    choose or replay cohorts in a way that breaks the amplification argument).
+
+    Without DP the new global model is the old one plus the uniform mean of the accepted updates.
+    With DP (``noise_multiplier`` not None) each update is clipped to L2 norm <= C (``clipping_norm``),
+    the clipped updates are SUMMED, Gaussian noise N(0, sigma^2 C^2) is added per coordinate, and the
+    sum is divided by the EXPECTED cohort size qN (a fixed denominator: the sensitivity of the
+    released quantity to adding or removing one client is then C / (qN) whatever the realised
+    cohort size). Each round is one Poisson-subsampled Gaussian mechanism with rate q and noise
+    multiplier sigma; :meth:`epsilon` composes them with Opacus' RDP accountant
+    (privacy.dp.opacus_epsilon), and the run cross-checks it with dp_accounting.
+
+    Per round it records what DP costs in signal: ``noise_norm`` (||noise|| / qN), ``signal_norm``
+    (||sum of clipped updates|| / qN), their ratio ``noise_to_signal``, the fraction of clipped updates
+    and the cohort size.
+    """
+
+    def __init__(
+        self,
+        population: int,
+        cohort_rate: float,
+        noise_multiplier: Optional[float] = None,
+        clipping_norm: float = 1.0,
+        reproducible_seed: Optional[int] = None,
+    ):
+        if population < 1:
+            raise ValueError(f"population={population}: need at least one client")
+        if not 0 < cohort_rate <= 1:
+            raise ValueError(f"cohort-rate={cohort_rate}: must be in (0, 1]")
+        if noise_multiplier is not None and not (noise_multiplier >= 0 and clipping_norm > 0):
+            raise ValueError(f"noise_multiplier={noise_multiplier}, clipping_norm={clipping_norm}: need sigma >= 0 and C > 0")
+        self.population = int(population)
+        self.cohort_rate = float(cohort_rate)
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = float(clipping_norm)
+        self.reproducible_seed = reproducible_seed
+        self.current: dict[str, np.ndarray] = {}
+        self.releases = 0
+        self.round_stats: dict[int, dict[str, float]] = {}
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+    def summary(self) -> None:
+        log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s)", self.population, self.cohort_rate,
+                 self.population * self.cohort_rate,
+                 f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
+
+    def _generator(self, server_round: int, stream: int):
+        import torch
+
+        if self.reproducible_seed is None:
+            from privacy.dp import csprng_generator
+
+            return csprng_generator()
+        return torch.Generator().manual_seed(int(self.reproducible_seed) * 1_000_003 + server_round * 7 + stream)
+
+    def sample_cohort(self, node_ids: list[int], server_round: int) -> list[int]:
+        """Each node independently with probability q (Poisson sampling)."""
+        import torch
+
+        draws = torch.rand(len(node_ids), generator=self._generator(server_round, 0), dtype=torch.float64)
+        return [node for node, u in zip(node_ids, draws.tolist()) if u < self.cohort_rate]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        from flwr.app import MessageType
+
+        self.current = arrays_to_state(arrays)
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) != self.population:
+            raise RuntimeError(f"the grid has {len(node_ids)} nodes, the DP plan assumes a population of {self.population}")
+        cohort = self.sample_cohort(node_ids, server_round)
+        self.releases += 1  # every round is one run of the mechanism, whatever the cohort
+        self.round_stats[server_round] = {"cohort_size": float(len(cohort))}
+        log.info("round %d: Poisson cohort of %d / %d clients (q=%g)", server_round, len(cohort), len(node_ids), self.cohort_rate)
+        config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": config})  # one payload for every node, as Flower's FedAvg
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in cohort]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # final scoring is on the held-out test speakers, by the entry script
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        import torch
+
+        names = list(self.current)
+        deltas = []
+        for reply in replies:
+            weights = arrays_to_state(reply.content["arrays"])
+            deltas.append(np.concatenate([(np.asarray(weights[n], np.float64) - self.current[n]).ravel() for n in names]))
+        stats = self.round_stats.setdefault(server_round, {})
+        stats["accepted"] = float(len(deltas))
+        dim = sum(int(np.size(self.current[n])) for n in names)
+        if not self.private:
+            if not deltas:
+                return None, None
+            step = np.mean(deltas, axis=0)
+        else:
+            norms = np.array([float(np.linalg.norm(d)) for d in deltas]) if deltas else np.zeros(0)
+            clipped = [d * min(1.0, self.clipping_norm / max(n, 1e-12)) for d, n in zip(deltas, norms)]
+            total = np.sum(clipped, axis=0) if clipped else np.zeros(dim)
+            noise = torch.normal(0.0, float(self.noise_multiplier) * self.clipping_norm, (dim,),
+                                 generator=self._generator(server_round, 1), dtype=torch.float64).numpy()
+            expected = self.cohort_rate * self.population
+            step = (total + noise) / expected
+            signal_norm, noise_norm = float(np.linalg.norm(total)) / expected, float(np.linalg.norm(noise)) / expected
+            stats.update(signal_norm=signal_norm, noise_norm=noise_norm, noise_to_signal=noise_norm / max(signal_norm, 1e-12),
+                         clipped_fraction=float(np.mean(norms > self.clipping_norm)) if len(norms) else 0.0,
+                         mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
+        new, offset = {}, 0
+        for n in names:
+            size = int(np.size(self.current[n]))
+            new[n] = (self.current[n] + step[offset:offset + size].reshape(np.shape(self.current[n]))).astype(np.float32)
+            offset += size
+        return state_to_arrays(new), MetricRecord({k: float(v) for k, v in stats.items()})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        return None
+
+    def epsilon(self, delta: float) -> float:
+        """User-level epsilon after the rounds so far (Opacus RDP, Poisson rate q, sigma)."""
+        from privacy.dp import opacus_epsilon
+
+        if not self.private or self.releases == 0:
+            return 0.0
+        return opacus_epsilon(float(self.noise_multiplier), self.cohort_rate, self.releases, delta, "rdp")

@@ -63,6 +63,11 @@ DEFAULT_TASK_CONFIG: dict[str, Any] = {
     "task-train-positional-conv": True,
     "task-eval-batch-size": 16,
     "task-tokenizer": "word",  # word | char (data.tokenizer; word units leave the CTC blank plateau on SynthGRID)
+    # privacy/federated/lora_task.py (adapter=lora): LoRA on the top task-trainable-layers layers + the CTC head
+    "task-lora-rank": 4,
+    "task-lora-alpha": 8.0,
+    "task-lora-targets": "q_proj,v_proj",
+    "task-lora-dropout": 0.0,
 }
 
 

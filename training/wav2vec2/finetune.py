@@ -146,6 +146,14 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
         metrics["epsilon/server"] = eps
         if summary.get("noise_multiplier") is not None:
             metrics["noise_multiplier"] = float(summary["noise_multiplier"])
+    if summary.get("cohort_sampling") == "poisson":
+        metrics.update({"cohort_rate": float(summary["cohort_rate"]), "population": int(summary["population"]),
+                        "mean_cohort_size": float(summary["mean_cohort_size"])})
+        if summary.get("noise_to_signal_mean") is not None:
+            metrics.update({"dp/noise_to_signal_mean": float(summary["noise_to_signal_mean"]),
+                            "dp/clipped_fraction_mean": float(summary["clipped_fraction_mean"])})
+            metrics.update(_cross_check(cfg, metrics.get("noise_multiplier"), float(summary["cohort_rate"]),
+                                        int(summary["central_releases"]), metrics["epsilon/max"]))
     return metrics
 
 
@@ -155,6 +163,18 @@ def run_wav2vec2_task(cfg: DictConfig) -> dict:
     from training.stage import open_stage, skip_if_done
 
     dedupe_flower_logs()
+    if cfg.task == "build_checkpoint":  # the public start of the private runs
+        from training.wav2vec2.plan import check_config
+        from training.wav2vec2.public_start import build_public_start
+
+        check_config(cfg)
+        return build_public_start(cfg)
+    from training.wav2vec2.run_config import uses_lora
+
+    if uses_lora(cfg):  # before anything is read: the public start must match its model card
+        from training.wav2vec2.public_start import verify_public_start
+
+        verify_public_start(cfg.model.checkpoint)
     plan = check_plan(cfg)
     if cfg.task == "pretrain":
         done = skip_if_done(cfg, "pretrain", cfg.model.checkpoint) if checkpoint_ready(cfg.model.checkpoint) else None
@@ -163,19 +183,20 @@ def run_wav2vec2_task(cfg: DictConfig) -> dict:
     if done is not None:
         return done
     stage = open_stage(cfg, "federated")
-    ensure_pretrained(cfg)
+    if not uses_lora(cfg):
+        ensure_pretrained(cfg)
     if cfg.dp.name == "local":
         log.info("dp=local: noise multiplier(s) %s for target epsilon %g, delta %g", plan.get("noise_multipliers"),
                  cfg.dp.target_epsilon, cfg.dp.target_delta)
     with stage:
-        from privacy.federated.synthgrid_task import wav2vec2_synthgrid_task
+        from privacy.federated.task import load_task
 
         if cfg.federated.name == "none":  # the same flat config; FedAvg is a placeholder no federation uses
             run_config = wav2vec2_run_config(cfg, stage.dir, strategy="fedavg")
-            metrics = run_centralised(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
+            metrics = run_centralised(cfg, run_config, load_task(run_config), plan)
         else:
             run_config = wav2vec2_run_config(cfg, stage.dir)
-            metrics = run_fl(cfg, run_config, wav2vec2_synthgrid_task(run_config), plan)
+            metrics = run_fl(cfg, run_config, load_task(run_config), plan)
         metrics.setdefault("epsilon/max", 0.0)
         stage.metrics.update(metrics)
     log.info("wav2vec2 %s / dp=%s / compression=%s: WER %.3f CER %.3f", cfg.federated.name, cfg.dp.name, cfg.compression.name,

@@ -19,10 +19,60 @@ def _steps_per_round(cfg: DictConfig, n_train: int) -> int:
     return _local_steps(cfg) or int(cfg.federated.local_epochs) * math.ceil(n_train / int(cfg.trainer.batch_size))
 
 
-def _eval_utterances() -> int:
+def _eval_utterances(cfg: DictConfig) -> int:
     from privacy.federated.synthgrid_task import DEFAULT_TASK_CONFIG
+    from training.wav2vec2.run_config import LORA_CLIENT_EVAL_UTTERANCES, uses_lora
 
-    return int(DEFAULT_TASK_CONFIG["task-client-eval-utterances"])
+    return LORA_CLIENT_EVAL_UTTERANCES if uses_lora(cfg) else int(DEFAULT_TASK_CONFIG["task-client-eval-utterances"])
+
+
+def train_speaker_count(cfg: DictConfig) -> int:
+    """Speakers of the train split: from the manifest if the corpus is prepared, else (SynthGRID) from the
+    data config's split sizes, so that a plan that cannot work fails before any audio is generated."""
+    from pathlib import Path
+
+    if (Path(cfg.data.dir) / "manifests" / "train.tsv").is_file():
+        from privacy.federated.synthgrid_task import split_speakers
+
+        return len(set(split_speakers(cfg.data.dir, "train")))
+    if cfg.data.name != "synthgrid":
+        return -1  # unknown until the corpus is prepared (check_plan checks it then)
+    from data.synthgrid.speakers import split_sizes
+
+    sizes, _ = split_sizes(int(cfg.data.num_speakers), {k: int(v) for k, v in dict(cfg.data.splits).items()})
+    return int(sizes["train"])
+
+
+def check_population(cfg: DictConfig) -> None:
+    """Clients vs speakers, cohort vs population, sigma vs its cap: from the configuration alone."""
+    from privacy.dp import DPPlanError
+
+    fed, dp = cfg.federated, cfg.dp
+    if fed.name == "none":
+        return
+    n_clients = int(fed.num_clients)
+    n_speakers = train_speaker_count(cfg)
+    if n_speakers >= 0 and n_clients > n_speakers:
+        raise DPPlanError(
+            f"federated.num_clients={n_clients} but the train split of data={cfg.data.name} ({cfg.data.dir}) has only "
+            f"{n_speakers} speakers; every client needs at least one whole speaker, so use federated.num_clients <= {n_speakers}"
+        )
+    if fed.cohort_sampling == "poisson":
+        q = float(fed.cohort_rate)
+        if not 0 < q <= 1:
+            raise DPPlanError(
+                f"federated.cohort_rate={q:g}: the expected cohort q x N = {q * n_clients:g} clients "
+                f"{'is larger than' if q > 1 else 'is not a part of'} the population of N = {n_clients} clients; "
+                f"q must be in (0, 1]"
+            )
+        if fed.name != "fedavg":
+            raise DPPlanError(f"federated.cohort_sampling=poisson with federated={fed.name}: Poisson cohorts are implemented for fedavg")
+    elif int(n_clients * float(fed.fraction_train)) > n_clients:
+        raise DPPlanError(f"federated.fraction_train={fed.fraction_train}: a cohort of {int(n_clients * float(fed.fraction_train))} "
+                          f"clients is larger than the population of {n_clients}")
+    if dp.name == "central" and dp.noise_multiplier is not None and float(dp.noise_multiplier) > float(dp.max_noise_multiplier):
+        raise DPPlanError(f"dp.noise_multiplier={float(dp.noise_multiplier):g} is beyond dp.max_noise_multiplier="
+                          f"{float(dp.max_noise_multiplier):g}")
 
 
 def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
@@ -39,7 +89,7 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
         )
     plan = []
     for pid in range(num_clients):
-        train_idx, _ = client_indices(speakers, pid, num_clients, int(cfg.seed), _eval_utterances())
+        train_idx, _ = client_indices(speakers, pid, num_clients, int(cfg.seed), _eval_utterances(cfg))
         n = len(train_idx)
         plan.append({"n_train": n, "steps_per_round": _steps_per_round(cfg, n),
                      "batches": math.ceil(n / int(cfg.trainer.batch_size))})
@@ -58,8 +108,14 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.model.name not in SUPPORTED_MODELS:
         raise ValueError(f"model={cfg.model.name}: the SynthGRID federated task builds {SUPPORTED_MODELS} only")
-    if cfg.task not in ("pretrain", "finetune"):
-        raise ValueError(f"task={cfg.task!r} with model={cfg.model.name}: the Wav2Vec2 variant has task=pretrain | finetune (finetune also evaluates)")
+    if cfg.task not in ("pretrain", "finetune", "build_checkpoint"):
+        raise ValueError(f"task={cfg.task!r} with model={cfg.model.name}: the Wav2Vec2 variant has task=pretrain | finetune "
+                         f"(finetune also evaluates) | build_checkpoint (the public start, training/wav2vec2/public_start.py)")
+    if cfg.task == "build_checkpoint":
+        if cfg.federated.name != "none" or cfg.dp.name != "none":
+            raise ValueError(f"task=build_checkpoint builds the PUBLIC start: use federated=none dp=none (got federated="
+                             f"{cfg.federated.name}, dp={cfg.dp.name})")
+        return {}
     if cfg.data.on_error != "raise":
         raise ValueError(
             f"data.on_error={cfg.data.on_error}: the Wav2Vec2 variant reads every audio file strictly (the first broken one "
@@ -69,8 +125,10 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     fed, dp = cfg.federated, cfg.dp
     if fed.backend not in ("ray", "sequential"):
         raise ValueError(f"federated.backend={fed.backend!r}: expected ray | sequential")
-    if int(fed.num_rounds) < 1 or int(fed.num_clients) < 1:
-        raise ValueError(f"federated.num_rounds={fed.num_rounds} and federated.num_clients={fed.num_clients} must be >= 1")
+    no_training = fed.name == "none" and dp.name == "none" and int(fed.num_rounds) == 0  # the "no private training" row
+    if (int(fed.num_rounds) < 1 and not no_training) or int(fed.num_clients) < 1:
+        raise ValueError(f"federated.num_rounds={fed.num_rounds} and federated.num_clients={fed.num_clients} must be >= 1 "
+                         f"(num_rounds=0 only with federated=none dp=none: the start evaluated without private training)")
     if dp.name not in ("none", "local", "central"):
         raise ValueError(f"dp={dp.name!r}: expected none | local | central")
     from privacy.federated.settings import LOCAL_OPTIMIZERS
@@ -94,6 +152,7 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         if fed.name not in ("fedavg", "fedprox"):
             raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
 
+    check_population(cfg)
     from training.wav2vec2.run_config import wav2vec2_run_config
 
     try:  # every DP / federated option is checked here, before any audio is read (settings.resolve_run_config)
@@ -116,6 +175,8 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
     from privacy.dp import DPPlanError, validate_dp_plan
 
     flat = check_config(cfg)
+    if cfg.task == "build_checkpoint":
+        return {}
     fed, dp = cfg.federated, cfg.dp
     plan = client_plan(cfg)
     out: dict[str, Any] = {"clients": plan, "dp_unit": flat["dp-unit"] if dp.name != "none" else None}
@@ -148,7 +209,13 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
                 who = "the centralised DP-SGD run" if fed.name == "none" else f"client {i}"
                 raise DPPlanError(f"dp=local, {who} ({h['n_train']} training utterances, {h['total_steps']} steps): {error}") from None
         out["noise_multipliers"] = sigmas
-    if dp.name == "central":
+    if dp.name == "central" and fed.cohort_sampling == "poisson":
+        from privacy.dp import noise_multiplier_for_budget
+
+        if dp.noise_multiplier is None:  # the strategy derives the same sigma (strategy._poisson_strategy)
+            out["noise_multiplier"] = noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta),
+                                                                  float(fed.cohort_rate), rounds, "rdp", float(dp.max_noise_multiplier))
+    elif dp.name == "central":
         from privacy.dp import central_noise_multiplier_for_budget
 
         if dp.noise_multiplier is None:
@@ -161,5 +228,7 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
 
 
 def centralised_steps(cfg: DictConfig, plan: list[dict[str, int]]) -> int:
-    """The federation's total optimisation steps (see the module docstring)."""
-    return int(cfg.federated.num_rounds) * sum(c["steps_per_round"] for c in plan)
+    """The federation's total optimisation steps (see the module docstring); with Poisson cohorts the
+    expected number (every client takes part in a fraction cohort_rate of the rounds)."""
+    rate = float(cfg.federated.cohort_rate) if cfg.federated.cohort_sampling == "poisson" else 1.0
+    return int(round(int(cfg.federated.num_rounds) * rate * sum(c["steps_per_round"] for c in plan)))

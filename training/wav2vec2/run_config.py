@@ -35,6 +35,8 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "num-rounds": ("federated.num_rounds", int),
     "strategy": ("federated.name", str),
     "fraction-train": ("federated.fraction_train", float),
+    "cohort-sampling": ("federated.cohort_sampling", str),
+    "cohort-rate": ("federated.cohort_rate", float),
     "fraction-evaluate": ("federated.fraction_evaluate", float),
     "server-lr": ("federated.server_lr", float),
     "trimmed-beta": ("federated.trimmed_beta", float),
@@ -71,11 +73,18 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "task-checkpoint": ("model.checkpoint", _checkpoint),
     "task-trainable-layers": ("dp.trainable_layers", _optional_int(-1)),  # -1: all layers
     "task-train-positional-conv": ("dp.train_positional_conv", bool),
+    "task-lora-rank": ("adapter.r", int),
+    "task-lora-alpha": ("adapter.lora_alpha", float),
+    "task-lora-targets": ("adapter.target_modules", lambda value: ",".join(str(v) for v in value)),
+    "task-lora-dropout": ("adapter.lora_dropout", float),
 }
 
 # Flower settings the Hydra config does not expose: set here per run, or left at the Flower side's default.
-SET_PER_RUN = ("task", "run-dir")
+SET_PER_RUN = ("task", "run-dir", "server-eval-split")
 FLOWER_SIDE_ONLY = ("task-train-split", "task-client-eval-utterances", "task-eval-batch-size")
+# adapter=lora (privacy/federated/lora_task.py): one speaker's few utterances all train (no held-out part),
+# since federated evaluation on clients is off under DP and the test speakers score every run
+LORA_CLIENT_EVAL_UTTERANCES = 0
 
 # Where the two sides' defaults differ, and why: the Flower app's defaults describe its built-in
 # two-client smoke task (privacy.federated.task:tiny_synthetic_task); the Hydra defaults the experiments.
@@ -86,11 +95,16 @@ DEFAULTS_DIFFER_ON_PURPOSE = {
     "lr": "trainer.lr is the fine-tuning learning rate of every model family",
     "task-data-dir": "data.dir is always set by the data group; the task has no corpus of its own",
     "task-checkpoint": "model.checkpoint comes from the model group",
+    "task-lora-rank": "adapter.r is shared with the AV-HuBERT LoRA runs (8); the Wav2Vec2 LoRA experiments set it",
+    "task-lora-alpha": "adapter.lora_alpha is shared with the AV-HuBERT LoRA runs (16)",
+    "task-lora-targets": "adapter.target_modules default names AV-HuBERT's modules (fc1, fc2); Wav2Vec2's differ",
+    "task-lora-dropout": "adapter.lora_dropout is shared with the AV-HuBERT LoRA runs (0.05)",
 }
 
 OPTIONAL = ("federated.local_steps", "dp.noise_multiplier", "dp.trainable_layers", "model.checkpoint",
             "federated.krum_malicious", "dp.unit", "federated.client_evaluation")  # null is meaningful
 SYNTHGRID_TASK = "privacy.federated.synthgrid_task:wav2vec2_synthgrid_task"
+LORA_TASK = "privacy.federated.lora_task:wav2vec2_lora_task"
 
 
 def _select(cfg: DictConfig, path: str) -> Any:
@@ -118,7 +132,20 @@ def run_config_from_cfg(cfg: DictConfig, task: str, run_dir: str, strategy: str 
     return resolve_run_config(flat)
 
 
+from privacy.federated.settings import resolve_run_config  # noqa: E402
+
+
+def uses_lora(cfg: DictConfig) -> bool:
+    """adapter=lora: private fine-tuning of the public start with LoRA on cached features (lora_task.py)."""
+    return OmegaConf.select(cfg, "adapter.name") == "lora"
+
+
 def wav2vec2_run_config(cfg: DictConfig, run_dir: str, strategy: str | None = None) -> dict[str, Any]:
-    """The run config of the Wav2Vec2 SynthGRID task for this composed config."""
+    """The run config of the Wav2Vec2 SynthGRID task for this composed config (the LoRA task under adapter=lora)."""
+    if uses_lora(cfg):
+        flat = run_config_from_cfg(cfg, LORA_TASK, str(run_dir), strategy)
+        flat["task-client-eval-utterances"] = LORA_CLIENT_EVAL_UTTERANCES
+        flat["server-eval-split"] = str(cfg.eval.split)  # a learning curve on the test speakers (cached: milliseconds)
+        return resolve_run_config(flat)
     return run_config_from_cfg(cfg, SYNTHGRID_TASK, str(run_dir), strategy)
 

@@ -1,0 +1,288 @@
+"""Issue 19: private fine-tuning of a public Wav2Vec2 start (LoRA + CTC head on cached features) over a
+population of one-speaker clients with Poisson cohorts and user-level central DP."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from training.config import PROJECT_ROOT
+
+
+def _tiny_ctc(vocab_size: int = 10, seed: int = 0):
+    from models.wav2vec2 import build_wav2vec2_ctc
+
+    torch.manual_seed(seed)
+    return build_wav2vec2_ctc(vocab_size, size="tiny").eval()
+
+
+# --------------------------------------------------------------------------- model: cache, LoRA, checkpoint file
+def test_cached_top_layers_give_the_full_models_logits():
+    from models.wav2vec2_lora import CachedTopCTC, encode_below
+
+    model = _tiny_ctc()
+    waves = [torch.randn(16000), torch.randn(11000)]
+    top = CachedTopCTC(model, first_trainable_layer=3).eval()
+    cached = [encode_below(model, w, 3) for w in waves]
+    hidden = torch.zeros(2, cached[0].shape[0], cached[0].shape[1])
+    for i, c in enumerate(cached):
+        hidden[i, : c.shape[0]] = c
+    lengths = torch.tensor([c.shape[0] for c in cached])
+    logits = top(hidden, lengths)  # a padded batch: the padding must not reach the real frames
+    with torch.no_grad():
+        for i, w in enumerate(waves):
+            full = model(w[None]).logits[0]
+            assert full.shape[0] == lengths[i]
+            torch.testing.assert_close(logits[i, : lengths[i]], full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="first trainable layer 4: the encoder has layers 0..3"):
+        CachedTopCTC(model, 4)
+
+
+def test_only_lora_adapters_and_the_ctc_head_get_gradients():
+    from models.wav2vec2_lora import CachedTopCTC, add_lora, ctc_loss_on_cached, encode_below
+
+    model = _tiny_ctc()
+    top = CachedTopCTC(model, 3)
+    n = add_lora(top, rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
+    trainable = {name for name, p in top.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or name.startswith("lm_head.") for name in trainable)
+    assert n == sum(p.numel() for p in top.parameters() if p.requires_grad) == 2 * (128 * 4 + 4 * 128) + 128 * 10 + 10  # q_proj, v_proj adapters + head
+    hidden = encode_below(model, torch.randn(16000), 3)[None]
+    loss = ctc_loss_on_cached(top.train(), hidden, torch.tensor([hidden.shape[1]]), torch.tensor([[1, 2, 3]]), blank_id=0)
+    loss.backward()
+    for name, p in top.named_parameters():
+        if name in trainable:
+            assert p.grad is not None, name
+            if "lora_A" not in name:  # LoRA starts with B = 0, so A's first gradient is 0; B's and the head's are not
+                assert float(p.grad.abs().sum()) > 0, name
+        else:
+            assert p.grad is None, name
+    with pytest.raises(ValueError, match="LoRA targets \\['fc1'\\]"):
+        add_lora(CachedTopCTC(model, 3), rank=2, alpha=4.0, targets=["fc1"])
+
+
+def test_the_public_start_file_round_trips_and_a_foreign_file_is_refused(tmp_path):
+    from models.wav2vec2_lora import load_wav2vec2_ctc, save_wav2vec2_ctc
+
+    model = _tiny_ctc(vocab_size=5)
+    path = tmp_path / "start.pt"
+    save_wav2vec2_ctc(path, model, ["<blank>", "A", "B", "C", "D"], extra={"split": "public"})
+    loaded, vocabulary, extra = load_wav2vec2_ctc(path)
+    wave = torch.randn(1, 12000)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(wave).logits, model(wave).logits)
+    assert vocabulary == ["<blank>", "A", "B", "C", "D"] and extra == {"split": "public"}
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a Wav2Vec2 CTC checkpoint"):
+        load_wav2vec2_ctc(tmp_path / "other.pt")
+
+
+# --------------------------------------------------------------------------- Poisson cohorts, clipping, noise, accountant
+class _Grid:
+    def __init__(self, n):
+        from privacy.federated.runner import _set_task_identity
+
+        _set_task_identity(1)  # Flower stamps run ids on the messages the strategy creates
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _reply(state):
+    from privacy.federated.task import state_to_arrays
+
+    return SimpleNamespace(content={"arrays": state_to_arrays(state)})
+
+
+def test_poisson_cohorts_sample_each_client_at_the_configured_rate():
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    n, q, rounds = 400, 0.25, 40
+    strategy = PoissonCohortFedAvg(n, q)
+    sizes, seen = [], np.zeros(n)
+    cohorts = []
+    for r in range(1, rounds + 1):
+        cohort = strategy.sample_cohort(list(range(1, n + 1)), r)
+        cohorts.append(frozenset(cohort))
+        sizes.append(len(cohort))
+        seen[np.array(cohort, dtype=int) - 1] += 1
+    # the cohort size is Binomial(N, q): mean qN = 100, std sqrt(Nq(1-q)) = 8.7 per round
+    assert abs(np.mean(sizes) - q * n) < 4 * math.sqrt(n * q * (1 - q) / rounds)
+    assert np.std(sizes) > 3  # not a fixed-size sample
+    assert len(set(cohorts)) == rounds  # fresh draws every round
+    # every client's participation count is Binomial(rounds, q): mean 10
+    assert abs(seen.mean() - q * rounds) < 0.5
+    # the draws come from the OS CSPRNG: two strategies configured alike sample different cohorts
+    assert PoissonCohortFedAvg(n, q).sample_cohort(list(range(1, n + 1)), 1) != PoissonCohortFedAvg(n, q).sample_cohort(list(range(1, n + 1)), 1)
+    # ... unless the NOT-PRIVATE reproducible option is on
+    a = PoissonCohortFedAvg(n, q, reproducible_seed=3).sample_cohort(list(range(1, n + 1)), 1)
+    assert a == PoissonCohortFedAvg(n, q, reproducible_seed=3).sample_cohort(list(range(1, n + 1)), 1)
+
+
+def test_central_dp_clips_every_update_and_divides_by_the_expected_cohort():
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, q, clip = 40, 0.25, 0.5
+    strategy = PoissonCohortFedAvg(n, q, noise_multiplier=0.0, clipping_norm=clip)
+    current = {"w": np.zeros(6, np.float32), "b": np.zeros(2, np.float32)}
+    strategy.configure_train(1, state_to_arrays(current), __import__("flwr").app.ConfigRecord(), _Grid(n))
+    # three clients: two far beyond the bound (norms 100 and 10), one inside it (0.3)
+    updates = [np.full(8, 100 / math.sqrt(8)), np.r_[np.full(6, 10 / math.sqrt(6)), 0, 0], np.r_[0.3, np.zeros(7)]]
+    replies = [_reply({"w": u[:6].astype(np.float32), "b": u[6:].astype(np.float32)}) for u in updates]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    new = arrays_to_state(arrays)
+    step = np.r_[new["w"], new["b"]]
+    clipped = [u * min(1.0, clip / np.linalg.norm(u)) for u in updates]
+    np.testing.assert_allclose(step, np.sum(clipped, axis=0) / (q * n), rtol=1e-5, atol=1e-7)
+    assert np.linalg.norm(step) <= 3 * clip / (q * n) + 1e-6  # sensitivity C / (qN) per client
+    assert metrics["clipped_fraction"] == pytest.approx(2 / 3)
+    assert metrics["noise_norm"] == 0.0 and metrics["signal_norm"] > 0
+
+
+def test_central_dp_noise_has_std_sigma_c_and_comes_from_the_os_csprng():
+    from flwr.app import ConfigRecord
+
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, q, sigma, clip, dim = 20, 0.5, 1.5, 2.0, 20000
+    current = {"w": np.zeros(dim, np.float32)}
+
+    def one_step(**kwargs):
+        strategy = PoissonCohortFedAvg(n, q, noise_multiplier=sigma, clipping_norm=clip, **kwargs)
+        strategy.configure_train(1, state_to_arrays(current), ConfigRecord(), _Grid(n))
+        arrays, metrics = strategy.aggregate_train(1, [_reply(current)])  # one client with a zero update: pure noise
+        return arrays_to_state(arrays)["w"] * (q * n), metrics
+
+    noise, metrics = one_step()
+    assert np.std(noise) == pytest.approx(sigma * clip, rel=0.03)
+    assert abs(np.mean(noise)) < 4 * sigma * clip / math.sqrt(dim)
+    assert metrics["noise_norm"] == pytest.approx(np.linalg.norm(noise) / (q * n), rel=1e-4)
+    again, _ = one_step()
+    assert abs(np.corrcoef(noise, again)[0, 1]) < 0.05  # independent draws, not a seeded stream
+    first, _ = one_step(reproducible_seed=7)
+    second, _ = one_step(reproducible_seed=7)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("q,rounds,target", [(0.25, 40, 8.0), (0.1, 100, 1.0), (1.0, 5, 3.0)])
+def test_user_level_epsilon_matches_an_independent_accountant(q, rounds, target):
+    from flwr.app import ConfigRecord
+
+    from privacy.dp import independent_epsilon, noise_multiplier_for_budget
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from privacy.federated.task import state_to_arrays
+
+    sigma = noise_multiplier_for_budget(target, 1e-5, q, rounds, "rdp", 1e3)
+    strategy = PoissonCohortFedAvg(400, q, noise_multiplier=sigma, clipping_norm=1.0)
+    for r in range(1, rounds + 1):
+        strategy.configure_train(r, state_to_arrays({"w": np.zeros(2, np.float32)}), ConfigRecord(), _Grid(400))
+    eps = strategy.epsilon(1e-5)
+    assert eps <= target * 1.001 and eps > 0.95 * target  # calibrated to the budget, not far below it
+    independent = independent_epsilon(sigma, q, rounds, 1e-5, "rdp")  # Google's dp_accounting, Poisson-subsampled Gaussian
+    assert abs(independent - eps) / eps < 0.03
+    # amplification by sampling is used: the same sigma without sampling (q = 1) spends far more
+    if q < 1:
+        assert independent_epsilon(sigma, 1.0, rounds, 1e-5, "rdp") > 2 * eps
+
+
+# --------------------------------------------------------------------------- the Hydra entry on a tiny corpus
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from tests.test_fl_synthgrid import _write_corpus
+
+    return _write_corpus(tmp_path_factory.mktemp("tinypopulation"))
+
+
+@pytest.fixture(scope="module")
+def public_start(tmp_path_factory) -> Path:
+    from data.synthgrid.grammar import GRID_WORDS
+    from data.tokenizer import WordTokenizer
+    from models.wav2vec2_lora import save_wav2vec2_ctc
+    from training.starting_checkpoint import sha256_file
+
+    tokenizer = WordTokenizer(GRID_WORDS)
+    path = tmp_path_factory.mktemp("start") / "wav2vec2_tiny_test.pt"
+    save_wav2vec2_ctc(path, _tiny_ctc(tokenizer.vocab_size), tokenizer.symbols)
+    path.with_suffix(".card.json").write_text(json.dumps({"sha256": sha256_file(path)}))
+    return path
+
+
+def _cfg(corpus: Path, runs: Path, start: Path, *overrides: str):
+    import training.config  # noqa: F401  (resolvers, schemas)
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        return compose("config", overrides=[
+            "experiment=fl_dp_population", f"data.dir={corpus}", f"paths.runs_dir={runs}", f"model.checkpoint={start}",
+            "federated.num_clients=6", "federated.num_rounds=3", "federated.cohort_rate=0.5", "dp.target_delta=1e-3",
+            "trainer.batch_size=4", *overrides])
+
+
+def test_population_run_trains_only_lora_and_head_under_user_level_dp(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    metrics = run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", public_start, "dp.target_epsilon=8"))
+    assert metrics["rounds"] == 3 and metrics["population"] == 6 and metrics["cohort_rate"] == 0.5
+    assert 0 < metrics["epsilon/max"] <= 8.0 and metrics["epsilon/independent_rel_diff"] < 0.03
+    assert metrics["dp/noise_to_signal_mean"] > 0 and 0 <= metrics["dp/clipped_fraction_mean"] <= 1
+    run_dir = next((tmp_path / "runs").glob("**/federated"))
+    rounds = json.loads((run_dir / "federated_rounds.json").read_text())
+    names = set(np.load(run_dir / "global_model.npz").files)
+    assert names and all("lora_" in n or n.startswith("lm_head.") for n in names)
+    for r in rounds["rounds"]:
+        assert "noise_to_signal" in r["cohort"] and 0 <= r["server_eval"]["wer"]
+        assert len(r["clients"]) == int(r["cohort"]["cohort_size"])  # every sampled client, nobody else
+
+
+def test_no_private_training_row_evaluates_the_start_and_centralised_matches_the_expected_sample_gradients(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+    from training.wav2vec2.plan import centralised_steps, client_plan
+
+    zero = run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", public_start, "federated=none", "dp=none", "federated.num_rounds=0"))
+    assert zero["steps"] == 0 and 0 <= zero["wer"]
+    cfg = _cfg(corpus, tmp_path / "runs", public_start, "federated=none", "dp=none", "federated.local_steps=2")
+    # 6 clients x 2 steps x 3 rounds x q = 0.5: the federation's expected number of steps
+    assert centralised_steps(cfg, client_plan(cfg)) == 18
+    assert run_wav2vec2_task(cfg)["steps"] == 18
+
+
+def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corpus, public_start, tmp_path, monkeypatch):
+    from privacy.dp import DPPlanError
+    from privacy.federated import lora_task, synthgrid_task
+    from training.starting_checkpoint import StartingCheckpointError
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    def no_audio(*args, **kwargs):
+        raise AssertionError("audio was read before the start-up checks failed")
+
+    monkeypatch.setattr(synthgrid_task, "load_split", no_audio)
+    monkeypatch.setattr(lora_task, "load_split", no_audio)
+    runs = tmp_path / "runs"
+    with pytest.raises(DPPlanError, match=r"cohort_rate=1.5: the expected cohort q x N = 9 clients is larger than the population of N = 6"):
+        run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.cohort_rate=1.5"))
+    with pytest.raises(DPPlanError, match="num_clients=7 but the train split .* has only 6 speakers"):
+        run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.num_clients=7"))
+    with pytest.raises(DPPlanError, match=r"unreachable for 3 steps at sample_rate=0.5: even noise_multiplier=0.2"):
+        run_wav2vec2_task(_cfg(corpus, runs, public_start, "dp.target_epsilon=1", "dp.max_noise_multiplier=0.2"))
+    with pytest.raises(DPPlanError, match=r"dp.noise_multiplier=50 is beyond dp.max_noise_multiplier=10"):
+        run_wav2vec2_task(_cfg(corpus, runs, public_start, "dp.noise_multiplier=50", "dp.max_noise_multiplier=10"))
+    # the corpus is not even generated yet: the population size comes from the data config (320 training speakers)
+    missing = tmp_path / "not_generated"
+    with pytest.raises(DPPlanError, match="num_clients=400 but the train split of data=synthgrid .* has only 320 speakers"):
+        run_wav2vec2_task(_cfg(missing, runs, public_start, "federated.num_clients=400"))
+    assert not missing.exists()
+    # a public start that does not match its model card is refused before anything is read
+    tampered = tmp_path / "tampered.pt"
+    tampered.write_bytes(public_start.read_bytes() + b"x")
+    tampered.with_suffix(".card.json").write_text(public_start.with_suffix(".card.json").read_text())
+    with pytest.raises(StartingCheckpointError, match="does not match its model card"):
+        run_wav2vec2_task(_cfg(corpus, runs, tampered))
