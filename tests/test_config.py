@@ -33,7 +33,7 @@ def test_wav2vec2_run_names_carry_the_step_budget():
     # without the budget in the name, a demo-sized baseline would be "done" for the full table
     table = cfg_for("experiment=fl_dp", "federated=none", "dp=none").paths.run_dir
     demo = cfg_for("experiment=demo_fl_dp", "federated=none", "dp=none").paths.run_dir
-    assert table.endswith("wav2vec2_tiny-ctc-b10x20/s1") and demo.endswith("wav2vec2_tiny-ctc-int8-b2x3/s1")
+    assert table.endswith("wav2vec2_tiny-ctc-b10x20/s1") and demo.endswith("wav2vec2_tiny-lora-ctc-int8-b10x3q0.5/s1")
     fl = cfg_for("experiment=fl_dp", "federated.local_steps=null", "federated.local_epochs=2").paths.run_dir
     assert fl.endswith("wav2vec2_tiny-ctc-fedavg-c4-r10-ldp-eps8.0-b10xe2/s1")
 

@@ -522,13 +522,16 @@ def _anonymize_tag(method: Any, alpha: Any) -> str:
     return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
 
 
-def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any) -> str:
+def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, cohort_sampling: Any = "fixed",
+                cohort_rate: Any = 1.0) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
-    baseline makes the same total), so runs with other budgets never share a directory; "none" otherwise."""
+    baseline makes the same total; "b20x3q0.5" with Poisson cohorts of rate 0.5), so runs with other budgets
+    never share a directory; "none" otherwise."""
     if str(family) != "wav2vec2":
         return "none"
     per_round = f"{local_steps}" if local_steps not in (None, 0) else f"e{local_epochs}"
-    return f"b{rounds}x{per_round}"
+    cohort = f"q{float(cohort_rate):g}" if str(cohort_sampling) == "poisson" else ""
+    return f"b{rounds}x{per_round}{cohort}"
 
 
 def _app_config_groups() -> str:

@@ -72,7 +72,7 @@ def build_public_start(cfg: DictConfig) -> dict:
     pre = done if done is not None else pretrain(cfg)
 
     tokenizer = WordTokenizer(GRID_WORDS)  # the whole closed vocabulary, whatever a split happens to contain
-    with open_stage(cfg, "public_start") as stage:
+    with open_stage(cfg, "finetune_public") as stage:  # the fine-tuning stage of a starting checkpoint (fingerprint rule)
         generator = seed_everything(int(cfg.seed))
         _, _, waves, targets = load_split(cfg.data.dir, "public", tokenizer)
         loader = torch.utils.data.DataLoader(WaveformCTCDataset(waves, targets), batch_size=int(sc.finetune.batch_size), shuffle=True,
