@@ -286,3 +286,12 @@ def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corp
     tampered.with_suffix(".card.json").write_text(public_start.with_suffix(".card.json").read_text())
     with pytest.raises(StartingCheckpointError, match="does not match its model card"):
         run_wav2vec2_task(_cfg(corpus, runs, tampered))
+
+
+def test_local_dp_stays_available_on_the_lora_task(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    metrics = run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", public_start, "dp=local", "dp.target_epsilon=8",
+                                     "dp.target_delta=1e-3", "federated.num_rounds=2"))
+    assert 0 < metrics["epsilon/max"] <= 8.0 and metrics["epsilon/independent_rel_diff"] < 0.03
+    assert metrics["dp/noise_from_os_csprng"] == 1 and metrics["client_updates"] >= 1
