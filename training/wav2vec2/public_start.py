@@ -102,7 +102,7 @@ def build_public_start(cfg: DictConfig) -> dict:
                             "lr": float(cfg.pretrain.lr), "loss_first": pre.get("pretrain/loss_first"),
                             "loss_last": pre.get("pretrain/loss"), "seconds": pre.get("pretrain/seconds")},
             "finetuning": {"steps": int(stats["steps"]), "batch_size": int(sc.finetune.batch_size), "lr": float(sc.finetune.lr),
-                           "optimizer": "adam", "final_train_ctc": float(stats["train_loss"]), "seconds": round(seconds, 1),
+                           "optimizer": "adam", "mean_train_ctc": float(stats["train_loss"]), "seconds": round(seconds, 1),
                            "frozen": "convolutional feature encoder"},
             "test_wer": round(100 * test["wer"], 2),
             "test_cer": round(100 * test["cer"], 2),
@@ -124,6 +124,9 @@ def write_public_start_card(checkpoint: Path, card: dict) -> None:
     from common.files import atomic_write_text
     from training.starting_checkpoint import card_paths
 
+    def _r(value, digits):
+        return "-" if value is None else round(float(value), digits)
+
     card_json, card_md = card_paths(checkpoint)
     atomic_write_text(card_json, json.dumps(card, indent=1) + "\n")
     p, f = card["pretraining"], card["finetuning"]
@@ -142,8 +145,8 @@ every client and test speaker. Load with `models.wav2vec2_lora.load_wav2vec2_ctc
 | seed | {card['seed']} |
 | sha256 | `{card['sha256']}` ({card['bytes']:,} bytes) |
 | data | {card['data']['corpus']} `{card['data']['dir_name']}` (corpus seed {card['data']['corpus_seed']}), public split, {card['data']['public_utterances']} utterances; sha256 of manifest + media checksums `{card['data']['sha256']}` |
-| pretraining | {p['steps']} steps, batch {p['batch_size']}, lr {p['lr']}; loss {p['loss_first']} -> {p['loss_last']}; {p['seconds']} s |
-| CTC fine-tuning | {f['steps']} steps, batch {f['batch_size']}, Adam lr {f['lr']}, final train CTC {f['final_train_ctc']:.3f}, {f['seconds']} s; frozen: {f['frozen']} |
+| pretraining | {p['steps']} steps, batch {p['batch_size']}, lr {p['lr']}; loss {_r(p['loss_first'], 3)} (first step) -> {_r(p['loss_last'], 3)} (last steps); {_r(p['seconds'], 1)} s (its own invocation when it was done before) |
+| CTC fine-tuning | {f['steps']} steps, batch {f['batch_size']}, Adam lr {f['lr']}, mean train CTC over the steps {_r(f['mean_train_ctc'], 3)}, {f['seconds']} s; frozen: {f['frozen']} |
 | WER on the `{card['data']['test_split']}` speakers (greedy, {card['data']['test_utterances']} utterances) | **{card['test_wer']} %** (CER {card['test_cer']} %): the "no private training" row |
 | wall time | {card['wall_seconds']} s for this invocation; {card['machine']} |
 """
