@@ -10,7 +10,8 @@ Python), so what the demo shows is exactly what a user types:
   3. python train_avhubert.py experiment=demo masks=both loss=ctc_contrastive
   4. python train_speaker_verification.py experiment=demo [...]    RJCA attacker: clean features, and the protected
                                                                    ones under the three attack scenarios
-  5. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FL + local DP
+  5. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FedAvg (LoRA on the public start),
+     and the same with federated=none dp=none federated.num_rounds=0  the public start without private training
   6. python -m scripts.make_tables                                 the results table and plots
 
 `python -m scripts.demo --rebuild-checkpoint` first regenerates the starting checkpoint the way
@@ -46,7 +47,9 @@ STEPS: list[tuple[str, list[str]]] = [
     ("attack: protected, ignorant", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=ignorant"]),
     ("attack: protected, lazy-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=lazy_informed"]),
     ("attack: protected, semi-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=semi_informed"]),
-    ("Wav2Vec2 FL + local DP (Flower)", ["train_avhubert.py", "experiment=demo_fl_dp"]),
+    ("Wav2Vec2: the public start without private training", ["train_avhubert.py", "experiment=demo_fl_dp", "federated=none",
+                                                              "dp=none", "federated.num_rounds=0"]),
+    ("Wav2Vec2 FedAvg, LoRA on the public start (Flower)", ["train_avhubert.py", "experiment=demo_fl_dp"]),
 ]
 
 

@@ -528,7 +528,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     ax_wer.set_ylabel(f"Word error rate, {where} (%)")
     if max(v for c in curves for v in c[3]) >= 90:
         ax_wer.axhline(100, color="gray", lw=0.8, ls=":")
-    fig.suptitle("Global model after each round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
+    fig.suptitle("The global model per round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
