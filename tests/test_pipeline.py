@@ -40,9 +40,12 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
     from training.tasks import run_asr_task, run_attack_task
 
     tmp = tiny_corpus
-    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    objective = run_asr_task(cfg_for(tmp, "task=pretrain"))
     ckpt = tmp / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny" / "iter1" / "checkpoint_last.pt"
     assert ckpt.is_file()
+    # the value a sweeper (Optuna) optimises is the stage's last logged training loss, not None
+    logged = json.loads((ckpt.parent / "metrics.json").read_text())["pretrain/train/loss"]
+    assert objective is not None and objective == pytest.approx(logged)
     masked = list(MASKED)  # fine-tuned from the shipped starting checkpoint (the default model.checkpoint)
     wer = run_asr_task(cfg_for(tmp, *masked))
     assert wer is not None and wer >= 0
