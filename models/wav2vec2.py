@@ -507,7 +507,7 @@ def pretrain_wav2vec2_tiny(
         losses.append(stats["loss"])
         if on_log is not None and ((step + 1) % max(1, log_every) == 0 or step == steps - 1):
             on_log(step + 1, float(np.mean(losses[(step // max(1, log_every)) * max(1, log_every):])))
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        if log_every and (step == 0 or (step + 1) % log_every == 0 or step == steps - 1):  # the log rows' steps, and the first
             log.info("%s", progress_line("wav2vec2 pretrain step", step + 1, steps, time.perf_counter() - t0, unit="step",
                                          extra=" ".join(f"{k} {v:.4g}" for k, v in stats.items())))
     if out_dir is not None:

@@ -135,9 +135,10 @@ def test_centralised_log_has_a_row_every_log_every_steps_before_evaluation(corpu
     assert all("s/step" in line and "ETA" in line and "loss" in line for line in lines)
 
 
-def test_wav2vec2_pretraining_reports_each_window_mean_as_it_ends():
+def test_wav2vec2_pretraining_reports_each_window_mean_as_it_ends(caplog):
     from models.wav2vec2 import pretrain_wav2vec2_tiny, wav2vec2_tiny_config
 
+    caplog.set_level(logging.INFO, logger="models.wav2vec2")
     torch.manual_seed(0)
     waves = [torch.randn(2, 8000) * 0.1 for _ in range(3)]
     reported = []
@@ -146,3 +147,6 @@ def test_wav2vec2_pretraining_reports_each_window_mean_as_it_ends():
     # windows [0, 2), [2, 4), [4, 5): reported at steps 2, 4 and 5 with their mean
     assert [s for s, _ in reported] == [2, 4, 5]
     assert [l for _, l in reported] == [float(np.mean(losses[0:2])), float(np.mean(losses[2:4])), float(np.mean(losses[4:5]))]
+    # progress lines with ETA at the same steps, and after the first (an early ETA)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wav2vec2 pretrain step")]
+    assert [line.split()[3] for line in lines] == ["1/5", "2/5", "4/5", "5/5"] and all("ETA" in line for line in lines)
