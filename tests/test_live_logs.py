@@ -150,3 +150,15 @@ def test_wav2vec2_pretraining_reports_each_window_mean_as_it_ends(caplog):
     # progress lines with ETA at the same steps, and after the first (an early ETA)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wav2vec2 pretrain step")]
     assert [line.split()[3] for line in lines] == ["1/5", "2/5", "4/5", "5/5"] and all("ETA" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_round_callback_runs_under_the_ray_backend(tmp_path):
+    from privacy.federated.runner import run_federated
+
+    entries = []
+    summary = run_federated({"task": "privacy.federated.task:tiny_synthetic_task", "num-rounds": 2, "lr": 0.1, "seed": 3,
+                             "run-dir": str(tmp_path)}, num_clients=2, backend="ray", on_round=entries.append)
+    # the ServerApp runs in a thread of this process: the callback saw each round, as the summary records it
+    assert [e["server_round"] for e in entries] == [1, 2]
+    assert [e["train_loss"] for e in entries] == [r["train_loss"] for r in summary["rounds"]]
