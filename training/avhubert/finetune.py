@@ -526,6 +526,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 inputs = MODALITY_INPUTS[modality]
                 mask_gen.manual_seed(system_cfg.seed + 11)  # same mask noise for every condition
                 refs, hyps, ids = [], [], []
+                n_utts = sum(len(b["ids"]) for b in batches)
+                progress = Progress(total=n_utts, desc=f"evaluate {modality} {condition}", unit="utt", every=max(1, n_utts // 4))
                 with torch.no_grad():
                     for b in batches:
                         frames = b["audio"].shape[-1]
@@ -538,6 +540,8 @@ def evaluate(cfg: DictConfig) -> dict:
                             hyps += ctc_greedy_decode(out.ctc.log_probs, out.ctc.output_lengths, tokenizer)
                         refs += b["texts"]
                         ids += b["ids"]
+                        progress.update(len(b["ids"]))
+                progress.close()
                 stage.metrics[f"wer/{modality}/{condition}"] = word_error_rate(refs, hyps)
                 stage.metrics[f"cer/{modality}/{condition}"] = char_error_rate(refs, hyps)
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.hyp", "".join(f"{i}\t{h}\n" for i, h in zip(ids, hyps)))
