@@ -182,10 +182,11 @@ def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] 
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
-    if cfg.model.reuse_ctc_head and "ctc_head" in info:
+    # symbols=None: the caller loads a fine-tuned head over this one (evaluate / export), nothing to report
+    if cfg.model.reuse_ctc_head and "ctc_head" in info and symbols is not None:
         from training.starting_checkpoint import head_vocabulary
 
-        if symbols is not None and head_vocabulary(info) == list(symbols):
+        if head_vocabulary(info) == list(symbols):
             asr.ctc_proj.load_state_dict(info["ctc_head"])
             log.info("CTC head initialised from %s (same %d-symbol vocabulary)", cfg.model.checkpoint, len(symbols))
         else:
