@@ -504,6 +504,16 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
                            [100 * r["eval"]["eval_wer"] for r in rounds], run.axis("dp.name")))
     if not curves:
         return False
+    # one curve per system: the mean over its seeds at each round (seeds are listed in the label)
+    grouped: dict[tuple, list] = defaultdict(list)
+    for label, x, loss, wer, dp in curves:
+        grouped[(label, dp)].append((x, loss, wer))
+    curves = []
+    for (label, dp), members in grouped.items():
+        common = sorted(set.intersection(*(set(m[0]) for m in members)))
+        mean = lambda k: [statistics.mean(m[k][m[0].index(x)] for m in members) for x in common]
+        curves.append((label + (f" (mean of {len(members)} seeds)" if len(members) > 1 else ""), common, mean(1), mean(2), dp))
+    starts = [100 * r.metrics["federated:wer"] for r in runs if _no_training(r) and "federated:wer" in r.metrics]
     on_test = any(r.run_dir.joinpath("federated", "federated_rounds.json").is_file() and '"server_eval"' in
                   r.run_dir.joinpath("federated", "federated_rounds.json").read_text() for r in runs if "federated:wer" in r.metrics)
     where = "test speakers (server-side)" if on_test else "clients' held-out utterances"
@@ -512,7 +522,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     plt = _pyplot()
     fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"local": "--", "central": ":"}  # line style = kind of DP, colour = run
-    colours = plt.cm.tab20.colors
+    colours = plt.cm.tab10.colors + plt.cm.Dark2.colors  # distinct hues (tab20 pairs light/dark shades of one hue)
     for i, (label, x, loss, wer, dp) in enumerate(sorted(curves)):
         kwargs = dict(ls=style.get(dp, "-"), marker="o", ms=3, color=colours[i % len(colours)])
         ax_loss.plot(x, loss, label=label, **kwargs)
@@ -526,10 +536,16 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         ax.grid(alpha=0.3)
     ax_loss.set_ylabel(f"CTC loss, {where}")
     ax_wer.set_ylabel(f"Word error rate, {where} (%)")
+    if starts and on_test:  # the public start scored on the same speakers: the line to get below
+        ax_wer.axhline(statistics.mean(starts), color="black", lw=1.2, ls="-.",
+                       label=f"no private training (public start, {statistics.mean(starts):.1f} %)")
     if max(v for c in curves for v in c[3]) >= 90:
         ax_wer.axhline(100, color="gray", lw=0.8, ls=":")
     fig.suptitle("The global model per round (solid: no DP, dashed: local DP, dotted: central DP)", fontsize=10)
     handles, labels = ax_loss.get_legend_handles_labels()
+    extra_handles, extra_labels = ax_wer.get_legend_handles_labels()
+    handles, labels = handles + [h for h, l in zip(extra_handles, extra_labels) if l.startswith("no private")], \
+        labels + [l for l in extra_labels if l.startswith("no private")]
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
