@@ -264,12 +264,12 @@ def _label(run: Run) -> str:
         granularity = run.axis("masks.noise_granularity")
         parts.append(f"noise per {granularity}" + (f" ({run.axis('masks.segment_frames')} frames)" if granularity == "segment" else ""))
     if run.axis("loss.name") == "ctc_contrastive":
-        text = f"contrastive λ={run.axis('loss.lambda')}"
+        notes = []
         if run.axis("loss.projection") not in (None, "learned"):
-            text += f" (head {run.axis('loss.projection')})"
+            notes.append("no head" if run.axis("loss.projection") == "none" else f"{run.axis('loss.projection')} head")
         if run.axis("loss.negatives") == "protected":
-            text += " (protected negatives)"
-        parts.append(text)
+            notes.append("protected negatives")
+        parts.append(f"contrastive λ={run.axis('loss.lambda')}" + (f" ({', '.join(notes)})" if notes else ""))
     if masked and run.axis("loss.adversary_weight"):
         parts.append(f"adversary {run.axis('loss.adversary_weight')}" + ("" if run.axis("loss.adversary_input") in (None, "fused") else f" ({run.axis('loss.adversary_input')})"))
     if masked and run.axis("loss.noise_weight"):

@@ -320,7 +320,7 @@ def test_issue17_axes_split_systems_and_the_mcadams_baseline_is_drawn_with_the_t
     rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
     assert len(rows) == 4
     assert any("McAdams α=0.8, masks=none" in r and "| 9.0 |" in r for r in rows)
-    assert any("noise per utterance" in r and "adversary 1.0" in r and "head none" in r for r in rows)
+    assert any("noise per utterance" in r and "adversary 1.0" in r and "(no head)" in r for r in rows)
     assert any("35.0 [30.0, 40.0]" in r for r in rows)  # the interval is in the table
     ax = next(f for f in figures if "Privacy vs utility: semi-informed" in f.axes[0].get_title()).axes[0]
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
