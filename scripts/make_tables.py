@@ -260,7 +260,7 @@ def _label(run: Run) -> str:
         parts.append(f"init σ={run.axis('masks.init_scale')}")
     if masked and run.axis("masks.min_scale"):
         parts.append(f"min σ={run.axis('masks.min_scale')}")
-    if masked and run.axis("masks.noise_granularity") not in (None, "frame"):
+    if masked and run.axis("masks.noise_granularity") is not None:
         granularity = run.axis("masks.noise_granularity")
         parts.append(f"noise per {granularity}" + (f" ({run.axis('masks.segment_frames')} frames)" if granularity == "segment" else ""))
     if run.axis("loss.name") == "ctc_contrastive":
@@ -297,7 +297,9 @@ def plain_label(run: Run) -> str:
         if run.axis("masks.init_scale") not in (None, 1.0):
             details.append(f"init σ={run.axis('masks.init_scale')}")
         granularity = run.axis("masks.noise_granularity")
-        if granularity == "utterance":
+        if granularity == "frame":  # said only when the run's config has the key (older runs: frame, unsaid)
+            details.append("one noise draw per frame")
+        elif granularity == "utterance":
             details.append("one noise draw per utterance")
         elif granularity == "segment":
             details.append(f"one noise draw per {run.axis('masks.segment_frames')} frames")
