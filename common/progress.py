@@ -7,19 +7,16 @@ whichever comes first:
 
     synthgrid 300/1200 (25%)  0.21 s/utt  4.8 utt/s  elapsed 1m03s  ETA 3m09s
 
-A phase whose length is unknown (a library call such as k-means' `fit`) gets
-`heartbeat`: a line every `seconds` seconds saying it is still running and for how
-long.
+A library call that runs a long loop of its own (k-means' `fit`) reports through a hook
+into that loop (data/targets.py), so it gets the same lines with an ETA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -161,27 +158,3 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-@contextlib.contextmanager
-def heartbeat(desc: str, seconds: float = 30.0, logger: logging.Logger | None = None) -> Iterator[None]:
-    """Log '<desc>: running for 1m30s' every `seconds` while the block runs, then '<desc>: done in ...'.
-
-    For a phase that reports no progress of its own (a library's `fit`): the log shows
-    it is alive and how long it has taken so far.
-    """
-    out = logger or log
-    stop = threading.Event()
-    start = time.perf_counter()
-
-    def beat() -> None:
-        while not stop.wait(seconds):
-            out.info("%s: running for %s", desc, format_duration(time.perf_counter() - start))
-
-    thread = threading.Thread(target=beat, name=f"heartbeat:{desc}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    out.info("%s: done in %s", desc, format_duration(time.perf_counter() - start))

@@ -27,10 +27,52 @@ def mfcc_39(wav: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     return np.concatenate([feats, d1, delta(d1, 2)], axis=1).astype(np.float32)
 
 
-def fit_kmeans(features: Sequence[np.ndarray], k: int, seed: int, max_frames: int = 200_000):
-    """MiniBatch k-means on (a deterministic subsample of) the stacked frames."""
+KMEANS_PARAMS = {"batch_size": 4096, "n_init": 3, "max_iter": 100}  # MiniBatchKMeans' settings besides k and the seed
+
+
+def _kmeans_with_progress(desc: str, seconds: float, **params):
+    """sklearn's MiniBatchKMeans, reporting its minibatch steps through common.progress.
+
+    `fit` runs at most max_iter * n_samples // batch_size minibatch steps and stops early
+    once the inertia stops improving; sklearn calls `_mini_batch_convergence(step, n_steps,
+    ...)` after every step, which is the only place that knows both. The override counts
+    and defers to sklearn, so the clusters are exactly those of the plain class
+    (tests/test_progress_and_cli.py compares them). The ETA is for the maximum step count.
+    """
     from sklearn.cluster import MiniBatchKMeans
 
+    from common.progress import Progress
+
+    class MiniBatchKMeansWithProgress(MiniBatchKMeans):
+        _progress: Progress | None = None
+
+        def _mini_batch_convergence(self, step, n_steps, *args, **kwargs):
+            if self._progress is None:
+                self._progress = Progress(total=n_steps, desc=desc, unit="step", every=max(1, n_steps // 10), seconds=seconds)
+            self._progress.update()
+            return super()._mini_batch_convergence(step, n_steps, *args, **kwargs)
+
+        def fit(self, *args, **kwargs):
+            try:
+                return super().fit(*args, **kwargs)
+            finally:
+                progress, self._progress = self._progress, None
+                if progress is not None:
+                    maximum = progress.total
+                    if progress.done < maximum:  # stopped early: the count is complete, the ETA 0
+                        progress.total = progress.done
+                    progress.close(extra=f"converged (at most {maximum} steps)" if progress.done < maximum else "")
+
+    return MiniBatchKMeansWithProgress(**params)
+
+
+def fit_kmeans(features: Sequence[np.ndarray], k: int, seed: int, max_frames: int = 200_000, desc: str = "k-means fit",
+               progress_seconds: float = 30.0):
+    """MiniBatch k-means on (a deterministic subsample of) the stacked frames.
+
+    Progress of the fit (minibatch steps, ETA for the maximum) goes through common.progress as
+    `desc`: a bar in a terminal, a line every 10 % of the maximum or `progress_seconds` otherwise.
+    """
     frames = np.concatenate(features, axis=0)
     if len(frames) < k:
         raise ValueError(f"k-means needs at least k={k} frames, got {len(frames)}; use fewer clusters or more data")
@@ -38,10 +80,11 @@ def fit_kmeans(features: Sequence[np.ndarray], k: int, seed: int, max_frames: in
     if len(frames) > max_frames:
         frames = frames[rng.choice(len(frames), max_frames, replace=False)]
     mean, std = frames.mean(0), frames.std(0) + 1e-5
-    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3, max_iter=100)
+    km = _kmeans_with_progress(desc, progress_seconds, **KMEANS_PARAMS, n_clusters=k, random_state=seed)
     km.fit((frames - mean) / std)
     km.feature_mean_, km.feature_std_ = mean, std
     return km
+
 
 
 def assign_labels(km, features: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -453,6 +453,7 @@ def pretrain_wav2vec2_tiny(
     log_every: int = 50,
     model: Optional[Wav2Vec2ForPreTraining] = None,
     device: Optional[torch.device] = None,
+    on_log: Optional[Callable[[int, float], None]] = None,
 ) -> tuple[Wav2Vec2ForPreTraining, list[float]]:
     """Self-supervised wav2vec 2.0 pre-training of the tiny model; returns (model, per-step losses).
 
@@ -464,6 +465,8 @@ def pretrain_wav2vec2_tiny(
     with ``save_pretrained`` (config.json + model.safetensors).
     Seeds torch and numpy's global RNG (transformers' mask/negative sampling uses it).
     ``device``: where the model trains and the batches go (default: where the model is).
+    ``on_log(steps done, mean loss since the last call)``: every ``log_every`` steps and after the
+    last one, as training goes (a live run log).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -502,7 +505,9 @@ def pretrain_wav2vec2_tiny(
         optimizer.step()
         scheduler.step()
         losses.append(stats["loss"])
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        if on_log is not None and ((step + 1) % max(1, log_every) == 0 or step == steps - 1):
+            on_log(step + 1, float(np.mean(losses[(step // max(1, log_every)) * max(1, log_every):])))
+        if log_every and (step == 0 or (step + 1) % log_every == 0 or step == steps - 1):  # the log rows' steps, and the first
             log.info("%s", progress_line("wav2vec2 pretrain step", step + 1, steps, time.perf_counter() - t0, unit="step",
                                          extra=" ".join(f"{k} {v:.4g}" for k, v in stats.items())))
     if out_dir is not None:

@@ -33,16 +33,22 @@ def tiny_corpus(tmp_path_factory):
     return tmp
 
 
-def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
+def test_pretrain_finetune_evaluate_export_attack(tiny_corpus, caplog):
+    import logging
+
     from safetensors.torch import load_file
 
     from training.avhubert.export import read_export
     from training.tasks import run_asr_task, run_attack_task
 
     tmp = tiny_corpus
-    run_asr_task(cfg_for(tmp, "task=pretrain"))
+    caplog.set_level(logging.INFO, logger="common.progress")
+    objective = run_asr_task(cfg_for(tmp, "task=pretrain"))
     ckpt = tmp / "runs" / "synthgrid" / "pretrained" / "avhubert_tiny" / "iter1" / "checkpoint_last.pt"
     assert ckpt.is_file()
+    # the value a sweeper (Optuna) optimises is the stage's last logged training loss, not None
+    logged = json.loads((ckpt.parent / "metrics.json").read_text())["pretrain/train/loss"]
+    assert objective is not None and objective == pytest.approx(logged)
     masked = list(MASKED)  # fine-tuned from the shipped starting checkpoint (the default model.checkpoint)
     wer = run_asr_task(cfg_for(tmp, *masked))
     assert wer is not None and wer >= 0
@@ -84,9 +90,14 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus):
 
     log = read_jsonl(run_dir / "attack" / "semi_informed" / "log.jsonl")
     assert log and log[-1]["step"] == attack["steps"] and "train/loss" in log[-1]
+    # every long phase logged progress lines with ETA (no terminal here): k-means targets, export, evaluation, embeddings
+    progress = [r.getMessage() for r in caplog.records if r.name == "common.progress"]
+    for phase in ("pretrain: MFCCs for k-means", "pretrain: k-means fit", "export attacker_trials", "evaluate audio_video clean",
+                  "test embeddings"):
+        assert any(phase in line and "ETA" in line for line in progress), phase
 
 
-def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path):
+def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path, caplog):
     """`task=build_checkpoint` end to end: iteration 1 (MFCC targets), iteration 2 (k-means on the
     iteration-1 model's layer features), CTC fine-tuning on the public fit speakers, card + checksum."""
     from data.manifest import read_split
@@ -94,6 +105,7 @@ def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path
     from training.starting_checkpoint import card_paths, load_starting_checkpoint, sha256_file
     from training.tasks import run_asr_task
 
+    caplog.set_level("INFO", logger="common.progress")
     out = tmp_path / "checkpoints" / "avhubert_tiny_synthgrid.pt"
     run_asr_task(cfg_for(tiny_corpus, "task=build_checkpoint", "starting_checkpoint.iterations=2",
                          "starting_checkpoint.heldout_speakers=1", f"starting_checkpoint.path={out}",
@@ -109,6 +121,9 @@ def test_build_starting_checkpoint_with_a_second_iteration(tiny_corpus, tmp_path
         assert len(lab) == u.n_frames and 0 <= lab.min() and lab.max() < 20
     labels1 = read_km(pre / "iter1" / "public_fit.km", expected=len(fit))
     assert len(labels1[0]) > 3 * fit[0].n_frames  # iteration 1: MFCC labels at 100 Hz
+    progress = [r.getMessage() for r in caplog.records if r.name == "common.progress"]
+    assert any(line.startswith(f"pretrain: layer-2 features for k-means {len(fit)}/{len(fit)}") for line in progress)
+    assert any(line.startswith("pretrain: k-means fit (k=20,") and "layer-2 frames" in line and "ETA" in line for line in progress)
     card = json.loads(card_paths(out)[0].read_text())
     assert card["sha256"] == sha256_file(out) and [p["iteration"] for p in card["pretraining"]] == [1, 2]
     assert card["finetuning"]["steps"] == 3 and card["data"]["heldout_speakers"] == sorted({u.speaker for u in held})

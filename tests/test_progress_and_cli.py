@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,17 +42,50 @@ def test_progress_in_a_terminal_is_a_bar_and_logs_nothing(caplog):
     assert not caplog.records
 
 
-def test_heartbeat_reports_a_silent_phase(caplog):
-    import time
+def test_progress_lines_come_at_the_configured_interval_outside_a_terminal(caplog, monkeypatch):
+    from common import progress as progress_module
 
-    from common.progress import heartbeat
-
+    clock = iter(float(t) for t in range(100))  # each perf_counter call: one second later
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="common.progress")
-    with heartbeat("k-means fit", seconds=0.05):
-        time.sleep(0.2)
+    progress = progress_module.Progress(total=20, desc="phase", unit="it", every=None, seconds=3, terminal=False)
+    logged = [progress.update() is not None for _ in range(8)]
+    # start at t=0; updates at t=1..8: a line once 3 s have passed since the last one (t=3, 6)
+    assert logged == [False, False, True, False, False, True, False, False]
     lines = [r.getMessage() for r in caplog.records]
-    assert any(line.startswith("k-means fit: running for") for line in lines)
-    assert lines[-1].startswith("k-means fit: done in")
+    assert lines[0] == "phase 3/20 (15%)  1 s/it  1 it/s  elapsed 3.0s  ETA 17s"
+    assert lines[1].startswith("phase 6/20 (30%)") and lines[1].endswith("ETA 14s")
+
+
+def _blobs(seed: int = 0, n: int = 3000) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (6, 4))
+    return [(centres[i % 6] + rng.normal(0, 1, (n // 30, 4))).astype(np.float32) for i in range(30)]
+
+
+def test_kmeans_fit_logs_minibatch_progress_with_eta_and_the_same_clusters(caplog):
+    from sklearn.cluster import MiniBatchKMeans
+
+    from data.targets import KMEANS_PARAMS, fit_kmeans
+
+    feats = _blobs()
+    caplog.set_level(logging.INFO, logger="common.progress")
+    km = fit_kmeans(feats, 6, seed=3, desc="k-means fit (test)")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("k-means fit (test)")]
+    # at most max_iter * n_samples // batch_size minibatch steps (the batch is at most n_samples = 3000):
+    # a line every 10 % of them, with the ETA for the maximum
+    n_steps = KMEANS_PARAMS["max_iter"] * 3000 // min(KMEANS_PARAMS["batch_size"], 3000)
+    assert len(lines) >= 2 and all("s/step" in line and "ETA" in line for line in lines)
+    assert lines[0].startswith(f"k-means fit (test) {max(1, n_steps // 10)}/{n_steps} (")
+    assert not any("\r" in line for line in lines)
+    assert km.n_steps_ < n_steps  # these blobs converge early; the last line says so, with the count complete
+    assert lines[-1].startswith(f"k-means fit (test) {km.n_steps_}/{km.n_steps_} (100%)")
+    assert lines[-1].endswith(f"ETA 0.0s  converged (at most {n_steps} steps)")
+    # the hook only counts: the clusters are those of sklearn's own class on the same standardised frames
+    frames = np.concatenate(feats)
+    plain = MiniBatchKMeans(n_clusters=6, random_state=3, **KMEANS_PARAMS).fit((frames - km.feature_mean_) / km.feature_std_)
+    np.testing.assert_array_equal(km.cluster_centers_, plain.cluster_centers_)
+    assert km.n_steps_ == plain.n_steps_
 
 
 def test_training_step_lines_carry_step_time_throughput_and_eta(caplog):

@@ -40,6 +40,7 @@ from training.run_logger import logger_from_config
 from training.loop import train
 from common.metrics import det_curve, plot_det_curve, speaker_bootstrap_ci, speaker_verification_metrics
 from common.files import atomic_write_text
+from common.progress import Progress
 from common.seeding import seed_everything
 from training.stage import open_stage
 
@@ -220,14 +221,17 @@ def _inputs(fs_batch: dict, raw: bool):
 
 
 @torch.no_grad()
-def embed_set(model: RJCASpeakerVerifier, fs: FeatureSet, raw: bool, device, batch_size: int = 32) -> torch.Tensor:
-    """Speaker embeddings [N, E] of every utterance of a FeatureSet, in its order."""
+def embed_set(model: RJCASpeakerVerifier, fs: FeatureSet, raw: bool, device, batch_size: int = 32,
+              desc: str = "speaker embeddings") -> torch.Tensor:
+    """Speaker embeddings [N, E] of every utterance of a FeatureSet, in its order (progress as `desc`)."""
     collate = make_collate(fs)
     embs = []
-    for start in range(0, len(fs), batch_size):
-        batch = move_to_device(collate(list(range(start, min(start + batch_size, len(fs))))), device)
-        audio, video, pad = _inputs(batch, raw)
-        embs.append(model.embed(audio, video, pad).float().cpu())
+    with Progress(total=len(fs), desc=desc, unit="utt", every=max(1, len(fs) // 10)) as progress:
+        for start in range(0, len(fs), batch_size):
+            batch = move_to_device(collate(list(range(start, min(start + batch_size, len(fs))))), device)
+            audio, video, pad = _inputs(batch, raw)
+            embs.append(model.embed(audio, video, pad).float().cpu())
+            progress.update(len(embs[-1]))
     return torch.cat(embs)
 
 
@@ -277,8 +281,8 @@ def run_attack(cfg: DictConfig) -> dict:
         # utterance a of a trial is the enrolment, utterance b the test.
         model.eval()
         t1 = time.time()
-        emb_test = embed_set(model, test_set, raw, device)
-        emb_enrol = emb_test if enrol_set is test_set else embed_set(model, enrol_set, raw, device)
+        emb_test = embed_set(model, test_set, raw, device, desc=f"{name}: test embeddings")
+        emb_enrol = emb_test if enrol_set is test_set else embed_set(model, enrol_set, raw, device, desc=f"{name}: enrolment embeddings")
         index = {uid: i for i, uid in enumerate(test_set.ids)}
         if enrol_set.ids != test_set.ids:
             raise ValueError("attack: the enrolment and trial features list different utterances; re-run the export")
@@ -286,14 +290,8 @@ def run_attack(cfg: DictConfig) -> dict:
         eb = emb_test[[index[t.b] for t in trials]]
         scores = RJCASpeakerVerifier.score_trials(ea, eb)
         if a.score_norm == "snorm":
-            cohort = []
-            with torch.no_grad():
-                tc = make_collate(train_set)
-                for start in range(0, len(train_set), 32):
-                    batch = move_to_device(tc(list(range(start, min(start + 32, len(train_set))))), device)
-                    audio, video, pad = _inputs(batch, raw)
-                    cohort.append(model.embed(audio, video, pad).float().cpu())
-            scores = RJCASpeakerVerifier.s_norm(scores, ea, eb, torch.cat(cohort), a.snorm_top_k)
+            cohort = embed_set(model, train_set, raw, device, desc=f"{name}: s-norm cohort embeddings")
+            scores = RJCASpeakerVerifier.s_norm(scores, ea, eb, cohort, a.snorm_top_k)
         score_seconds = time.time() - t1
         if not torch.isfinite(scores).all():
             raise ValueError(f"attack: {int((~torch.isfinite(scores)).sum())} trial scores are NaN/inf; the attacker diverged")

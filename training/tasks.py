@@ -68,7 +68,8 @@ def run_asr_task(cfg: DictConfig):
         return _objective(build_starting_checkpoint(cfg), "starting_checkpoint/wer/audio_video/clean")
     if cfg.task == "pretrain":
         done = skip_if_done(cfg, "pretrain", pretrain.pretrain_out_dir(cfg))
-        return _objective(done or pretrain.pretrain(cfg), "pretrain/loss")
+        # the pretraining loop logs its window means under pretrain/train/* (training.loop)
+        return _objective(done or pretrain.pretrain(cfg), "pretrain/train/loss")
     run_stage = {"finetune": finetune.finetune, "evaluate": finetune.evaluate, "export": export.export}
     if cfg.task == "finetune":
         # finetune, then evaluate and export; each part is skipped when it is done already,

@@ -156,8 +156,12 @@ def run_federated(
     num_clients: int,
     backend: str = "ray",
     client_app: Optional[ClientApp | Callable[[int], ClientApp]] = None,
+    on_round: Optional[Callable[[Mapping[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Run the federation; returns the round summary (see server_app.run_server) plus `final_state`.
+
+    `on_round(entry)` is called after every round with its summary entry (both backends: the
+    ServerApp runs in this process), e.g. to write a live log.
 
     `client_app` (sequential backend only) replaces the ClientApp, or maps a node
     id to one, e.g. to put a faulty or malicious client into a test federation.
@@ -175,7 +179,7 @@ def run_federated(
             from privacy.federated.client_app import make_client_app
 
             grid = InProcessGrid(client_app or make_client_app(cfg), num_clients, cfg)
-            summary = run_server(grid, cfg)
+            summary = run_server(grid, cfg, on_round=on_round)
             summary["grid"] = grid
             return summary
         if backend != "ray":
@@ -188,7 +192,7 @@ def run_federated(
 
         log.info("flwr.simulation.run_simulation is deprecated in Flower 1.42 (use `flwr run`); it is used here on purpose, see runner.py")
         run_simulation(
-            server_app=make_server_app(cfg),
+            server_app=make_server_app(cfg, on_round=on_round),
             client_app=make_client_app(cfg),
             num_supernodes=num_clients,
             backend_name="ray",
@@ -200,13 +204,15 @@ def run_federated(
             temporary.cleanup()
 
 
-def run_centralised(run_config: Mapping[str, Any], steps: int, task=None) -> dict[str, Any]:
+def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
+                    on_step: Optional[Callable[[int, Optional[float], int], None]] = None) -> dict[str, Any]:
     """The centralised baseline of a federation (see the module docstring).
 
     `task` (default: the run config's task) must provide ``build_union_loader``, as
     :class:`privacy.federated.synthgrid_task.SynthGridTask` does. Returns the trained
     ``model``, the ``train_local`` ``stats`` and their ``train_seconds``, the ``dp`` session
-    (None without DP), and the ``utterances`` and ``batches`` of the union loader.
+    (None without DP), and the ``utterances`` and ``batches`` of the union loader. ``on_step``:
+    train_local's per-step callback (logging).
     """
     from common.seeding import seed_everything
     from privacy.federated.local_dp import LocalDPSession
@@ -229,6 +235,6 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None) -> dic
              cfg["batch-size"], utterances)
     t0 = time.time()
     stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session,
-                        device=resolve_device(str(cfg["device"])))
+                        device=resolve_device(str(cfg["device"])), on_step=on_step)
     return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
             "train_seconds": time.time() - t0}

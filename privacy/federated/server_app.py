@@ -7,7 +7,9 @@ loop written out, because it also has to
 
 * write per-round metrics (train loss, eval WER, epsilon and bytes per client,
   rejected / failed counts) to ``<run-dir>/federated_rounds.json`` and ``.csv``
-  after every round (atomic writes, so a crash leaves the last complete round);
+  after every round (atomic writes, so a crash leaves the last complete round),
+  log a progress line per round (time per round, ETA; common.progress) and hand
+  the round's entry to ``on_round`` (the Hydra side writes its log.csv/wandb row there);
 * stop early when the privacy budget is exhausted: central DP stops BEFORE a
   release that would exceed ``target-epsilon`` (Flower's accountant raises
   ``PrivacyBudgetExhausted`` in ``configure_train``); local DP stops once a
@@ -34,7 +36,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.files import atomic_write_bytes
+from common.progress import Progress
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import build_strategy
 from privacy.federated.task import arrays_to_state, federated_state, load_task, state_to_arrays
@@ -69,7 +72,9 @@ def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_bytes(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None,
+               on_round: Optional[Callable[[Mapping[str, Any]], None]] = None) -> dict[str, Any]:
+    """The federation's rounds; `on_round(entry)` is called with each round's summary entry once it is written."""
     cfg = resolve_run_config(run_config, overrides)
     num_clients = int(cfg["num-clients"])
     run_dir = Path(cfg["run-dir"]) if cfg["run-dir"] else None
@@ -93,6 +98,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         "not_private": not_private(cfg),
         "dp_unit": cfg["dp-unit"] if cfg["dp"] != "none" else None,
     }
+    # a line per round, in a terminal too: rounds are few and slow, and the line carries the round's numbers
+    progress = Progress(total=int(cfg["num-rounds"]), desc="federated round", unit="round", every=1, terminal=False)
     if summary["not_private"]:
         log.warning("dp-reproducible-noise-NOT-PRIVATE is on: the DP noise can be regenerated from the configuration; this run is NOT PRIVATE")
     for server_round in range(1, int(cfg["num-rounds"]) + 1):
@@ -132,6 +139,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
                        stop_reason=_honest(stop_reason, not_aggregated, strategy), seconds=time.time() - t0)
         if run_dir is not None:
             _write_round_log(run_dir, summary)
+        if on_round is not None:
+            on_round(entry)
+        progress.update(extra=_round_numbers(entry))
         if cfg["dp"] == "local" and entry["max_client_epsilon"] >= float(cfg["target-epsilon"]):
             stop_reason = f"local privacy budget reached after round {server_round}: epsilon {entry['max_client_epsilon']:.3f} >= {cfg['target-epsilon']}"
             log.warning(stop_reason)
@@ -159,6 +169,18 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     return summary
 
 
+def _round_numbers(entry: Mapping[str, Any]) -> str:
+    """The numbers of a round's progress line: what a user watching the run wants to see."""
+    parts = [f"train_loss {entry['train_loss']:.4g}" if entry["train_loss"] is not None else "no update accepted"]
+    if (entry.get("eval") or {}).get("eval_wer") is not None:
+        parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
+    if entry["max_client_epsilon"]:
+        parts.append(f"epsilon {entry['max_client_epsilon']:.3g}")
+    if entry.get("central_epsilon") is not None:
+        parts.append(f"central epsilon {entry['central_epsilon']:.3g}")
+    return "  ".join(parts)
+
+
 def _honest(stop_reason: str, not_aggregated: list[int], strategy) -> str:
     """The stop reason, naming every round that aggregated nothing ('completed' only if there is none)."""
     if not not_aggregated:
@@ -168,13 +190,14 @@ def _honest(stop_reason: str, not_aggregated: list[int], strategy) -> str:
     return f"{prefix}, but {len(not_aggregated)} round(s) aggregated nothing ({detail})"
 
 
-def make_server_app(overrides: Optional[Mapping[str, Any]] = None) -> ServerApp:
+def make_server_app(overrides: Optional[Mapping[str, Any]] = None,
+                    on_round: Optional[Callable[[Mapping[str, Any]], None]] = None) -> ServerApp:
     overrides = dict(overrides or {})
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context.run_config, overrides)
+        run_server(grid, context.run_config, overrides, on_round=on_round)
 
     return server_app
 

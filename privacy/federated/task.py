@@ -146,6 +146,7 @@ def train_local(
     prox_mu: float = 0.0,
     global_params: Optional[Mapping[str, np.ndarray]] = None,
     device: Optional[torch.device] = None,
+    on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -162,6 +163,7 @@ def train_local(
     stays this plain step (Adam does not rescale it), so mu means the same with both.
 
     device: where the model is moved and each batch goes (`common.device`); None = where the model is.
+    on_step(steps done, the step's loss or None for an empty batch, its examples): after every step (logging).
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
@@ -201,6 +203,8 @@ def train_local(
                 total_loss += float(loss.detach()) * n
                 total_examples += n
             done += 1
+            if on_step is not None:
+                on_step(done, float(loss.detach()) if n else None, n)
         epoch += 1
         if steps is not None and done == 0 and epoch > 3:
             raise RuntimeError("local training made no step in 3 passes over the loader: the client has no data")

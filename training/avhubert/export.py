@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.files import atomic_write_text, file_sha256
+from common.progress import Progress
 from common.seeding import seed_everything
 from data.dataset import build_dataloader
 from common.device import move_to_device
@@ -67,6 +68,7 @@ def export(cfg: DictConfig) -> dict:
                                               batch_size=16, seed=0, num_workers=cfg.trainer.num_workers, train=False)) if anonymized else None
             store: dict[str, list[torch.Tensor]] = {f"{mod}/{kind}": [] for mod in ("audio", "video") for kind in EXPORT_KINDS}
             ids, speakers, lengths = [], [], []
+            progress = Progress(total=len(ds), desc=f"export {split}", unit="utt", every=max(1, len(ds) // 10))
             for b in loader:
                 b = move_to_device(b, device)
                 ca, cv, pa, pv = system.protected_features(b["audio"], b["video"], b["padding_mask"])
@@ -89,6 +91,8 @@ def export(cfg: DictConfig) -> dict:
                     lengths.append(n)
                 ids += b["ids"]
                 speakers += b["speakers"]
+                progress.update(len(b["ids"]))
+            progress.close()
             tensors = {k: torch.cat(v) for k, v in store.items()}
             tensors["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
             out = stage.dir / f"{split}.safetensors"

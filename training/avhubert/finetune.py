@@ -182,10 +182,11 @@ def build_system(cfg: DictConfig, vocab_size: int, symbols: Optional[list[str]] 
     """Pretrained AV-HuBERT + CTC head + masks (+ projection head), adapter applied, front-ends frozen."""
     core, info = load_pretrained_avhubert(cfg)
     asr = AVHubertForCTC(core, vocab_size, final_dropout=cfg.model.final_dropout)
-    if cfg.model.reuse_ctc_head and "ctc_head" in info:
+    # symbols=None: the caller loads a fine-tuned head over this one (evaluate / export), nothing to report
+    if cfg.model.reuse_ctc_head and "ctc_head" in info and symbols is not None:
         from training.starting_checkpoint import head_vocabulary
 
-        if symbols is not None and head_vocabulary(info) == list(symbols):
+        if head_vocabulary(info) == list(symbols):
             asr.ctc_proj.load_state_dict(info["ctc_head"])
             log.info("CTC head initialised from %s (same %d-symbol vocabulary)", cfg.model.checkpoint, len(symbols))
         else:
@@ -526,6 +527,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 inputs = MODALITY_INPUTS[modality]
                 mask_gen.manual_seed(system_cfg.seed + 11)  # same mask noise for every condition
                 refs, hyps, ids = [], [], []
+                n_utts = sum(len(b["ids"]) for b in batches)
+                progress = Progress(total=n_utts, desc=f"evaluate {modality} {condition}", unit="utt", every=max(1, n_utts // 4))
                 with torch.no_grad():
                     for b in batches:
                         frames = b["audio"].shape[-1]
@@ -538,6 +541,8 @@ def evaluate(cfg: DictConfig) -> dict:
                             hyps += ctc_greedy_decode(out.ctc.log_probs, out.ctc.output_lengths, tokenizer)
                         refs += b["texts"]
                         ids += b["ids"]
+                        progress.update(len(b["ids"]))
+                progress.close()
                 stage.metrics[f"wer/{modality}/{condition}"] = word_error_rate(refs, hyps)
                 stage.metrics[f"cer/{modality}/{condition}"] = char_error_rate(refs, hyps)
                 atomic_write_text(hyp_dir / f"{modality}.{condition}.hyp", "".join(f"{i}\t{h}\n" for i, h in zip(ids, hyps)))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.progress import Progress, heartbeat
+from common.progress import Progress
 from common.seeding import seed_everything
 from data.dataset import AVSRDataset, build_dataloader
 from models.adapters import count_parameters
@@ -66,8 +66,7 @@ def _mfcc_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.ndar
             feats.append(mfcc_39(read_wav(u.audio, cfg.data.sample_rate), cfg.data.sample_rate))
             progress.update()
     frames = sum(len(f) for f in feats)
-    with heartbeat(f"pretrain: k-means fit (k={k}, {frames} MFCC frames)", seconds=30.0):
-        km = fit_kmeans(feats, k, seed=cfg.seed)
+    km = fit_kmeans(feats, k, seed=cfg.seed, desc=f"pretrain: k-means fit (k={k}, {frames} MFCC frames)")
     return [assign_labels(km, f) for f in feats]
 
 
@@ -91,15 +90,17 @@ def _feature_targets(cfg: DictConfig, dataset: AVSRDataset, k: int) -> list[np.n
     teacher.eval()
     feats: dict[str, np.ndarray] = {}
     eval_ds = make_dataset(cfg, dataset.split, None, anonymize="none")
-    for batch in build_dataloader(eval_ds, "bucket", batch_size=8, seed=0, num_workers=0, train=False):
-        out = teacher(batch["audio"], batch["video"], batch["padding_mask"], output_hidden_states=True)
-        hidden = out.hidden_states[layer]  # index 0 is the encoder input
-        for i, uid in enumerate(batch["ids"]):
-            feats[uid] = hidden[i, : int(batch["lengths"][i])].numpy()
+    with Progress(total=len(eval_ds), desc=f"pretrain: layer-{layer} features for k-means", unit="utt",
+                  every=max(1, len(eval_ds) // 4)) as progress:
+        for batch in build_dataloader(eval_ds, "bucket", batch_size=8, seed=0, num_workers=0, train=False):
+            out = teacher(batch["audio"], batch["video"], batch["padding_mask"], output_hidden_states=True)
+            hidden = out.hidden_states[layer]  # index 0 is the encoder input
+            for i, uid in enumerate(batch["ids"]):
+                feats[uid] = hidden[i, : int(batch["lengths"][i])].numpy()
+            progress.update(len(batch["ids"]))
     ordered = [feats[u.id] for u in dataset.utterances]
     log.info("pretrain: k-means (k=%d) on layer-%d features of %s (%d utterances)", k, layer, path, len(ordered))
-    with heartbeat(f"pretrain: k-means fit (k={k}, {sum(len(f) for f in ordered)} layer-{layer} frames)", seconds=30.0):
-        km = fit_kmeans(ordered, k, seed=cfg.seed)
+    km = fit_kmeans(ordered, k, seed=cfg.seed, desc=f"pretrain: k-means fit (k={k}, {sum(len(f) for f in ordered)} layer-{layer} frames)")
     return [assign_labels(km, f) for f in ordered]
 
 

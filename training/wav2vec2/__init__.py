@@ -15,8 +15,10 @@ Stages (training.stage.Stage), one module each:
   (``${paths.pretrained_dir}/wav2vec2_tiny``) with its own status/metrics.
   ``task=finetune`` runs it first when that checkpoint is missing.
 * ``task=finetune`` (finetune.py): ``<run_dir>/federated/metrics.json``, and ``log.csv`` /
-  ``log.jsonl`` (one entry per round; wandb too under ``logger=wandb``), written when the
-  federation has finished. Pretraining writes the same logs next to its checkpoint.
+  ``log.jsonl`` (wandb too under ``logger=wandb``), written as the run goes: one entry per round
+  when it ends (the centralised baseline: one every ``trainer.log_every`` steps), then the test
+  result. Pretraining writes the same logs next to its checkpoint, one entry every
+  ``pretrain.log_every`` steps.
 
 Start-up checks and budgets: plan.py.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from omegaconf import DictConfig
@@ -25,7 +25,9 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
     """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
     from privacy.federated.runner import run_centralised as train_centralised
 
-    result = train_centralised(run_config, centralised_steps(cfg, plan["clients"]), task)
+    steps = centralised_steps(cfg, plan["clients"])
+    logger = open_run_log(cfg, Path(run_config["run-dir"]))
+    result = train_centralised(run_config, steps, task, on_step=_step_log(logger, steps, int(cfg.trainer.log_every)))
     stats, session = result["stats"], result["dp"]
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
                "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}
@@ -37,29 +39,62 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / result["batches"], session.accountant.steps, eps))
     score = task.evaluate_split(result["model"], str(cfg.eval.split))
     metrics.update(wer=score["wer"], cer=score["cer"], test_loss=score["loss"], test_utterances=score["utterances"])
-    write_run_log(cfg, Path(run_config["run-dir"]), [], metrics)
+    log_test_result(logger, metrics["steps"], metrics)
+    logger.close()
     return metrics
 
 
-def write_run_log(cfg: DictConfig, out_dir: Path, rounds: list[dict[str, Any]], final: dict[str, Any]) -> None:
-    """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes:
-    one entry per federated round (step = round: clients' weighted train loss, federated
-    evaluation, epsilon so far, bytes sent), then the test-set result at the last step.
-    Written when the federation has finished (the rounds run inside Flower's apps)."""
+def _step_log(logger, total: int, every: int):
+    """train_local's on_step for the centralised baseline: every `every` steps a log row (the loss
+    averaged over the window's examples, as train_loss is over all) and a progress line with ETA."""
+    from common.progress import Progress
+
+    every = max(1, every)
+    progress = Progress(total=total, desc="centralised step", unit="step", every=every, terminal=False)
+    window = [0.0, 0]  # loss x examples, examples
+
+    def on_step(done: int, loss: float | None, examples: int) -> None:
+        if loss is not None:
+            window[0] += loss * examples
+            window[1] += examples
+        if done % every == 0 or done == total:
+            mean = window[0] / window[1] if window[1] else None
+            if mean is not None:
+                logger.log(done, {"train/loss": mean})
+            window[:] = [0.0, 0]
+            extra = f"loss {mean:.4g}" if mean is not None else ""
+            progress.update(done - progress.done, extra=extra, quiet=done == total)
+            if done == total:  # the last line: the whole phase's time per step
+                progress.close(extra=extra)
+
+    return on_step
+
+
+def open_run_log(cfg: DictConfig, out_dir: Path):
+    """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes,
+    emptied of a crashed attempt's entries. A federation writes one entry per round as the round
+    ends (step = round: clients' weighted train loss, federated evaluation, epsilon so far, bytes
+    sent; `log_round`), the centralised baseline one every trainer.log_every steps; then
+    `log_test_result` adds the test-set result at the last step."""
     from omegaconf import OmegaConf
 
     from training.run_logger import logger_from_config
 
     logger = logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name)
     logger.reset()
-    for entry in rounds:
-        values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
-                  "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
-        values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
-        logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
-    last_step = int(rounds[-1]["server_round"]) if rounds else int(final.get("steps", 0))
-    logger.log(last_step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
-    logger.close()
+    return logger
+
+
+def log_round(logger, entry: Mapping[str, Any]) -> None:
+    """One federated round's entry of the server's summary (server_app.run_server) as a log row."""
+    values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
+              "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
+    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+    logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
+
+
+def log_test_result(logger, step: int, final: Mapping[str, Any]) -> None:
+    logger.log(step, {f"test/{k}": final[k] for k in ("wer", "cer", "test_loss") if final.get(k) is not None})
 
 
 def _privacy_labels(cfg: DictConfig, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +124,8 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
 
     num_clients = int(cfg.federated.num_clients)
     t0 = time.time()
-    summary = run_federated(run_config, num_clients, backend=str(cfg.federated.backend))
+    logger = open_run_log(cfg, Path(run_config["run-dir"]))  # a row per round as it ends (on_round)
+    summary = run_federated(run_config, num_clients, backend=str(cfg.federated.backend), on_round=lambda entry: log_round(logger, entry))
     seconds = time.time() - t0
     summary.pop("grid", None)
 
@@ -128,7 +164,8 @@ def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, An
         metrics["federated_eval_wer"] = float(last["eval"]["eval_wer"])
     if last.get("train_loss") is not None:
         metrics["train_loss"] = float(last["train_loss"])
-    write_run_log(cfg, Path(run_config["run-dir"]), summary["rounds"], metrics)
+    log_test_result(logger, int(summary["rounds"][-1]["server_round"]) if summary["rounds"] else 0, metrics)
+    logger.close()
     if cfg.dp.name == "local":
         metrics["epsilon/max"] = max(per_client_eps.values(), default=0.0)
         for pid, eps in sorted(per_client_eps.items()):

@@ -40,19 +40,17 @@ def pretrain(cfg: DictConfig) -> dict:
                             collate_fn=_pad_waveforms, drop_last=len(waves) > int(cfg.pretrain.batch_size))
         t0 = time.time()
         steps = int(cfg.pretrain.max_steps)
-        _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
-                                           log_every=int(cfg.pretrain.log_every),
-                                           device=resolve_device(cfg.pretrain.device, field="pretrain.device"))
         from omegaconf import OmegaConf
 
         from training.run_logger import logger_from_config
 
+        # a row every log_every steps as training goes: the mean loss of those steps
         with logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=f"{cfg.run_name}-pretrain") as logger:
             logger.reset()
-            every = max(1, int(cfg.pretrain.log_every))
-            for start in range(0, len(losses), every):
-                window = losses[start:start + every]
-                logger.log(start + len(window), {"train/loss": float(np.mean(window))})
+            _, losses = pretrain_wav2vec2_tiny(loader, steps=steps, out_dir=out_dir, lr=float(cfg.pretrain.lr), seed=int(cfg.seed),
+                                               log_every=int(cfg.pretrain.log_every),
+                                               device=resolve_device(cfg.pretrain.device, field="pretrain.device"),
+                                               on_log=lambda step, loss: logger.log(step, {"train/loss": loss}))
         tail = losses[-max(1, min(20, len(losses) // 5)):]
         stage.metrics.update({
             "pretrain/loss": float(np.mean(tail)),
