@@ -142,25 +142,38 @@ def det_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     far[-1] = 0, frr[-1] = 1.
     """
     scores, labels = _check_trials(scores, labels)
-    order = np.argsort(scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    n_tar = y.sum()
-    n_non = y.size - n_tar
-    # Counts of targets / non-targets strictly below each distinct score.
-    distinct, first_idx = np.unique(s, return_index=True)
-    tar_below = np.concatenate([[0], np.cumsum(y)])[first_idx]
-    non_below = np.concatenate([[0], np.cumsum(~y)])[first_idx]
-    thresholds = np.append(distinct, np.nextafter(distinct[-1], np.inf))
-    tar_below = np.append(tar_below, n_tar)
-    non_below = np.append(non_below, n_non)
-    frr = tar_below / n_tar
-    far = 1.0 - non_below / n_non
-    return far, frr, thresholds
+    return _SortedTrials(scores, labels).det(np.ones(scores.size, dtype=np.int64))
+
+
+class _SortedTrials:
+    """Trials sorted by score once, so DET curves under many trial weightings (the speaker
+    bootstrap) cost one cumulative sum each. Integer weight w is the same as repeating the trial w times."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray):
+        self.order = np.argsort(scores, kind="mergesort")
+        s = scores[self.order]
+        self.y = labels[self.order]
+        distinct, self.first_idx = np.unique(s, return_index=True)
+        self.thresholds = np.append(distinct, np.nextafter(distinct[-1], np.inf))
+
+    def det(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(far, frr, thresholds) with trial i (original order) counted weights[i] times."""
+        w = weights[self.order]
+        tar, non = np.where(self.y, w, 0), np.where(self.y, 0, w)
+        # Weighted target / non-target counts strictly below each distinct score.
+        tar_below = np.append(np.concatenate([[0], np.cumsum(tar)])[self.first_idx], tar.sum())
+        non_below = np.append(np.concatenate([[0], np.cumsum(non)])[self.first_idx], non.sum())
+        frr = tar_below / tar.sum()
+        far = 1.0 - non_below / non.sum()
+        return far, frr, self.thresholds
 
 
 def equal_error_rate(scores, labels) -> tuple[float, float]:
     """Exact EER (fraction) and its threshold, interpolated on the ROC (module docstring)."""
-    far, frr, thr = det_curve(scores, labels)
+    return _eer_from_det(*det_curve(scores, labels))
+
+
+def _eer_from_det(far: np.ndarray, frr: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
     d = far - frr  # starts at +1, ends at -1, non-increasing
     exact = np.flatnonzero(d == 0)
     if exact.size:
@@ -175,11 +188,14 @@ def equal_error_rate(scores, labels) -> tuple[float, float]:
 
 def min_dcf(scores, labels, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, float]:
     """Normalised minimum detection cost and the threshold that attains it."""
+    return _min_dcf_from_det(*det_curve(scores, labels), p_target, c_miss, c_fa)
+
+
+def _min_dcf_from_det(far, frr, thr, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, float]:
     if not 0.0 < p_target < 1.0:
         raise ValueError(f"p_target must be in (0, 1), got {p_target}")
     if c_miss <= 0 or c_fa <= 0:
         raise ValueError(f"c_miss and c_fa must be positive, got c_miss={c_miss}, c_fa={c_fa}")
-    far, frr, thr = det_curve(scores, labels)
     c_det = c_miss * frr * p_target + c_fa * far * (1.0 - p_target)
     i = int(np.argmin(c_det))
     c_def = min(c_miss * p_target, c_fa * (1.0 - p_target))
@@ -209,7 +225,7 @@ def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: 
     Trials are not independent: every trial of a speaker shares that speaker's voice, so the
     speakers are the sampling unit. Each replicate draws the trial speakers with replacement
     (counts c_s) and weighs a target trial of speaker s by c_s and a non-target trial between s
-    and t by c_s * c_t (every pair of drawn copies brings its trials), by repeating trials.
+    and t by c_s * c_t (every pair of drawn copies brings its trials); a weight w counts the trial w times.
     Replicates without both target and non-target trials are redrawn. Returns
     `{eer,min_dcf_p0.01,min_dcf_p0.05}_ci_{low,high}`, `ci_level`, `ci_resamples`, `ci_speakers`.
     """
@@ -224,6 +240,7 @@ def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: 
     names, inverse = np.unique(np.concatenate([spk_a, spk_b]), return_inverse=True)
     ia, ib = inverse[: scores.size], inverse[scores.size:]
     rng = np.random.default_rng(seed)
+    sorted_trials = _SortedTrials(scores, labels)  # sorted once; each replicate only re-weighs (all-pairs lists are large)
     stats = {"eer": [], "min_dcf_p0.01": [], "min_dcf_p0.05": []}
     attempts = 0
     while len(stats["eer"]) < n_resamples:
@@ -232,13 +249,13 @@ def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: 
             raise ValueError("speaker resampling keeps losing all target or all non-target trials: too few trial speakers")
         counts = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
         weights = np.where(ia == ib, counts[ia], counts[ia] * counts[ib])
-        s, y = np.repeat(scores, weights), np.repeat(labels, weights)
-        n_tar = int(y.sum())
-        if n_tar == 0 or n_tar == y.size:
+        n_tar, n_all = int(weights[labels].sum()), int(weights.sum())
+        if n_tar == 0 or n_tar == n_all:
             continue
-        stats["eer"].append(equal_error_rate(s, y)[0])
-        stats["min_dcf_p0.01"].append(min_dcf(s, y, 0.01)[0])
-        stats["min_dcf_p0.05"].append(min_dcf(s, y, 0.05)[0])
+        det = sorted_trials.det(weights)
+        stats["eer"].append(_eer_from_det(*det)[0])
+        stats["min_dcf_p0.01"].append(_min_dcf_from_det(*det, 0.01)[0])
+        stats["min_dcf_p0.05"].append(_min_dcf_from_det(*det, 0.05)[0])
     tail = 100 * (1 - level) / 2
     out: dict[str, float] = {}
     for key, values in stats.items():

@@ -54,6 +54,44 @@ def warp_pole_angles(a: np.ndarray, alpha: float) -> np.ndarray:
     return np.real(np.poly(new_poles)) if len(new_poles) else np.array([1.0])
 
 
+def lpc_frames(frames: np.ndarray, order: int) -> np.ndarray:
+    """`lpc` of every row of frames [F, N] at once (Levinson-Durbin over the frames), [F, order + 1]."""
+    n = frames.shape[1]
+    r = np.stack([np.einsum("fi,fi->f", frames[:, : n - k], frames[:, k:]) for k in range(order + 1)], axis=1)
+    live = r[:, 0] > 1e-12
+    r = np.where(live[:, None], r, 0.0)
+    r[:, 0] = np.where(live, r[:, 0] * (1.0 + 1e-9), 1.0)  # the same white-noise correction as lpc()
+    a = np.zeros((len(frames), order + 1))
+    a[:, 0] = 1.0
+    err = r[:, 0].copy()
+    for i in range(1, order + 1):
+        k = -(r[:, i] + np.einsum("fj,fj->f", a[:, 1:i], r[:, i - 1:0:-1])) / err
+        a[:, 1:i] = a[:, 1:i] + k[:, None] * a[:, i - 1:0:-1]
+        a[:, i] = k
+        err = err * (1.0 - k * k)
+    a[~live] = 0.0
+    a[~live, 0] = 1.0  # silent frame: the identity filter
+    return a
+
+
+def warp_pole_angles_frames(a: np.ndarray, alpha: float) -> np.ndarray:
+    """`warp_pole_angles` of every row of a [F, p + 1] (a[:, 0] = 1) at once: the poles are the eigenvalues
+    of the companion matrices, as in np.roots; conjugate poles move together, real poles stay."""
+    frames, n = a.shape
+    p = n - 1
+    companion = np.zeros((frames, p, p))
+    companion[:, 0, :] = -a[:, 1:]
+    companion[:, np.arange(1, p), np.arange(p - 1)] = 1.0
+    poles = np.linalg.eigvals(companion)
+    angle = np.clip(np.abs(np.angle(poles)) ** alpha, 0.0, np.pi)
+    moved = np.where(poles.imag != 0, np.abs(poles) * np.exp(1j * np.sign(poles.imag) * angle), poles)
+    coeffs = np.zeros((frames, n), dtype=complex)
+    coeffs[:, 0] = 1.0
+    for k in range(p):  # prod_k (1 - pole_k z^-1)
+        coeffs[:, 1:] = coeffs[:, 1:] - moved[:, k:k + 1] * coeffs[:, :-1]
+    return coeffs.real
+
+
 def mcadams_anonymize(wav: np.ndarray, sample_rate: int = 16000, alpha: float = 0.8, win_ms: float = 20.0,
                       shift_ms: float = 10.0, lp_order: int = 20) -> np.ndarray:
     """McAdams-coefficient anonymisation of a mono waveform [N] -> [N] (float64)."""
@@ -75,12 +113,14 @@ def mcadams_anonymize(wav: np.ndarray, sample_rate: int = 16000, alpha: float = 
     pad = win - shift
     x = np.concatenate([np.zeros(pad), wav, np.zeros(pad + win)])
     out = np.zeros_like(x)
-    for start in range(0, len(wav) + pad, shift):
-        frame = x[start: start + win] * window
-        a = lpc(frame, lp_order)
-        a_new = warp_pole_angles(a, alpha)  # also at alpha = 1, where it must rebuild a
-        residual = lfilter(a, [1.0], frame)
-        out[start: start + win] += lfilter([1.0], a_new, residual) * window
+    starts = np.arange(0, len(wav) + pad, shift)
+    frames = np.lib.stride_tricks.sliding_window_view(x, win)[starts] * window  # [F, win]
+    # LPC and pole warping for all frames at once (the per-frame loop made the baseline ~3x slower)
+    a = lpc_frames(frames, lp_order)
+    a_new = warp_pole_angles_frames(a, alpha)  # also at alpha = 1, where it must rebuild a
+    for i, start in enumerate(starts):
+        residual = lfilter(a[i], [1.0], frames[i])
+        out[start: start + win] += lfilter([1.0], a_new[i], residual) * window
     out = out[pad: pad + len(wav)]
     peak_in, peak_out = np.max(np.abs(wav)), np.max(np.abs(out))
     if peak_out > 0 and peak_in > 0:

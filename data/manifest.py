@@ -134,6 +134,34 @@ def write_trials(data_dir: str | Path, trials: Iterable[Trial]) -> None:
     atomic_write_text(manifest_dir(data_dir) / "trials.txt", "".join(f"{int(t.target)} {t.a} {t.b}\n" for t in trials))
 
 
+def all_pair_trials(ids: Sequence[str], speakers: Sequence[str], max_nontarget: int | None = None,
+                    seed: int = 0) -> list[Trial]:
+    """Every unordered pair of distinct utterances as a trial (target iff same speaker); utterance a
+    (the enrolment) is the earlier one in `ids` order. `max_nontarget` keeps all target pairs and a
+    seeded random subset of that many non-target pairs (for corpora too large to score every pair)."""
+    import numpy as np
+
+    ids, speakers = list(ids), list(speakers)
+    if len(ids) != len(speakers):
+        raise ValueError(f"all_pair_trials: {len(ids)} utterance ids but {len(speakers)} speakers; expected one speaker per utterance")
+    if len(set(ids)) != len(ids):
+        raise ValueError("all_pair_trials: utterance ids repeat; expected distinct ids")
+    if max_nontarget is not None and max_nontarget < 1:
+        raise ValueError(f"all_pair_trials: max_nontarget={max_nontarget}; expected >= 1 or None (score every pair)")
+    _, spk = np.unique(np.asarray(speakers), return_inverse=True)
+    ia, ib = np.triu_indices(len(ids), k=1)
+    target = spk[ia] == spk[ib]
+    if not target.any() or target.all():
+        raise ValueError(f"all_pair_trials: {len(ids)} utterances of {int(spk.max(initial=-1)) + 1} speaker(s) give "
+                         f"{'no target' if not target.any() else 'no non-target'} pairs; need >= 2 speakers, one with >= 2 utterances")
+    keep = np.ones(ia.size, dtype=bool)
+    non = np.flatnonzero(~target)
+    if max_nontarget is not None and non.size > max_nontarget:
+        keep[non] = False
+        keep[np.random.default_rng(seed).choice(non, size=max_nontarget, replace=False)] = True
+    return [Trial(bool(t), ids[a], ids[b]) for t, a, b in zip(target[keep].tolist(), ia[keep].tolist(), ib[keep].tolist())]
+
+
 def read_trials(path: str | Path, known_ids: set[str] | None = None) -> list[Trial]:
     """Read `<1|0> <utt_a> <utt_b>` lines; with `known_ids`, unknown utterances are an error."""
     path = Path(path)

@@ -41,6 +41,16 @@ AXES = (
     "loss.name",
     "loss.lambda",
     "masks.init_scale",
+    "masks.min_scale",
+    "masks.noise_granularity",  # issue 17's privacy axes: a run differing in any of them is another system
+    "masks.segment_frames",
+    "loss.projection",
+    "loss.negatives",
+    "loss.adversary_weight",
+    "loss.adversary_input",
+    "loss.noise_weight",
+    "data.anonymize",  # McAdams (signal-level anonymisation) is a system of its own, never merged with the unmasked one
+    "data.mcadams_alpha",
     "federated.name",
     "dp.name",
     "dp.target_epsilon",
@@ -75,8 +85,23 @@ class Run:
         # lambda / epsilon only distinguish systems where they are used
         if self.axis("loss.name") != "ctc_contrastive":
             axes[AXES.index("loss.lambda")] = None
+        defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
+                    "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none"}
+        for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
+            if axes[AXES.index(key)] is None:
+                axes[AXES.index(key)] = default
         if self.axis("masks.name") in (None, "none"):
-            axes[AXES.index("masks.init_scale")] = None
+            for key in ("masks.init_scale", "masks.min_scale", "masks.noise_granularity", "masks.segment_frames",
+                        "loss.adversary_weight", "loss.noise_weight"):
+                axes[AXES.index(key)] = None
+        if axes[AXES.index("masks.noise_granularity")] != "segment":
+            axes[AXES.index("masks.segment_frames")] = None
+        if self.axis("loss.name") != "ctc_contrastive":
+            axes[AXES.index("loss.projection")] = axes[AXES.index("loss.negatives")] = None
+        if not axes[AXES.index("loss.adversary_weight")]:
+            axes[AXES.index("loss.adversary_input")] = None
+        if axes[AXES.index("data.anonymize")] != "mcadams":
+            axes[AXES.index("data.mcadams_alpha")] = None
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
@@ -241,11 +266,28 @@ def _label(run: Run) -> str:
         if fed not in (None, "none") and "federated:bytes_on_wire" not in run.metrics and "federated:bytes_per_client_round" in run.metrics:
             parts.append("bytes from array sizes, not the wire (old run)")
         return ", ".join(parts)
+    if run.axis("data.anonymize") == "mcadams":
+        parts.append(f"McAdams α={run.axis('data.mcadams_alpha')}")
     parts.append(f"masks={run.axis('masks.name')}")
-    if run.axis("masks.name") not in (None, "none") and run.axis("masks.init_scale") not in (None, 1.0):
+    masked = run.axis("masks.name") not in (None, "none")
+    if masked and run.axis("masks.init_scale") not in (None, 1.0):
         parts.append(f"init σ={run.axis('masks.init_scale')}")
+    if masked and run.axis("masks.min_scale"):
+        parts.append(f"min σ={run.axis('masks.min_scale')}")
+    if masked and run.axis("masks.noise_granularity") is not None:
+        granularity = run.axis("masks.noise_granularity")
+        parts.append(f"noise per {granularity}" + (f" ({run.axis('masks.segment_frames')} frames)" if granularity == "segment" else ""))
     if run.axis("loss.name") == "ctc_contrastive":
-        parts.append(f"contrastive λ={run.axis('loss.lambda')}")
+        notes = []
+        if run.axis("loss.projection") not in (None, "learned"):
+            notes.append("no head" if run.axis("loss.projection") == "none" else f"{run.axis('loss.projection')} head")
+        if run.axis("loss.negatives") == "protected":
+            notes.append("protected negatives")
+        parts.append(f"contrastive λ={run.axis('loss.lambda')}" + (f" ({', '.join(notes)})" if notes else ""))
+    if masked and run.axis("loss.adversary_weight"):
+        parts.append(f"adversary {run.axis('loss.adversary_weight')}" + ("" if run.axis("loss.adversary_input") in (None, "fused") else f" ({run.axis('loss.adversary_input')})"))
+    if masked and run.axis("loss.noise_weight"):
+        parts.append(f"noise term β={run.axis('loss.noise_weight')}")
     return ", ".join(parts)
 
 
@@ -264,10 +306,27 @@ def plain_label(run: Run) -> str:
         return text
     masks = run.axis("masks.name")
     text = "no masks" if masks in (None, "none") else f"{masks} masks"
-    if masks not in (None, "none") and run.axis("masks.init_scale") not in (None, 1.0):
-        text += f" (init σ={run.axis('masks.init_scale')})"
+    if run.axis("data.anonymize") == "mcadams":
+        text = f"McAdams voice anonymisation (α={run.axis('data.mcadams_alpha')})" + ("" if masks in (None, "none") else f" + {text}")
+    if masks not in (None, "none"):
+        details = []
+        if run.axis("masks.init_scale") not in (None, 1.0):
+            details.append(f"init σ={run.axis('masks.init_scale')}")
+        granularity = run.axis("masks.noise_granularity")
+        if granularity == "frame":  # said only when the run's config has the key (older runs: frame, unsaid)
+            details.append("one noise draw per frame")
+        elif granularity == "utterance":
+            details.append("one noise draw per utterance")
+        elif granularity == "segment":
+            details.append(f"one noise draw per {run.axis('masks.segment_frames')} frames")
+        if details:
+            text += f" ({', '.join(details)})"
     if run.axis("loss.name") == "ctc_contrastive":
-        text += f" + contrastive (λ={run.axis('loss.lambda')})"
+        text += f" + contrastive (λ={run.axis('loss.lambda')}" + (", no head" if run.axis("loss.projection") == "none" else "") + ")"
+    if masks not in (None, "none") and run.axis("loss.adversary_weight"):
+        text += f" + speaker adversary (weight {run.axis('loss.adversary_weight')})"
+    if masks not in (None, "none") and run.axis("loss.noise_weight"):
+        text += f" + noise term (β={run.axis('loss.noise_weight')})"
     return text
 
 
@@ -314,13 +373,17 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
     for system, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
         row = [_label(members[0]), str(len(members))]
         record = {"label": _label(members[0]), "plain": plain_label(members[0]), "n_seeds": len(members),
-                  "masks": members[0].axis("masks.name")}
+                  "masks": members[0].axis("masks.name"), "anonymize": members[0].axis("data.anonymize")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
             row.append(fmt(values, c.scale, c.digits) + ci_suffix(members, c))
             finite = [v for v in values if v is not None and not math.isnan(v)]
             record[c.key] = statistics.mean(finite) if finite else None
             record[f"{c.key}#std"] = statistics.stdev(finite) if len(finite) > 1 else None  # error bars over seeds
+            bounds = [(r.metrics.get(f"{c.key}_ci_low"), r.metrics.get(f"{c.key}_ci_high")) for r in members]
+            bounds = [b for b in bounds if None not in b and not any(math.isnan(v) for v in b)]
+            if bounds:  # the 95 % speaker-resampling interval, averaged over seeds (as in the table)
+                record[f"{c.key}#ci"] = tuple(statistics.mean(b[i] for b in bounds) for i in (0, 1))
         rows.append(row)
         raw.append(record)
     return header, rows, raw
@@ -376,51 +439,80 @@ def _legend_below(fig, ax, handles=None, labels=None, ncol: int = 1) -> None:
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=ncol, frameon=False)
 
 
+TARGET_EER = 0.40  # issue 17's target: semi-informed EER >= 40 % at <= WER_MARGIN above the unmasked model
+
+
 def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
     """Utility (WER, x) vs privacy (attacker EER, y) of every masked system, with the unmasked model
-    (attacked on its clean features) and the raw-input attacker as baselines, error bars = std over
-    seeds, the Pareto front, and chance (50 % EER) when it is within reach of the data."""
+    (attacked on its clean features), the McAdams signal-level anonymisation baseline and the
+    raw-input attacker as baselines, the Pareto front of the masked systems, chance (50 % EER) when
+    it is within reach of the data, and (semi-informed) the target region. Thick bars: std over seeds;
+    thin vertical bars: the 95 % speaker-resampling interval of the EER."""
     scenario = eer_key.split(":")[0].split("/")[-1]
     pts = [r for r in raw if r.get(wer_key) is not None and r.get(eer_key) is not None and r.get("masks") not in (None, "none")]
     if not pts:
         return False
     clean_key, raw_key = "attack/clean:eer", "attack/raw:eer"
-    unmasked = [r for r in raw if r.get("masks") in (None, "none") and r.get(wer_key) is not None
+    unmasked = [r for r in raw if r.get("masks") in (None, "none") and r.get("anonymize") != "mcadams" and r.get(wer_key) is not None
                 and (r.get(eer_key) is not None or r.get(clean_key) is not None)]
+    mcadams = [r for r in raw if r.get("masks") in (None, "none") and r.get("anonymize") == "mcadams"
+               and r.get(wer_key) is not None and r.get(eer_key) is not None]
     raw_attack = [r[raw_key] for r in raw if r.get(raw_key) is not None]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     pct = lambda v: None if v is None else 100 * v
+
+    def draw(r, x, y, ci, **style):
+        if ci is not None:  # thin: the speaker-resampling interval
+            ax.errorbar([x], [y], yerr=[[y - pct(ci[0])], [pct(ci[1]) - y]], fmt="none", color=style["color"], elinewidth=0.6,
+                        alpha=0.6, capsize=0)
+        ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], yerr=[pct(r.get(f"{eer_key}#std")) or 0],
+                    elinewidth=1.4, capsize=2, **style)
+
     xs, ys = [pct(r[wer_key]) for r in pts], [pct(r[eer_key]) for r in pts]
+    all_x, all_y = list(xs), list(ys)
     colours = plt.cm.tab10.colors + plt.cm.Dark2.colors
     for i, (x, y, r) in enumerate(zip(xs, ys, pts)):  # one colour per system; squares: with the contrastive term
-        ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], yerr=[pct(r.get(f"{eer_key}#std")) or 0],
-                    fmt="s" if "contrastive" in r["plain"] else "o", ms=7, color=colours[i % len(colours)], elinewidth=0.8,
-                    capsize=2, label=r["plain"])
+        draw(r, x, y, r.get(f"{eer_key}#ci"), fmt="s" if "contrastive" in r["plain"] else "o", ms=7,
+             color=colours[i % len(colours)], label=r["plain"])
     front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
     if len(front) > 1:
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked)")
-    all_y = list(ys)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked systems)")
+    reference_wer = None
     for r in unmasked:
         eer = r.get(eer_key) if r.get(eer_key) is not None else r.get(clean_key)
+        ci = r.get(f"{eer_key}#ci") if r.get(eer_key) is not None else r.get(f"{clean_key}#ci")
         x, y = pct(r[wer_key]), pct(eer)
-        ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], fmt="*", ms=13, color="black", capsize=2,
-                    label="no masks (attacker on its clean features)")
-        all_y.append(y)
+        draw(r, x, y, ci, fmt="*", ms=13, color="black", label="no masks (attacker on its clean features)")
+        all_x.append(x), all_y.append(y)
+        reference_wer = x if reference_wer is None else min(reference_wer, x)
+    for r in mcadams:
+        x, y = pct(r[wer_key]), pct(r[eer_key])
+        draw(r, x, y, r.get(f"{eer_key}#ci"), fmt="D", ms=8, color="firebrick",
+             label=r["plain"].replace("McAdams voice anonymisation", "McAdams voice anonymisation of the audio (VoicePrivacy baseline)"))
+        all_x.append(x), all_y.append(y)
     for eer in raw_attack[:1]:
         ax.axhline(pct(eer), color="0.45", lw=1, ls="-.", label="attacker on raw audio + video")
         all_y.append(pct(eer))
-    top = max(all_y)
-    if top >= 30:  # chance is within reach of the data: show it; otherwise it would squash the points
+    if scenario == "semi_informed" and reference_wer is not None:
+        all_y.append(100 * TARGET_EER)
+    if max(all_y) >= 30:  # chance is within reach of the data: show it; otherwise it would squash the points
         ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50 %)")
         all_y.append(50)
     span = max(all_y) - min(all_y) or 1.0
-    ax.set_ylim(max(0.0, min(all_y) - 0.15 * span), max(all_y) + 0.15 * span)
-    ax.set_xlabel("Word error rate, audio-visual, clean test set (%)  — lower is better")
+    ax.set_ylim(max(0.0, min(all_y) - 0.12 * span), max(all_y) + 0.12 * span)
+    xspan = max(all_x) - min(all_x) or 1.0
+    ax.set_xlim(max(0.0, min(all_x) - 0.1 * xspan), max(all_x) + 0.1 * xspan)
+    if scenario == "semi_informed" and reference_wer is not None:
+        low_x, high_y = ax.get_xlim()[0], ax.get_ylim()[1]
+        ax.fill_between([low_x, reference_wer + 100 * WER_MARGIN], 100 * TARGET_EER, high_y, color="tab:green", alpha=0.12, lw=0,
+                        label=f"target: EER ≥ {100 * TARGET_EER:.0f} % at ≤ {100 * WER_MARGIN:.0f} WER points above no masks")
+    ax.set_xlabel("Word error rate, audio-visual, clean test set, unseen speakers (%)  — lower is better")
     ax.set_ylabel("Attacker's equal error rate (%)  — higher is more private")
-    ax.set_title(f"Privacy vs utility: {SCENARIO_TITLES.get(scenario, scenario)}", fontsize=9)
+    ax.set_title(f"Privacy vs utility: {SCENARIO_TITLES.get(scenario, scenario)}\n"
+                 "thick bars: ± std over seeds; thin bars: 95 % interval from resampling speakers", fontsize=9)
     ax.grid(alpha=0.3)
-    _legend_below(fig, ax, ncol=2)
+    _legend_below(fig, ax, ncol=1)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return True

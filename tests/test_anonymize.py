@@ -61,3 +61,17 @@ def test_deterministic_and_bad_input():
         mcadams_anonymize(np.stack([x, x]), SR, 0.8)
     with pytest.raises(ValueError, match="data.anonymize must be one of"):
         anonymize_waveform(x, "vocoder", SR)
+
+
+def test_the_batched_lpc_and_pole_warping_match_the_per_frame_functions():
+    """mcadams_anonymize computes LPC and warps poles for all frames at once; both must equal the
+    per-frame reference functions (a silent frame included: the identity filter)."""
+    from data.anonymize import lpc_frames, warp_pole_angles, warp_pole_angles_frames
+
+    frames = np.random.default_rng(0).normal(size=(30, 320))
+    frames[4] = 0.0
+    a = lpc_frames(frames, 20)
+    np.testing.assert_allclose(a, np.stack([lpc(f, 20) for f in frames]), atol=1e-12)
+    np.testing.assert_array_equal(a[4], np.eye(21)[0])
+    for alpha in (0.8, 1.0):
+        np.testing.assert_allclose(warp_pole_angles_frames(a, alpha), np.stack([warp_pole_angles(r, alpha) for r in a]), atol=1e-9)

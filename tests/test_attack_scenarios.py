@@ -76,3 +76,71 @@ def test_an_export_from_before_the_scenarios_is_a_clear_error(tmp_path):
     fake_export(tmp_path, kinds=("clean", "protected"))
     with pytest.raises(ValueError, match=r"no 'protected_enrol' features .*attacker.scenario=lazy_informed.*task=export force=true"):
         load_feature_sets(cfg_for(tmp_path, "attacker.scenario=lazy_informed"))
+
+
+# ----------------------------------------------------------------------------- which trials are scored
+def test_all_pair_trials_scores_every_pair_once_with_the_right_labels():
+    from data.manifest import all_pair_trials
+
+    speakers = ["a"] * 2 + ["b"] * 3 + ["c"] * 4
+    ids = [f"u{i}" for i in range(len(speakers))]
+    trials = all_pair_trials(ids, speakers)
+    assert len(trials) == 9 * 8 // 2
+    assert len({frozenset((t.a, t.b)) for t in trials}) == len(trials)  # no pair twice, none in both orders
+    assert all(ids.index(t.a) < ids.index(t.b) for t in trials)  # the enrolment is the earlier utterance
+    speaker_of = dict(zip(ids, speakers))
+    assert all(t.target == (speaker_of[t.a] == speaker_of[t.b]) for t in trials)
+    assert sum(t.target for t in trials) == 1 + 3 + 6  # C(2,2) + C(3,2) + C(4,2)
+
+
+def test_all_pair_trials_cap_keeps_every_target_and_a_seeded_subset_of_non_targets():
+    from data.manifest import all_pair_trials
+
+    speakers = [f"s{i // 5}" for i in range(30)]  # 6 speakers x 5 utterances: 60 target, 375 non-target pairs
+    ids = [f"u{i}" for i in range(30)]
+    full = all_pair_trials(ids, speakers)
+    capped = all_pair_trials(ids, speakers, max_nontarget=50, seed=7)
+    assert sum(t.target for t in capped) == sum(t.target for t in full) == 60
+    assert sum(not t.target for t in capped) == 50 and set(capped) <= set(full)
+    assert capped == all_pair_trials(ids, speakers, max_nontarget=50, seed=7)
+    assert capped != all_pair_trials(ids, speakers, max_nontarget=50, seed=8)
+    assert all_pair_trials(ids, speakers, max_nontarget=10_000) == full  # a cap above the count changes nothing
+
+
+def test_all_pair_trials_bad_input():
+    from data.manifest import all_pair_trials
+
+    with pytest.raises(ValueError, match="3 utterance ids but 2 speakers"):
+        all_pair_trials(["x", "y", "z"], ["a", "b"])
+    with pytest.raises(ValueError, match="no target pairs"):
+        all_pair_trials(["x", "y"], ["a", "b"])
+    with pytest.raises(ValueError, match="max_nontarget=0"):
+        all_pair_trials(["x", "y", "z"], ["a", "a", "b"], max_nontarget=0)
+
+
+def test_the_attack_scores_all_pairs_by_default_and_the_trial_list_on_request(tmp_path):
+    from data.manifest import read_trials
+    from training.attack import FeatureSet, _trials
+
+    speakers = [f"s{i % 4}" for i in range(12)]
+    fs = FeatureSet(None, None, speakers, [f"u{i}" for i in range(12)], [3] * 12)
+    (tmp_path / "trials.txt").write_text("1 u0 u4\n0 u0 u1\n")
+    metrics = {}
+    pairs = _trials(cfg_for(tmp_path), tmp_path / "trials.txt", fs, metrics)
+    assert len(pairs) == 66 and sum(t.target for t in pairs) == 4 * 3 and metrics["skipped/trials"] == 0
+    capped = _trials(cfg_for(tmp_path, "attacker.max_nontarget_trials=5"), tmp_path / "trials.txt", fs, {})
+    assert len(capped) == 12 + 5
+    listed = _trials(cfg_for(tmp_path, "attacker.trials=list"), tmp_path / "trials.txt", fs, {})
+    assert listed == read_trials(tmp_path / "trials.txt")
+
+
+def test_a_cap_on_a_read_trial_list_fails_at_start_up_naming_both_options(tmp_path):
+    from training.startup import check_attack
+
+    with pytest.raises(ValueError, match=r"attacker.max_nontarget_trials=5.*attacker.trials=list"):
+        check_attack(cfg_for(tmp_path, "attacker.trials=list", "attacker.max_nontarget_trials=5"))
+
+
+def test_the_voxceleb_experiment_keeps_the_official_trial_list(tmp_path):
+    assert cfg_for(tmp_path, "experiment=voxceleb2_attacker").attacker.trials == "list"
+    assert cfg_for(tmp_path, "experiment=privacy_stats").attacker.trials == "all_pairs"

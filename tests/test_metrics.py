@@ -216,3 +216,32 @@ def test_speaker_bootstrap_ci_bad_input():
         speaker_bootstrap_ci(scores, labels, sa[:-1], sb)
     with pytest.raises(ValueError, match="level must be in"):
         speaker_bootstrap_ci(scores, labels, sa, sb, level=95)
+
+
+def test_speaker_bootstrap_ci_weighting_equals_repeating_the_trials():
+    """The bootstrap weighs trials instead of repeating them (all-pairs lists are large); the
+    intervals must be those of literally repeating each trial by its speaker counts."""
+    import numpy as np
+
+    from common.metrics import equal_error_rate, min_dcf, speaker_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 8, (600, 2))
+    labels = pairs[:, 0] == pairs[:, 1]
+    scores = np.round(rng.normal(size=600) + labels, 1)  # rounded: many ties
+    sa, sb = [f"s{i}" for i in pairs[:, 0]], [f"s{i}" for i in pairs[:, 1]]
+    ci = speaker_bootstrap_ci(scores, labels, sa, sb, n_resamples=50, seed=3)
+    names, inv = np.unique(np.concatenate([sa, sb]), return_inverse=True)
+    ia, ib = inv[:600], inv[600:]
+    draws, r = [], np.random.default_rng(3)
+    while len(draws) < 50:  # the same replicate stream, the trials repeated literally
+        c = np.bincount(r.integers(0, len(names), len(names)), minlength=len(names))
+        w = np.where(ia == ib, c[ia], c[ia] * c[ib])
+        s, y = np.repeat(scores, w), np.repeat(labels, w)
+        if y.sum() in (0, y.size):
+            continue
+        draws.append((equal_error_rate(s, y)[0], min_dcf(s, y, 0.01)[0], min_dcf(s, y, 0.05)[0]))
+    low, high = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
+    for k, key in enumerate(("eer", "min_dcf_p0.01", "min_dcf_p0.05")):
+        assert ci[f"{key}_ci_low"] == pytest.approx(low[k], abs=1e-12)
+        assert ci[f"{key}_ci_high"] == pytest.approx(high[k], abs=1e-12)

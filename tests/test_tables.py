@@ -289,3 +289,43 @@ def test_speaker_resampling_intervals_are_shown_next_to_the_eer(tmp_path):
     make_tables(tmp_path / "runs", tmp_path / "out")
     row = next(line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if "masks=both" in line)
     assert "20.0 [12.0, 31.0]" in row and "0.500 [0.400, 0.650]" in row and "| 30.0 |" in row
+
+
+def test_issue17_axes_split_systems_and_the_mcadams_baseline_is_drawn_with_the_target(tmp_path, monkeypatch):
+    """Runs differing only in noise granularity / adversary weight are separate rows; McAdams (no masks,
+    anonymised audio) is its own row and its own baseline marker, never merged with the unmasked model;
+    the semi-informed plot shows the target region and the speaker-resampling intervals."""
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+
+    def add(name, cfg, wer, eer):
+        run = runs / "synthgrid" / name / "s1"
+        write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": wer})
+        write_stage(run, "attack/semi_informed", cfg, {"eer": eer, "eer_ci_low": eer - 0.05, "eer_ci_high": eer + 0.05})
+
+    unmasked = config("none", "ctc", 1)
+    unmasked["data"]["anonymize"] = "none"
+    mcadams = config("none", "ctc", 1)
+    mcadams["data"].update(anonymize="mcadams", mcadams_alpha=0.8)
+    frame = config("both", "ctc_contrastive", 1)
+    frame["masks"].update(noise_granularity="frame", init_scale=2.0)
+    utt = config("both", "ctc_contrastive", 1)
+    utt["masks"].update(noise_granularity="utterance", init_scale=2.0)
+    utt["loss"].update(adversary_weight=1.0, projection="none")
+    add("none", unmasked, 0.05, 0.10)
+    add("mcadams", mcadams, 0.09, 0.30)
+    add("frame", frame, 0.06, 0.15)
+    add("utt", utt, 0.065, 0.35)
+    make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 4
+    assert any("McAdams α=0.8, masks=none" in r and "| 9.0 |" in r for r in rows)
+    assert any("noise per utterance" in r and "adversary 1.0" in r and "(no head)" in r for r in rows)
+    assert any("35.0 [30.0, 40.0]" in r for r in rows)  # the interval is in the table
+    ax = next(f for f in figures if "Privacy vs utility: semi-informed" in f.axes[0].get_title()).axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "McAdams voice anonymisation of the audio (VoicePrivacy baseline) (α=0.8)" in texts
+    assert "no masks (attacker on its clean features)" in texts
+    assert any(t.startswith("target: EER ≥ 40 %") for t in texts)
+    assert any("one noise draw per utterance" in t and "speaker adversary (weight 1.0)" in t for t in texts)
+    assert ax.get_ylim()[1] > 50  # the target and chance are inside the range

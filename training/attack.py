@@ -1,8 +1,10 @@
 """The RJCA speaker-verification attacker on an ASR run's representations.
 
 Which representation (`training/avhubert/export.py`, EXPORT_KINDS) the attacker trains on
-(attacker_train speakers), enrols with (utterance a of each `trials.txt` pair) and tests
-(utterance b), on the held-out attacker_trials speakers:
+(attacker_train speakers), enrols with (utterance a of each trial) and tests (utterance b), on the
+held-out attacker_trials speakers. The trials are every pair of attacker_trials utterances
+(attacker.trials=all_pairs, the default; attacker.max_nontarget_trials caps the non-target pairs for
+large corpora) or the corpus' manifests/trials.txt (attacker.trials=list, e.g. VoxCeleb's official list):
 
     attacker.input=raw        raw inputs (waveform -> log-mel, mouth-ROI frames); needs no ASR run
     attacker.input=clean      clean front-end features everywhere (no protection at all)
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.manifest import manifest_dir, read_trials
+from data.manifest import all_pair_trials, manifest_dir, read_trials
 from data.samplers import BucketBatchSampler
 from common.device import move_to_device, pin_memory_for
 from models.rjca import AAMSoftmax, RJCAConfig, RJCASpeakerVerifier
@@ -180,8 +182,18 @@ def load_raw_sets(cfg: DictConfig):
     return out[0], out[1], None
 
 
+def _trials(cfg: DictConfig, path: Path, test_set: FeatureSet, metrics: dict) -> list:
+    """The verification trials: every pair of the trials split's utterances (attacker.trials=all_pairs; an
+    utterance the export skipped is simply not in it) or the corpus' trials.txt (attacker.trials=list)."""
+    if cfg.attacker.trials == "list":
+        return _usable_trials(cfg, path, set(test_set.ids), metrics)
+    metrics.update({"skipped/trials": 0, "skipped/total": 0})
+    return all_pair_trials(test_set.ids, [test_set.speaker_names[k] for k in test_set.labels],
+                           max_nontarget=cfg.attacker.max_nontarget_trials, seed=int(cfg.data.seed))
+
+
 def _usable_trials(cfg: DictConfig, path: Path, ids: set[str], metrics: dict) -> list:
-    """The verification trials; with data.on_error=skip, trials naming an utterance the export (or the raw
+    """The trials.txt verification trials; with data.on_error=skip, trials naming an utterance the export (or the raw
     dataset) skipped are dropped and counted (skipped/trials), and too many dropped fail the stage."""
     if cfg.data.on_error != "skip":
         metrics.update({"skipped/trials": 0, "skipped/total": 0})
@@ -235,7 +247,7 @@ def run_attack(cfg: DictConfig) -> dict:
             enrol_set = test_set
         else:
             train_set, enrol_set, test_set, dim = load_feature_sets(cfg)
-        trials = _usable_trials(cfg, trials_path, set(test_set.ids), stage.metrics)
+        trials = _trials(cfg, trials_path, test_set, stage.metrics)
         rcfg = RJCAConfig.from_dict({**OmegaConf.to_container(a, resolve=True), "input_kind": "raw" if raw else "features",
                                      "audio_feat_dim": dim or 768, "video_feat_dim": dim or 768})
         from training.avhubert.finetune import task_device

@@ -323,6 +323,10 @@ class AttackerConfig:
     score_norm: str = one_of("none", "snorm")
     snorm_top_k: Optional[int] = None  # adaptive S-norm: cohort scores kept per side (None = all)
     ci_resamples: int = 1000  # speaker-resampling bootstrap replicates for the EER / minDCF 95 % intervals; 0 = none
+    # all_pairs: every pair of attacker_trials utterances (the statistics issue 17 asks for) | list: manifests/trials.txt
+    # (a real corpus' official trial list)
+    trials: str = one_of("all_pairs", "list")
+    max_nontarget_trials: Optional[int] = None  # all_pairs: keep every target pair and this many non-target pairs (seeded by data.seed); None = all
     lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
 
 

@@ -113,6 +113,10 @@ def check_attack(cfg: DictConfig) -> Plan:
     attack_stage_name(cfg)  # attacker.input / attacker.scenario
     a = OmegaConf.to_container(cfg.attacker, resolve=True)
     RJCAConfig.from_dict({**a, "input_kind": "raw" if a["input"] == "raw" else "features"})
+    if a["max_nontarget_trials"] is not None and a["trials"] != "all_pairs":
+        raise ValueError(f"attacker.max_nontarget_trials={a['max_nontarget_trials']} caps the generated pairs of "
+                         f"attacker.trials=all_pairs; with attacker.trials={a['trials']} the trial list is read as is "
+                         "(drop one of the two options)")
     if a["input"] == "raw":
         plan.need(cfg.data.dir, _corpus_ready(cfg), _prepare_command(cfg))
         return plan
