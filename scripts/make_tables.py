@@ -270,7 +270,7 @@ def _label(run: Run) -> str:
         parts.append(f"McAdams α={run.axis('data.mcadams_alpha')}")
     parts.append(f"masks={run.axis('masks.name')}")
     masked = run.axis("masks.name") not in (None, "none")
-    if masked and run.axis("masks.init_scale") not in (None, 1.0):
+    if masked and run.axis("masks.init_scale") is not None:  # always said: rows of a sweep differ in it
         parts.append(f"init σ={run.axis('masks.init_scale')}")
     if masked and run.axis("masks.min_scale"):
         parts.append(f"min σ={run.axis('masks.min_scale')}")
@@ -310,7 +310,7 @@ def plain_label(run: Run) -> str:
         text = f"McAdams voice anonymisation (α={run.axis('data.mcadams_alpha')})" + ("" if masks in (None, "none") else f" + {text}")
     if masks not in (None, "none"):
         details = []
-        if run.axis("masks.init_scale") not in (None, 1.0):
+        if run.axis("masks.init_scale") is not None:  # always said: points of a sweep differ in it
             details.append(f"init σ={run.axis('masks.init_scale')}")
         granularity = run.axis("masks.noise_granularity")
         if granularity == "frame":  # said only when the run's config has the key (older runs: frame, unsaid)
