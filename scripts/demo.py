@@ -15,9 +15,11 @@ Python), so what the demo shows is exactly what a user types:
      and the same with federated=none dp=none federated.num_rounds=0  the public start without private training
   6. python -m scripts.make_tables                                 the results table and plots
 
-`python -m scripts.demo --rebuild-checkpoint` first regenerates the starting checkpoint the way
-`make checkpoints` does (full corpus, pretraining + CTC fine-tuning on the public split, about an
-hour on 2 cores) and overwrites the shipped file and its model card.
+`python -m scripts.demo --rebuild-checkpoint` first regenerates both shipped starting checkpoints
+the way `make checkpoints` does (AV-HuBERT: full corpus, pretraining + CTC fine-tuning on the public
+split, about an hour on 2 cores; Wav2Vec2: the audio-only population's public speakers, about
+22 min: 6 to generate the population, 16 for the checkpoint) and overwrites the shipped files and
+their model cards.
 
 Finished stages are skipped on a rerun (their status.json says done), so an
 interrupted demo continues where it stopped. Extra arguments are passed to every
@@ -43,6 +45,9 @@ REBUILD_STEPS: list[tuple[str, list[str]]] = [
     ("prepare SynthGRID (full public split)", ["-m", "scripts.prepare_data"]),
     ("starting checkpoint: pretrain + CTC fine-tune on public", ["train_avhubert.py", "experiment=starting_checkpoint",
                                                                 "task=build_checkpoint"]),
+    ("prepare the audio-only SynthGRID population", ["-m", "scripts.prepare_data", "data=synthgrid_population"]),
+    ("Wav2Vec2 public start: pretrain + CTC fine-tune on public", ["train_avhubert.py", "experiment=wav2vec2_public_start",
+                                                                  "task=build_checkpoint"]),
 ]
 STEPS: list[tuple[str, list[str]]] = [
     ("prepare SynthGRID", ["-m", "scripts.prepare_data", "experiment=demo"]),
@@ -70,7 +75,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Other arguments are Hydra overrides passed to every step.")
     parser.add_argument("--rebuild-checkpoint", action="store_true",
-                        help="first regenerate checkpoints/avhubert_tiny_synthgrid.pt as `make checkpoints` does (about an hour)")
+                        help="first regenerate checkpoints/{avhubert,wav2vec2}_tiny_synthgrid.pt as `make checkpoints` does "
+                             "(about 1.5 hours)")
     args, extra = parser.parse_known_args(argv)
     steps = (REBUILD_STEPS if args.rebuild_checkpoint else []) + STEPS
     t_start = time.time()

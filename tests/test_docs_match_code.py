@@ -107,3 +107,19 @@ def test_help_lists_the_choosable_groups_not_the_schema(capsys):
     assert set(groups) == expected
     assert "schema" not in groups
     assert "both" in groups["masks"].split(", ")
+
+
+def test_demo_rebuild_runs_the_makefile_checkpoints_recipe():
+    """`python -m scripts.demo --rebuild-checkpoint` says it regenerates the shipped checkpoints "the
+    way `make checkpoints` does": both run the same commands, in the same order."""
+    from scripts.demo import REBUILD_STEPS
+
+    makefile = (PROJECT_ROOT / "Makefile").read_text().splitlines()
+    start = makefile.index(next(line for line in makefile if line.startswith("checkpoints:"))) + 1
+    recipe = []
+    for line in makefile[start:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip().split())
+    assert recipe and all(cmd[0] == "$(PY)" for cmd in recipe), recipe
+    assert [cmd[1:] for cmd in recipe] == [args for _, args in REBUILD_STEPS]
