@@ -30,14 +30,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from privacy.federated.synthgrid_task import (
     LABEL_PAD,
     SynthGridTask,
-    centralised_indices,
-    client_indices,
     load_split,
+    speaker_split_loaders,
     task_settings,
 )
 
@@ -104,21 +102,6 @@ def cached_features(base: nn.Module, checksum: str, data_dir: str | Path, split:
                  first_layer, len(waves), split, time.time() - t0, path)
     _FEATURE_CACHE[key] = features
     return features
-
-
-class CachedCTCDataset(Dataset):
-    """(cached features (T, H), token ids (L,)) pairs."""
-
-    def __init__(self, features: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]):
-        if len(features) != len(targets):
-            raise ValueError(f"{len(features)} feature sequences but {len(targets)} target sequences")
-        self.features, self.targets = list(features), list(targets)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[index], self.targets[index]
 
 
 def collate_cached(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -220,18 +203,12 @@ def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
             _TOPS[model_key] = top
         return copy.deepcopy(_TOPS[model_key]).train()
 
-    def split_data(name: str):
+    def split_features(name: str):
         speakers, _, _, targets_ = load_split(data_dir, name, tokenizer)
         return speakers, cached_features(base, checksum, data_dir, name, first_layer), targets_
 
-    def build_loaders(partition_id: int, num_partitions: int):
-        speakers, features, targets_ = split_data(split)
-        train_idx, eval_idx = client_indices(speakers, partition_id, num_partitions, seed, eval_utterances)
-        train = CachedCTCDataset([features[i] for i in train_idx], [targets_[i] for i in train_idx])
-        held_out = CachedCTCDataset([features[i] for i in eval_idx], [targets_[i] for i in eval_idx])
-        order = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # the ClientApp seeds torch per round
-        return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=order, collate_fn=collate_cached),
-                DataLoader(held_out, batch_size=eval_batch_size, collate_fn=collate_cached))
+    build_loaders, build_union_loader, build_split_loader = speaker_split_loaders(
+        split_features, collate_cached, split, seed, eval_utterances, batch_size, eval_batch_size)
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         if _empty(batch):
@@ -246,16 +223,6 @@ def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
         refs, hyps, _ = decode_cached(model, batch, tokenizer)
         details = wer_details(refs, hyps)
         return int(details["substitutions"] + details["deletions"] + details["insertions"]), int(details["ref_words"])
-
-    def build_union_loader(num_partitions: int, generator: torch.Generator) -> DataLoader:
-        speakers, features, targets_ = split_data(split)
-        idx = centralised_indices(speakers, num_partitions, seed, eval_utterances)
-        union = CachedCTCDataset([features[i] for i in idx], [targets_[i] for i in idx])
-        return DataLoader(union, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_cached)
-
-    def build_split_loader(name: str) -> DataLoader:
-        _, features, targets_ = split_data(name)
-        return DataLoader(CachedCTCDataset(features, targets_), batch_size=eval_batch_size, collate_fn=collate_cached)
 
     return CachedSynthGridTask(build_model, build_loaders, loss_fn, error_counts, tokenizer=tokenizer,
                                build_union_loader=build_union_loader, build_split_loader=build_split_loader)

@@ -84,19 +84,20 @@ def make_tokenizer(kind: str, data_dir: str | Path):
 
 
 # --------------------------------------------------------------------------- data
-class WaveformCTCDataset(Dataset):
-    """(waveform float32 (N,), token ids long (L,)) pairs held in memory."""
+class CTCPairsDataset(Dataset):
+    """(model input, token ids long (L,)) pairs held in memory; the input is a waveform float32 (N,)
+    or, for the LoRA task, the frozen encoder's cached output (T, H)."""
 
-    def __init__(self, waveforms: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]):
-        if len(waveforms) != len(targets):
-            raise ValueError(f"{len(waveforms)} waveforms but {len(targets)} target sequences")
-        self.waveforms, self.targets = list(waveforms), list(targets)
+    def __init__(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]):
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} target sequences")
+        self.inputs, self.targets = list(inputs), list(targets)
 
     def __len__(self) -> int:
-        return len(self.waveforms)
+        return len(self.inputs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.waveforms[index], self.targets[index]
+        return self.inputs[index], self.targets[index]
 
 
 def collate_waveforms(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -299,6 +300,35 @@ def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def speaker_split_loaders(split_items: Callable[[str], tuple], collate: Callable, split: str, seed: int,
+                          eval_utterances: int, batch_size: int, eval_batch_size: int):
+    """The three loader builders a SynthGridTask takes, over ``split_items(name) -> (speakers, inputs,
+    targets)``: a client's train / held-out loaders (its speakers' utterances, client_indices), the
+    centralised baseline's union of every client's training utterances, and a whole split."""
+
+    def build_loaders(partition_id: int, num_partitions: int):
+        speakers, inputs, targets = split_items(split)
+        train_idx, eval_idx = client_indices(speakers, partition_id, num_partitions, seed, eval_utterances)
+        train = CTCPairsDataset([inputs[i] for i in train_idx], [targets[i] for i in train_idx])
+        held_out = CTCPairsDataset([inputs[i] for i in eval_idx], [targets[i] for i in eval_idx])
+        # order: drawn from torch's global RNG, which the ClientApp seeds per (seed, round, client)
+        order = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=order, collate_fn=collate),
+                DataLoader(held_out, batch_size=eval_batch_size, collate_fn=collate))
+
+    def build_union_loader(num_partitions: int, generator: torch.Generator) -> DataLoader:
+        speakers, inputs, targets = split_items(split)
+        idx = centralised_indices(speakers, num_partitions, seed, eval_utterances)
+        union = CTCPairsDataset([inputs[i] for i in idx], [targets[i] for i in idx])
+        return DataLoader(union, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
+
+    def build_split_loader(name: str) -> DataLoader:
+        _, inputs, targets = split_items(name)
+        return DataLoader(CTCPairsDataset(inputs, targets), batch_size=eval_batch_size, collate_fn=collate)
+
+    return build_loaders, build_union_loader, build_split_loader
+
+
 def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> SynthGridTask:
     """The FederatedTask factory named in run_config['task'] (see the module docstring)."""
     cfg = task_settings(run_config)
@@ -319,29 +349,14 @@ def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> SynthGridTask:
             train_positional_conv=bool(cfg["task-train-positional-conv"]),
         )
 
-    def build_loaders(partition_id: int, num_partitions: int):
-        speakers, _, waves, targets = load_split(data_dir, split, tokenizer)
-        train_idx, eval_idx = client_indices(speakers, partition_id, num_partitions, seed, eval_utterances)
-        train = WaveformCTCDataset([waves[i] for i in train_idx], [targets[i] for i in train_idx])
-        held_out = WaveformCTCDataset([waves[i] for i in eval_idx], [targets[i] for i in eval_idx])
-        # order: drawn from torch's global RNG, which the ClientApp seeds per (seed, round, client)
-        order = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
-        train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=order, collate_fn=collate_waveforms)
-        eval_loader = DataLoader(held_out, batch_size=eval_batch_size, collate_fn=collate_waveforms)
-        return train_loader, eval_loader
-
     def error_counts(model: nn.Module, batch) -> tuple[int, int]:
         return word_error_counts(model, batch, tokenizer)
 
-    def build_union_loader(num_partitions: int, generator: torch.Generator) -> DataLoader:
-        speakers, _, waves, targets = load_split(data_dir, split, tokenizer)
-        idx = centralised_indices(speakers, num_partitions, seed, eval_utterances)
-        union = WaveformCTCDataset([waves[i] for i in idx], [targets[i] for i in idx])
-        return DataLoader(union, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_waveforms)
+    def split_waveforms(name: str):
+        speakers, _, waves, targets = load_split(data_dir, name, tokenizer)
+        return speakers, waves, targets
 
-    def build_split_loader(name: str) -> DataLoader:
-        _, _, waves, targets = load_split(data_dir, name, tokenizer)
-        return DataLoader(WaveformCTCDataset(waves, targets), batch_size=eval_batch_size, collate_fn=collate_waveforms)
-
+    build_loaders, build_union_loader, build_split_loader = speaker_split_loaders(
+        split_waveforms, collate_waveforms, split, seed, eval_utterances, batch_size, eval_batch_size)
     return SynthGridTask(build_model, build_loaders, ctc_loss, error_counts, tokenizer=tokenizer,
                          build_union_loader=build_union_loader, build_split_loader=build_split_loader)

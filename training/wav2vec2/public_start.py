@@ -51,7 +51,7 @@ def build_public_start(cfg: DictConfig) -> dict:
     from data.tokenizer import WordTokenizer
     from models.wav2vec2_lora import save_wav2vec2_ctc
     from privacy.federated.synthgrid_task import (
-        WaveformCTCDataset,
+        CTCPairsDataset,
         build_wav2vec2_for_task,
         collate_waveforms,
         ctc_loss,
@@ -75,14 +75,14 @@ def build_public_start(cfg: DictConfig) -> dict:
     with open_stage(cfg, "finetune_public") as stage:  # the fine-tuning stage of a starting checkpoint (fingerprint rule)
         generator = seed_everything(int(cfg.seed))
         _, _, waves, targets = load_split(cfg.data.dir, "public", tokenizer)
-        loader = torch.utils.data.DataLoader(WaveformCTCDataset(waves, targets), batch_size=int(sc.finetune.batch_size), shuffle=True,
+        loader = torch.utils.data.DataLoader(CTCPairsDataset(waves, targets), batch_size=int(sc.finetune.batch_size), shuffle=True,
                                              generator=generator, collate_fn=collate_waveforms)
         model = build_wav2vec2_for_task(tokenizer.vocab_size, str(pretrained), int(cfg.seed))
         t0 = time.time()
         stats = train_local(model, loader, ctc_loss, steps=int(sc.finetune.max_steps), lr=float(sc.finetune.lr), optimizer="adam")
         seconds = time.time() - t0
         _, _, test_waves, test_targets = load_split(cfg.data.dir, str(cfg.eval.split), tokenizer)
-        test = evaluate_transcripts(model, torch.utils.data.DataLoader(WaveformCTCDataset(test_waves, test_targets), batch_size=16,
+        test = evaluate_transcripts(model, torch.utils.data.DataLoader(CTCPairsDataset(test_waves, test_targets), batch_size=16,
                                                                        collate_fn=collate_waveforms), tokenizer)
         data_sum = corpus_checksum(cfg.data.dir, ("public",))
         save_wav2vec2_ctc(out_path, model, tokenizer.symbols, extra={"corpus": cfg.data.name, "split": "public", "data_sha256": data_sum})
