@@ -49,6 +49,7 @@ AXES = (
     "loss.adversary_weight",
     "loss.adversary_input",
     "loss.noise_weight",
+    "trainer.max_steps",  # AV-HuBERT fine-tuning budget: a longer run is another system (the Wav2Vec2 rows use the federated axes)
     "data.anonymize",  # McAdams (signal-level anonymisation) is a system of its own, never merged with the unmasked one
     "data.mcadams_alpha",
     "federated.name",
@@ -105,6 +106,8 @@ class Run:
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
+        if str(self.axis("model.name")).startswith("wav2vec2"):
+            axes[AXES.index("trainer.max_steps")] = None
         return tuple(axes)
 
     @property
@@ -370,9 +373,14 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
     used = [c for c in columns if any(c.key in r.metrics for rs in groups.values() for r in rs)]
     header = ["system", "seeds"] + [c.title for c in used]
     rows, raw = [], []
+    # The AV-HuBERT fine-tuning budget is said only when the table's AV-HuBERT rows differ in it.
+    budgets = {rs[0].axis("trainer.max_steps") for rs in groups.values() if not str(rs[0].axis("model.name")).startswith("wav2vec2")}
     for system, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        row = [_label(members[0]), str(len(members))]
-        record = {"label": _label(members[0]), "plain": plain_label(members[0]), "n_seeds": len(members),
+        steps = members[0].axis("trainer.max_steps") if len(budgets) > 1 else None
+        steps_note = "" if system[AXES.index("trainer.max_steps")] is None or steps is None else f", {steps} fine-tuning steps"
+        label, plain = _label(members[0]) + steps_note, plain_label(members[0]) + steps_note
+        row = [label, str(len(members))]
+        record = {"label": label, "plain": plain, "n_seeds": len(members),
                   "masks": members[0].axis("masks.name"), "anonymize": members[0].axis("data.anonymize")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
