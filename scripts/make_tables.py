@@ -214,6 +214,9 @@ MASK_TABLE = [
     Column("EER semi-inf.", "attack/semi_informed:eer"),
     Column("minDCF₀.₀₅ semi-inf.", "attack/semi_informed:min_dcf_p0.05", scale=1.0, digits=3),
     Column("EER untrained masks", "attack/untrained_masks:eer"),
+    # extra variant: the semi-informed attacker on per-utterance mean- (and std-) normalised features
+    Column("EER semi-inf., mean-normalising", "attack/semi_informed-mean:eer"),
+    Column("EER semi-inf., mean+std-normalising", "attack/semi_informed-mean_std:eer"),
 ]
 FL_TABLE = [
     Column("WER", "federated:wer"),
