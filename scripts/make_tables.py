@@ -427,7 +427,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 SCENARIO_TITLES = {
     "semi_informed": "semi-informed attacker (retrained on protected features)",
-    "lazy_informed": "lazy-informed attacker (knows the method, not the trained masks)",
+    "lazy_informed": "lazy-informed attacker (trained on clean features, enrols with protected ones)",
+    "semi_informed-mean": "semi-informed attacker that first subtracts each utterance's mean (extra variant)",
     "ignorant": "ignorant attacker (trained on clean features)",
     "clean": "attacker on clean features (no protection)",
     "raw": "attacker on raw audio + video",
@@ -749,7 +750,7 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
         if name == "fl_dp" and margin_lines:
             md.append("\n".join(margin_lines) + "\n")
     plots = []
-    for scenario in ("semi_informed", "lazy_informed", "ignorant"):
+    for scenario in ("semi_informed", "lazy_informed", "ignorant", "semi_informed-mean"):
         if plot_privacy_utility(raw_masks, out_dir / f"privacy_utility_{scenario}.png", "evaluate:wer/audio_video/clean", f"attack/{scenario}:eer"):
             plots.append(f"privacy_utility_{scenario}.png")
     if plot_epsilon_wer(runs, out_dir / "epsilon_wer.png"):
