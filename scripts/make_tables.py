@@ -383,7 +383,7 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
         steps_note = "" if system[AXES.index("trainer.max_steps")] is None or steps is None else f", {steps} fine-tuning steps"
         label, plain = _label(members[0]) + steps_note, plain_label(members[0]) + steps_note
         row = [label, str(len(members))]
-        record = {"label": label, "plain": plain, "n_seeds": len(members),
+        record = {"label": label, "plain": plain, "n_seeds": len(members), "steps_note": steps_note,
                   "masks": members[0].axis("masks.name"), "anonymize": members[0].axis("data.anonymize")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
@@ -475,7 +475,8 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     pct = lambda v: None if v is None else 100 * v
 
     def draw(r, x, y, ci, **style):
-        if ci is not None:  # thin: the speaker-resampling interval
+        if ci is not None:  # thin: the speaker-resampling interval (kept inside the axes' range)
+            all_y.extend([pct(ci[0]), pct(ci[1])])
             ax.errorbar([x], [y], yerr=[[y - pct(ci[0])], [pct(ci[1]) - y]], fmt="none", color=style["color"], elinewidth=0.6,
                         alpha=0.6, capsize=0)
         ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], yerr=[pct(r.get(f"{eer_key}#std")) or 0],
@@ -491,11 +492,12 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     if len(front) > 1:
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked systems)")
     reference_wer = None
-    for r in unmasked:
+    for i, r in enumerate(unmasked):  # several budgets: the first filled, the others hollow
         eer = r.get(eer_key) if r.get(eer_key) is not None else r.get(clean_key)
         ci = r.get(f"{eer_key}#ci") if r.get(eer_key) is not None else r.get(f"{clean_key}#ci")
         x, y = pct(r[wer_key]), pct(eer)
-        draw(r, x, y, ci, fmt="*", ms=13, color="black", label="no masks (attacker on its clean features)")
+        draw(r, x, y, ci, fmt="*", ms=13, color="black", mfc="black" if i == 0 else "white",
+             label="no masks (attacker on its clean features)" + r.get("steps_note", ""))
         all_x.append(x), all_y.append(y)
         reference_wer = x if reference_wer is None else min(reference_wer, x)
     for r in mcadams:
