@@ -428,7 +428,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 SCENARIO_TITLES = {
     "semi_informed": "semi-informed attacker (retrained on protected features)",
     "lazy_informed": "lazy-informed attacker (trained on clean features, enrols with protected ones)",
-    "semi_informed-mean": "semi-informed attacker that first subtracts each utterance's mean (extra variant)",
+    "semi_informed-mean": "mean-normalising attacker (semi-informed, extra variant)",
+    "semi_informed-mean_std": "mean+std-normalising attacker (semi-informed, extra variant)",
     "ignorant": "ignorant attacker (trained on clean features)",
     "clean": "attacker on clean features (no protection)",
     "raw": "attacker on raw audio + video",
