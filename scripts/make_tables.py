@@ -61,6 +61,9 @@ AXES = (
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
     "federated.local_steps",  # baseline makes the same total), so a demo run never merges with a sweep
     "federated.cohort_rate",  # Poisson cohorts: the per-round sampling rate the user-level DP is accounted at
+    "dp.clipping_norm",  # central DP's per-client bound C (chosen per compression: a top-k update is ~1/4 of the dense norm)
+    "federated.fedavg_server_lr",  # the Poisson-cohort FedAvg server optimiser (FedAvgM): another system
+    "federated.server_momentum",
 )
 
 
@@ -262,8 +265,12 @@ def _label(run: Run) -> str:
         parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
         if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson":
             parts.append(f"{run.axis('federated.num_clients')} clients, Poisson q={run.axis('federated.cohort_rate')}")
+            server_lr, momentum = run.axis("federated.fedavg_server_lr"), run.axis("federated.server_momentum")
+            if (server_lr not in (None, 1.0)) or momentum:
+                parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
         if dp not in (None, "none"):
-            parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)")
+            parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)"
+                         + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))
         if run.axis("compression.name") not in (None, "none"):
             parts.append(str(run.axis("compression.name")))
         parts.append(f"{run.axis('federated.num_rounds')}x{run.axis('federated.local_steps') or 'epoch'} steps")

@@ -7,6 +7,7 @@ from privacy.federated.compression import (
     NoCompression,
     TopKSparsifier,
     MalformedPayload,
+    PackedCompressor,
     build_compressor,
     decompress,
     dense_nbytes,
@@ -187,6 +188,132 @@ def test_an_unexpected_exception_while_decoding_becomes_a_rejection(monkeypatch)
 
 
 def test_build_compressor_rejects_unknown_names():
-    assert isinstance(build_compressor("topk", topk_fraction=0.2), TopKSparsifier)
+    packed = build_compressor("topk", topk_fraction=0.2)
+    assert isinstance(packed, PackedCompressor) and isinstance(packed.inner, TopKSparsifier)
     with pytest.raises(ValueError, match="'zip'"):
         build_compressor("zip")
+
+
+# --------------------------------------------------------------------------- packed: one array per update
+# the LoRA task's trainable parameters (8,756 values in 6 arrays)
+LORA_SHAPES = {
+    "layers.0.attention.q_proj.lora_A.default.weight": (4, 128), "layers.0.attention.q_proj.lora_B.default.weight": (128, 4),
+    "layers.0.attention.v_proj.lora_A.default.weight": (4, 128), "layers.0.attention.v_proj.lora_B.default.weight": (128, 4),
+    "lm_head.weight": (52, 128), "lm_head.bias": (52,),
+}
+
+
+def _lora_delta(seed=0, adam_like=True):
+    """A delta shaped like a LoRA client's: 5 local Adam steps move most coordinates by about 5 x lr (sign-like)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in LORA_SHAPES.items():
+        x = torch.randn(shape, generator=g)
+        out[name] = 0.015 * torch.tanh(3 * x) if adam_like else 0.01 * x
+    return out
+
+
+def _reply_bytes(payload, dp=False):
+    """Wire bytes of the reply a client sends (the payload + its MetricRecord), as the server counts them."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from privacy.federated.runner import _set_task_identity
+    from privacy.federated.task import state_to_arrays
+
+    _set_task_identity(1)
+    metrics = MetricRecord({"epsilon": 7.99, "partition-id": 123} if dp else {"num-examples": 50, "train_loss": 1.5, "partition-id": 123})
+    return wire_nbytes(Message(RecordDict({"arrays": state_to_arrays(payload), "metrics": metrics}), dst_node_id=5, message_type="train"))
+
+
+@pytest.mark.parametrize("name, kwargs", [("int8", {"int8_block_size": 256}), ("int8", {}), ("topk", {"topk_fraction": 0.05})])
+def test_packed_update_is_one_uint8_array_and_round_trips(name, kwargs):
+    delta = _lora_delta()
+    payload = build_compressor(name, **kwargs).compress(delta)
+    assert list(payload) == ["update::packed"] and payload["update::packed"].dtype == np.uint8
+    restored = decompress(payload, LORA_SHAPES)
+    assert set(restored) == set(LORA_SHAPES)
+    x = np.concatenate([delta[n].numpy().ravel() for n in sorted(delta)])
+    y = np.concatenate([restored[n].ravel() for n in sorted(delta)])
+    for n in LORA_SHAPES:
+        assert restored[n].shape == LORA_SHAPES[n] and restored[n].dtype == np.float32
+    if name == "int8":  # each value within half a quantisation step of its block (or of the whole vector)
+        block = kwargs.get("int8_block_size") or x.size
+        for start in range(0, x.size, block):
+            chunk = x[start:start + block]
+            assert np.abs(chunk - y[start:start + block]).max() <= np.abs(chunk).max() / 127 / 2 + 1e-7
+    else:  # the 5 % largest entries, in fp16; the rest zero
+        k = int(np.ceil(0.05 * x.size))
+        kept = np.flatnonzero(y)
+        dropped = np.setdiff1d(np.arange(x.size), kept)
+        assert kept.size == k and np.abs(x[kept]).min() >= np.abs(x[dropped]).max()  # (ties at the boundary either way)
+        np.testing.assert_allclose(y[kept], x[kept], rtol=1e-3)
+
+
+def test_packed_replies_are_4x_int8_and_10x_topk_smaller_on_the_wire_than_dense():
+    from privacy.federated.compression import Int8Quantizer as _Q, PackedCompressor as _P
+
+    delta = _lora_delta()
+    for dp in (False, True):
+        dense = _reply_bytes(NoCompression().compress(delta), dp)
+        assert dense > 35_024  # 8,756 float32 + Flower's records
+        int8 = _reply_bytes(build_compressor("int8", int8_block_size=256).compress(delta), dp)
+        topk = _reply_bytes(build_compressor("topk", topk_fraction=0.05).compress(delta), dp)
+        assert dense / int8 >= 4.0, (dense, int8)
+        assert dense / topk >= 10.0, (dense, topk)
+        # the per-tensor payload of the same int8 values is far from 4x: Flower's per-array records dominate
+        assert dense / _reply_bytes(_Q(block_size=256).compress(delta), dp) < 2.5
+
+
+def test_packed_topk_error_feedback_keeps_the_fp16_rounding_too():
+    delta = {"w": torch.tensor([1.0 + 1e-4, -3.0, 0.001, 0.002])}
+    c = build_compressor("topk", topk_fraction=0.5)
+    payload = c.compress(delta)
+    sent = decompress(payload, {"w": (4,)})["w"]
+    residual = c.state_dict()["__flat__"]
+    # what was sent plus what is carried over is exactly the update
+    np.testing.assert_allclose(sent + residual, delta["w"].numpy(), rtol=0, atol=1e-7)
+    assert sent[0] != np.float32(1.0 + 1e-4)  # fp16 rounded ...
+    assert residual[0] != 0  # ... and the rounding is kept for the next round
+
+
+def _packed(kind, numel, a, b, body: bytes) -> dict:
+    header = np.array([kind, numel, a, b], dtype="<u4").view(np.uint8)
+    return {"update::packed": np.concatenate([header, np.frombuffer(body, dtype=np.uint8)])}
+
+
+PACKED_REF = {"a": (2, 3), "b": (2,)}  # 8 values
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (_packed(1, 9, 8, 1, b""), "header declares 9 values, the global model has 8"),
+        (_packed(1, 8, 8, 2, b""), "2 scales, but 8 values in blocks of 8 need 1"),
+        (_packed(1, 8, 0, 1, b""), "block size 0"),
+        (_packed(1, 8, 8, 1, b"not zlib"), "does not inflate"),
+        (_packed(1, 8, 8, 1, __import__("zlib").compress(b"\0" * 11)), "inflates to 11 bytes .* expected exactly .* = 12"),
+        (_packed(1, 8, 8, 1, __import__("zlib").compress(b"\0" * 10**6)), "inflates to 13\+ bytes"),  # a zip bomb: at most 13 inflated
+        (_packed(2, 8, 9, 2, b"\0" * 36), "9 kept entries for 8 values"),
+        (_packed(2, 8, 2, 3, b"\0" * 10), "index width 3 bytes"),
+        (_packed(2, 8, 2, 2, b"\0" * 7), "7 bytes after the header, expected 2 x \(2 \+ 2\)"),
+        (_packed(2, 8, 2, 2, np.array([1, 1], "<u2").tobytes() + np.ones(2, "<f2").tobytes()), "repeated indices"),
+        (_packed(2, 8, 1, 2, np.array([8], "<u2").tobytes() + np.ones(1, "<f2").tobytes()), "indices must be integers in \[0, 8\)"),
+        (_packed(7, 8, 0, 0, b""), "unknown kind 7"),
+        ({"update::packed": np.zeros(10, np.uint8)}, "10 bytes, fewer than its 16-byte header"),
+        ({"update::packed": np.zeros(16, np.int8)}, "must be a 1-d uint8 array"),
+        ({**_packed(2, 8, 0, 2, b""), "b::dense": np.zeros(2, np.float32)}, "a packed payload is the one array"),
+    ],
+)
+def test_malformed_packed_payloads_are_refused_naming_the_field(payload, reason):
+    with pytest.raises(MalformedPayload, match=reason) as error:
+        decompress(payload, PACKED_REF)
+    assert "update::packed" in str(error.value)
+
+
+def test_a_packed_payload_needs_the_global_models_shapes():
+    payload = build_compressor("int8").compress({"a": torch.ones(2, 3), "b": torch.ones(2)})
+    with pytest.raises(MalformedPayload, match="decodes only against the global model"):
+        decompress(payload)
+    # names are split back in sorted order whatever order the client's dict had
+    restored = decompress(payload, {"b": (2,), "a": (2, 3)})
+    np.testing.assert_allclose(restored["a"], np.ones((2, 3)), atol=1e-2)

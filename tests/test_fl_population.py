@@ -148,6 +148,75 @@ def test_central_dp_clips_every_update_and_divides_by_the_expected_cohort():
     assert metrics["noise_norm"] == 0.0 and metrics["signal_norm"] > 0
 
 
+def test_server_momentum_and_learning_rate_act_on_the_released_mean():
+    from flwr.app import ConfigRecord
+
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, q, eta, beta = 8, 0.5, 2.0, 0.5
+    strategy = PoissonCohortFedAvg(n, q, server_lr=eta, server_momentum=beta, reproducible_seed=1)
+    plain = PoissonCohortFedAvg(n, q, reproducible_seed=1)
+    state = {"w": np.zeros(3, np.float32)}
+    plain_state = dict(state)
+    means = [np.array([1.0, 0.0, -1.0]), np.array([0.0, 2.0, 0.0]), np.array([0.5, 0.5, 0.5])]
+    velocity = np.zeros(3)
+    for r, mean in enumerate(means, start=1):
+        for s, st in ((strategy, state), (plain, plain_state)):
+            s.configure_train(r, state_to_arrays(st), ConfigRecord(), _Grid(n))
+        # two clients whose updates average to `mean`
+        replies = [_reply({"w": (state["w"] + mean + d).astype(np.float32)}) for d in (0.25, -0.25)]
+        before = state["w"].copy()
+        state = arrays_to_state(strategy.aggregate_train(r, replies)[0])
+        velocity = beta * velocity + mean
+        np.testing.assert_allclose(state["w"] - before, eta * velocity, rtol=1e-5, atol=1e-6)
+        # eta = 1, beta = 0 is plain FedAvg: the new model is the old one plus the mean update
+        plain_replies = [_reply({"w": (plain_state["w"] + mean + d).astype(np.float32)}) for d in (0.25, -0.25)]
+        plain_before = plain_state["w"].copy()
+        plain_state = arrays_to_state(plain.aggregate_train(r, plain_replies)[0])
+        np.testing.assert_allclose(plain_state["w"] - plain_before, mean, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="server-momentum=1.0"):
+        PoissonCohortFedAvg(n, q, server_momentum=1.0)
+
+
+def test_the_server_optimiser_is_refused_outside_poisson_fedavg():
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import build_strategy
+
+    cfg = resolve_run_config({"num-clients": 4, "server-momentum": 0.9})
+    with pytest.raises(ValueError, match="server-momentum=0.9.*cohort-sampling=poisson only"):
+        build_strategy(cfg, 4)
+
+
+def test_central_dp_bound_holds_on_the_decoded_compressed_update():
+    """Clients send int8 / top-k packed updates; the server clips what it DEcodes, so quantisation cannot
+    push a client's influence beyond C / (qN)."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from privacy.federated.compression import build_compressor
+    from privacy.federated.strategy import PoissonCohortFedAvg, ValidatingStrategy
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, q, clip = 8, 0.5, 0.1
+    inner = PoissonCohortFedAvg(n, q, noise_multiplier=0.0, clipping_norm=clip)
+    strategy = ValidatingStrategy(inner, max_update_norm=1e6)
+    current = {"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float32)}
+    messages = list(strategy.configure_train(1, state_to_arrays(current), ConfigRecord(), _Grid(n)))
+    g = np.random.default_rng(0)
+    replies = []
+    for i, name in enumerate(["int8", "topk", "int8"]):
+        delta = {"a": g.normal(size=(4, 5)).astype(np.float32) * 5, "b": g.normal(size=3).astype(np.float32) * 5}
+        payload = build_compressor(name, topk_fraction=0.3).compress(delta)
+        content = RecordDict({"arrays": state_to_arrays(payload), "metrics": MetricRecord({"epsilon": 1.0, "partition-id": i})})
+        replies.append(Message(content, reply_to=messages[i]))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert len(strategy.rounds[1].clients) == 3 and not strategy.rounds[1].rejected
+    step = np.concatenate([v.ravel() for v in arrays_to_state(arrays).values()])
+    assert np.linalg.norm(step) <= 3 * clip / (q * n) * (1 + 1e-5)
+    assert inner.round_stats[1]["clipped_fraction"] == 1.0
+    assert all(c["bytes_sent"] < c["dense_bytes"] for c in strategy.rounds[1].clients)
+
+
 def test_central_dp_noise_has_std_sigma_c_and_comes_from_the_os_csprng():
     from flwr.app import ConfigRecord
 

@@ -274,6 +274,10 @@ class FederatedConfig:
     round_timeout: float = 3600.0
     fraction_evaluate: float = 1.0
     server_lr: float = 0.1  # fedadam: server learning rate (eta)
+    # Poisson-cohort fedavg only (FedAvgM, Hsu et al. 2019): the server keeps v <- server_momentum x v + mean update and
+    # moves the global model by fedavg_server_lr x v; under central DP the mean is the noised one (post-processing).
+    fedavg_server_lr: float = 1.0
+    server_momentum: float = 0.0
     trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
     krum_malicious: Optional[int] = None  # krum: number of malicious clients f to tolerate; required (>= 1) with krum
     client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
@@ -542,6 +546,14 @@ def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, c
     return f"b{rounds}x{per_round}{cohort}"
 
 
+def _server_opt_tag(server_lr: Any, momentum: Any) -> str:
+    """Run-name part of the Poisson-cohort FedAvg server optimiser: "" for plain FedAvg (lr 1, no momentum),
+    "-slr3" / "-slr1m0.9" otherwise, so runs with another server optimiser never share a directory."""
+    if float(server_lr) == 1.0 and float(momentum) == 0.0:
+        return ""
+    return f"-slr{float(server_lr):g}" + (f"m{float(momentum):g}" if float(momentum) else "")
+
+
 def _app_config_groups() -> str:
     """`--help`'s list of config groups, from conf/ itself: every group a user can choose
     (`group=option`), without Hydra's own and the internal `schema` group."""
@@ -580,6 +592,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
+    if not OmegaConf.has_resolver("server_opt_tag"):
+        OmegaConf.register_new_resolver("server_opt_tag", _server_opt_tag)
     if not OmegaConf.has_resolver("app_config_groups"):
         OmegaConf.register_new_resolver("app_config_groups", _app_config_groups)
     if not OmegaConf.has_resolver("entry_help"):

@@ -22,6 +22,35 @@ Payload fields per parameter
   values of the ``k = ceil(fraction * numel)`` largest-magnitude entries, and
   ``::shape`` int64. 8 bytes per kept entry.
 
+Packing: one array per update (what int8 and top-k actually send)
+-----------------------------------------------------------------
+Flower serialises every array of a reply with its own object id, dtype and
+shape records (~0.45 KB each, measured): for a small update (the LoRA task's
+8,756 values, 35 KB in float32) the per-tensor fields above would cost more in
+overhead than the values themselves (int8 came out at 1.89x, top-k at 2.76x
+on the wire). :class:`PackedCompressor` therefore concatenates the update's
+parameters (in sorted name order) into one vector, compresses it as ONE tensor
+with the quantiser/sparsifier above, and sends everything in ONE uint8 array
+under the key ``"update::packed"``, little-endian:
+
+* int8: header ``uint32[4] = (1, numel, block, n_scales)``, then, deflated
+  (zlib, lossless), ``float32[n_scales]`` scales and ``int8[numel]``. Adam
+  moves most coordinates by about the same amount, so most quantised values
+  sit near +-127 and deflate saves ~20 % (measured on real client updates of
+  the LoRA task): without it the packed int8 reply is 3.85x smaller than the
+  dense one on the wire, Flower's ~1.3 KB of message overhead staying the same;
+  with it, above 4x. The server inflates at most the size the header promises
+  (a "zip bomb" cannot make it allocate more);
+* top-k: header ``uint32[4] = (2, numel, k, index bytes)``, then the sorted
+  indices as ``uint16[k]`` (``uint32`` when numel > 65,536), then the values as
+  ``float16[k]`` (4 bytes per kept entry instead of 8; the fp16 rounding error
+  goes into the error-feedback residual, so it is not lost either).
+
+The server (:func:`decompress` with the global model's shapes) checks the
+header against the global model (numel = its number of values) and the buffer
+length against the header BEFORE allocating anything, then decodes through the
+same per-tensor checks as above and splits the vector back into parameters.
+
 Error feedback (top-k)
 ----------------------
 What top-k drops is not lost: the client keeps it in a residual and adds it to
@@ -48,6 +77,7 @@ the trust assumption is the usual one of central DP, a trusted server.)
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Mapping, Union
 
 import numpy as np
@@ -55,7 +85,11 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 SEPARATOR = "::"
-PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val")
+PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val", "packed")
+PACKED_NAME = "update"  # the packed payload's one key is "update::packed"
+FLAT = "__flat__"  # the name the packed update's concatenated vector has inside the per-tensor compressors
+PACKED_INT8, PACKED_TOPK = 1, 2
+HEADER_WORDS = 4
 MAX_DIMS = 8
 # without a reference model, a payload may not declare more values than this (1 GiB of float32)
 MAX_DECODED_VALUES = 2**28
@@ -187,19 +221,104 @@ class TopKSparsifier:
         self.residual = {name: np.asarray(value, dtype=np.float32).reshape(-1).copy() for name, value in state.items()}
 
 
-Compressor = Union[NoCompression, Int8Quantizer, TopKSparsifier]
+def flatten_update(delta: Mapping[str, ArrayLike]) -> np.ndarray:
+    """The update's parameters concatenated in sorted name order (the order the server splits them back in)."""
+    if not delta:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([_as_numpy(delta[name]).reshape(-1) for name in sorted(delta)])
+
+
+class PackedCompressor:
+    """int8 or top-k on the whole update as one vector, sent as one uint8 array (see "Packing" above)."""
+
+    def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier]):
+        if not isinstance(inner, (Int8Quantizer, TopKSparsifier)):
+            raise TypeError(f"PackedCompressor packs Int8Quantizer or TopKSparsifier, got {type(inner).__name__}")
+        self.inner = inner
+        self.name = inner.name
+
+    def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+        flat = flatten_update(delta)
+        fields = self.inner.compress({FLAT: flat})
+        if isinstance(self.inner, Int8Quantizer):
+            scale = fields[payload_key(FLAT, "scale")].astype("<f4")
+            header = np.array([PACKED_INT8, flat.size, int(fields[payload_key(FLAT, "block")][0]), scale.size], dtype="<u4")
+            body = zlib.compress(scale.tobytes() + fields[payload_key(FLAT, "q")].tobytes(), 9)
+            parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
+        else:
+            idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
+            index_dtype = "<u2" if flat.size <= 2**16 else "<u4"
+            half = val.astype("<f2")
+            if self.inner.error_feedback:  # what fp16 rounding drops is carried over like what top-k drops
+                self.inner.residual[FLAT][idx] += val - half.astype(np.float32)
+            header = np.array([PACKED_TOPK, flat.size, idx.size, np.dtype(index_dtype).itemsize], dtype="<u4")
+            parts = [header.view(np.uint8), idx.astype(index_dtype).view(np.uint8), half.view(np.uint8)]
+        return {payload_key(PACKED_NAME, "packed"): np.concatenate(parts)}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self.inner.load_state_dict(state)
+
+
+Compressor = Union[NoCompression, Int8Quantizer, TopKSparsifier, PackedCompressor]
 
 
 def build_compressor(
     name: str, topk_fraction: float = 0.05, error_feedback: bool = True, int8_block_size: int | None = None
 ) -> Compressor:
+    """What a client sends: ``none`` (float32 per parameter), ``int8`` / ``topk`` packed into one array."""
     if name == "none":
         return NoCompression()
     if name == "int8":
-        return Int8Quantizer(block_size=int8_block_size)
+        return PackedCompressor(Int8Quantizer(block_size=int8_block_size))
     if name == "topk":
-        return TopKSparsifier(topk_fraction, error_feedback=error_feedback)
+        return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback))
     raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
+
+
+def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
+    """A packed buffer -> the per-tensor fields of the one flat tensor; every size checked before use."""
+    key = payload_key(PACKED_NAME, "packed")
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise MalformedPayload(f"{key!r} must be a 1-d uint8 array, got dtype {buffer.dtype} and shape {buffer.shape}")
+    if buffer.size < 4 * HEADER_WORDS:
+        raise MalformedPayload(f"{key!r} has {buffer.size} bytes, fewer than its {4 * HEADER_WORDS}-byte header")
+    kind, declared, a, b = (int(v) for v in buffer[: 4 * HEADER_WORDS].view("<u4"))
+    body = buffer[4 * HEADER_WORDS:]
+    if declared != numel:
+        raise MalformedPayload(f"{key!r} header declares {declared} values, the global model has {numel}")
+    if kind == PACKED_INT8:
+        block, n_scales = a, b
+        if block < 1:
+            raise MalformedPayload(f"{key!r} (int8): block size {block}, expected >= 1")
+        need = max(math.ceil(numel / block), 1)
+        if n_scales != need:
+            raise MalformedPayload(f"{key!r} (int8): {n_scales} scales, but {numel} values in blocks of {block} need {need}")
+        expected = 4 * n_scales + numel
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(body.tobytes(), expected + 1)  # never more than the header promises (+1 to see excess)
+        except zlib.error as error:
+            raise MalformedPayload(f"{key!r} (int8): the body does not inflate ({error})") from None
+        if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+            raise MalformedPayload(f"{key!r} (int8): the body inflates to {len(raw)}{'+' if inflater.unconsumed_tail else ''} bytes "
+                                   f"(complete stream: {inflater.eof}), expected exactly 4 x {n_scales} scales + {numel} values = {expected}")
+        body = np.frombuffer(raw, dtype=np.uint8)
+        return {"scale": body[: 4 * n_scales].view("<f4").astype(np.float32), "q": body[4 * n_scales:].view(np.int8),
+                "block": np.array([block], dtype=np.int64), "shape": np.array([numel], dtype=np.int64)}
+    if kind == PACKED_TOPK:
+        k, width = a, b
+        if width not in (2, 4) or (width == 2 and numel > 2**16):
+            raise MalformedPayload(f"{key!r} (top-k): index width {width} bytes, expected 2 (numel <= 65,536) or 4")
+        if k > numel:
+            raise MalformedPayload(f"{key!r} (top-k): {k} kept entries for {numel} values")
+        if body.size != (width + 2) * k:
+            raise MalformedPayload(f"{key!r} (top-k): {body.size} bytes after the header, expected {k} x ({width} + 2)")
+        return {"idx": body[: width * k].view("<u2" if width == 2 else "<u4").astype(np.int64),
+                "val": body[width * k:].view("<f2").astype(np.float32), "shape": np.array([numel], dtype=np.int64)}
+    raise MalformedPayload(f"{key!r}: unknown kind {kind} in the header, expected {PACKED_INT8} (int8) or {PACKED_TOPK} (top-k)")
 
 
 def decompress(
@@ -225,6 +344,24 @@ def decompress(
 
 
 def _decompress(payload, reference_shapes, max_values) -> dict[str, np.ndarray]:
+    packed_key = payload_key(PACKED_NAME, "packed")
+    if packed_key in payload:
+        if len(payload) != 1:
+            raise MalformedPayload(f"a packed payload is the one array {packed_key!r}, got {len(payload)} arrays: {sorted(payload)[:4]}")
+        if reference_shapes is None:
+            raise MalformedPayload(f"{packed_key!r}: a packed update decodes only against the global model's parameter shapes")
+        names = sorted(reference_shapes)
+        sizes = [math.prod(int(d) for d in reference_shapes[n]) for n in names]
+        fields = _unpack(np.asarray(payload[packed_key]), sum(sizes))
+        try:
+            flat = _decompress({payload_key(FLAT, f): v for f, v in fields.items()}, {FLAT: (sum(sizes),)}, max_values)[FLAT]
+        except MalformedPayload as error:  # the per-tensor checks, named after the array that was actually sent
+            raise MalformedPayload(f"{packed_key!r}: {str(error).replace(repr(FLAT), 'the update')}") from None
+        delta, offset = {}, 0
+        for name, size in zip(names, sizes):
+            delta[name] = flat[offset: offset + size].reshape(tuple(int(d) for d in reference_shapes[name]))
+            offset += size
+        return delta
     fields: dict[str, dict[str, np.ndarray]] = {}
     for key, value in payload.items():
         try:

@@ -28,6 +28,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "trimmed-beta": 0.2,
     "krum-malicious": -1,  # krum: f, the number of malicious clients tolerated; must be set (>= 1)
     "server-lr": 0.1,  # fedadam eta
+    "fedavg-server-lr": 1.0,  # cohort-sampling=poisson: the server applies fedavg-server-lr x (server-momentum buffer of the mean update)
+    "server-momentum": 0.0,  # cohort-sampling=poisson: FedAvgM momentum beta (0 = plain FedAvg); under DP both act on the noised mean
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
     "lr": 0.05,

@@ -304,6 +304,11 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
         )
     if str(cfg["cohort-sampling"]) == "poisson":
         return _poisson_strategy(cfg, num_clients)
+    if float(cfg["fedavg-server-lr"]) != 1.0 or float(cfg["server-momentum"]) != 0.0:
+        raise ValueError(
+            f"fedavg-server-lr={cfg['fedavg-server-lr']}, server-momentum={cfg['server-momentum']}: the FedAvg server optimiser "
+            f"is implemented for cohort-sampling=poisson only (got {cfg['cohort-sampling']!r}); leave them at 1.0 and 0.0"
+        )
     inner: Strategy
     if name == "fedavg":
         inner = FedAvg(**common)
@@ -359,7 +364,8 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
             noise = noise_multiplier_for_budget(float(cfg["target-epsilon"]), float(cfg["target-delta"]), float(cfg["cohort-rate"]),
                                                 int(cfg["num-rounds"]), "rdp", float(cfg["dp-max-noise-multiplier"]))
     inner = PoissonCohortFedAvg(num_clients, float(cfg["cohort-rate"]), noise, float(cfg["clipping-norm"]),
-                                reproducible_seed=int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None)
+                                reproducible_seed=int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None,
+                                server_lr=float(cfg["fedavg-server-lr"]), server_momentum=float(cfg["server-momentum"]))
     return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, "fedavg")), inner
 
 
@@ -441,6 +447,11 @@ class PoissonCohortFedAvg(Strategy):
     multiplier sigma; :meth:`epsilon` composes them with Opacus' RDP accountant
     (privacy.dp.opacus_epsilon), and the run cross-checks it with dp_accounting.
 
+    Server optimiser (FedAvgM, Hsu et al. 2019, "Measuring the effects of non-identical data distribution"):
+    the round's mean update m (the noised one under DP) feeds a momentum buffer v <- beta v + m and the
+    global model moves by eta v (``server_lr`` eta, ``server_momentum`` beta; eta = 1, beta = 0 is plain
+    FedAvg). It only post-processes the released m, so the DP guarantee is unchanged.
+
     Per round it records what DP costs in signal: ``noise_norm`` (||noise|| / qN), ``signal_norm``
     (||sum of clipped updates|| / qN), their ratio ``noise_to_signal``, the fraction of clipped updates
     and the cohort size.
@@ -453,6 +464,8 @@ class PoissonCohortFedAvg(Strategy):
         noise_multiplier: Optional[float] = None,
         clipping_norm: float = 1.0,
         reproducible_seed: Optional[int] = None,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -460,6 +473,11 @@ class PoissonCohortFedAvg(Strategy):
             raise ValueError(f"cohort-rate={cohort_rate}: must be in (0, 1]")
         if noise_multiplier is not None and not (noise_multiplier >= 0 and clipping_norm > 0):
             raise ValueError(f"noise_multiplier={noise_multiplier}, clipping_norm={clipping_norm}: need sigma >= 0 and C > 0")
+        if not (server_lr > 0 and 0 <= server_momentum < 1):
+            raise ValueError(f"fedavg-server-lr={server_lr}, server-momentum={server_momentum}: need eta > 0 and 0 <= beta < 1")
+        self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.velocity: Optional[np.ndarray] = None
         self.population = int(population)
         self.cohort_rate = float(cohort_rate)
         self.noise_multiplier = noise_multiplier
@@ -474,8 +492,8 @@ class PoissonCohortFedAvg(Strategy):
         return self.noise_multiplier is not None
 
     def summary(self) -> None:
-        log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s)", self.population, self.cohort_rate,
-                 self.population * self.cohort_rate,
+        log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, server lr %g, momentum %g, %s)", self.population,
+                 self.cohort_rate, self.population * self.cohort_rate, self.server_lr, self.server_momentum,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
 
     def _generator(self, server_round: int, stream: int):
@@ -539,6 +557,9 @@ class PoissonCohortFedAvg(Strategy):
             stats.update(signal_norm=signal_norm, noise_norm=noise_norm, noise_to_signal=noise_norm / max(signal_norm, 1e-12),
                          clipped_fraction=float(np.mean(norms > self.clipping_norm)) if len(norms) else 0.0,
                          mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
+        self.velocity = step if self.velocity is None else self.server_momentum * self.velocity + step
+        step = self.server_lr * self.velocity
+        stats["server_step_norm"] = float(np.linalg.norm(step))
         new, offset = {}, 0
         for n in names:
             size = int(np.size(self.current[n]))

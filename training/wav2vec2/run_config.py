@@ -39,6 +39,8 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cohort-rate": ("federated.cohort_rate", float),
     "fraction-evaluate": ("federated.fraction_evaluate", float),
     "server-lr": ("federated.server_lr", float),
+    "fedavg-server-lr": ("federated.fedavg_server_lr", float),
+    "server-momentum": ("federated.server_momentum", float),
     "trimmed-beta": ("federated.trimmed_beta", float),
     "krum-malicious": ("federated.krum_malicious", _optional_int(-1)),  # -1: not given (krum refuses to start)
     "min-train-nodes": ("federated.min_train_nodes", int),
