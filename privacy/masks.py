@@ -416,6 +416,37 @@ class EncoderLayerMask(nn.Module):
         return self.mask.mean_log_sigma()
 
 
+def relative_sigmas(masks: Union["ModalityMasks", "EncoderLayerMask"]) -> dict[str, torch.Tensor]:
+    """The learned relative noise std of every mask part, [D] each, keyed "<where>/<part>"
+    (where = audio / video / encoder, part = additive / multiplicative)."""
+    if isinstance(masks, ModalityMasks):
+        named = dict(masks.masks.items())
+    elif isinstance(masks, EncoderLayerMask):
+        named = {"encoder": masks.mask}
+    else:
+        raise TypeError(f"relative_sigmas needs ModalityMasks or EncoderLayerMask, got {type(masks).__name__}")
+    out = {}
+    for where, mask in named.items():
+        for part_name in ("multiplicative", "additive"):
+            part = getattr(mask, part_name)
+            if part is not None:
+                out[f"{where}/{part_name}"] = part.relative_sigma().detach()
+    return out
+
+
+def sigma_summary(masks: Union["ModalityMasks", "EncoderLayerMask"]) -> dict[str, float]:
+    """Per-dimension spread of the learned noise levels, for metrics: `mask_sigma/<where>/<part>/<stat>`
+    with stat = mean, min, p10, median, p90, max over the D feature dimensions (relative std, as
+    masks.init_scale). A mean alone hides a noise term that moves some dimensions up and others down."""
+    stats = {}
+    for key, sigma in relative_sigmas(masks).items():
+        s = sigma.float()
+        q = torch.quantile(s, torch.tensor([0.1, 0.5, 0.9]))
+        for name, value in (("mean", s.mean()), ("min", s.min()), ("p10", q[0]), ("median", q[1]), ("p90", q[2]), ("max", s.max())):
+            stats[f"mask_sigma/{key}/{name}"] = float(value)
+    return stats
+
+
 def mask_kind(additive: bool, multiplicative: bool) -> str:
     """The build_masks `kind` for the config booleans (masks.name may carry a position tag)."""
     return {(False, False): "none", (True, False): "additive", (False, True): "multiplicative", (True, True): "both"}[

@@ -7,10 +7,10 @@ Python), so what the demo shows is exactly what a user types:
   2. python train_avhubert.py experiment=demo                      fine-tune the shipped starting checkpoint
                                                                    (checkpoints/avhubert_tiny_synthgrid.pt), no masks
                                                                    (+ evaluate, export)
-  3. python train_avhubert.py experiment=demo <MASKED>                fine-tune with the protected setting of the
-                                                                   privacy-utility front (MASKED below)
-  4. python train_speaker_verification.py experiment=demo [...]    RJCA attacker: clean features, and the protected
-                                                                   ones under the three attack scenarios
+  3. python train_avhubert.py experiment=demo_protected            fine-tune with the protected setting of the
+                                                                   privacy-utility front (conf/experiment/demo_protected.yaml)
+  4. python train_speaker_verification.py experiment=demo[_protected] ...  RJCA attacker: clean features, and the
+                                                                   protected ones under the three attack scenarios
   5. python train_avhubert.py experiment=demo_fl_dp                Wav2Vec2, Flower FedAvg (LoRA on the public start),
      and the same with federated=none dp=none federated.num_rounds=0  the public start without private training
   6. python -m scripts.make_tables                                 the results table and plots
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The protected setting: the point of the privacy-utility front (docs/results.md, issue 17) with the
-# highest semi-informed EER: additive masks, one noise draw per utterance at 2x the feature scale,
-# head-free contrastive term with protected negatives, gradient-reversal speaker adversary.
-MASKED = ["masks=additive", "masks.noise_granularity=utterance", "masks.init_scale=2.0", "loss=ctc_contrastive",
-          "loss.projection=none", "loss.negatives=protected", "loss.adversary_weight=0.5"]
+# The protected setting (conf/experiment/demo_protected.yaml): the demo's system with the point of the
+# privacy-utility front (docs/results.md, issue 17) make demo shows: additive masks, one noise draw per
+# utterance at 2x the feature scale, head-free contrastive term with protected negatives,
+# gradient-reversal speaker adversary.
+PROTECTED = "experiment=demo_protected"
 
 REBUILD_STEPS: list[tuple[str, list[str]]] = [
     ("prepare SynthGRID (full public split)", ["-m", "scripts.prepare_data"]),
@@ -52,11 +52,11 @@ REBUILD_STEPS: list[tuple[str, list[str]]] = [
 STEPS: list[tuple[str, list[str]]] = [
     ("prepare SynthGRID", ["-m", "scripts.prepare_data", "experiment=demo"]),
     ("fine-tune, no masks", ["train_avhubert.py", "experiment=demo"]),
-    ("fine-tune, masks (utterance noise) + contrastive + adversary", ["train_avhubert.py", "experiment=demo", *MASKED]),
+    ("fine-tune, masks (utterance noise) + contrastive + adversary", ["train_avhubert.py", PROTECTED]),
     ("attack: clean features", ["train_speaker_verification.py", "experiment=demo", "attacker.input=clean"]),
-    ("attack: protected, ignorant", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=ignorant"]),
-    ("attack: protected, lazy-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=lazy_informed"]),
-    ("attack: protected, semi-informed", ["train_speaker_verification.py", "experiment=demo", *MASKED, "attacker.scenario=semi_informed"]),
+    ("attack: protected, ignorant", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=ignorant"]),
+    ("attack: protected, lazy-informed", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=lazy_informed"]),
+    ("attack: protected, semi-informed", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=semi_informed"]),
     ("Wav2Vec2: the public start without private training", ["train_avhubert.py", "experiment=demo_fl_dp", "federated=none",
                                                               "dp=none", "federated.num_rounds=0"]),
     ("Wav2Vec2 FedAvg, LoRA on the public start (Flower)", ["train_avhubert.py", "experiment=demo_fl_dp"]),

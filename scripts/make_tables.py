@@ -49,6 +49,7 @@ AXES = (
     "loss.adversary_weight",
     "loss.adversary_input",
     "loss.noise_weight",
+    "trainer.max_steps",  # AV-HuBERT fine-tuning budget: a longer run is another system (the Wav2Vec2 rows use the federated axes)
     "data.anonymize",  # McAdams (signal-level anonymisation) is a system of its own, never merged with the unmasked one
     "data.mcadams_alpha",
     "federated.name",
@@ -108,6 +109,8 @@ class Run:
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
+        if str(self.axis("model.name")).startswith("wav2vec2"):
+            axes[AXES.index("trainer.max_steps")] = None
         return tuple(axes)
 
     @property
@@ -214,6 +217,9 @@ MASK_TABLE = [
     Column("EER semi-inf.", "attack/semi_informed:eer"),
     Column("minDCF₀.₀₅ semi-inf.", "attack/semi_informed:min_dcf_p0.05", scale=1.0, digits=3),
     Column("EER untrained masks", "attack/untrained_masks:eer"),
+    # extra variant: the semi-informed attacker on per-utterance mean- (and std-) normalised features
+    Column("EER semi-inf., mean-normalising", "attack/semi_informed-mean:eer"),
+    Column("EER semi-inf., mean+std-normalising", "attack/semi_informed-mean_std:eer"),
 ]
 FL_TABLE = [
     Column("WER", "federated:wer"),
@@ -377,9 +383,14 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
     used = [c for c in columns if any(c.key in r.metrics for rs in groups.values() for r in rs)]
     header = ["system", "seeds"] + [c.title for c in used]
     rows, raw = [], []
+    # The AV-HuBERT fine-tuning budget is said only when the table's AV-HuBERT rows differ in it.
+    budgets = {rs[0].axis("trainer.max_steps") for rs in groups.values() if not str(rs[0].axis("model.name")).startswith("wav2vec2")}
     for system, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        row = [_label(members[0]), str(len(members))]
-        record = {"label": _label(members[0]), "plain": plain_label(members[0]), "n_seeds": len(members),
+        steps = members[0].axis("trainer.max_steps") if len(budgets) > 1 else None
+        steps_note = "" if system[AXES.index("trainer.max_steps")] is None or steps is None else f", {steps} fine-tuning steps"
+        label, plain = _label(members[0]) + steps_note, plain_label(members[0]) + steps_note
+        row = [label, str(len(members))]
+        record = {"label": label, "plain": plain, "n_seeds": len(members), "steps_note": steps_note,
                   "masks": members[0].axis("masks.name"), "anonymize": members[0].axis("data.anonymize")}
         for c in used:
             values = [r.metrics.get(c.key) for r in members]
@@ -423,7 +434,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 SCENARIO_TITLES = {
     "semi_informed": "semi-informed attacker (retrained on protected features)",
-    "lazy_informed": "lazy-informed attacker (knows the method, not the trained masks)",
+    "lazy_informed": "lazy-informed attacker (trained on clean features, enrols with protected ones)",
+    "semi_informed-mean": "mean-normalising attacker (semi-informed, extra variant)",
+    "semi_informed-mean_std": "mean+std-normalising attacker (semi-informed, extra variant)",
     "ignorant": "ignorant attacker (trained on clean features)",
     "clean": "attacker on clean features (no protection)",
     "raw": "attacker on raw audio + video",
@@ -470,7 +483,8 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     pct = lambda v: None if v is None else 100 * v
 
     def draw(r, x, y, ci, **style):
-        if ci is not None:  # thin: the speaker-resampling interval
+        if ci is not None:  # thin: the speaker-resampling interval (kept inside the axes' range)
+            all_y.extend([pct(ci[0]), pct(ci[1])])
             ax.errorbar([x], [y], yerr=[[y - pct(ci[0])], [pct(ci[1]) - y]], fmt="none", color=style["color"], elinewidth=0.6,
                         alpha=0.6, capsize=0)
         ax.errorbar([x], [y], xerr=[pct(r.get(f"{wer_key}#std")) or 0], yerr=[pct(r.get(f"{eer_key}#std")) or 0],
@@ -486,11 +500,12 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     if len(front) > 1:
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked systems)")
     reference_wer = None
-    for r in unmasked:
+    for i, r in enumerate(unmasked):  # several budgets: the first filled, the others hollow
         eer = r.get(eer_key) if r.get(eer_key) is not None else r.get(clean_key)
         ci = r.get(f"{eer_key}#ci") if r.get(eer_key) is not None else r.get(f"{clean_key}#ci")
         x, y = pct(r[wer_key]), pct(eer)
-        draw(r, x, y, ci, fmt="*", ms=13, color="black", label="no masks (attacker on its clean features)")
+        draw(r, x, y, ci, fmt="*", ms=13, color="black", mfc="black" if i == 0 else "white",
+             label="no masks (attacker on its clean features)" + r.get("steps_note", ""))
         all_x.append(x), all_y.append(y)
         reference_wer = x if reference_wer is None else min(reference_wer, x)
     for r in mcadams:
@@ -745,7 +760,7 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
         if name == "fl_dp" and margin_lines:
             md.append("\n".join(margin_lines) + "\n")
     plots = []
-    for scenario in ("semi_informed", "lazy_informed", "ignorant"):
+    for scenario in ("semi_informed", "lazy_informed", "ignorant", "semi_informed-mean"):
         if plot_privacy_utility(raw_masks, out_dir / f"privacy_utility_{scenario}.png", "evaluate:wer/audio_video/clean", f"attack/{scenario}:eer"):
             plots.append(f"privacy_utility_{scenario}.png")
     if plot_epsilon_wer(runs, out_dir / "epsilon_wer.png"):

@@ -144,3 +144,44 @@ def test_a_cap_on_a_read_trial_list_fails_at_start_up_naming_both_options(tmp_pa
 def test_the_voxceleb_experiment_keeps_the_official_trial_list(tmp_path):
     assert cfg_for(tmp_path, "experiment=voxceleb2_attacker").attacker.trials == "list"
     assert cfg_for(tmp_path, "experiment=privacy_stats").attacker.trials == "all_pairs"
+
+
+def test_mean_normalising_attacker_removes_utterance_noise_exactly_and_keeps_frame_noise():
+    """attacker.normalize=mean: utterance-level additive noise (one draw per utterance) vanishes, so
+    the protected sequences equal the normalised clean ones; frame noise does not; mean_std also
+    removes a positive per-utterance scale."""
+    from privacy.masks import build_masks
+    from training.attack import normalize_utterances
+
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(t, 6, generator=g) * 3 + 5 for t in (7, 11, 4)]
+    utt = build_masks("additive", dim=6, init_scale=2.0, modalities=("audio",), noise_granularity="utterance",
+                      generator=torch.Generator().manual_seed(1))
+    frame = build_masks("additive", dim=6, init_scale=2.0, modalities=("audio",), noise_granularity="frame",
+                        generator=torch.Generator().manual_seed(1))
+    utt(clean[0][None], None), frame(clean[0][None], None)  # calibrate the feature scale once
+    protected_utt = [utt(x[None], None)[0][0] for x in clean]
+    protected_frame = [frame(x[None], None)[0][0] for x in clean]
+    reference = normalize_utterances(clean, "mean")
+    assert all(torch.allclose(r.mean(0), torch.zeros(6), atol=1e-5) for r in reference)
+    assert not torch.allclose(protected_utt[0], clean[0], atol=0.1)  # the noise is there before normalising
+    for r, p in zip(reference, normalize_utterances(protected_utt, "mean")):
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=0)
+    assert not torch.allclose(normalize_utterances(protected_frame, "mean")[1], reference[1], atol=0.1)
+    scaled = [x * torch.linspace(0.5, 3.0, 6) + 2.0 for x in clean]
+    for r, p in zip(normalize_utterances(clean, "mean_std"), normalize_utterances(scaled, "mean_std")):
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=0)
+    assert normalize_utterances(clean, "none") is clean and normalize_utterances(None, "mean") is None
+
+
+def test_normalising_attacker_has_its_own_stage_and_rejects_raw_input(tmp_path):
+    from training.startup import check_attack
+
+    fake_export(tmp_path)
+    cfg = cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=mean")
+    assert attack_stage_name(cfg) == "attack/semi_informed-mean"
+    assert attack_stage_name(cfg_for(tmp_path, "attacker.input=clean", "attacker.normalize=mean_std")) == "attack/clean-mean_std"
+    train_set, _, test_set, _ = load_feature_sets(cfg)
+    assert float(train_set.audio[0].abs().max()) == 0.0  # the fake export is constant per utterance: nothing is left
+    with pytest.raises(ValueError, match=r"attacker.normalize=mean conflicts with attacker.input=raw"):
+        check_attack(cfg_for(tmp_path, "attacker.input=raw", "attacker.normalize=mean"))

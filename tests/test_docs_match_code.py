@@ -123,3 +123,31 @@ def test_demo_rebuild_runs_the_makefile_checkpoints_recipe():
         recipe.append(line.strip().split())
     assert recipe and all(cmd[0] == "$(PY)" for cmd in recipe), recipe
     assert [cmd[1:] for cmd in recipe] == [args for _, args in REBUILD_STEPS]
+
+
+def test_readme_demo_commands_are_the_demo_steps():
+    """The README's list of what `make demo` runs is scripts/demo.py's STEPS (and make_tables), in order."""
+    import re
+
+    from scripts.demo import STEPS
+
+    text = (PROJECT_ROOT / "README.md").read_text()
+    block = text.split("`make demo` runs, with progress bars, exactly these commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    readme = [re.split(r"\s+#", line.strip(), maxsplit=1)[0].strip() for line in block.splitlines() if line.strip()]
+    expected = [" ".join(["python", *args]) for _, args in STEPS] + ["python -m scripts.make_tables"]
+    assert readme == expected
+
+
+def test_demo_protected_is_the_demo_with_the_front_setting():
+    """experiment=demo_protected composes exactly the config (and run directory) of experiment=demo with
+    the front setting's seven overrides, so its runs meet the ones made with the overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        short = compose("config", overrides=["experiment=demo_protected"])
+        long = compose("config", overrides=["experiment=demo", "masks=additive", "masks.noise_granularity=utterance",
+                                            "masks.init_scale=2.0", "loss=ctc_contrastive", "loss.projection=none",
+                                            "loss.negatives=protected", "loss.adversary_weight=0.5"])
+    assert OmegaConf.to_container(short, resolve=True) == OmegaConf.to_container(long, resolve=True)
+    assert short.paths.run_dir.endswith("avhubert_tiny-adalora-additive-s2.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5/s1")

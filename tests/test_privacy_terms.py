@@ -177,3 +177,47 @@ def test_build_system_frozen_head_and_adversary(tmp_path):
     assert system.projection is not None and not any(p.requires_grad for p in system.projection.parameters())
     assert system.adversary.num_speakers == 3 and all(p.requires_grad for p in system.adversary.parameters())
     assert cfg.paths.run_dir.endswith("both-s1.0-cl0.1-t0.1-pfrozen-adv0.5/s1")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_noise_term_raises_sigma_only_where_the_task_tolerates_it(beta):
+    """-beta * mean log sigma against a task that needs dimensions 0-3 clean and ignores 4-7 (as CTC
+    ignores dimensions without words): sigma grows where the task's gradient is zero and does not
+    grow where the task pays for the noise; without the term the ignored dimensions never move."""
+    torch.manual_seed(0)
+    masks = build_masks("additive", dim=8, init_scale=1.0, noise_granularity="utterance",
+                        generator=torch.Generator().manual_seed(0), modalities=("audio",))
+    mask = masks.masks["audio"].additive
+    opt = torch.optim.Adam(masks.parameters(), lr=2e-2)
+    for _ in range(200):
+        x = torch.randn(16, 6, 8)
+        protected, _ = masks(x, None)
+        task = (protected - x)[..., :4].pow(2).mean()  # noise in dims 0-3 costs, in 4-7 it is free
+        loss = task - beta * masks.mean_log_sigma()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sigma = mask.relative_sigma().detach()
+    assert (sigma[:4] < 0.5).all()  # the task drives its own dimensions' noise down, with or without the term
+    if beta == 0:
+        torch.testing.assert_close(sigma[4:], torch.full((4,), 1.0))  # no gradient: no move
+    else:
+        assert (sigma[4:] > 2.0).all()
+
+
+def test_sigma_summary_reports_the_per_dimension_spread():
+    from privacy.masks import sigma_summary
+
+    masks = build_masks("both", dim=10, init_scale=1.0, modalities=("audio", "video"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # additive audio sigma = 0.1, 0.2, ..., 1.0
+        masks.masks["audio"].additive.rho_a.copy_(torch.log(torch.expm1(torch.linspace(0.1, 1.0, 10))))
+    stats = sigma_summary(masks)
+    assert {k.rsplit("/", 1)[0] for k in stats} == {"mask_sigma/audio/additive", "mask_sigma/audio/multiplicative",
+                                                    "mask_sigma/video/additive", "mask_sigma/video/multiplicative"}
+    a = {k.rsplit("/", 1)[1]: v for k, v in stats.items() if k.startswith("mask_sigma/audio/additive/")}
+    assert a["min"] == pytest.approx(0.1, abs=1e-5) and a["max"] == pytest.approx(1.0, abs=1e-5)
+    assert a["mean"] == pytest.approx(0.55, abs=1e-5) and a["median"] == pytest.approx(0.55, abs=1e-5)
+    assert a["p10"] == pytest.approx(0.19, abs=1e-5) and a["p90"] == pytest.approx(0.91, abs=1e-5)
+    assert stats["mask_sigma/video/multiplicative/min"] == pytest.approx(1.0) == stats["mask_sigma/video/multiplicative/max"]
+    encoder = build_masks("additive", position="encoder", layer=0, dim=4, init_scale=2.0)
+    assert sigma_summary(encoder)["mask_sigma/encoder/additive/median"] == pytest.approx(2.0)

@@ -329,3 +329,28 @@ def test_issue17_axes_split_systems_and_the_mcadams_baseline_is_drawn_with_the_t
     assert any(t.startswith("target: EER ≥ 40 %") for t in texts)
     assert any("one noise draw per utterance" in t and "speaker adversary (weight 1.0)" in t for t in texts)
     assert ax.get_ylim()[1] > 50  # the target and chance are inside the range
+
+
+def test_fine_tuning_budget_splits_systems_and_is_said_only_when_rows_differ(tmp_path):
+    """An AV-HuBERT run fine-tuned for 1000 steps is another system than the same setting at 500 steps
+    (issue 17 compares masked and unmasked models at the same budget); the budget appears in the
+    labels only when the table's rows differ in it."""
+    runs = tmp_path / "runs"
+
+    def add(name, masks, loss, steps, wer):
+        cfg = config(masks, loss, 1)
+        cfg["trainer"] = {"max_steps": steps}
+        write_stage(runs / "synthgrid" / name / "s1", "evaluate", cfg, {"wer/audio_video/clean": wer})
+
+    add("none-500", "none", "ctc", 500, 0.05)
+    add("both-500", "both", "ctc_contrastive", 500, 0.10)
+    make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 2 and not any("fine-tuning steps" in r for r in rows)
+    add("none-1000", "none", "ctc", 1000, 0.04)
+    add("both-1000", "both", "ctc_contrastive", 1000, 0.07)
+    make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 4
+    assert any("masks=none" in r and "1000 fine-tuning steps" in r and "| 4.0 |" in r for r in rows)
+    assert any("masks=both" in r and "500 fine-tuning steps" in r and "| 10.0 |" in r for r in rows)

@@ -16,6 +16,9 @@ large corpora) or the corpus' manifests/trials.txt (attacker.trials=list, e.g. V
         untrained_masks       untrained    protected        protected   (extra variant, not VoicePrivacy's:
                               trained on masks of the same kind at their initial parameters)
 
+attacker.normalize=mean|mean_std (extra variant) normalises every feature sequence per utterance first,
+and writes to `attack/<clean|scenario>-<mode>/`.
+
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
 at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
 speakers, `*_ci_low` / `*_ci_high`), scores.txt (`label utt_a utt_b score`), det.png, and the
@@ -66,14 +69,43 @@ def scenario_kinds(input_: str, scenario: str) -> tuple[str, str, str]:
     return SCENARIOS[scenario]
 
 
+NORMALIZATIONS = ("none", "mean", "mean_std")
+
+
 def attack_stage_name(cfg: DictConfig) -> str:
     a = cfg.attacker
+    normalize = a.get("normalize", "none")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"attacker.normalize={normalize!r}: expected one of {list(NORMALIZATIONS)}")
+    suffix = "" if normalize == "none" else f"-{normalize}"
     if a.input == "raw":
+        if suffix:
+            raise ValueError(f"attacker.normalize={normalize} conflicts with attacker.input=raw: it normalises exported "
+                             "feature sequences; attack features (attacker.input=protected or clean) or drop attacker.normalize")
         return "attack/raw"
     if a.input == "clean":
-        return "attack/clean"
+        return "attack/clean" + suffix
     scenario_kinds(a.input, a.scenario)  # validates both
-    return f"attack/{a.scenario}"
+    return f"attack/{a.scenario}" + suffix
+
+
+def normalize_utterances(seqs: list[torch.Tensor] | None, mode: str) -> list[torch.Tensor] | None:
+    """Each [T, D] sequence minus its time mean per dimension (`mean`), also divided by its time std
+    (`mean_std`). An attacker that knows the noise is drawn once per utterance can do this: it removes
+    utterance-level additive noise exactly (x + c - mean(x + c) = x - mean(x)), and with mean_std a
+    positive per-utterance scale too, so it measures what such masks hide beyond utterance statistics."""
+    if seqs is None or mode == "none":
+        return seqs
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"attacker.normalize={mode!r}: expected one of {list(NORMALIZATIONS)}")
+    out = []
+    for s in seqs:
+        centred = s - s.mean(dim=0, keepdim=True)
+        if mode == "mean_std":
+            # a 1-frame utterance has no spread: leave it centred (zeros) rather than divide by 0
+            centred = centred / s.std(dim=0, keepdim=True).clamp_min(1e-5) if s.shape[0] > 1 else centred
+        out.append(centred)
+    return out
 
 
 class FeatureSet(torch.utils.data.Dataset):
@@ -149,8 +181,9 @@ def load_feature_sets(cfg: DictConfig):
             raise ValueError(f"{export_dir / (split + '.safetensors')} has no '{kind}' features (it holds "
                              f"{sorted({k.split('/', 1)[1] for k in feats})}), which attacker.scenario={a.scenario} needs; "
                              "it was written by an older export: re-run `python train_avhubert.py task=export force=true <the same overrides>`")
-        audio = feats[f"audio/{kind}"] if "audio" in a.modalities else None
-        video = feats[f"video/{kind}"] if "video" in a.modalities else None
+        normalize = a.get("normalize", "none")
+        audio = normalize_utterances(feats[f"audio/{kind}"], normalize) if "audio" in a.modalities else None
+        video = normalize_utterances(feats[f"video/{kind}"], normalize) if "video" in a.modalities else None
         _check_finite("audio", audio, export_dir / f"{split}.safetensors")
         _check_finite("video", video, export_dir / f"{split}.safetensors")
         lengths = [t.shape[0] for t in feats[f"audio/{kind}"]]

@@ -332,6 +332,10 @@ class AttackerConfig:
     trials: str = one_of("all_pairs", "list")
     max_nontarget_trials: Optional[int] = None  # all_pairs: keep every target pair and this many non-target pairs (seeded by data.seed); None = all
     lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
+    # Per-utterance normalisation of every feature sequence the attacker reads (extra variant, not VoicePrivacy's):
+    # mean subtracts each utterance's time mean per dimension (removes utterance-level additive noise exactly),
+    # mean_std also divides by its std (removes utterance-level multiplicative noise up to sign). Stage attack/<scenario>-<mode>.
+    normalize: str = one_of("none", "mean", "mean_std")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from common.device import move_to_device, pin_memory_for, resolve_device
 from models.heads import AVHubertForCTC
 from privacy.adversary import SpeakerAdversary, check_privacy_terms
 from privacy.contrastive import ProjectionHead, check_loss_options
-from privacy.masks import build_masks, check_noise_granularity, mask_kind
+from privacy.masks import build_masks, check_noise_granularity, mask_kind, sigma_summary
 from privacy.probe import cosine_probe_eer, speaker_probe
 from privacy.system import MaskedAVSR
 from data.ctc_decode import build_beam_decoder, check_decoder_options, ctc_greedy_decode
@@ -364,6 +364,8 @@ def finetune(cfg: DictConfig) -> dict:
         stage.metrics.update(steps=result.step, bad_steps=result.bad_steps_total, seconds=time.time() - t0,
                              rank_budget=adapter.rank_budget(), utterances=len(train_ds), **train_ds.skips.report())
         stage.metrics.update({f"valid/{k}": v for k, v in valid.skips.items()})
+        if system.masks is not None:
+            stage.metrics.update(sigma_summary(system.masks))
         stage.metrics.update({f"train/{k}": v for k, v in result.last_logs.items()})
         stage.metrics.update({k.replace("eval/", ""): v for k, v in result.last_eval.items()})
     return dict(stage.metrics)
