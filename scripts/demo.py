@@ -57,6 +57,10 @@ STEPS: list[tuple[str, list[str]]] = [
     ("attack: protected, ignorant", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=ignorant"]),
     ("attack: protected, lazy-informed", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=lazy_informed"]),
     ("attack: protected, semi-informed", ["train_speaker_verification.py", PROTECTED, "attacker.scenario=semi_informed"]),
+    # the same attacker after subtracting each utterance's mean: it removes one-draw-per-utterance additive noise
+    # exactly, so it is the stronger semi-informed attacker for this setting (docs/results.md, issue 17)
+    ("attack: protected, semi-informed, mean-normalising", ["train_speaker_verification.py", PROTECTED,
+                                                            "attacker.scenario=semi_informed", "attacker.normalize=mean"]),
     ("Wav2Vec2: the public start without private training", ["train_avhubert.py", "experiment=demo_fl_dp", "federated=none",
                                                               "dp=none", "federated.num_rounds=0"]),
     ("Wav2Vec2 FedAvg, LoRA on the public start (Flower)", ["train_avhubert.py", "experiment=demo_fl_dp"]),
