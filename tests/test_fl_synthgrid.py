@@ -126,10 +126,17 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
         content = reply.content
         assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
         assert not content.config_records
-        for key in content["arrays"]:
-            assert key.split("::")[0] in trainable, key
-        # int8 codes + scales: no more values than the model has trainable parameters (no room for audio)
-        assert sum(a.numpy().size for a in content["arrays"].values()) < 1.1 * n_trainable
+        # int8 updates travel packed: one uint8 array "update::packed" (header, scales, codes; deflated)
+        assert set(content["arrays"]) == {"update::packed"}, sorted(content["arrays"])
+        packed = content["arrays"]["update::packed"].numpy()
+        assert packed.dtype == np.uint8 and packed.ndim == 1
+        # no room for audio: the bytes are at most one byte per trainable parameter + scales and header
+        assert packed.nbytes < 1.1 * n_trainable
+        # and it decodes against the global model into exactly the trainable parameters
+        from privacy.federated.compression import decompress
+
+        shapes = {name: tuple(p.shape) for name, p in _model(cfg).named_parameters() if p.requires_grad}
+        assert set(decompress({k: a.numpy() for k, a in content["arrays"].items()}, shapes)) == trainable
         # under DP nothing outside the guarantee: no loss, no example count (bytes are measured by the server)
         assert set(content["metrics"]) == {"epsilon", "partition-id"}
         for key, value in content["metrics"].items():
