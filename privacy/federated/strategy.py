@@ -366,7 +366,12 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
     inner = PoissonCohortFedAvg(num_clients, float(cfg["cohort-rate"]), noise, float(cfg["clipping-norm"]),
                                 reproducible_seed=int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None,
                                 server_lr=float(cfg["fedavg-server-lr"]), server_momentum=float(cfg["server-momentum"]))
-    return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, "fedavg")), inner
+    # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
+    # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
+    # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
+    min_accepted = 0 if noise is not None else 1
+    return ValidatingStrategy(inner, float(cfg["max-update-norm"]), max_num_examples=max_num_examples(cfg, "fedavg"),
+                              min_accepted=min_accepted), inner
 
 
 def max_num_examples(cfg: Mapping[str, Any], name: Optional[str] = None) -> Optional[float]:
@@ -554,9 +559,11 @@ class PoissonCohortFedAvg(Strategy):
             expected = self.cohort_rate * self.population
             step = (total + noise) / expected
             signal_norm, noise_norm = float(np.linalg.norm(total)) / expected, float(np.linalg.norm(noise)) / expected
-            stats.update(signal_norm=signal_norm, noise_norm=noise_norm, noise_to_signal=noise_norm / max(signal_norm, 1e-12),
+            stats.update(signal_norm=signal_norm, noise_norm=noise_norm,
                          clipped_fraction=float(np.mean(norms > self.clipping_norm)) if len(norms) else 0.0,
                          mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
+            if signal_norm > 0:  # an empty cohort releases pure noise: no ratio (it would swamp the run's mean)
+                stats["noise_to_signal"] = noise_norm / signal_norm
         self.velocity = step if self.velocity is None else self.server_momentum * self.velocity + step
         step = self.server_lr * self.velocity
         stats["server_step_norm"] = float(np.linalg.norm(step))
