@@ -292,12 +292,12 @@ PACKED_REF = {"a": (2, 3), "b": (2,)}  # 8 values
         (_packed(1, 8, 0, 1, b""), "block size 0"),
         (_packed(1, 8, 8, 1, b"not zlib"), "does not inflate"),
         (_packed(1, 8, 8, 1, __import__("zlib").compress(b"\0" * 11)), "inflates to 11 bytes .* expected exactly .* = 12"),
-        (_packed(1, 8, 8, 1, __import__("zlib").compress(b"\0" * 10**6)), "inflates to 13\+ bytes"),  # a zip bomb: at most 13 inflated
+        (_packed(1, 8, 8, 1, __import__("zlib").compress(b"\0" * 10**6)), r"inflates to 13\+ bytes"),  # a zip bomb: at most 13 inflated
         (_packed(2, 8, 9, 2, b"\0" * 36), "9 kept entries for 8 values"),
         (_packed(2, 8, 2, 3, b"\0" * 10), "index width 3 bytes"),
-        (_packed(2, 8, 2, 2, b"\0" * 7), "7 bytes after the header, expected 2 x \(2 \+ 2\)"),
+        (_packed(2, 8, 2, 2, b"\0" * 7), r"7 bytes after the header, expected 2 x \(2 \+ 2\)"),
         (_packed(2, 8, 2, 2, np.array([1, 1], "<u2").tobytes() + np.ones(2, "<f2").tobytes()), "repeated indices"),
-        (_packed(2, 8, 1, 2, np.array([8], "<u2").tobytes() + np.ones(1, "<f2").tobytes()), "indices must be integers in \[0, 8\)"),
+        (_packed(2, 8, 1, 2, np.array([8], "<u2").tobytes() + np.ones(1, "<f2").tobytes()), r"indices must be integers in \[0, 8\)"),
         (_packed(7, 8, 0, 0, b""), "unknown kind 7"),
         ({"update::packed": np.zeros(10, np.uint8)}, "10 bytes, fewer than its 16-byte header"),
         ({"update::packed": np.zeros(16, np.int8)}, "must be a 1-d uint8 array"),
