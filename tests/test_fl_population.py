@@ -203,6 +203,25 @@ def test_an_empty_poisson_cohort_still_releases_noise_under_central_dp():
             assert strategy.rounds[1].skip_reason
 
 
+def test_poisson_cohorts_are_seeded_without_central_dp_and_secret_with_it():
+    """FedAvg without central DP is reproducible (cohorts drawn from the run's seed); under central DP the
+    cohorts come from the OS CSPRNG, as the amplification-by-sampling argument needs."""
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import build_strategy
+
+    n, nodes = 64, list(range(1, 65))
+
+    def cohorts(dp, seed):
+        cfg = resolve_run_config({"num-clients": n, "cohort-sampling": "poisson", "cohort-rate": 0.5, "dp": dp,
+                                  "noise-multiplier": 1.0, "num-rounds": 3, "seed": seed})
+        inner = build_strategy(cfg, n)[1]
+        return [inner.sample_cohort(nodes, r) for r in (1, 2, 3)]
+
+    assert cohorts("none", 1) == cohorts("none", 1) and cohorts("none", 1) != cohorts("none", 2)
+    assert cohorts("local", 1) == cohorts("local", 1)
+    assert cohorts("central", 1) != cohorts("central", 1)  # 2^-192 to collide
+
+
 def test_the_server_optimiser_is_refused_outside_poisson_fedavg():
     from privacy.federated.settings import resolve_run_config
     from privacy.federated.strategy import build_strategy

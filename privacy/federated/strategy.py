@@ -363,8 +363,12 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
         if noise < 0:
             noise = noise_multiplier_for_budget(float(cfg["target-epsilon"]), float(cfg["target-delta"]), float(cfg["cohort-rate"]),
                                                 int(cfg["num-rounds"]), "rdp", float(cfg["dp-max-noise-multiplier"]))
+    # Cohorts (and noise) come from the OS CSPRNG under central DP: amplification by sampling needs a sample the
+    # server's adversary cannot regenerate. Without central DP nothing rests on the draw, so it is seeded and a
+    # run is reproducible (local DP's guarantee is the clients' own, whoever the server picks).
+    cohort_seed = None if noise is not None and not bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else int(cfg["seed"])
     inner = PoissonCohortFedAvg(num_clients, float(cfg["cohort-rate"]), noise, float(cfg["clipping-norm"]),
-                                reproducible_seed=int(cfg["seed"]) if bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else None,
+                                reproducible_seed=cohort_seed,
                                 server_lr=float(cfg["fedavg-server-lr"]), server_momentum=float(cfg["server-momentum"]))
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
