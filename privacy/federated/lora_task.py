@@ -169,10 +169,7 @@ def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
 
     cfg = task_settings(run_config)
     seed = int(run_config.get("seed", 0))
-    batch_size = int(run_config.get("batch-size", 8))
-    eval_batch_size = int(cfg["task-eval-batch-size"])
-    data_dir, split = str(cfg["task-data-dir"]), str(cfg["task-train-split"])
-    eval_utterances = int(cfg["task-client-eval-utterances"])
+    data_dir = str(cfg["task-data-dir"])
     base, vocabulary, checksum = load_public_start(str(cfg["task-checkpoint"]))
     if vocabulary[0] != BLANK:
         raise ValueError(f"{cfg['task-checkpoint']}: vocabulary starts with {vocabulary[0]!r}, expected the CTC blank {BLANK!r}")
@@ -208,7 +205,7 @@ def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
         return speakers, cached_features(base, checksum, data_dir, name, first_layer), targets_
 
     build_loaders, build_union_loader, build_split_loader = speaker_split_loaders(
-        split_features, collate_cached, split, seed, eval_utterances, batch_size, eval_batch_size)
+        split_features, collate_cached, run_config)
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         if _empty(batch):

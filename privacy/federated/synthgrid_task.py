@@ -304,15 +304,21 @@ def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def speaker_split_loaders(split_items: Callable[[str], tuple], collate: Callable, split: str, seed: int,
-                          eval_utterances: int, batch_size: int, eval_batch_size: int):
+def speaker_split_loaders(split_items: Callable[[str], tuple], collate: Callable, run_config: Mapping[str, Any]):
     """The three loader builders a SynthGridTask takes, over ``split_items(name) -> (speakers, inputs,
     targets)``: a client's train / held-out loaders (its speakers' utterances, client_indices), the
-    centralised baseline's union of every client's training utterances, and a whole split.
+    centralised baseline's union of every client's training utterances, and a whole split. Split,
+    partition seed, held-out size and batch sizes come from ``run_config`` (task_settings).
 
     A split's items and the speaker partition are computed once per builder set (a task lives for the
     process and every client message asks for its loaders: re-encoding 3,200 transcripts and
     re-partitioning per client cost ~18 % of a population run, measured with cProfile)."""
+    cfg = task_settings(run_config)
+    seed = int(run_config.get("seed", 0))
+    batch_size = int(run_config.get("batch-size", 8))
+    eval_batch_size = int(cfg["task-eval-batch-size"])
+    split = str(cfg["task-train-split"])
+    eval_utterances = int(cfg["task-client-eval-utterances"])
     items: dict[str, tuple] = {}
     partitions: dict[int, list[tuple[list[int], list[int]]]] = {}
 
@@ -359,10 +365,7 @@ def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> SynthGridTask:
     """The FederatedTask factory named in run_config['task'] (see the module docstring)."""
     cfg = task_settings(run_config)
     seed = int(run_config.get("seed", 0))
-    batch_size = int(run_config.get("batch-size", 8))
-    eval_batch_size = int(cfg["task-eval-batch-size"])
-    data_dir, split = str(cfg["task-data-dir"]), str(cfg["task-train-split"])
-    eval_utterances = int(cfg["task-client-eval-utterances"])
+    data_dir = str(cfg["task-data-dir"])
     trainable_layers = int(cfg["task-trainable-layers"])
     tokenizer = make_tokenizer(str(cfg["task-tokenizer"]), data_dir)
 
@@ -383,6 +386,6 @@ def wav2vec2_synthgrid_task(run_config: Mapping[str, Any]) -> SynthGridTask:
         return speakers, waves, targets
 
     build_loaders, build_union_loader, build_split_loader = speaker_split_loaders(
-        split_waveforms, collate_waveforms, split, seed, eval_utterances, batch_size, eval_batch_size)
+        split_waveforms, collate_waveforms, run_config)
     return SynthGridTask(build_model, build_loaders, ctc_loss, error_counts, tokenizer=tokenizer,
                          build_union_loader=build_union_loader, build_split_loader=build_split_loader)
