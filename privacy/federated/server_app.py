@@ -120,7 +120,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
 
         record = strategy.rounds[server_round]
         entry = asdict(record)
-        if cfg["server-eval-split"]:  # the released model on speakers no client holds: post-processing, outside the clients
+        last_round = server_round == int(cfg["num-rounds"])
+        if cfg["server-eval-split"] and (server_round % int(cfg["server-eval-every"]) == 0 or last_round):
+            # the released model on speakers no client holds: post-processing, outside the clients (and it draws no
+            # random numbers the training uses: every client reseeds), so the cadence changes only the curve's points
             entry["server_eval"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
         if not record.aggregated:
