@@ -726,18 +726,26 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def _seeded(run: Run) -> bool:
+    """Everything random in the run comes from its seed: no DP, or DP noise reproducible from the config (NOT private).
+    A private DP run draws its noise (and, under central DP, its cohorts) from the OS CSPRNG: two such runs of one
+    seed share nothing, so they are never paired."""
+    return run.axis("dp.name") in (None, "none") or run.not_private
+
+
 def paired_differences(runs: list[Run], paired: str, metric: str = "federated:wer") -> list[dict]:
     """Per-seed differences `metric(run) - metric(baseline)` between runs of the same seed whose systems differ
     only in one axis, the baseline having the given value ("compression.name=none": int8 - none and top-k - none
     on the same cohorts). One record per compared system: its label, the baseline's label and the (seed, Δ) pairs;
-    seeds without a partner are listed, not paired with anything else."""
+    seeds without a partner are listed, not paired with anything else. Runs with private DP noise are left out
+    (`_seeded`): the same seed does not make them draw the same cohorts or noise."""
     axis, sep, baseline = paired.partition("=")
     if not sep or axis not in AXES:
         raise ValueError(f"--paired {paired!r}: expected AXIS=BASELINE with AXIS one of the table axes {list(AXES)}")
     position = AXES.index(axis)
     partners: dict[tuple, dict] = defaultdict(dict)  # (system without the axis) -> seed -> baseline run
     for run in runs:
-        if metric in run.metrics and str(run.system[position]) == baseline:
+        if metric in run.metrics and str(run.system[position]) == baseline and _seeded(run):
             key = run.system[:position] + run.system[position + 1:]
             if run.seed in partners[key]:
                 raise ValueError(f"--paired {paired!r}: two baseline runs of seed {run.seed} for one system "
@@ -745,7 +753,7 @@ def paired_differences(runs: list[Run], paired: str, metric: str = "federated:we
             partners[key][run.seed] = run
     compared: dict[tuple, dict] = {}
     for run in sorted(runs, key=lambda r: (str(r.run_dir))):
-        if metric not in run.metrics or str(run.system[position]) == baseline:
+        if metric not in run.metrics or str(run.system[position]) == baseline or not _seeded(run):
             continue
         key = run.system[:position] + run.system[position + 1:]
         if not partners.get(key):
@@ -760,19 +768,33 @@ def paired_differences(runs: list[Run], paired: str, metric: str = "federated:we
     return [compared[k] for k in sorted(compared, key=lambda k: [str(x) for x in k])]
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The two-sided Student-t interval of the mean (None below two values)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
 def paired_markdown(records: list[dict], paired: str, metric: str, scale: float = 100.0) -> str:
-    header = ["system", "baseline", "pairs", "Δ per seed (seed: Δ)", "Δ mean ± std over pairs", "Δ min / max"]
+    header = ["system", "baseline", "pairs", "Δ per seed (seed: Δ)", "Δ mean ± std over pairs", "95 % t-interval of the mean Δ",
+              "Δ min / max"]
     rows = []
     for r in records:
         deltas = [d * scale for _, d in sorted(r["pairs"])]
+        interval = mean_interval(deltas)
         per_seed = ", ".join(f"s{seed}: {d * scale:+.1f}" for seed, d in sorted(r["pairs"]))
         if r["unpaired"]:
             per_seed += f" (no baseline for seed {', '.join(str(s) for s in sorted(r['unpaired']))})"
         mean = "-" if not deltas else f"{statistics.mean(deltas):+.2f}" + (f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else "")
         extremes = "-" if not deltas else f"{min(deltas):+.1f} / {max(deltas):+.1f}"
-        rows.append([r["label"], r["baseline"], str(len(deltas)), per_seed, mean, extremes])
+        rows.append([r["label"], r["baseline"], str(len(deltas)), per_seed, mean,
+                     "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]", extremes])
     title = f"### Paired differences of {metric} (points) vs {paired}: same seed, every other axis equal\n\n"
-    return title + to_markdown(header, rows)
+    note = "\nRuns with private DP noise (OS CSPRNG noise and cohorts) are not paired: one seed does not give them the same draws.\n"
+    return title + to_markdown(header, rows) + note
 
 
 def _client_steps(run: Run) -> float | None:

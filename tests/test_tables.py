@@ -374,18 +374,21 @@ def test_paired_differences_are_per_seed_against_the_baseline_of_the_same_seed(t
         for seed, wer in zip((1, 2, 3), values):
             write_stage(runs / comp / f"s{seed}", "federated", population_config("fedavg", "none", seed, comp), {"wer": wer, "cer": wer})
     write_stage(runs / "int8" / "s4", "federated", population_config("fedavg", "none", 4, "int8"), {"wer": 0.5, "cer": 0.5})
-    # another system (central DP) with its own baseline missing: not compared with the no-DP runs
-    write_stage(runs / "dp-int8" / "s1", "federated", population_config("fedavg", "central", 1, "int8"), {"wer": 0.9, "cer": 0.9, "epsilon/max": 8.0})
+    # central DP runs with private noise and cohorts: one seed does not pair them, even with their own baseline present
+    for comp, wer in (("none", 0.68), ("int8", 0.66)):
+        write_stage(runs / f"dp-{comp}" / "s1", "federated", population_config("fedavg", "central", 1, comp),
+                    {"wer": wer, "cer": wer, "epsilon/max": 8.0, "dp/noise_from_os_csprng": 1, "not_private": 0})
     text = make_tables(runs, tmp_path / "out", paired=["compression.name=none"])
     table = (tmp_path / "out" / "paired_1.md").read_text()
     assert "vs compression.name=none" in table and table in text
     rows = [line for line in table.splitlines() if line.startswith("| wav2vec2")]
-    assert len(rows) == 2  # int8 and topk; the DP run has no baseline of its kind
+    assert len(rows) == 2  # int8 and topk; the central-DP pair is not a pair
     int8 = next(r for r in rows if ", int8," in r)
     topk = next(r for r in rows if ", topk," in r)
     # int8 - none per seed: +1, -1, +2 points (seed 4 has no baseline: listed, not paired)
     assert "s1: +1.0, s2: -1.0, s3: +2.0 (no baseline for seed 4)" in int8 and "| 3 |" in int8
     assert "+0.67 ± 1.53" in int8 and "-1.0 / +2.0" in int8
+    assert "[-3.13, +4.46]" in int8  # mean ± t(0.975, 2) x std / sqrt(3) = 0.67 ± 4.303 x 1.53 / 1.732
     assert "s1: +6.0, s2: +0.0, s3: +4.0" in topk and "+3.33 ± 3.06" in topk
     assert "central DP" not in table
     assert "--paired compression.name=none" in text.splitlines()[0]  # the command in the generated header
