@@ -811,10 +811,11 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     """WER vs the expected cohort (q x N) of plain FedAvg runs without DP or compression that spend the same number
     of client steps (rounds x q x N x local steps) with different cohorts, mean ± std over seeds; the centralised
     run of that budget and the public start as labelled lines; FedAvg + central DP runs of that budget as points
-    (the cohort at which user-level DP was run). Drawn only when some budget has two or more cohort sizes."""
-    plain = lambda r: (r.axis("compression.name") in (None, "none") and r.axis("federated.fedavg_server_lr") in (None, 1.0)
-                       and not r.axis("federated.server_momentum"))
-    by_budget: dict[float, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    (the cohort at which user-level DP was run); runs with a FedAvgM server learning rate < 1 as lines of their own.
+    Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
+    plain = lambda r: r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
+    server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
+    by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr) -> cohort -> runs
     dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))
     central: dict[float, list[float]] = defaultdict(list)
     starts = []
@@ -826,16 +827,18 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
             starts.append(100 * r.metrics["federated:wer"])
         elif budget is None or not plain(r):
             continue
-        elif r.axis("federated.name") in (None, "none"):
+        elif r.axis("federated.name") in (None, "none"):  # (the server learning rate does not exist there)
             if r.axis("dp.name") in (None, "none"):
                 central[budget].append(100 * r.metrics["federated:wer"])
         elif r.axis("federated.name") == "fedavg":
             cohort = float(r.axis("federated.cohort_rate")) * float(r.axis("federated.num_clients"))
             if r.axis("dp.name") in (None, "none"):
-                by_budget[budget][cohort].append(r)
-            elif r.axis("dp.name") == "central":
+                by_budget[(budget, server_lr(r))][cohort].append(r)
+            elif r.axis("dp.name") == "central" and server_lr(r) == 1.0:
                 dp_points[budget][(cohort, float(r.axis("dp.target_epsilon")))].append(r)
-    budgets = sorted(b for b, cohorts in by_budget.items() if len(cohorts) > 1)
+    # a budget is drawn when its plain-FedAvg runs (server lr 1) cover two or more cohort sizes; its runs with a
+    # smaller server step (FedAvgM learning rate < 1, for the small cohorts) are drawn as lines of their own
+    budgets = sorted(b for (b, lr), cohorts in by_budget.items() if lr == 1.0 and len(cohorts) > 1)
     if not budgets:
         return False
     plt = _pyplot()
@@ -843,14 +846,18 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     markers = iter(["o", "s", "^", "D"] * 3)
     xs_all, ys_all = [], []
     greys = iter(["black", "0.4", "0.6"])
+    colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:olive", "tab:cyan"] * 2)
     for budget in budgets:
-        cohorts = sorted(by_budget[budget])
-        stats = [_mean_std([100 * r.metrics["federated:wer"] for r in by_budget[budget][c]]) for c in cohorts]
-        seeds = [len(by_budget[budget][c]) for c in cohorts]
-        ax.errorbar(cohorts, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=next(markers) + "-", capsize=3, ms=6,
-                    color="tab:blue", label=f"FedAvg, no DP, {budget:,.0f} client steps (seeds per point: {', '.join(map(str, seeds))})")
-        xs_all += cohorts
-        ys_all += [m + sd for m, sd in stats] + [m - sd for m, sd in stats]
+        for lr in sorted((lr for (b, lr) in by_budget if b == budget), reverse=True):
+            series = by_budget[(budget, lr)]
+            cohorts = sorted(series)
+            stats = [_mean_std([100 * r.metrics["federated:wer"] for r in series[c]]) for c in cohorts]
+            seeds = [len(series[c]) for c in cohorts]
+            what = "FedAvg" if lr == 1.0 else f"FedAvg, server learning rate {lr:g}"
+            ax.errorbar(cohorts, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=next(markers) + "-", capsize=3, ms=6,
+                        color=next(colours), label=f"{what}, no DP, {budget:,.0f} client steps (seeds per point: {', '.join(map(str, seeds))})")
+            xs_all += cohorts
+            ys_all += [m + sd for m, sd in stats] + [m - sd for m, sd in stats]
         if central.get(budget):
             w, sd = _mean_std(central[budget])
             colour = next(greys, "gray")

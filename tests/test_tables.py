@@ -416,6 +416,9 @@ def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_ba
         for seed, wer in enumerate(wers, 1):
             write_stage(runs / name / f"s{seed}", "federated", population_config(fed, dp, seed, q=q, rounds=rounds),
                         {"wer": wer, "cer": wer, "epsilon/max": 8.0 if dp != "none" else 0.0})
+    damped = population_config("fedavg", "none", 1, q=0.0125, rounds=200)
+    damped["federated"].update(fedavg_server_lr=0.3, server_momentum=0.0)  # a smaller server step: a line of its own
+    write_stage(runs / "fl4-slr0.3" / "s1", "federated", damped, {"wer": 0.62, "cer": 0.62, "epsilon/max": 0.0})
     start = population_config("none", "none", 1, rounds=0)
     write_stage(runs / "start" / "s1", "federated", start, {"wer": 0.70, "cer": 0.7})
     text = make_tables(runs, tmp_path / "out")
@@ -426,8 +429,10 @@ def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_ba
     assert "FedAvg, no DP, 4,000 client steps (seeds per point: 1, 2)" in labels
     assert "centralised, 4,000 steps (59.0 ± 1.4 %)" in labels and "within 2 points of centralised (the target)" in labels
     assert "FedAvg + user-level central DP ε=8 (1 seed)" in labels and "no private training (public start, 70.0 %)" in labels
+    assert "FedAvg, server learning rate 0.3, no DP, 4,000 client steps (seeds per point: 1)" in labels
     lines = [l for l in ax.get_lines() if l.get_linestyle() == "-" and list(l.get_xdata()) != [0, 1]]  # not the horizontal lines, not the caps
-    assert len(lines) == 1 and list(lines[0].get_xdata()) == [4.0, 80.0] and np.allclose(lines[0].get_ydata(), [60.0, 67.0])
+    assert len(lines) == 2 and list(lines[0].get_xdata()) == [4.0, 80.0] and np.allclose(lines[0].get_ydata(), [60.0, 67.0])
+    assert list(lines[1].get_xdata()) == [4.0] and np.allclose(lines[1].get_ydata(), [62.0])
     low, high = ax.get_ylim()
     assert low < 57 and high > 70  # the target band and the start are inside the automatic range
 
