@@ -437,3 +437,22 @@ def test_server_eval_every_refuses_what_is_not_a_positive_integer(value):
 
     with pytest.raises(ValueError, match=r"server-eval-every.*federated\.server_eval_every.*" + re.escape(repr(value))):
         resolve_run_config({"server-eval-every": value})
+
+
+def test_small_cohort_experiment_spends_the_client_steps_of_the_population_experiment():
+    """experiment=fl_population_small_cohorts is fl_dp_population without DP, with 4-client cohorts and as many client
+    steps as the 80-client FedAvg (and so as the centralised baseline): a point of the cohort-size test."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        small = compose("config", overrides=["experiment=fl_population_small_cohorts"])
+        base = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.cohort_rate=0.0125",
+                                             "federated.num_rounds=200", "federated.fedavg_server_lr=0.3",
+                                             "federated.server_eval_every=5"])
+        population = compose("config", overrides=["experiment=fl_dp_population"])
+    assert OmegaConf.to_container(small, resolve=True) == OmegaConf.to_container(base, resolve=True)
+    steps = lambda c: c.federated.num_rounds * c.federated.cohort_rate * c.federated.num_clients * c.federated.local_steps
+    assert steps(small) == steps(population) == 4000
+    assert small.federated.cohort_rate * small.federated.num_clients == 4 and small.dp.name == "none"
+    assert small.run_name != population.run_name and "slr0.3" in small.run_name
