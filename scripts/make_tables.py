@@ -815,7 +815,7 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
     plain = lambda r: r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
     server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
-    by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr) -> cohort -> runs
+    by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr, local steps) -> cohort -> runs
     dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))
     central: dict[float, list[float]] = defaultdict(list)
     starts = []
@@ -833,12 +833,12 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
         elif r.axis("federated.name") == "fedavg":
             cohort = float(r.axis("federated.cohort_rate")) * float(r.axis("federated.num_clients"))
             if r.axis("dp.name") in (None, "none"):
-                by_budget[(budget, server_lr(r))][cohort].append(r)
+                by_budget[(budget, server_lr(r), int(r.axis("federated.local_steps")))][cohort].append(r)
             elif r.axis("dp.name") == "central" and server_lr(r) == 1.0:
                 dp_points[budget][(cohort, float(r.axis("dp.target_epsilon")))].append(r)
     # a budget is drawn when its plain-FedAvg runs (server lr 1) cover two or more cohort sizes; its runs with a
     # smaller server step (FedAvgM learning rate < 1, for the small cohorts) are drawn as lines of their own
-    budgets = sorted(b for (b, lr), cohorts in by_budget.items() if lr == 1.0 and len(cohorts) > 1)
+    budgets = sorted({b for (b, lr, _), cohorts in by_budget.items() if lr == 1.0 and len(cohorts) > 1})
     if not budgets:
         return False
     plt = _pyplot()
@@ -848,14 +848,15 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     greys = iter(["black", "0.4", "0.6"])
     colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:olive", "tab:cyan"] * 2)
     for budget in budgets:
-        for lr in sorted((lr for (b, lr) in by_budget if b == budget), reverse=True):
-            series = by_budget[(budget, lr)]
+        for key in sorted((k for k in by_budget if k[0] == budget), key=lambda k: (-k[1], -k[2])):
+            series, lr, local_steps = by_budget[key], key[1], key[2]
             cohorts = sorted(series)
             stats = [_mean_std([100 * r.metrics["federated:wer"] for r in series[c]]) for c in cohorts]
             seeds = [len(series[c]) for c in cohorts]
             what = "FedAvg" if lr == 1.0 else f"FedAvg, server learning rate {lr:g}"
             ax.errorbar(cohorts, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=next(markers) + "-", capsize=3, ms=6,
-                        color=next(colours), label=f"{what}, no DP, {budget:,.0f} client steps (seeds per point: {', '.join(map(str, seeds))})")
+                        color=next(colours), label=f"{what}, no DP, {budget:,.0f} client steps of which {local_steps} per client and round "
+                                                   f"(seeds per point: {', '.join(map(str, seeds))})")
             xs_all += cohorts
             ys_all += [m + sd for m, sd in stats] + [m - sd for m, sd in stats]
         if central.get(budget):

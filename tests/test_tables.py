@@ -419,20 +419,25 @@ def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_ba
     damped = population_config("fedavg", "none", 1, q=0.0125, rounds=200)
     damped["federated"].update(fedavg_server_lr=0.3, server_momentum=0.0)  # a smaller server step: a line of its own
     write_stage(runs / "fl4-slr0.3" / "s1", "federated", damped, {"wer": 0.62, "cer": 0.62, "epsilon/max": 0.0})
+    one_step = population_config("fedavg", "none", 1, q=0.05, rounds=250)
+    one_step["federated"]["local_steps"] = 1  # the same 4,000 client steps, one per client and round: a line of its own
+    write_stage(runs / "fl16-1step" / "s1", "federated", one_step, {"wer": 0.64, "cer": 0.64, "epsilon/max": 0.0})
     start = population_config("none", "none", 1, rounds=0)
     write_stage(runs / "start" / "s1", "federated", start, {"wer": 0.70, "cer": 0.7})
     text = make_tables(runs, tmp_path / "out")
     assert "cohort_size.png" in text and (tmp_path / "out" / "cohort_size.png").stat().st_size > 1000
     ax = next(f for f in figures if "cohort size" in f.axes[0].get_title()).axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "80"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "16", "80"]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "FedAvg, no DP, 4,000 client steps (seeds per point: 1, 2)" in labels
+    assert "FedAvg, no DP, 4,000 client steps of which 5 per client and round (seeds per point: 1, 2)" in labels
     assert "centralised, 4,000 steps (59.0 ± 1.4 %)" in labels and "within 2 points of centralised (the target)" in labels
     assert "FedAvg + user-level central DP ε=8 (1 seed)" in labels and "no private training (public start, 70.0 %)" in labels
-    assert "FedAvg, server learning rate 0.3, no DP, 4,000 client steps (seeds per point: 1)" in labels
+    assert "FedAvg, server learning rate 0.3, no DP, 4,000 client steps of which 5 per client and round (seeds per point: 1)" in labels
     lines = [l for l in ax.get_lines() if l.get_linestyle() == "-" and list(l.get_xdata()) != [0, 1]]  # not the horizontal lines, not the caps
-    assert len(lines) == 2 and list(lines[0].get_xdata()) == [4.0, 80.0] and np.allclose(lines[0].get_ydata(), [60.0, 67.0])
-    assert list(lines[1].get_xdata()) == [4.0] and np.allclose(lines[1].get_ydata(), [62.0])
+    assert "FedAvg, no DP, 4,000 client steps of which 1 per client and round (seeds per point: 1)" in labels
+    assert len(lines) == 3 and list(lines[0].get_xdata()) == [4.0, 80.0] and np.allclose(lines[0].get_ydata(), [60.0, 67.0])
+    assert list(lines[1].get_xdata()) == [16.0] and np.allclose(lines[1].get_ydata(), [64.0])
+    assert list(lines[2].get_xdata()) == [4.0] and np.allclose(lines[2].get_ydata(), [62.0])
     low, high = ax.get_ylim()
     assert low < 57 and high > 70  # the target band and the start are inside the automatic range
 
