@@ -456,3 +456,14 @@ def test_small_cohort_experiment_spends_the_client_steps_of_the_population_exper
     assert steps(small) == steps(population) == 4000
     assert small.federated.cohort_rate * small.federated.num_clients == 4 and small.dp.name == "none"
     assert small.run_name != population.run_name and "slr0.3" in small.run_name
+
+
+def test_the_round_progress_line_says_updates_were_accepted_when_dp_clients_report_no_loss():
+    from privacy.federated.server_app import _round_numbers
+
+    base = {"max_client_epsilon": 0.0, "server_eval": {"wer": 0.5, "loss": 1.0}}
+    under_dp = _round_numbers({**base, "train_loss": None, "clients": [{"partition_id": 0}, {"partition_id": 3}],
+                               "cohort": {"noise_to_signal": 2.5}})
+    assert under_dp.startswith("2 updates accepted (no train loss reported)") and "noise/signal 2.5" in under_dp
+    assert _round_numbers({**base, "train_loss": None, "clients": []}).startswith("no update accepted")
+    assert _round_numbers({**base, "train_loss": 1.25, "clients": [{}]}).startswith("train_loss 1.25")

@@ -198,7 +198,12 @@ def _server_evaluation(task, arrays, split: str) -> dict[str, float]:
 
 def _round_numbers(entry: Mapping[str, Any]) -> str:
     """The numbers of a round's progress line: what a user watching the run wants to see."""
-    parts = [f"train_loss {entry['train_loss']:.4g}" if entry["train_loss"] is not None else "no update accepted"]
+    if entry["train_loss"] is not None:
+        parts = [f"train_loss {entry['train_loss']:.4g}"]
+    elif entry.get("clients"):  # accepted replies without a loss: clients under DP do not report one
+        parts = [f"{len(entry['clients'])} updates accepted (no train loss reported)"]
+    else:
+        parts = ["no update accepted"]
     if (entry.get("eval") or {}).get("eval_wer") is not None:
         parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
     if entry.get("server_eval"):
