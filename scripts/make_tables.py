@@ -866,7 +866,7 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
             ax.axhspan(w - 100 * WER_MARGIN, w + 100 * WER_MARGIN, color=colour, alpha=0.08, lw=0,
                        label=f"within {100 * WER_MARGIN:.0f} points of centralised (the target)")
             ys_all += [w - 100 * WER_MARGIN, w + 100 * WER_MARGIN]
-        dp_styles = iter(zip(["*", "P", "X", "v", "^", "D"] * 2, ["tab:red", "darkorange", "tab:brown", "tab:pink", "crimson", "gold"] * 2))
+        dp_styles = iter(zip(["*", "P", "X", "v", "^", "D"] * 2, ["tab:red", "black", "tab:brown", "tab:pink", "crimson", "gold"] * 2))
         for (cohort, eps), members in sorted(dp_points.get(budget, {}).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
             w, sd = _mean_std([100 * r.metrics["federated:wer"] for r in members])
             marker, colour = next(dp_styles)
