@@ -16,8 +16,8 @@ large corpora) or the corpus' manifests/trials.txt (attacker.trials=list, e.g. V
         untrained_masks       untrained    protected        protected   (extra variant, not VoicePrivacy's:
                               trained on masks of the same kind at their initial parameters)
 
-attacker.normalize=mean|mean_std (extra variant) normalises every feature sequence per utterance first,
-and writes to `attack/<clean|scenario>-<mode>/`.
+attacker.normalize=mean|mean_std|mean_std_sign (extra variant) normalises every feature sequence per
+utterance first, and writes to `attack/<clean|scenario>-<mode>/`.
 
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
 at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
@@ -69,7 +69,9 @@ def scenario_kinds(input_: str, scenario: str) -> tuple[str, str, str]:
     return SCENARIOS[scenario]
 
 
-NORMALIZATIONS = ("none", "mean", "mean_std")
+NORMALIZATIONS = ("none", "mean", "mean_std", "mean_std_sign")
+# mean_std_sign: |skewness| below this counts as zero (see normalize_utterances)
+SKEW_SIGN_TOLERANCE = 1e-3
 
 
 def attack_stage_name(cfg: DictConfig) -> str:
@@ -91,9 +93,18 @@ def attack_stage_name(cfg: DictConfig) -> str:
 
 def normalize_utterances(seqs: list[torch.Tensor] | None, mode: str) -> list[torch.Tensor] | None:
     """Each [T, D] sequence minus its time mean per dimension (`mean`), also divided by its time std
-    (`mean_std`). An attacker that knows the noise is drawn once per utterance can do this: it removes
-    utterance-level additive noise exactly (x + c - mean(x + c) = x - mean(x)), and with mean_std a
-    positive per-utterance scale too, so it measures what such masks hide beyond utterance statistics."""
+    (`mean_std`), and then also multiplied per dimension by the sign of its time skewness
+    (`mean_std_sign`). An attacker that knows the noise is drawn once per utterance can do this.
+    `mean` removes utterance-level additive noise exactly (x + c - mean(x + c) = x - mean(x)).
+    `mean_std` also removes a positive per-utterance scale. `mean_std_sign` removes any per-utterance,
+    per-dimension affine map z = m x + a with m != 0 of either sign: standardising z gives
+    sign(m) * standardised(x), and skew(z) = sign(m) * skew(x), so the product is the same for z and x.
+    Every utterance-level feature-wise mask (additive, multiplicative, both) is such a map, so on
+    those masks this attacker sees exactly what it sees on clean features.
+
+    A dimension whose |skewness| is below SKEW_SIGN_TOLERANCE (standardised units) keeps its sign
+    (factor +1): its sign cannot be read from the third moment, and a near-zero skew would flip with
+    float rounding. A 1-frame utterance has no spread: it is left centred (zeros) rather than divided by 0."""
     if seqs is None or mode == "none":
         return seqs
     if mode not in NORMALIZATIONS:
@@ -101,9 +112,11 @@ def normalize_utterances(seqs: list[torch.Tensor] | None, mode: str) -> list[tor
     out = []
     for s in seqs:
         centred = s - s.mean(dim=0, keepdim=True)
-        if mode == "mean_std":
-            # a 1-frame utterance has no spread: leave it centred (zeros) rather than divide by 0
-            centred = centred / s.std(dim=0, keepdim=True).clamp_min(1e-5) if s.shape[0] > 1 else centred
+        if mode in ("mean_std", "mean_std_sign") and s.shape[0] > 1:
+            centred = centred / s.std(dim=0, keepdim=True).clamp_min(1e-5)
+            if mode == "mean_std_sign":
+                skew = centred.pow(3).mean(dim=0, keepdim=True)
+                centred = torch.where(skew < -SKEW_SIGN_TOLERANCE, -centred, centred)
         out.append(centred)
     return out
 
