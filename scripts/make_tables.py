@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from training.attack import NORMALIZATIONS
+from training.attack import UTTERANCE_NORMALIZATIONS
 from training.stage import stage_status
 
 # The config keys that identify a system (a table row); seeds are aggregated.
@@ -178,15 +178,15 @@ STRONGEST = "strongest"
 
 
 def add_strongest_attack(run: Run, scenario: str = "semi_informed") -> None:
-    """`attack/<scenario>-strongest:*`: the metrics of the attacker.normalize variant (training/attack.py,
-    NORMALIZATIONS) with the lowest EER on this run, i.e. the strongest attacker of the scenario we have; its
+    """`attack/<scenario>-strongest:*`: the metrics of the per-utterance attacker.normalize variant
+    (training/attack.py, UTTERANCE_NORMALIZATIONS) with the lowest EER on this run, i.e. the strongest attacker of the scenario we have; its
     name goes to `Run.labels["attack/<scenario>-strongest:variant"]`. Only when the run has every variant: a
     minimum over a subset would silently be a weaker attacker."""
-    stages = {v: f"attack/{scenario}" + ("" if v == "none" else f"-{v}") for v in NORMALIZATIONS}
+    stages = {v: f"attack/{scenario}" + ("" if v == "none" else f"-{v}") for v in UTTERANCE_NORMALIZATIONS}
     eers = {v: run.metrics.get(f"{stage}:eer") for v, stage in stages.items()}
     if any(e is None or math.isnan(e) for e in eers.values()):
         return
-    best = min(NORMALIZATIONS, key=lambda v: eers[v])  # ties: the first in NORMALIZATIONS (the simplest attacker)
+    best = min(UTTERANCE_NORMALIZATIONS, key=lambda v: eers[v])  # ties: the first (the simplest attacker)
     prefix, target = f"{stages[best]}:", f"attack/{scenario}-{STRONGEST}:"
     run.metrics.update({target + k[len(prefix):]: v for k, v in list(run.metrics.items()) if k.startswith(prefix)})
     run.labels[target + "variant"] = best
@@ -243,13 +243,14 @@ MASK_TABLE = [
     Column("EER semi-inf., mean-normalising", "attack/semi_informed-mean:eer"),
     Column("EER semi-inf., mean+std-normalising", "attack/semi_informed-mean_std:eer"),
     Column("EER semi-inf., mean+std+sign-normalising", "attack/semi_informed-mean_std_sign:eer"),
+    Column("EER semi-inf., segment-mean-normalising", "attack/semi_informed-segment_mean:eer"),
     # the lowest semi-informed EER over all four variants (add_strongest_attack), and which variant it was
     Column("EER semi-inf., strongest attacker", "attack/semi_informed-strongest:eer", every_seed=True),
     Column("minDCF₀.₀₅ semi-inf., strongest", "attack/semi_informed-strongest:min_dcf_p0.05", scale=1.0, digits=3, every_seed=True),
     Column("strongest variant", "attack/semi_informed-strongest:variant", every_seed=True, text=True),
 ]
 STRONGEST_NOTE = ("*EER semi-inf., strongest attacker*: per seed, the lowest semi-informed EER over the attacker.normalize "
-                  "variants " + ", ".join(NORMALIZATIONS) + " (minDCF and interval: that variant's; *strongest variant* names it, "
+                  "variants " + ", ".join(UTTERANCE_NORMALIZATIONS) + " (minDCF and interval: that variant's; *strongest variant* names it, "
                   "with the number of seeds when they differ); \"-\" where a seed lacks one of the four attacks.")
 FL_TABLE = [
     Column("WER", "federated:wer"),

@@ -228,6 +228,31 @@ def test_sign_canonicalising_keeps_dimensions_with_zero_skew_and_one_frame_utter
     assert torch.equal(normalize_utterances([torch.ones(1, 2) * 7], "mean_std_sign")[0], torch.zeros(1, 2))
 
 
+def test_segment_mean_attacker_removes_segment_noise_on_the_masks_grid_only():
+    """attacker.normalize=segment_mean with the masks' segment length removes segment-level additive
+    noise exactly (each segment, the last one shorter, minus its own mean); on another grid it does not."""
+    from privacy.masks import build_masks
+    from training.attack import normalize_utterances
+
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(t, 6, generator=g) * 3 + 5 for t in (23, 10, 7, 1)]
+    seg = build_masks("additive", dim=6, init_scale=2.0, modalities=("audio",), noise_granularity="segment",
+                      segment_frames=5, generator=torch.Generator().manual_seed(1))
+    seg(clean[0][None], None)
+    protected = [seg(x[None], None)[0][0] for x in clean]
+    assert not torch.allclose(normalize_utterances(protected, "mean")[0], normalize_utterances(clean, "mean")[0], atol=0.1)
+    reference = normalize_utterances(clean, "segment_mean", 5)
+    for r, p in zip(reference, normalize_utterances(protected, "segment_mean", 5)):
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reference[0][20:], clean[0][20:] - clean[0][20:].mean(0))  # the short last segment
+    torch.testing.assert_close(reference[0][5:10], clean[0][5:10] - clean[0][5:10].mean(0))
+    assert torch.equal(reference[3], torch.zeros(1, 6))
+    off_grid = normalize_utterances(protected, "segment_mean", 4)
+    assert not torch.allclose(off_grid[0], normalize_utterances(clean, "segment_mean", 4)[0], atol=0.1)
+    with pytest.raises(ValueError, match=r"segment_mean needs the segment length masks.segment_frames >= 1, got None"):
+        normalize_utterances(clean, "segment_mean")
+
+
 def test_normalising_attacker_has_its_own_stage_and_rejects_raw_input(tmp_path):
     from training.startup import check_attack
 
@@ -237,6 +262,10 @@ def test_normalising_attacker_has_its_own_stage_and_rejects_raw_input(tmp_path):
     assert attack_stage_name(cfg_for(tmp_path, "attacker.input=clean", "attacker.normalize=mean_std")) == "attack/clean-mean_std"
     assert attack_stage_name(cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=mean_std_sign")) \
         == "attack/semi_informed-mean_std_sign"
+    assert attack_stage_name(cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=segment_mean",
+                                     "masks.segment_frames=10")) == "attack/semi_informed-segment_mean"
+    with pytest.raises(ValueError, match=r"attacker.normalize=segment_mean .* masks.segment_frames=0: expected an integer >= 1"):
+        attack_stage_name(cfg_for(tmp_path, "attacker.normalize=segment_mean", "masks.segment_frames=0"))
     train_set, _, test_set, _ = load_feature_sets(cfg)
     assert float(train_set.audio[0].abs().max()) == 0.0  # the fake export is constant per utterance: nothing is left
     with pytest.raises(ValueError, match=r"attacker.normalize=mean conflicts with attacker.input=raw"):

@@ -336,8 +336,9 @@ class AttackerConfig:
     # mean subtracts each utterance's time mean per dimension (removes utterance-level additive noise exactly),
     # mean_std also divides by its std (removes utterance-level multiplicative noise up to sign), mean_std_sign also
     # multiplies each dimension by the sign of its skewness (removes any per-utterance per-dimension affine map, sign
-    # included). Stage attack/<scenario>-<mode>.
-    normalize: str = one_of("none", "mean", "mean_std", "mean_std_sign")
+    # included), segment_mean subtracts the mean of each segment of masks.segment_frames frames (removes segment-level
+    # additive noise exactly). Stage attack/<scenario>-<mode>.
+    normalize: str = one_of("none", "mean", "mean_std", "mean_std_sign", "segment_mean")
 
 
 @dataclass
