@@ -504,6 +504,9 @@ def _legend_below(fig, ax, handles=None, labels=None, ncol: int = 1) -> None:
 
 TARGET_EER = 0.40  # issue 17's target: semi-informed EER >= 40 % at <= WER_MARGIN above the unmasked model
 TARGET_SCENARIOS = ("semi_informed", f"semi_informed-{STRONGEST}")  # the plots that draw the target region
+# On any per-utterance per-dimension affine mask the mean_std_sign attacker's input equals its input on clean features,
+# so its EER on the unmasked model bounds the strongest attacker's EER on every such mask (drawn on the strongest plot)
+CEILING_KEY = "attack/semi_informed-mean_std_sign:eer"
 
 
 def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
@@ -562,6 +565,11 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
         all_x.append(x), all_y.append(y)
     for eer in raw_attack[:1]:
         ax.axhline(pct(eer), color="0.45", lw=1, ls="-.", label="attacker on raw audio + video")
+        all_y.append(pct(eer))
+    ceiling = [r[CEILING_KEY] for r in unmasked if r.get(CEILING_KEY) is not None][:1] if scenario.endswith(STRONGEST) else []
+    for eer in ceiling:  # training/attack.py normalize_utterances: the sign-canonicalising attacker sees clean features
+        ax.axhline(pct(eer), color="tab:purple", lw=1, ls="--",
+                   label=f"ceiling for one-draw-per-utterance masks: the mean+std+sign attacker on unmasked features ({pct(eer):.1f} %)")
         all_y.append(pct(eer))
     if scenario in TARGET_SCENARIOS and reference_wer is not None:
         all_y.append(100 * TARGET_EER)

@@ -413,5 +413,6 @@ def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisati
     assert any(t.startswith("McAdams voice anonymisation of the audio") and t.endswith("[none]") for t in texts)
     assert any(t.startswith("both masks (init σ=1.0") and t.endswith("[mean_std_sign]") for t in texts)
     assert not any("init σ=4.0" in t for t in texts)  # no strongest value: not drawn
+    assert any(t.startswith("ceiling for one-draw-per-utterance masks") and "(21.0 %)" in t for t in texts)
     points = {round(float(y), 3) for line in ax.get_lines() for y in line.get_ydata()}
     assert 21.0 in points and 11.5 in points  # the strongest EERs, not the plain semi-informed ones
