@@ -37,9 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The protected setting (conf/experiment/demo_protected.yaml): the demo's system with the point of the
-# privacy-utility front (docs/results.md, issue 17) make demo shows: additive masks, one noise draw per
-# utterance at 2x the feature scale, head-free contrastive term with protected negatives,
-# gradient-reversal speaker adversary.
+# privacy-utility front on the strongest semi-informed attacker (docs/results.md, issue 17) make demo shows:
+# both masks, one noise draw per utterance at the feature scale, head-free contrastive term with protected
+# negatives, gradient-reversal speaker adversary.
 PROTECTED = "experiment=demo_protected"
 
 REBUILD_STEPS: list[tuple[str, list[str]]] = [
