@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from training.attack import UTTERANCE_NORMALIZATIONS
+from training.attack import NORMALIZATIONS, UTTERANCE_NORMALIZATIONS
 from training.stage import stage_status
 
 # The config keys that identify a system (a table row); seeds are aggregated.
@@ -178,16 +178,18 @@ STRONGEST = "strongest"
 
 
 def add_strongest_attack(run: Run, scenario: str = "semi_informed") -> None:
-    """`attack/<scenario>-strongest:*`: the metrics of the per-utterance attacker.normalize variant
-    (training/attack.py, UTTERANCE_NORMALIZATIONS) with the lowest EER on this run, i.e. the strongest attacker of the scenario we have; its
-    name goes to `Run.labels["attack/<scenario>-strongest:variant"]`. Only when the run has every variant: a
-    minimum over a subset would silently be a weaker attacker."""
-    stages = {v: f"attack/{scenario}" + ("" if v == "none" else f"-{v}") for v in UTTERANCE_NORMALIZATIONS}
-    eers = {v: run.metrics.get(f"{stage}:eer") for v, stage in stages.items()}
-    if any(e is None or math.isnan(e) for e in eers.values()):
+    """`attack/<scenario>-strongest:*`: the metrics of the attacker.normalize variant (training/attack.py)
+    with the lowest EER on this run, i.e. the strongest attacker of the scenario we have; its name goes to
+    `Run.labels["attack/<scenario>-strongest:variant"]`. Only when the run has every per-utterance variant
+    (UTTERANCE_NORMALIZATIONS): a minimum over a subset would silently be a weaker attacker. A variant
+    that needs more knowledge of the system (segment_mean: the masks' segment grid) counts when the run has it."""
+    stage = lambda v: f"attack/{scenario}" + ("" if v == "none" else f"-{v}")
+    eer = lambda v: run.metrics.get(f"{stage(v)}:eer")
+    if any(eer(v) is None or math.isnan(eer(v)) for v in UTTERANCE_NORMALIZATIONS):
         return
-    best = min(UTTERANCE_NORMALIZATIONS, key=lambda v: eers[v])  # ties: the first (the simplest attacker)
-    prefix, target = f"{stages[best]}:", f"attack/{scenario}-{STRONGEST}:"
+    candidates = [v for v in NORMALIZATIONS if eer(v) is not None and not math.isnan(eer(v))]
+    best = min(candidates, key=eer)  # ties: the first in NORMALIZATIONS (the simplest attacker)
+    prefix, target = f"{stage(best)}:", f"attack/{scenario}-{STRONGEST}:"
     run.metrics.update({target + k[len(prefix):]: v for k, v in list(run.metrics.items()) if k.startswith(prefix)})
     run.labels[target + "variant"] = best
 
@@ -250,8 +252,10 @@ MASK_TABLE = [
     Column("strongest variant", "attack/semi_informed-strongest:variant", every_seed=True, text=True),
 ]
 STRONGEST_NOTE = ("*EER semi-inf., strongest attacker*: per seed, the lowest semi-informed EER over the attacker.normalize "
-                  "variants " + ", ".join(UTTERANCE_NORMALIZATIONS) + " (minDCF and interval: that variant's; *strongest variant* names it, "
-                  "with the number of seeds when they differ); \"-\" where a seed lacks one of the four attacks.")
+                  "variants " + ", ".join(UTTERANCE_NORMALIZATIONS) + " (and " + ", ".join(v for v in NORMALIZATIONS
+                  if v not in UTTERANCE_NORMALIZATIONS) + " where the run has it; minDCF and interval: that variant's; *strongest "
+                  "variant* names it, with the number of seeds when they differ); \"-\" where a seed lacks one of the four "
+                  "per-utterance attacks.")
 FL_TABLE = [
     Column("WER", "federated:wer"),
     Column("CER", "federated:cer"),

@@ -386,6 +386,11 @@ def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisati
     add("additive", additive, 1, 0.10, (0.35, 0.11, 0.12, 0.21))  # mean wins
     add("additive", additive, 2, 0.10, (0.36, 0.13, 0.12, 0.22))  # mean_std wins on this seed
     add("both", both, 1, 0.12, (0.34, 0.27, 0.33, 0.21))  # sign wins
+    segment = config("additive", "ctc", 1)
+    segment["masks"].update(noise_granularity="segment", segment_frames=10, init_scale=2.0)
+    add("segment", segment, 1, 0.24, (0.27, 0.28, 0.32, 0.47))
+    write_stage(runs / "synthgrid" / "segment" / "s1", "attack/semi_informed-segment_mean", {**segment, "seed": 1},
+                {"eer": 0.13, "min_dcf_p0.05": 0.8})  # the grid-aware attacker counts when the run has it
     add("incomplete", incomplete, 1, 0.20, (0.44, 0.30, 0.40, 0.20))
     add("incomplete", incomplete, 2, 0.20, (0.44, 0.30, 0.40, 0.20), skip=("-mean_std_sign",))  # one seed lacks a variant
     text = make_tables(runs, tmp_path / "out")
@@ -394,7 +399,7 @@ def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisati
     columns = [h.strip() for h in header.strip("|").split("|")]
     cell = lambda row, title: [c.strip() for c in row.strip("|").split("|")][columns.index(title)]
     strongest, dcf, which = "EER semi-inf., strongest attacker", "minDCF₀.₀₅ semi-inf., strongest", "strongest variant"
-    additive_row = next(r for k, r in rows.items() if "masks=additive" in k)
+    additive_row = next(r for k, r in rows.items() if "masks=additive" in k and "noise per utterance" in k)
     assert cell(additive_row, strongest) == "11.5 ± 0.7 [9.5, 13.5]"  # per seed: 11 (mean), then 12 (mean_std, not 13)
     assert cell(additive_row, which) in ("mean (1), mean_std (1)", "mean_std (1), mean (1)")
     both_row = next(r for k, r in rows.items() if "masks=both" in k and "init σ=1.0" in k)
@@ -402,10 +407,12 @@ def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisati
     assert cell(both_row, dcf) == "0.710"  # the minDCF of the same (sign) variant, not the smallest minDCF
     unmasked_row = next(r for k, r in rows.items() if "masks=none" in k and "McAdams" not in k)
     assert cell(unmasked_row, strongest) == "6.0 [4.0, 8.0]" and cell(unmasked_row, which) == "none"
+    segment_row = next(r for k, r in rows.items() if "noise per segment" in k)
+    assert cell(segment_row, strongest) == "13.0" and cell(segment_row, which) == "segment_mean"
     incomplete_row = next(r for k, r in rows.items() if "init σ=4.0" in k)
     assert cell(incomplete_row, strongest) == "-" and cell(incomplete_row, which) == "-"
     assert cell(incomplete_row, "EER semi-inf.") == "44.0 ± 0.0 [42.0, 46.0]"  # the other columns are unaffected
-    assert "lowest semi-informed EER over the attacker.normalize variants none, mean, mean_std, mean_std_sign" in text
+    assert "lowest semi-informed EER over the attacker.normalize variants none, mean, mean_std, mean_std_sign (and segment_mean" in text
     ax = next(f for f in figures if "strongest semi-informed attacker" in f.axes[0].get_title()).axes[0]
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(t.startswith("target: EER ≥ 40 %") for t in texts)
