@@ -423,3 +423,16 @@ def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisati
     assert any(t.startswith("ceiling for one-draw-per-utterance masks") and "(21.0 %)" in t for t in texts)
     points = {round(float(y), 3) for line in ax.get_lines() for y in line.get_ydata()}
     assert 21.0 in points and 11.5 in points  # the strongest EERs, not the plain semi-informed ones
+
+
+def test_runs_from_before_the_poisson_cohort_keys_join_the_rows_of_newer_runs(tmp_path):
+    """A config written before federated.cohort_rate / fedavg_server_lr / server_momentum existed had
+    their defaults' meaning: an AV-HuBERT seed run then and one run now are one system (one row)."""
+    runs = tmp_path / "runs"
+    old, new = config("both", "ctc", 1), config("both", "ctc", 2)
+    new["federated"].update(cohort_rate=1.0, fedavg_server_lr=1.0, server_momentum=0.0)
+    write_stage(runs / "synthgrid" / "both" / "s1", "evaluate", old, {"wer/audio_video/clean": 0.10})
+    write_stage(runs / "synthgrid" / "both" / "s2", "evaluate", new, {"wer/audio_video/clean": 0.12})
+    make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 1 and "| 2 | 11.0 ± 1.4 |" in rows[0]
