@@ -484,7 +484,8 @@ SCENARIO_TITLES = {
     "semi_informed-mean": "mean-normalising attacker (semi-informed, extra variant)",
     "semi_informed-mean_std": "mean+std-normalising attacker (semi-informed, extra variant)",
     "semi_informed-mean_std_sign": "mean+std+sign-normalising attacker (semi-informed, extra variant)",
-    "semi_informed-strongest": "strongest semi-informed attacker (per point, the best of the 4 normalisations)",
+    "semi_informed-segment_mean": "segment-mean-normalising attacker (semi-informed, extra variant; knows the masks' segment grid)",
+    "semi_informed-strongest": "strongest semi-informed attacker (per point, the best of its normalising attackers)",
     "ignorant": "ignorant attacker (trained on clean features)",
     "clean": "attacker on clean features (no protection)",
     "raw": "attacker on raw audio + video",
@@ -571,7 +572,9 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     for eer in raw_attack[:1]:
         ax.axhline(pct(eer), color="0.45", lw=1, ls="-.", label="attacker on raw audio + video")
         all_y.append(pct(eer))
-    ceiling = [r[CEILING_KEY] for r in unmasked if r.get(CEILING_KEY) is not None][:1] if scenario.endswith(STRONGEST) else []
+    # the unmasked row with the most seeds (every unmasked budget has the same frozen front-end features)
+    ceiling = [r[CEILING_KEY] for r in sorted(unmasked, key=lambda r: -r["n_seeds"]) if r.get(CEILING_KEY) is not None][:1] \
+        if scenario.endswith(STRONGEST) else []
     for eer in ceiling:  # training/attack.py normalize_utterances: the sign-canonicalising attacker sees clean features
         ax.axhline(pct(eer), color="tab:purple", lw=1, ls="--",
                    label=f"ceiling for one-draw-per-utterance masks: the mean+std+sign attacker on unmasked features ({pct(eer):.1f} %)")
@@ -760,7 +763,12 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     everything.update({f"{b}|{n}|{i}": c for b, d in baselines.items() for n, cs in d.items() for i, c in enumerate(cs)})
     rate_range = det_range(everything)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    ncols = min(4, len(panels))  # at most 4 panels a row: the normalising variants add panels
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.6 * nrows), squeeze=False)
+    axes = [list(grid.flat[: len(panels)])]
+    for ax in grid.flat[len(panels):]:
+        fig.delaxes(ax)
     handles: dict[str, object] = {}
     for ax, scenario in zip(axes[0], panels):
         curves, styles = {}, {}
@@ -779,8 +787,9 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
             if not label.startswith("_"):
                 handles.setdefault(label, line)
         ax.set_title(SCENARIO_TITLES.get(scenario, scenario).replace(" (", "\n("), fontsize=9)
-    for ax in axes[0][1:]:
-        ax.set_ylabel("")
+    for i, ax in enumerate(axes[0]):
+        if i % ncols:
+            ax.set_ylabel("")
     fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
