@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from training.attack import NORMALIZATIONS, UTTERANCE_NORMALIZATIONS
 from training.stage import stage_status
 
 # The config keys that identify a system (a table row); seeds are aggregated.
@@ -74,6 +75,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)  # "<stage>:<key>" -> value
     problems: list[str] = field(default_factory=list)
     det_scores: dict[str, Path] = field(default_factory=dict)  # attack stage -> scores.txt
+    labels: dict[str, str] = field(default_factory=dict)  # "<stage>:<key>" -> a word (add_strongest_attack's variant)
 
     def axis(self, key: str):
         node = self.config
@@ -90,7 +92,8 @@ class Run:
         if self.axis("loss.name") != "ctc_contrastive":
             axes[AXES.index("loss.lambda")] = None
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
-                    "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none"}
+                    "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
+                    "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -172,6 +175,26 @@ def find_runs(runs_dir: Path) -> list[Run]:
     return list(runs.values())
 
 
+STRONGEST = "strongest"
+
+
+def add_strongest_attack(run: Run, scenario: str = "semi_informed") -> None:
+    """`attack/<scenario>-strongest:*`: the metrics of the attacker.normalize variant (training/attack.py)
+    with the lowest EER on this run, i.e. the strongest attacker of the scenario we have; its name goes to
+    `Run.labels["attack/<scenario>-strongest:variant"]`. Only when the run has every per-utterance variant
+    (UTTERANCE_NORMALIZATIONS): a minimum over a subset would silently be a weaker attacker. A variant
+    that needs more knowledge of the system (segment_mean: the masks' segment grid) counts when the run has it."""
+    stage = lambda v: f"attack/{scenario}" + ("" if v == "none" else f"-{v}")
+    eer = lambda v: run.metrics.get(f"{stage(v)}:eer")
+    if any(eer(v) is None or math.isnan(eer(v)) for v in UTTERANCE_NORMALIZATIONS):
+        return
+    candidates = [v for v in NORMALIZATIONS if eer(v) is not None and not math.isnan(eer(v))]
+    best = min(candidates, key=eer)  # ties: the first in NORMALIZATIONS (the simplest attacker)
+    prefix, target = f"{stage(best)}:", f"attack/{scenario}-{STRONGEST}:"
+    run.metrics.update({target + k[len(prefix):]: v for k, v in list(run.metrics.items()) if k.startswith(prefix)})
+    run.labels[target + "variant"] = best
+
+
 def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -198,6 +221,8 @@ class Column:
     key: str  # "<stage>:<metric>"
     scale: float = 100.0  # fractions shown as %
     digits: int = 1
+    every_seed: bool = False  # a value only when every seed of the row has one (else "-")
+    text: bool = False  # a word per seed (Run.labels), not a number
 
 
 MASK_TABLE = [
@@ -220,7 +245,18 @@ MASK_TABLE = [
     # extra variant: the semi-informed attacker on per-utterance mean- (and std-) normalised features
     Column("EER semi-inf., mean-normalising", "attack/semi_informed-mean:eer"),
     Column("EER semi-inf., mean+std-normalising", "attack/semi_informed-mean_std:eer"),
+    Column("EER semi-inf., mean+std+sign-normalising", "attack/semi_informed-mean_std_sign:eer"),
+    Column("EER semi-inf., segment-mean-normalising", "attack/semi_informed-segment_mean:eer"),
+    # the lowest semi-informed EER over all four variants (add_strongest_attack), and which variant it was
+    Column("EER semi-inf., strongest attacker", "attack/semi_informed-strongest:eer", every_seed=True),
+    Column("minDCF₀.₀₅ semi-inf., strongest", "attack/semi_informed-strongest:min_dcf_p0.05", scale=1.0, digits=3, every_seed=True),
+    Column("strongest variant", "attack/semi_informed-strongest:variant", every_seed=True, text=True),
 ]
+STRONGEST_NOTE = ("*EER semi-inf., strongest attacker*: per seed, the lowest semi-informed EER over the attacker.normalize "
+                  "variants " + ", ".join(UTTERANCE_NORMALIZATIONS) + " (and " + ", ".join(v for v in NORMALIZATIONS
+                  if v not in UTTERANCE_NORMALIZATIONS) + " where the run has it; minDCF and interval: that variant's; *strongest "
+                  "variant* names it, with the number of seeds when they differ); \"-\" where a seed lacks one of the four "
+                  "per-utterance attacks.")
 FL_TABLE = [
     Column("WER", "federated:wer"),
     Column("CER", "federated:cer"),
@@ -377,10 +413,11 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
 def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list[list[str]], list[dict]]:
     """Rows grouped by system; only columns with at least one value are kept."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
+    has = lambda r, c: c.key in (r.labels if c.text else r.metrics)
     for run in runs:
-        if any(c.key in run.metrics for c in columns):
+        if any(has(run, c) for c in columns):
             groups[run.system].append(run)
-    used = [c for c in columns if any(c.key in r.metrics for rs in groups.values() for r in rs)]
+    used = [c for c in columns if any(has(r, c) for rs in groups.values() for r in rs)]
     header = ["system", "seeds"] + [c.title for c in used]
     rows, raw = [], []
     # The AV-HuBERT fine-tuning budget is said only when the table's AV-HuBERT rows differ in it.
@@ -393,6 +430,15 @@ def build_table(runs: list[Run], columns: list[Column]) -> tuple[list[str], list
         record = {"label": label, "plain": plain, "n_seeds": len(members), "steps_note": steps_note,
                   "masks": members[0].axis("masks.name"), "anonymize": members[0].axis("data.anonymize")}
         for c in used:
+            if c.every_seed and not all(has(r, c) for r in members):
+                row.append("-")
+                continue
+            if c.text:
+                words = [r.labels[c.key] for r in members]
+                counts = sorted(set(words), key=lambda w: (-words.count(w), w))
+                record[c.key] = counts[0]  # the most frequent one
+                row.append(counts[0] if len(counts) == 1 else ", ".join(f"{w} ({words.count(w)})" for w in counts))
+                continue
             values = [r.metrics.get(c.key) for r in members]
             row.append(fmt(values, c.scale, c.digits) + ci_suffix(members, c))
             finite = [v for v in values if v is not None and not math.isnan(v)]
@@ -437,6 +483,9 @@ SCENARIO_TITLES = {
     "lazy_informed": "lazy-informed attacker (trained on clean features, enrols with protected ones)",
     "semi_informed-mean": "mean-normalising attacker (semi-informed, extra variant)",
     "semi_informed-mean_std": "mean+std-normalising attacker (semi-informed, extra variant)",
+    "semi_informed-mean_std_sign": "mean+std+sign-normalising attacker (semi-informed, extra variant)",
+    "semi_informed-segment_mean": "segment-mean-normalising attacker (semi-informed, extra variant; knows the masks' segment grid)",
+    "semi_informed-strongest": "strongest semi-informed attacker (per point, the best of its normalising attackers)",
     "ignorant": "ignorant attacker (trained on clean features)",
     "clean": "attacker on clean features (no protection)",
     "raw": "attacker on raw audio + video",
@@ -460,6 +509,10 @@ def _legend_below(fig, ax, handles=None, labels=None, ncol: int = 1) -> None:
 
 
 TARGET_EER = 0.40  # issue 17's target: semi-informed EER >= 40 % at <= WER_MARGIN above the unmasked model
+TARGET_SCENARIOS = ("semi_informed", f"semi_informed-{STRONGEST}")  # the plots that draw the target region
+# On any per-utterance per-dimension affine mask the mean_std_sign attacker's input equals its input on clean features,
+# so its EER on the unmasked model bounds the strongest attacker's EER on every such mask (drawn on the strongest plot)
+CEILING_KEY = "attack/semi_informed-mean_std_sign:eer"
 
 
 def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str) -> bool:
@@ -493,9 +546,11 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     xs, ys = [pct(r[wer_key]) for r in pts], [pct(r[eer_key]) for r in pts]
     all_x, all_y = list(xs), list(ys)
     colours = plt.cm.tab10.colors + plt.cm.Dark2.colors
+    variant_key = eer_key.rsplit(":", 1)[0] + ":variant"  # the strongest plot names each point's attacker
+    which = lambda r: f" [{r[variant_key]}]" if r.get(variant_key) else ""
     for i, (x, y, r) in enumerate(zip(xs, ys, pts)):  # one colour per system; squares: with the contrastive term
         draw(r, x, y, r.get(f"{eer_key}#ci"), fmt="s" if "contrastive" in r["plain"] else "o", ms=7,
-             color=colours[i % len(colours)], label=r["plain"])
+             color=colours[i % len(colours)], label=r["plain"] + which(r))
     front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
     if len(front) > 1:
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.35", lw=1, zorder=0, label="Pareto front (masked systems)")
@@ -505,18 +560,26 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
         ci = r.get(f"{eer_key}#ci") if r.get(eer_key) is not None else r.get(f"{clean_key}#ci")
         x, y = pct(r[wer_key]), pct(eer)
         draw(r, x, y, ci, fmt="*", ms=13, color="black", mfc="black" if i == 0 else "white",
-             label="no masks (attacker on its clean features)" + r.get("steps_note", ""))
+             label="no masks (attacker on its clean features)" + r.get("steps_note", "") + which(r))
         all_x.append(x), all_y.append(y)
         reference_wer = x if reference_wer is None else min(reference_wer, x)
     for r in mcadams:
         x, y = pct(r[wer_key]), pct(r[eer_key])
         draw(r, x, y, r.get(f"{eer_key}#ci"), fmt="D", ms=8, color="firebrick",
-             label=r["plain"].replace("McAdams voice anonymisation", "McAdams voice anonymisation of the audio (VoicePrivacy baseline)"))
+             label=r["plain"].replace("McAdams voice anonymisation", "McAdams voice anonymisation of the audio (VoicePrivacy baseline)")
+             + which(r))
         all_x.append(x), all_y.append(y)
     for eer in raw_attack[:1]:
         ax.axhline(pct(eer), color="0.45", lw=1, ls="-.", label="attacker on raw audio + video")
         all_y.append(pct(eer))
-    if scenario == "semi_informed" and reference_wer is not None:
+    # the unmasked row with the most seeds (every unmasked budget has the same frozen front-end features)
+    ceiling = [r[CEILING_KEY] for r in sorted(unmasked, key=lambda r: -r["n_seeds"]) if r.get(CEILING_KEY) is not None][:1] \
+        if scenario.endswith(STRONGEST) else []
+    for eer in ceiling:  # training/attack.py normalize_utterances: the sign-canonicalising attacker sees clean features
+        ax.axhline(pct(eer), color="tab:purple", lw=1, ls="--",
+                   label=f"ceiling for one-draw-per-utterance masks: the mean+std+sign attacker on unmasked features ({pct(eer):.1f} %)")
+        all_y.append(pct(eer))
+    if scenario in TARGET_SCENARIOS and reference_wer is not None:
         all_y.append(100 * TARGET_EER)
     if max(all_y) >= 30:  # chance is within reach of the data: show it; otherwise it would squash the points
         ax.axhline(50, color="gray", lw=0.8, ls=":", label="chance (EER 50 %)")
@@ -525,14 +588,16 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
     ax.set_ylim(max(0.0, min(all_y) - 0.12 * span), max(all_y) + 0.12 * span)
     xspan = max(all_x) - min(all_x) or 1.0
     ax.set_xlim(max(0.0, min(all_x) - 0.1 * xspan), max(all_x) + 0.1 * xspan)
-    if scenario == "semi_informed" and reference_wer is not None:
+    if scenario in TARGET_SCENARIOS and reference_wer is not None:
         low_x, high_y = ax.get_xlim()[0], ax.get_ylim()[1]
         ax.fill_between([low_x, reference_wer + 100 * WER_MARGIN], 100 * TARGET_EER, high_y, color="tab:green", alpha=0.12, lw=0,
                         label=f"target: EER ≥ {100 * TARGET_EER:.0f} % at ≤ {100 * WER_MARGIN:.0f} WER points above no masks")
     ax.set_xlabel("Word error rate, audio-visual, clean test set, unseen speakers (%)  — lower is better")
     ax.set_ylabel("Attacker's equal error rate (%)  — higher is more private")
     ax.set_title(f"Privacy vs utility: {SCENARIO_TITLES.get(scenario, scenario)}\n"
-                 "thick bars: ± std over seeds; thin bars: 95 % interval from resampling speakers", fontsize=9)
+                 "thick bars: ± std over seeds; thin bars: 95 % interval from resampling speakers"
+                 + ("\n[in brackets: the attacker's normalisation with the lowest EER]" if scenario.endswith(STRONGEST) else ""),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     _legend_below(fig, ax, ncol=1)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -698,7 +763,12 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     everything.update({f"{b}|{n}|{i}": c for b, d in baselines.items() for n, cs in d.items() for i, c in enumerate(cs)})
     rate_range = det_range(everything)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    ncols = min(4, len(panels))  # at most 4 panels a row: the normalising variants add panels
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.6 * nrows), squeeze=False)
+    axes = [list(grid.flat[: len(panels)])]
+    for ax in grid.flat[len(panels):]:
+        fig.delaxes(ax)
     handles: dict[str, object] = {}
     for ax, scenario in zip(axes[0], panels):
         curves, styles = {}, {}
@@ -717,8 +787,9 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
             if not label.startswith("_"):
                 handles.setdefault(label, line)
         ax.set_title(SCENARIO_TITLES.get(scenario, scenario).replace(" (", "\n("), fontsize=9)
-    for ax in axes[0][1:]:
-        ax.set_ylabel("")
+    for i, ax in enumerate(axes[0]):
+        if i % ncols:
+            ax.set_ylabel("")
     fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -909,6 +980,8 @@ def select_runs(runs: list[Run], where: list[str]) -> list[Run]:
 def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[str] | None = None,
                 paired: list[str] | None = None) -> str:
     runs = select_runs(find_runs(runs_dir), where or [])
+    for run in runs:
+        add_strongest_attack(run, "semi_informed")
     paired_sections = [(p, paired_differences(runs, p)) for p in paired or []]  # bad AXIS=BASELINE fails before any output
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = []
@@ -929,6 +1002,8 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
         md.append(f"### {title}\n\n" + to_markdown(h, r))
         (out_dir / f"{name}.md").write_text(to_markdown(h, r))
         (out_dir / f"{name}.tex").write_text(to_latex(h, r, title))
+        if name == "masks" and any(t.startswith("EER semi-inf., strongest") for t in h):
+            md.append(STRONGEST_NOTE + "\n")
         if name == "fl_dp" and margin_lines:
             md.append("\n".join(margin_lines) + "\n")
     for number, (pair, records) in enumerate(paired_sections):
@@ -939,7 +1014,7 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
         else:
             md.append(f"No pairs for --paired {pair}: no run differs from a baseline run of the same seed in that axis alone.\n")
     plots = []
-    for scenario in ("semi_informed", "lazy_informed", "ignorant", "semi_informed-mean"):
+    for scenario in ("semi_informed", "lazy_informed", "ignorant", "semi_informed-mean", f"semi_informed-{STRONGEST}"):
         if plot_privacy_utility(raw_masks, out_dir / f"privacy_utility_{scenario}.png", "evaluate:wer/audio_video/clean", f"attack/{scenario}:eer"):
             plots.append(f"privacy_utility_{scenario}.png")
     if plot_epsilon_wer(runs, out_dir / "epsilon_wer.png"):

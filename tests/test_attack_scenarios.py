@@ -174,6 +174,85 @@ def test_mean_normalising_attacker_removes_utterance_noise_exactly_and_keeps_fra
     assert normalize_utterances(clean, "none") is clean and normalize_utterances(None, "mean") is None
 
 
+def test_sign_canonicalising_attacker_undoes_any_utterance_affine_map_but_not_frame_noise():
+    """attacker.normalize=mean_std_sign: for z = m * x + a with (m, a) drawn once per utterance and
+    dimension, m of either sign, the transform of z equals the transform of x; the masks' own
+    utterance-level draws (both parts) are such maps. Per-frame noise is not undone."""
+    from privacy.masks import build_masks
+    from training.attack import normalize_utterances
+
+    g = torch.Generator().manual_seed(0)
+    # skewed features (exp of a normal), as a real feature dimension usually is
+    clean = [torch.randn(t, 8, generator=g).exp() * 2 - 1 for t in (9, 30, 5)]
+    maps, scales = [], []
+    for x in clean:
+        m = torch.randn(8, generator=g) * 2
+        m = torch.where(m.abs() < 0.2, torch.full_like(m, -0.5), m)  # keep |m| off 0
+        scales.append(m)
+        maps.append(x * m + torch.randn(8, generator=g) * 10)
+    assert all((m < 0).any() and (m > 0).any() for m in scales)  # both signs in every utterance
+    reference = normalize_utterances(clean, "mean_std_sign")
+    for r, p in zip(reference, normalize_utterances(maps, "mean_std_sign")):
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=0)
+    # mean_std alone leaves the sign of m: the negative-m dimensions differ
+    assert not all(torch.allclose(p, r, atol=1e-2) for r, p in zip(normalize_utterances(clean, "mean_std"),
+                                                                   normalize_utterances(maps, "mean_std")))
+    # the real masks: multiplicative then additive, one draw per utterance; some factors are negative at sigma 2
+    both = build_masks("both", dim=8, init_scale=2.0, modalities=("audio",), noise_granularity="utterance",
+                       generator=torch.Generator().manual_seed(1))
+    both(clean[0][None], None)  # calibrate
+    protected = [both(x[None], None)[0][0] for x in clean]
+    for r, p in zip(reference, normalize_utterances(protected, "mean_std_sign")):
+        torch.testing.assert_close(p, r, atol=1e-3, rtol=0)
+    frame = build_masks("both", dim=8, init_scale=2.0, modalities=("audio",), noise_granularity="frame",
+                        generator=torch.Generator().manual_seed(1))
+    frame(clean[0][None], None)
+    noisy = normalize_utterances([frame(x[None], None)[0][0] for x in clean], "mean_std_sign")
+    assert not torch.allclose(noisy[1], reference[1], atol=0.1)
+    # every output is standardised: zero mean, unit std, non-negative skew (or skew within the tolerance)
+    for r in reference:
+        torch.testing.assert_close(r.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.std(0), torch.ones(8), atol=1e-5, rtol=0)
+        assert (r.pow(3).mean(0) >= -1e-3).all()
+
+
+def test_sign_canonicalising_keeps_dimensions_with_zero_skew_and_one_frame_utterances():
+    """A symmetric dimension (skew 0) cannot be sign-canonicalised: it keeps its sign; a 1-frame
+    utterance has no spread and becomes zeros, as with mean_std."""
+    from training.attack import normalize_utterances
+
+    symmetric = torch.tensor([[-1.0, 3.0], [0.0, -1.0], [1.0, -1.0], [0.0, -1.0]])  # dim 0 skew 0, dim 1 skew > 0
+    out = normalize_utterances([symmetric, -symmetric], "mean_std_sign")
+    assert out[0][0, 0] < 0 and out[1][0, 0] > 0  # skew 0: the sign is kept, so x and -x stay different
+    torch.testing.assert_close(out[0][:, 1], out[1][:, 1])  # skewed dimension: same output for x and -x
+    assert torch.equal(normalize_utterances([torch.ones(1, 2) * 7], "mean_std_sign")[0], torch.zeros(1, 2))
+
+
+def test_segment_mean_attacker_removes_segment_noise_on_the_masks_grid_only():
+    """attacker.normalize=segment_mean with the masks' segment length removes segment-level additive
+    noise exactly (each segment, the last one shorter, minus its own mean); on another grid it does not."""
+    from privacy.masks import build_masks
+    from training.attack import normalize_utterances
+
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(t, 6, generator=g) * 3 + 5 for t in (23, 10, 7, 1)]
+    seg = build_masks("additive", dim=6, init_scale=2.0, modalities=("audio",), noise_granularity="segment",
+                      segment_frames=5, generator=torch.Generator().manual_seed(1))
+    seg(clean[0][None], None)
+    protected = [seg(x[None], None)[0][0] for x in clean]
+    assert not torch.allclose(normalize_utterances(protected, "mean")[0], normalize_utterances(clean, "mean")[0], atol=0.1)
+    reference = normalize_utterances(clean, "segment_mean", 5)
+    for r, p in zip(reference, normalize_utterances(protected, "segment_mean", 5)):
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reference[0][20:], clean[0][20:] - clean[0][20:].mean(0))  # the short last segment
+    torch.testing.assert_close(reference[0][5:10], clean[0][5:10] - clean[0][5:10].mean(0))
+    assert torch.equal(reference[3], torch.zeros(1, 6))
+    off_grid = normalize_utterances(protected, "segment_mean", 4)
+    assert not torch.allclose(off_grid[0], normalize_utterances(clean, "segment_mean", 4)[0], atol=0.1)
+    with pytest.raises(ValueError, match=r"segment_mean needs the segment length masks.segment_frames >= 1, got None"):
+        normalize_utterances(clean, "segment_mean")
+
+
 def test_normalising_attacker_has_its_own_stage_and_rejects_raw_input(tmp_path):
     from training.startup import check_attack
 
@@ -181,6 +260,12 @@ def test_normalising_attacker_has_its_own_stage_and_rejects_raw_input(tmp_path):
     cfg = cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=mean")
     assert attack_stage_name(cfg) == "attack/semi_informed-mean"
     assert attack_stage_name(cfg_for(tmp_path, "attacker.input=clean", "attacker.normalize=mean_std")) == "attack/clean-mean_std"
+    assert attack_stage_name(cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=mean_std_sign")) \
+        == "attack/semi_informed-mean_std_sign"
+    assert attack_stage_name(cfg_for(tmp_path, "attacker.scenario=semi_informed", "attacker.normalize=segment_mean",
+                                     "masks.segment_frames=10")) == "attack/semi_informed-segment_mean"
+    with pytest.raises(ValueError, match=r"attacker.normalize=segment_mean .* masks.segment_frames=0: expected an integer >= 1"):
+        attack_stage_name(cfg_for(tmp_path, "attacker.normalize=segment_mean", "masks.segment_frames=0"))
     train_set, _, test_set, _ = load_feature_sets(cfg)
     assert float(train_set.audio[0].abs().max()) == 0.0  # the fake export is constant per utterance: nothing is left
     with pytest.raises(ValueError, match=r"attacker.normalize=mean conflicts with attacker.input=raw"):

@@ -146,8 +146,8 @@ def test_demo_protected_is_the_demo_with_the_front_setting():
 
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
         short = compose("config", overrides=["experiment=demo_protected"])
-        long = compose("config", overrides=["experiment=demo", "masks=additive", "masks.noise_granularity=utterance",
-                                            "masks.init_scale=2.0", "loss=ctc_contrastive", "loss.projection=none",
+        long = compose("config", overrides=["experiment=demo", "masks=both", "masks.noise_granularity=utterance",
+                                            "masks.init_scale=1.0", "loss=ctc_contrastive", "loss.projection=none",
                                             "loss.negatives=protected", "loss.adversary_weight=0.5"])
     assert OmegaConf.to_container(short, resolve=True) == OmegaConf.to_container(long, resolve=True)
-    assert short.paths.run_dir.endswith("avhubert_tiny-adalora-additive-s2.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5/s1")
+    assert short.paths.run_dir.endswith("avhubert_tiny-adalora-both-s1.0-utt-cl0.1-t0.1-pnone-nprotected-adv0.5/s1")

@@ -446,3 +446,85 @@ def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_ba
 
     shutil.rmtree(runs / "fl4")  # one cohort size left at every budget: nothing to compare, no plot
     assert "cohort_size.png" not in make_tables(runs, tmp_path / "out2")
+
+
+def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisations(tmp_path, monkeypatch):
+    """Per seed, the strongest column takes the variant with the lowest EER (with that variant's minDCF and
+    interval, and its name); a row where a seed lacks one of the four variants shows "-", never a minimum
+    over a subset; the strongest plot draws the target, the unmasked model and McAdams, and names the variant."""
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    variants = ("", "-mean", "-mean_std", "-mean_std_sign")
+
+    def add(name, cfg, seed, wer, eers, skip=()):
+        run = runs / "synthgrid" / name / f"s{seed}"
+        cfg = {**cfg, "seed": seed}
+        write_stage(run, "evaluate", cfg, {"wer/audio_video/clean": wer})
+        for suffix, eer in zip(variants, eers):
+            if suffix not in skip:
+                write_stage(run, f"attack/semi_informed{suffix}", cfg,
+                            {"eer": eer, "eer_ci_low": eer - 0.02, "eer_ci_high": eer + 0.02, "min_dcf_p0.05": eer + 0.5})
+
+    unmasked, mcadams = config("none", "ctc", 1), config("none", "ctc", 1)
+    mcadams["data"].update(anonymize="mcadams", mcadams_alpha=0.8)
+    additive = config("additive", "ctc", 1)
+    additive["masks"].update(noise_granularity="utterance", init_scale=2.0)
+    both = config("both", "ctc", 1)
+    both["masks"].update(noise_granularity="utterance", init_scale=1.0)
+    incomplete = config("both", "ctc", 1)
+    incomplete["masks"].update(noise_granularity="utterance", init_scale=4.0)
+    add("none", unmasked, 1, 0.05, (0.06, 0.11, 0.10, 0.21))
+    add("mcadams", mcadams, 1, 0.18, (0.09, 0.12, 0.13, 0.25))
+    add("additive", additive, 1, 0.10, (0.35, 0.11, 0.12, 0.21))  # mean wins
+    add("additive", additive, 2, 0.10, (0.36, 0.13, 0.12, 0.22))  # mean_std wins on this seed
+    add("both", both, 1, 0.12, (0.34, 0.27, 0.33, 0.21))  # sign wins
+    segment = config("additive", "ctc", 1)
+    segment["masks"].update(noise_granularity="segment", segment_frames=10, init_scale=2.0)
+    add("segment", segment, 1, 0.24, (0.27, 0.28, 0.32, 0.47))
+    write_stage(runs / "synthgrid" / "segment" / "s1", "attack/semi_informed-segment_mean", {**segment, "seed": 1},
+                {"eer": 0.13, "min_dcf_p0.05": 0.8})  # the grid-aware attacker counts when the run has it
+    add("incomplete", incomplete, 1, 0.20, (0.44, 0.30, 0.40, 0.20))
+    add("incomplete", incomplete, 2, 0.20, (0.44, 0.30, 0.40, 0.20), skip=("-mean_std_sign",))  # one seed lacks a variant
+    text = make_tables(runs, tmp_path / "out")
+    header = next(line for line in text.splitlines() if line.startswith("| system"))
+    rows = {r.split(" | ")[0]: r for r in text.splitlines() if r.startswith("| avhubert")}
+    columns = [h.strip() for h in header.strip("|").split("|")]
+    cell = lambda row, title: [c.strip() for c in row.strip("|").split("|")][columns.index(title)]
+    strongest, dcf, which = "EER semi-inf., strongest attacker", "minDCF₀.₀₅ semi-inf., strongest", "strongest variant"
+    additive_row = next(r for k, r in rows.items() if "masks=additive" in k and "noise per utterance" in k)
+    assert cell(additive_row, strongest) == "11.5 ± 0.7 [9.5, 13.5]"  # per seed: 11 (mean), then 12 (mean_std, not 13)
+    assert cell(additive_row, which) in ("mean (1), mean_std (1)", "mean_std (1), mean (1)")
+    both_row = next(r for k, r in rows.items() if "masks=both" in k and "init σ=1.0" in k)
+    assert cell(both_row, strongest) == "21.0 [19.0, 23.0]" and cell(both_row, which) == "mean_std_sign"
+    assert cell(both_row, dcf) == "0.710"  # the minDCF of the same (sign) variant, not the smallest minDCF
+    unmasked_row = next(r for k, r in rows.items() if "masks=none" in k and "McAdams" not in k)
+    assert cell(unmasked_row, strongest) == "6.0 [4.0, 8.0]" and cell(unmasked_row, which) == "none"
+    segment_row = next(r for k, r in rows.items() if "noise per segment" in k)
+    assert cell(segment_row, strongest) == "13.0" and cell(segment_row, which) == "segment_mean"
+    incomplete_row = next(r for k, r in rows.items() if "init σ=4.0" in k)
+    assert cell(incomplete_row, strongest) == "-" and cell(incomplete_row, which) == "-"
+    assert cell(incomplete_row, "EER semi-inf.") == "44.0 ± 0.0 [42.0, 46.0]"  # the other columns are unaffected
+    assert "lowest semi-informed EER over the attacker.normalize variants none, mean, mean_std, mean_std_sign (and segment_mean" in text
+    ax = next(f for f in figures if "strongest semi-informed attacker" in f.axes[0].get_title()).axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("target: EER ≥ 40 %") for t in texts)
+    assert "no masks (attacker on its clean features) [none]" in texts
+    assert any(t.startswith("McAdams voice anonymisation of the audio") and t.endswith("[none]") for t in texts)
+    assert any(t.startswith("both masks (init σ=1.0") and t.endswith("[mean_std_sign]") for t in texts)
+    assert not any("init σ=4.0" in t for t in texts)  # no strongest value: not drawn
+    assert any(t.startswith("ceiling for one-draw-per-utterance masks") and "(21.0 %)" in t for t in texts)
+    points = {round(float(y), 3) for line in ax.get_lines() for y in line.get_ydata()}
+    assert 21.0 in points and 11.5 in points  # the strongest EERs, not the plain semi-informed ones
+
+
+def test_runs_from_before_the_poisson_cohort_keys_join_the_rows_of_newer_runs(tmp_path):
+    """A config written before federated.cohort_rate / fedavg_server_lr / server_momentum existed had
+    their defaults' meaning: an AV-HuBERT seed run then and one run now are one system (one row)."""
+    runs = tmp_path / "runs"
+    old, new = config("both", "ctc", 1), config("both", "ctc", 2)
+    new["federated"].update(cohort_rate=1.0, fedavg_server_lr=1.0, server_momentum=0.0)
+    write_stage(runs / "synthgrid" / "both" / "s1", "evaluate", old, {"wer/audio_video/clean": 0.10})
+    write_stage(runs / "synthgrid" / "both" / "s2", "evaluate", new, {"wer/audio_video/clean": 0.12})
+    make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
+    assert len(rows) == 1 and "| 2 | 11.0 ± 1.4 |" in rows[0]

@@ -16,8 +16,9 @@ large corpora) or the corpus' manifests/trials.txt (attacker.trials=list, e.g. V
         untrained_masks       untrained    protected        protected   (extra variant, not VoicePrivacy's:
                               trained on masks of the same kind at their initial parameters)
 
-attacker.normalize=mean|mean_std (extra variant) normalises every feature sequence per utterance first,
-and writes to `attack/<clean|scenario>-<mode>/`.
+attacker.normalize=mean|mean_std|mean_std_sign|segment_mean (extra variant) normalises every feature
+sequence per utterance (per segment of masks.segment_frames frames) first, and writes to
+`attack/<clean|scenario>-<mode>/`.
 
 Outputs go to `<run_dir>/attack/<raw|clean|scenario>/`: metrics.json (EER, minDCF
 at p_target 0.01 and 0.05, and their 95 % confidence intervals from resampling the trial
@@ -69,7 +70,12 @@ def scenario_kinds(input_: str, scenario: str) -> tuple[str, str, str]:
     return SCENARIOS[scenario]
 
 
-NORMALIZATIONS = ("none", "mean", "mean_std")
+# Per-utterance normalisations: make_tables' "strongest" attacker is the best of these.
+UTTERANCE_NORMALIZATIONS = ("none", "mean", "mean_std", "mean_std_sign")
+# segment_mean: each segment of masks.segment_frames frames (the masks' grid, from the utterance's first frame) minus its mean
+NORMALIZATIONS = UTTERANCE_NORMALIZATIONS + ("segment_mean",)
+# mean_std_sign: |skewness| below this counts as zero (see normalize_utterances)
+SKEW_SIGN_TOLERANCE = 1e-3
 
 
 def attack_stage_name(cfg: DictConfig) -> str:
@@ -77,6 +83,9 @@ def attack_stage_name(cfg: DictConfig) -> str:
     normalize = a.get("normalize", "none")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"attacker.normalize={normalize!r}: expected one of {list(NORMALIZATIONS)}")
+    if normalize == "segment_mean" and not (isinstance(cfg.masks.get("segment_frames"), int) and cfg.masks.segment_frames >= 1):
+        raise ValueError(f"attacker.normalize=segment_mean subtracts the mean of each masks.segment_frames-frame segment, but "
+                         f"masks.segment_frames={cfg.masks.get('segment_frames')!r}: expected an integer >= 1")
     suffix = "" if normalize == "none" else f"-{normalize}"
     if a.input == "raw":
         if suffix:
@@ -89,21 +98,50 @@ def attack_stage_name(cfg: DictConfig) -> str:
     return f"attack/{a.scenario}" + suffix
 
 
-def normalize_utterances(seqs: list[torch.Tensor] | None, mode: str) -> list[torch.Tensor] | None:
+def normalize_utterances(seqs: list[torch.Tensor] | None, mode: str, segment_frames: int | None = None) -> list[torch.Tensor] | None:
     """Each [T, D] sequence minus its time mean per dimension (`mean`), also divided by its time std
-    (`mean_std`). An attacker that knows the noise is drawn once per utterance can do this: it removes
-    utterance-level additive noise exactly (x + c - mean(x + c) = x - mean(x)), and with mean_std a
-    positive per-utterance scale too, so it measures what such masks hide beyond utterance statistics."""
+    (`mean_std`), and then also multiplied per dimension by the sign of its time skewness
+    (`mean_std_sign`). An attacker that knows the noise is drawn once per utterance can do this.
+    `mean` removes utterance-level additive noise exactly (x + c - mean(x + c) = x - mean(x)).
+    `mean_std` also removes a positive per-utterance scale. `mean_std_sign` removes any per-utterance,
+    per-dimension affine map z = m x + a with m != 0 of either sign: standardising z gives
+    sign(m) * standardised(x), and skew(z) = sign(m) * skew(x), so the product is the same for z and x.
+    Every utterance-level feature-wise mask (additive, multiplicative, both) is such a map, so on
+    those masks this attacker sees exactly what it sees on clean features.
+
+    A dimension whose |skewness| is below SKEW_SIGN_TOLERANCE (standardised units) keeps its sign
+    (factor +1): its sign cannot be read from the third moment, and a near-zero skew would flip with
+    float rounding. A 1-frame utterance has no spread: it is left centred (zeros) rather than divided by 0.
+
+    `segment_mean` subtracts, per dimension, the mean of each run of `segment_frames` frames counted
+    from the utterance's first frame (the masks' segment grid, privacy/masks.py): it removes
+    segment-level additive noise exactly, as `mean` does utterance-level noise."""
     if seqs is None or mode == "none":
         return seqs
     if mode not in NORMALIZATIONS:
         raise ValueError(f"attacker.normalize={mode!r}: expected one of {list(NORMALIZATIONS)}")
+    if mode == "segment_mean":
+        if not (isinstance(segment_frames, int) and segment_frames >= 1):
+            raise ValueError(f"attacker.normalize=segment_mean needs the segment length masks.segment_frames >= 1, got {segment_frames!r}")
+        out = []
+        for s in seqs:
+            if s.shape[0] == 0:
+                out.append(s)
+                continue
+            segment = torch.arange(s.shape[0], device=s.device) // segment_frames
+            n = int(segment[-1]) + 1
+            sums = s.new_zeros((n, s.shape[1])).index_add_(0, segment, s)
+            counts = torch.bincount(segment, minlength=n).to(s.dtype).unsqueeze(1)
+            out.append(s - (sums / counts)[segment])
+        return out
     out = []
     for s in seqs:
         centred = s - s.mean(dim=0, keepdim=True)
-        if mode == "mean_std":
-            # a 1-frame utterance has no spread: leave it centred (zeros) rather than divide by 0
-            centred = centred / s.std(dim=0, keepdim=True).clamp_min(1e-5) if s.shape[0] > 1 else centred
+        if mode in ("mean_std", "mean_std_sign") and s.shape[0] > 1:
+            centred = centred / s.std(dim=0, keepdim=True).clamp_min(1e-5)
+            if mode == "mean_std_sign":
+                skew = centred.pow(3).mean(dim=0, keepdim=True)
+                centred = torch.where(skew < -SKEW_SIGN_TOLERANCE, -centred, centred)
         out.append(centred)
     return out
 
@@ -181,9 +219,9 @@ def load_feature_sets(cfg: DictConfig):
             raise ValueError(f"{export_dir / (split + '.safetensors')} has no '{kind}' features (it holds "
                              f"{sorted({k.split('/', 1)[1] for k in feats})}), which attacker.scenario={a.scenario} needs; "
                              "it was written by an older export: re-run `python train_avhubert.py task=export force=true <the same overrides>`")
-        normalize = a.get("normalize", "none")
-        audio = normalize_utterances(feats[f"audio/{kind}"], normalize) if "audio" in a.modalities else None
-        video = normalize_utterances(feats[f"video/{kind}"], normalize) if "video" in a.modalities else None
+        normalize, grid = a.get("normalize", "none"), cfg.masks.get("segment_frames")
+        audio = normalize_utterances(feats[f"audio/{kind}"], normalize, grid) if "audio" in a.modalities else None
+        video = normalize_utterances(feats[f"video/{kind}"], normalize, grid) if "video" in a.modalities else None
         _check_finite("audio", audio, export_dir / f"{split}.safetensors")
         _check_finite("video", video, export_dir / f"{split}.safetensors")
         lengths = [t.shape[0] for t in feats[f"audio/{kind}"]]

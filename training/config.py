@@ -337,8 +337,11 @@ class AttackerConfig:
     lazy_seed_offset: int = 1000  # export: lazy-informed enrolment noise seeded seed + offset, untrained masks seed + offset + 1
     # Per-utterance normalisation of every feature sequence the attacker reads (extra variant, not VoicePrivacy's):
     # mean subtracts each utterance's time mean per dimension (removes utterance-level additive noise exactly),
-    # mean_std also divides by its std (removes utterance-level multiplicative noise up to sign). Stage attack/<scenario>-<mode>.
-    normalize: str = one_of("none", "mean", "mean_std")
+    # mean_std also divides by its std (removes utterance-level multiplicative noise up to sign), mean_std_sign also
+    # multiplies each dimension by the sign of its skewness (removes any per-utterance per-dimension affine map, sign
+    # included), segment_mean subtracts the mean of each segment of masks.segment_frames frames (removes segment-level
+    # additive noise exactly). Stage attack/<scenario>-<mode>.
+    normalize: str = one_of("none", "mean", "mean_std", "mean_std_sign", "segment_mean")
 
 
 @dataclass
