@@ -797,6 +797,175 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def _seeded(run: Run) -> bool:
+    """Everything random in the run comes from its seed: no DP, or DP noise reproducible from the config (NOT private).
+    A private DP run draws its noise (and, under central DP, its cohorts) from the OS CSPRNG: two such runs of one
+    seed share nothing, so they are never paired."""
+    return run.axis("dp.name") in (None, "none") or run.not_private
+
+
+def paired_differences(runs: list[Run], paired: str, metric: str = "federated:wer") -> list[dict]:
+    """Per-seed differences `metric(run) - metric(baseline)` between runs of the same seed whose systems differ
+    only in one axis, the baseline having the given value ("compression.name=none": int8 - none and top-k - none
+    on the same cohorts). One record per compared system: its label, the baseline's label and the (seed, Δ) pairs;
+    seeds without a partner are listed, not paired with anything else. Runs with private DP noise are left out
+    (`_seeded`): the same seed does not make them draw the same cohorts or noise."""
+    axis, sep, baseline = paired.partition("=")
+    if not sep or axis not in AXES:
+        raise ValueError(f"--paired {paired!r}: expected AXIS=BASELINE with AXIS one of the table axes {list(AXES)}")
+    position = AXES.index(axis)
+    partners: dict[tuple, dict] = defaultdict(dict)  # (system without the axis) -> seed -> baseline run
+    for run in runs:
+        if metric in run.metrics and str(run.system[position]) == baseline and _seeded(run):
+            key = run.system[:position] + run.system[position + 1:]
+            if run.seed in partners[key]:
+                raise ValueError(f"--paired {paired!r}: two baseline runs of seed {run.seed} for one system "
+                                 f"({partners[key][run.seed].run_dir} and {run.run_dir}); pass --where to keep one")
+            partners[key][run.seed] = run
+    compared: dict[tuple, dict] = {}
+    for run in sorted(runs, key=lambda r: (str(r.run_dir))):
+        if metric not in run.metrics or str(run.system[position]) == baseline or not _seeded(run):
+            continue
+        key = run.system[:position] + run.system[position + 1:]
+        if not partners.get(key):
+            continue  # nothing to compare with (another budget, another kind of DP ...)
+        record = compared.setdefault(run.system, {"label": _label(run), "baseline": _label(next(iter(partners[key].values()))),
+                                                  "pairs": [], "unpaired": []})
+        partner = partners[key].get(run.seed)
+        if partner is None:
+            record["unpaired"].append(run.seed)
+        else:
+            record["pairs"].append((run.seed, run.metrics[metric] - partner.metrics[metric]))
+    return [compared[k] for k in sorted(compared, key=lambda k: [str(x) for x in k])]
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The two-sided Student-t interval of the mean (None below two values)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
+def paired_markdown(records: list[dict], paired: str, metric: str, scale: float = 100.0) -> str:
+    header = ["system", "baseline", "pairs", "Δ per seed (seed: Δ)", "Δ mean ± std over pairs", "95 % t-interval of the mean Δ",
+              "Δ min / max"]
+    rows = []
+    for r in records:
+        deltas = [d * scale for _, d in sorted(r["pairs"])]
+        interval = mean_interval(deltas)
+        per_seed = ", ".join(f"s{seed}: {d * scale:+.1f}" for seed, d in sorted(r["pairs"]))
+        if r["unpaired"]:
+            per_seed += f" (no baseline for seed {', '.join(str(s) for s in sorted(r['unpaired']))})"
+        mean = "-" if not deltas else f"{statistics.mean(deltas):+.2f}" + (f" ± {statistics.stdev(deltas):.2f}" if len(deltas) > 1 else "")
+        extremes = "-" if not deltas else f"{min(deltas):+.1f} / {max(deltas):+.1f}"
+        rows.append([r["label"], r["baseline"], str(len(deltas)), per_seed, mean,
+                     "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]", extremes])
+    title = f"### Paired differences of {metric} (points) vs {paired}: same seed, every other axis equal\n\n"
+    note = "\nRuns with private DP noise (OS CSPRNG noise and cohorts) are not paired: one seed does not give them the same draws.\n"
+    return title + to_markdown(header, rows) + note
+
+
+def _client_steps(run: Run) -> float | None:
+    """The federation's expected sample-gradient budget: rounds x q x N x local steps (Poisson cohorts); the centralised
+    baseline makes the same number of steps from the same fields (training/wav2vec2/plan.py centralised_steps)."""
+    values = [run.axis(k) for k in ("federated.num_rounds", "federated.cohort_rate", "federated.num_clients", "federated.local_steps")]
+    if any(v is None for v in values) or run.axis("federated.cohort_sampling") != "poisson":
+        return None
+    rounds, q, n, steps = values
+    return round(float(rounds) * float(q) * float(n) * float(steps), 6)
+
+
+def plot_cohort_size(runs: list[Run], path: Path) -> bool:
+    """WER vs the expected cohort (q x N) of plain FedAvg runs without DP or compression that spend the same number
+    of client steps (rounds x q x N x local steps) with different cohorts, mean ± std over seeds; the centralised
+    run of that budget and the public start as labelled lines; FedAvg + central DP runs of that budget as points
+    (the cohort at which user-level DP was run); runs with a FedAvgM server learning rate < 1 as lines of their own.
+    Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
+    plain = lambda r: r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
+    server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
+    by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr, local steps) -> cohort -> runs
+    dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    central: dict[float, list[float]] = defaultdict(list)
+    starts = []
+    for r in runs:
+        if "federated:wer" not in r.metrics or not str(r.axis("model.name")).startswith("wav2vec2"):
+            continue
+        budget = _client_steps(r)
+        if _no_training(r):
+            starts.append(100 * r.metrics["federated:wer"])
+        elif budget is None or not plain(r):
+            continue
+        elif r.axis("federated.name") in (None, "none"):  # (the server learning rate does not exist there)
+            if r.axis("dp.name") in (None, "none"):
+                central[budget].append(100 * r.metrics["federated:wer"])
+        elif r.axis("federated.name") == "fedavg":
+            cohort = float(r.axis("federated.cohort_rate")) * float(r.axis("federated.num_clients"))
+            if r.axis("dp.name") in (None, "none"):
+                by_budget[(budget, server_lr(r), int(r.axis("federated.local_steps")))][cohort].append(r)
+            elif r.axis("dp.name") == "central" and server_lr(r) == 1.0:
+                dp_points[budget][(cohort, float(r.axis("dp.target_epsilon")))].append(r)
+    # a budget is drawn when its plain-FedAvg runs (server lr 1) cover two or more cohort sizes; its runs with a
+    # smaller server step (FedAvgM learning rate < 1, for the small cohorts) are drawn as lines of their own
+    budgets = sorted({b for (b, lr, _), cohorts in by_budget.items() if lr == 1.0 and len(cohorts) > 1})
+    if not budgets:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    markers = iter(["o", "s", "^", "D"] * 3)
+    xs_all, ys_all = [], []
+    greys = iter(["black", "0.4", "0.6"])
+    colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:olive", "tab:cyan"] * 2)
+    for budget in budgets:
+        for key in sorted((k for k in by_budget if k[0] == budget), key=lambda k: (-k[1], -k[2])):
+            series, lr, local_steps = by_budget[key], key[1], key[2]
+            cohorts = sorted(series)
+            stats = [_mean_std([100 * r.metrics["federated:wer"] for r in series[c]]) for c in cohorts]
+            seeds = [len(series[c]) for c in cohorts]
+            what = "FedAvg" if lr == 1.0 else f"FedAvg, server learning rate {lr:g}"
+            ax.errorbar(cohorts, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=next(markers) + "-", capsize=3, ms=6,
+                        color=next(colours), label=f"{what}, no DP, {budget:,.0f} client steps of which {local_steps} per client and round "
+                                                   f"(seeds per point: {', '.join(map(str, seeds))})")
+            xs_all += cohorts
+            ys_all += [m + sd for m, sd in stats] + [m - sd for m, sd in stats]
+        if central.get(budget):
+            w, sd = _mean_std(central[budget])
+            colour = next(greys, "gray")
+            ax.axhline(w, color=colour, ls="--", lw=1.2, label=f"centralised, {budget:,.0f} steps ({w:.1f} ± {sd:.1f} %)")
+            ax.axhspan(w - 100 * WER_MARGIN, w + 100 * WER_MARGIN, color=colour, alpha=0.08, lw=0,
+                       label=f"within {100 * WER_MARGIN:.0f} points of centralised (the target)")
+            ys_all += [w - 100 * WER_MARGIN, w + 100 * WER_MARGIN]
+        dp_styles = iter(zip(["*", "P", "X", "v", "^", "D"] * 2, ["tab:red", "black", "tab:brown", "tab:pink", "crimson", "gold"] * 2))
+        for (cohort, eps), members in sorted(dp_points.get(budget, {}).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            w, sd = _mean_std([100 * r.metrics["federated:wer"] for r in members])
+            marker, colour = next(dp_styles)
+            ax.errorbar([cohort], [w], yerr=[sd], fmt=marker, ms=11, capsize=3, color=colour, alpha=0.85,
+                        label=f"FedAvg + user-level central DP ε={eps:g} ({len(members)} seed{'s' if len(members) != 1 else ''})")
+            xs_all.append(cohort)
+            ys_all += [w - sd, w + sd]
+    if starts:
+        w = statistics.mean(starts)
+        ax.axhline(w, color="firebrick", lw=1.2, ls="-", label=f"no private training (public start, {w:.1f} %)")
+        ys_all.append(w)
+    ax.set_xscale("log")
+    ticks = sorted(set(xs_all))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
+    span = max(ys_all) - min(ys_all) or 1.0
+    ax.set_ylim(min(ys_all) - 0.08 * span, max(ys_all) + 0.08 * span)
+    ax.set_xlabel("clients per round (expected cohort q x N); fewer clients = more rounds for the same client steps")
+    ax.set_ylabel("Word error rate, test speakers (%)")
+    ax.set_title("FedAvg at a fixed number of client steps: cohort size vs word error rate", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_below(fig, ax, ncol=1)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def select_runs(runs: list[Run], where: list[str]) -> list[Run]:
     """Keep the runs whose config matches every "dotted.key=value" (compared as strings)."""
     conditions = []
@@ -808,10 +977,12 @@ def select_runs(runs: list[Run], where: list[str]) -> list[Run]:
     return [r for r in runs if all(str(r.axis(k)) == v for k, v in conditions)]
 
 
-def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[str] | None = None) -> str:
+def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[str] | None = None,
+                paired: list[str] | None = None) -> str:
     runs = select_runs(find_runs(runs_dir), where or [])
     for run in runs:
         add_strongest_attack(run, "semi_informed")
+    paired_sections = [(p, paired_differences(runs, p)) for p in paired or []]  # bad AXIS=BASELINE fails before any output
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = []
     header, rows, raw_masks = build_table(runs, MASK_TABLE)
@@ -822,7 +993,8 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
     if rows_fl:
         sections.append(("Wav2Vec2 federated + DP (WER/CER in %)", "fl_dp", header_fl, rows_fl))
     margin_lines = smallest_epsilon_within_margin(runs)  # the seed's "< 2 points at epsilon 1" claim, checked
-    command = f"python -m scripts.make_tables --runs-dir {runs_dir}" + "".join(f" --where {w}" for w in where or [])
+    command = (f"python -m scripts.make_tables --runs-dir {runs_dir}" + "".join(f" --where {w}" for w in where or [])
+               + "".join(f" --paired {p}" for p in paired or []))
     md = [f"<!-- generated by `{command}`; do not edit by hand -->\n"]
     if context:
         md.append(context.strip() + "\n")
@@ -834,6 +1006,13 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
             md.append(STRONGEST_NOTE + "\n")
         if name == "fl_dp" and margin_lines:
             md.append("\n".join(margin_lines) + "\n")
+    for number, (pair, records) in enumerate(paired_sections):
+        if records:
+            text = paired_markdown(records, pair, "federated:wer")
+            md.append(text)
+            (out_dir / f"paired_{number + 1}.md").write_text(text)
+        else:
+            md.append(f"No pairs for --paired {pair}: no run differs from a baseline run of the same seed in that axis alone.\n")
     plots = []
     for scenario in ("semi_informed", "lazy_informed", "ignorant", "semi_informed-mean", f"semi_informed-{STRONGEST}"):
         if plot_privacy_utility(raw_masks, out_dir / f"privacy_utility_{scenario}.png", "evaluate:wer/audio_video/clean", f"attack/{scenario}:eer"):
@@ -842,6 +1021,8 @@ def make_tables(runs_dir: Path, out_dir: Path, context: str = "", where: list[st
         plots.append("epsilon_wer.png")
     if plot_federated_rounds(runs, out_dir / "federated_rounds.png"):
         plots.append("federated_rounds.png")
+    if plot_cohort_size(runs, out_dir / "cohort_size.png"):
+        plots.append("cohort_size.png")
     if plot_det_overlay(runs, out_dir / "det_overlay.png"):
         plots.append("det_overlay.png")
     if plots:
@@ -863,11 +1044,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", default="", help="a line stating data, model size, seeds and hardware")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="only runs whose config has this value (repeatable), e.g. --where model.name=wav2vec2_tiny")
+    parser.add_argument("--paired", action="append", default=[], metavar="AXIS=BASELINE",
+                        help="per-seed WER differences against the runs with AXIS=BASELINE that differ in nothing else "
+                             "(repeatable), e.g. --paired compression.name=none")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         raise SystemExit(f"error: runs directory {args.runs_dir} does not exist (run train_avhubert.py first)")
     try:
-        print(make_tables(args.runs_dir, args.out or args.runs_dir / "tables", args.context, args.where))
+        print(make_tables(args.runs_dir, args.out or args.runs_dir / "tables", args.context, args.where, args.paired))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -4,6 +4,7 @@ population of one-speaker clients with Poisson cohorts and user-level central DP
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -409,3 +410,60 @@ def test_local_dp_stays_available_on_the_lora_task(corpus, public_start, tmp_pat
                                      "dp.target_delta=1e-3", "federated.num_rounds=2"))
     assert 0 < metrics["epsilon/max"] <= 8.0 and metrics["epsilon/independent_rel_diff"] < 0.03
     assert metrics["dp/noise_from_os_csprng"] == 1 and metrics["client_updates"] >= 1
+
+
+def test_server_eval_every_thins_the_learning_curve_without_changing_the_model(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    results = {}
+    for every in (1, 3):
+        runs = tmp_path / f"every{every}"
+        metrics = run_wav2vec2_task(_cfg(corpus, runs, public_start, "dp=none", "federated.num_rounds=4",
+                                         f"federated.server_eval_every={every}"))
+        run_dir = next(runs.glob("**/federated"))
+        rounds = json.loads((run_dir / "federated_rounds.json").read_text())["rounds"]
+        model = np.load(run_dir / "global_model.npz")
+        results[every] = (metrics, [r["server_round"] for r in rounds if r.get("server_eval")], {n: model[n] for n in model.files})
+    assert results[1][1] == [1, 2, 3, 4]
+    assert results[3][1] == [3, 4]  # every third round, and always the last one
+    (m1, _, model1), (m3, _, model3) = results[1], results[3]
+    assert model1.keys() == model3.keys() and all(np.array_equal(model1[n], model3[n]) for n in model1)
+    assert m1["wer"] == m3["wer"] and m1["test_loss"] == m3["test_loss"]
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_server_eval_every_refuses_what_is_not_a_positive_integer(value):
+    from privacy.federated.settings import resolve_run_config
+
+    with pytest.raises(ValueError, match=r"server-eval-every.*federated\.server_eval_every.*" + re.escape(repr(value))):
+        resolve_run_config({"server-eval-every": value})
+
+
+def test_small_cohort_experiment_spends_the_client_steps_of_the_population_experiment():
+    """experiment=fl_population_small_cohorts is fl_dp_population without DP, with 4-client cohorts and as many client
+    steps as the 80-client FedAvg (and so as the centralised baseline): a point of the cohort-size test."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        small = compose("config", overrides=["experiment=fl_population_small_cohorts"])
+        base = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.cohort_rate=0.0125",
+                                             "federated.num_rounds=200", "federated.fedavg_server_lr=0.3",
+                                             "federated.server_eval_every=5"])
+        population = compose("config", overrides=["experiment=fl_dp_population"])
+    assert OmegaConf.to_container(small, resolve=True) == OmegaConf.to_container(base, resolve=True)
+    steps = lambda c: c.federated.num_rounds * c.federated.cohort_rate * c.federated.num_clients * c.federated.local_steps
+    assert steps(small) == steps(population) == 4000
+    assert small.federated.cohort_rate * small.federated.num_clients == 4 and small.dp.name == "none"
+    assert small.run_name != population.run_name and "slr0.3" in small.run_name
+
+
+def test_the_round_progress_line_says_updates_were_accepted_when_dp_clients_report_no_loss():
+    from privacy.federated.server_app import _round_numbers
+
+    base = {"max_client_epsilon": 0.0, "server_eval": {"wer": 0.5, "loss": 1.0}}
+    under_dp = _round_numbers({**base, "train_loss": None, "clients": [{"partition_id": 0}, {"partition_id": 3}],
+                               "cohort": {"noise_to_signal": 2.5}})
+    assert under_dp.startswith("2 updates accepted (no train loss reported)") and "noise/signal 2.5" in under_dp
+    assert _round_numbers({**base, "train_loss": None, "clients": []}).startswith("no update accepted")
+    assert _round_numbers({**base, "train_loss": 1.25, "clients": [{}]}).startswith("train_loss 1.25")

@@ -356,6 +356,98 @@ def test_fine_tuning_budget_splits_systems_and_is_said_only_when_rows_differ(tmp
     assert any("masks=both" in r and "500 fine-tuning steps" in r and "| 10.0 |" in r for r in rows)
 
 
+def population_config(fed: str, dp: str, seed: int, compression: str = "none", q: float = 0.25, rounds: int = 10, eps: float = 8.0):
+    cfg = fl_config(fed, dp, eps, compression, rounds)
+    cfg["seed"] = seed
+    cfg["federated"].update(num_clients=320, local_steps=5, cohort_sampling="poisson", cohort_rate=q)
+    return cfg
+
+
+def test_paired_differences_are_per_seed_against_the_baseline_of_the_same_seed(tmp_path):
+    import pytest
+
+    from scripts.make_tables import main
+
+    runs = tmp_path / "runs"
+    wers = {"none": (0.60, 0.70, 0.65), "int8": (0.61, 0.69, 0.67), "topk": (0.66, 0.70, 0.69)}
+    for comp, values in wers.items():
+        for seed, wer in zip((1, 2, 3), values):
+            write_stage(runs / comp / f"s{seed}", "federated", population_config("fedavg", "none", seed, comp), {"wer": wer, "cer": wer})
+    write_stage(runs / "int8" / "s4", "federated", population_config("fedavg", "none", 4, "int8"), {"wer": 0.5, "cer": 0.5})
+    # central DP runs with private noise and cohorts: one seed does not pair them, even with their own baseline present
+    for comp, wer in (("none", 0.68), ("int8", 0.66)):
+        write_stage(runs / f"dp-{comp}" / "s1", "federated", population_config("fedavg", "central", 1, comp),
+                    {"wer": wer, "cer": wer, "epsilon/max": 8.0, "dp/noise_from_os_csprng": 1, "not_private": 0})
+    text = make_tables(runs, tmp_path / "out", paired=["compression.name=none"])
+    table = (tmp_path / "out" / "paired_1.md").read_text()
+    assert "vs compression.name=none" in table and table in text
+    rows = [line for line in table.splitlines() if line.startswith("| wav2vec2")]
+    assert len(rows) == 2  # int8 and topk; the central-DP pair is not a pair
+    int8 = next(r for r in rows if ", int8," in r)
+    topk = next(r for r in rows if ", topk," in r)
+    # int8 - none per seed: +1, -1, +2 points (seed 4 has no baseline: listed, not paired)
+    assert "s1: +1.0, s2: -1.0, s3: +2.0 (no baseline for seed 4)" in int8 and "| 3 |" in int8
+    assert "+0.67 ± 1.53" in int8 and "-1.0 / +2.0" in int8
+    assert "[-3.13, +4.46]" in int8  # mean ± t(0.975, 2) x std / sqrt(3) = 0.67 ± 4.303 x 1.53 / 1.732
+    assert "s1: +6.0, s2: +0.0, s3: +4.0" in topk and "+3.33 ± 3.06" in topk
+    assert "central DP" not in table
+    assert "--paired compression.name=none" in text.splitlines()[0]  # the command in the generated header
+
+    with pytest.raises(ValueError, match=r"--paired 'compression\.nam=none'.*table axes"):
+        make_tables(runs, tmp_path / "out", paired=["compression.nam=none"])
+    with pytest.raises(SystemExit, match=r"--paired 'compression'.*AXIS=BASELINE"):
+        main(["--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--paired", "compression"])
+    # two baseline runs of one seed (a repeat in the same directory) make the pairing ambiguous: named, refused
+    write_stage(runs / "none-repeat" / "s1", "federated", population_config("fedavg", "none", 1), {"wer": 0.6, "cer": 0.6})
+    with pytest.raises(ValueError, match=r"two baseline runs of seed 1.*none/s1.*none-repeat/s1"):
+        make_tables(runs, tmp_path / "out", paired=["compression.name=none"])
+
+
+def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_baselines(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    for name, (fed, dp, q, rounds, wers) in {
+        "central": ("none", "none", 0.25, 10, (0.58, 0.60)),
+        "fl80": ("fedavg", "none", 0.25, 10, (0.66, 0.68)),
+        "fl4": ("fedavg", "none", 0.0125, 200, (0.60,)),
+        "dp80": ("fedavg", "central", 0.25, 10, (0.69,)),
+        "fl80-short": ("fedavg", "none", 0.25, 2, (0.69,)),  # another budget with one cohort size: no line of its own
+    }.items():
+        for seed, wer in enumerate(wers, 1):
+            write_stage(runs / name / f"s{seed}", "federated", population_config(fed, dp, seed, q=q, rounds=rounds),
+                        {"wer": wer, "cer": wer, "epsilon/max": 8.0 if dp != "none" else 0.0})
+    damped = population_config("fedavg", "none", 1, q=0.0125, rounds=200)
+    damped["federated"].update(fedavg_server_lr=0.3, server_momentum=0.0)  # a smaller server step: a line of its own
+    write_stage(runs / "fl4-slr0.3" / "s1", "federated", damped, {"wer": 0.62, "cer": 0.62, "epsilon/max": 0.0})
+    one_step = population_config("fedavg", "none", 1, q=0.05, rounds=250)
+    one_step["federated"]["local_steps"] = 1  # the same 4,000 client steps, one per client and round: a line of its own
+    write_stage(runs / "fl16-1step" / "s1", "federated", one_step, {"wer": 0.64, "cer": 0.64, "epsilon/max": 0.0})
+    start = population_config("none", "none", 1, rounds=0)
+    write_stage(runs / "start" / "s1", "federated", start, {"wer": 0.70, "cer": 0.7})
+    text = make_tables(runs, tmp_path / "out")
+    assert "cohort_size.png" in text and (tmp_path / "out" / "cohort_size.png").stat().st_size > 1000
+    ax = next(f for f in figures if "cohort size" in f.axes[0].get_title()).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "16", "80"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "FedAvg, no DP, 4,000 client steps of which 5 per client and round (seeds per point: 1, 2)" in labels
+    assert "centralised, 4,000 steps (59.0 ± 1.4 %)" in labels and "within 2 points of centralised (the target)" in labels
+    assert "FedAvg + user-level central DP ε=8 (1 seed)" in labels and "no private training (public start, 70.0 %)" in labels
+    assert "FedAvg, server learning rate 0.3, no DP, 4,000 client steps of which 5 per client and round (seeds per point: 1)" in labels
+    lines = [l for l in ax.get_lines() if l.get_linestyle() == "-" and list(l.get_xdata()) != [0, 1]]  # not the horizontal lines, not the caps
+    assert "FedAvg, no DP, 4,000 client steps of which 1 per client and round (seeds per point: 1)" in labels
+    assert len(lines) == 3 and list(lines[0].get_xdata()) == [4.0, 80.0] and np.allclose(lines[0].get_ydata(), [60.0, 67.0])
+    assert list(lines[1].get_xdata()) == [16.0] and np.allclose(lines[1].get_ydata(), [64.0])
+    assert list(lines[2].get_xdata()) == [4.0] and np.allclose(lines[2].get_ydata(), [62.0])
+    low, high = ax.get_ylim()
+    assert low < 57 and high > 70  # the target band and the start are inside the automatic range
+
+    figures.clear()
+    import shutil
+
+    shutil.rmtree(runs / "fl4")  # one cohort size left at every budget: nothing to compare, no plot
+    assert "cohort_size.png" not in make_tables(runs, tmp_path / "out2")
+
+
 def test_strongest_semi_informed_attacker_is_the_lowest_eer_over_all_normalisations(tmp_path, monkeypatch):
     """Per seed, the strongest column takes the variant with the lowest EER (with that variant's minDCF and
     interval, and its name); a row where a seed lacks one of the four variants shows "-", never a minimum

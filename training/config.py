@@ -280,6 +280,9 @@ class FederatedConfig:
     server_momentum: float = 0.0
     trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
     krum_malicious: Optional[int] = None  # krum: number of malicious clients f to tolerate; required (>= 1) with krum
+    # the server scores the global model on eval.split (test speakers) after every server_eval_every-th round and the
+    # last one: the learning curve only; the reported WER is scored after the federation either way
+    server_eval_every: int = 1
     client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
     max_num_examples: int = 0  # fedavg/fedprox/fedadam without DP: largest num-examples a client may claim (0: local_steps x batch_size)
 

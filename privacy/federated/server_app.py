@@ -120,7 +120,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
 
         record = strategy.rounds[server_round]
         entry = asdict(record)
-        if cfg["server-eval-split"]:  # the released model on speakers no client holds: post-processing, outside the clients
+        last_round = server_round == int(cfg["num-rounds"])
+        if cfg["server-eval-split"] and (server_round % int(cfg["server-eval-every"]) == 0 or last_round):
+            # the released model on speakers no client holds: post-processing, outside the clients (and it draws no
+            # random numbers the training uses: every client reseeds), so the cadence changes only the curve's points
             entry["server_eval"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
         if not record.aggregated:
@@ -195,7 +198,12 @@ def _server_evaluation(task, arrays, split: str) -> dict[str, float]:
 
 def _round_numbers(entry: Mapping[str, Any]) -> str:
     """The numbers of a round's progress line: what a user watching the run wants to see."""
-    parts = [f"train_loss {entry['train_loss']:.4g}" if entry["train_loss"] is not None else "no update accepted"]
+    if entry["train_loss"] is not None:
+        parts = [f"train_loss {entry['train_loss']:.4g}"]
+    elif entry.get("clients"):  # accepted replies without a loss: clients under DP do not report one
+        parts = [f"{len(entry['clients'])} updates accepted (no train loss reported)"]
+    else:
+        parts = ["no update accepted"]
     if (entry.get("eval") or {}).get("eval_wer") is not None:
         parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
     if entry.get("server_eval"):

@@ -52,6 +52,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "dp-unit": "auto",  # privacy unit: auto | utterance (dp=local) | client (dp=central) | speaker (dp=central, one speaker per client)
     "dp-reproducible-noise-NOT-PRIVATE": False,  # True: DP noise + Poisson sampling seeded from the run seed. NOT PRIVATE
     "server-eval-split": "",  # a split the SERVER scores the global model on after every round (test speakers; no client data); "" = off
+    "server-eval-every": 1,  # the server scores every n-th round (and the last); long runs of cheap rounds set n > 1
     "client-evaluation": "auto",  # auto (on without DP, off under DP) | on | off: federated evaluation on clients' held-out data
     "max-num-examples": 0,  # > 0: the largest num-examples a client may claim (fedavg / fedprox / fedadam without DP)
     "max-update-norm": 1.0e6,
@@ -81,6 +82,10 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run_config['cohort-sampling']={merged['cohort-sampling']!r}; expected fixed | poisson")
     if not 0 < float(merged["cohort-rate"]) <= 1:
         raise ValueError(f"run_config['cohort-rate']={merged['cohort-rate']!r}; must be in (0, 1] (the probability of each client per round)")
+    every = merged["server-eval-every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"run_config['server-eval-every'] (federated.server_eval_every)={every!r}; expected an integer >= 1 "
+                         "(the server scores the global model every n-th round and the last)")
     _check_dp_options(merged)
     if merged["client-evaluation"] not in ("auto", "on", "off"):
         raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")

@@ -66,6 +66,7 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dp-max-noise-multiplier": ("dp.max_noise_multiplier", float),
     "dp-unit": ("dp.unit", lambda value: "auto" if value is None else str(value)),  # auto: utterance (local) / client (central)
     "dp-reproducible-noise-NOT-PRIVATE": ("dp.reproducible_noise_NOT_PRIVATE", bool),
+    "server-eval-every": ("federated.server_eval_every", int),
     "client-evaluation": ("federated.client_evaluation", lambda value: {None: "auto", True: "on", False: "off"}[value]),
     "max-num-examples": ("federated.max_num_examples", int),
     "max-update-norm": ("federated.max_update_norm", float),
