@@ -69,7 +69,7 @@ AXES = (
     "federated.server_beta1",
     "federated.server_beta2",
     "federated.server_tau",
-    "federated.local_optimizer",  # fedadam rows only (its clients' optimiser and lr are screened with it)
+    "federated.local_optimizer",  # the Wav2Vec2 rows' (client) optimiser and lr: SGD clients are another system
     "trainer.lr",
     "federated.centralised_optimizer_reset_every",  # the centralised baseline with a fresh optimiser every k steps: a diagnostic, another system
 )
@@ -123,9 +123,10 @@ class Run:
         if str(self.axis("model.name")).startswith("wav2vec2"):
             axes[AXES.index("trainer.max_steps")] = None
         if self.axis("federated.name") != "fedadam":
-            for key in ("federated.server_lr", "federated.server_beta1", "federated.server_beta2", "federated.server_tau",
-                        "federated.local_optimizer", "trainer.lr"):
+            for key in ("federated.server_lr", "federated.server_beta1", "federated.server_beta2", "federated.server_tau"):
                 axes[AXES.index(key)] = None
+        if not str(self.axis("model.name")).startswith("wav2vec2"):
+            axes[AXES.index("federated.local_optimizer")] = axes[AXES.index("trainer.lr")] = None
         return tuple(axes)
 
     @property
@@ -318,10 +319,11 @@ def _label(run: Run) -> str:
             server_lr, momentum = run.axis("federated.fedavg_server_lr"), run.axis("federated.server_momentum")
             if fed == "fedadam":
                 parts.append(f"server Adam lr {run.axis('federated.server_lr'):g} (β {run.axis('federated.server_beta1'):g}/"
-                             f"{run.axis('federated.server_beta2'):g}, τ {run.axis('federated.server_tau'):g}), "
-                             f"{run.axis('federated.local_optimizer')} clients lr {run.axis('trainer.lr'):g}")
+                             f"{run.axis('federated.server_beta2'):g}, τ {run.axis('federated.server_tau'):g})")
             elif (server_lr not in (None, 1.0)) or momentum:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
+        if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
+            parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
             parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)"
                          + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))

@@ -565,3 +565,20 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     assert plain.system != reset.system
     assert _label(reset) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, optimiser re-created every 5 steps, 10x5 steps"
     assert "re-created" not in _label(plain)
+    # FedAvg with SGD clients and server Adam are systems of their own, with their options in the label
+    fl = {**config, "federated": {"name": "fedavg", "num_rounds": 10, "local_steps": 5, "num_clients": 320,
+                                  "cohort_sampling": "poisson", "cohort_rate": 0.25, "local_optimizer": "adam",
+                                  "server_lr": 0.1}, "trainer": {"lr": 3e-3}}
+    adam_clients = Run(Path("c"), fl)
+    sgd_clients = Run(Path("d"), {**fl, "federated": {**fl["federated"], "local_optimizer": "sgd"}, "trainer": {"lr": 0.5}})
+    fedadam = Run(Path("e"), {**sgd_clients.config, "federated": {**sgd_clients.config["federated"], "name": "fedadam",
+                                                                  "server_lr": 0.01, "server_beta1": 0.9, "server_beta2": 0.99,
+                                                                  "server_tau": 1e-3}})
+    assert len({adam_clients.system, sgd_clients.system, fedadam.system}) == 3
+    assert _label(sgd_clients) == ("wav2vec2_tiny, LoRA r=4 + CTC head, FL fedavg, 320 clients, Poisson q=0.25, "
+                                   "SGD clients lr 0.5, 10x5 steps")
+    assert _label(fedadam) == ("wav2vec2_tiny, LoRA r=4 + CTC head, FL fedadam, 320 clients, Poisson q=0.25, "
+                               "server Adam lr 0.01 (β 0.9/0.99, τ 0.001), SGD clients lr 0.5, 10x5 steps")
+    # the unused fedadam options of a FedAvg run do not split it
+    other = Run(Path("f"), {**fl, "federated": {**fl["federated"], "server_lr": 0.5}})
+    assert other.system == adam_clients.system
