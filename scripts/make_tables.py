@@ -313,7 +313,8 @@ def _label(run: Run) -> str:
             parts.append(f"LoRA r={run.axis('adapter.r')} + CTC head")
         parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
         if run.axis("federated.centralised_optimizer_reset_every"):
-            parts.append(f"optimiser re-created every {run.axis('federated.centralised_optimizer_reset_every')} steps")
+            every = int(run.axis("federated.centralised_optimizer_reset_every"))
+            parts.append("optimiser re-created every step" if every == 1 else f"optimiser re-created every {every} steps")
         if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson":
             parts.append(f"{run.axis('federated.num_clients')} clients, Poisson q={run.axis('federated.cohort_rate')}")
             server_lr, momentum = run.axis("federated.fedavg_server_lr"), run.axis("federated.server_momentum")

@@ -565,6 +565,8 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     assert plain.system != reset.system
     assert _label(reset) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, optimiser re-created every 5 steps, 10x5 steps"
     assert "re-created" not in _label(plain)
+    every_step = Run(Path("g"), {**config, "federated": {**config["federated"], "centralised_optimizer_reset_every": 1}})
+    assert "optimiser re-created every step," in _label(every_step)
     # FedAvg with SGD clients and server Adam are systems of their own, with their options in the label
     fl = {**config, "federated": {"name": "fedavg", "num_rounds": 10, "local_steps": 5, "num_clients": 320,
                                   "cohort_sampling": "poisson", "cohort_rate": 0.25, "local_optimizer": "adam",
