@@ -65,6 +65,13 @@ AXES = (
     "dp.clipping_norm",  # central DP's per-client bound C (chosen per compression: a top-k update is ~1/4 of the dense norm)
     "federated.fedavg_server_lr",  # the Poisson-cohort FedAvg server optimiser (FedAvgM): another system
     "federated.server_momentum",
+    "federated.server_lr",  # fedadam's server Adam (lr, betas, tau): another system; unused (None) for the other strategies
+    "federated.server_beta1",
+    "federated.server_beta2",
+    "federated.server_tau",
+    "federated.local_optimizer",  # the Wav2Vec2 rows' (client) optimiser and lr: SGD clients are another system
+    "trainer.lr",
+    "federated.centralised_optimizer_reset_every",  # the centralised baseline with a fresh optimiser every k steps: a diagnostic, another system
 )
 
 
@@ -93,7 +100,8 @@ class Run:
             axes[AXES.index("loss.lambda")] = None
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
-                    "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0}
+                    "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
+                    "federated.centralised_optimizer_reset_every": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -114,6 +122,11 @@ class Run:
                 axes[AXES.index(key)] = None
         if str(self.axis("model.name")).startswith("wav2vec2"):
             axes[AXES.index("trainer.max_steps")] = None
+        if self.axis("federated.name") != "fedadam":
+            for key in ("federated.server_lr", "federated.server_beta1", "federated.server_beta2", "federated.server_tau"):
+                axes[AXES.index(key)] = None
+        if not str(self.axis("model.name")).startswith("wav2vec2"):
+            axes[AXES.index("federated.local_optimizer")] = axes[AXES.index("trainer.lr")] = None
         return tuple(axes)
 
     @property
@@ -299,11 +312,19 @@ def _label(run: Run) -> str:
         if run.axis("adapter.name") == "lora":
             parts.append(f"LoRA r={run.axis('adapter.r')} + CTC head")
         parts.append("centralised" if fed in (None, "none") else f"FL {fed}")
+        if run.axis("federated.centralised_optimizer_reset_every"):
+            every = int(run.axis("federated.centralised_optimizer_reset_every"))
+            parts.append("optimiser re-created every step" if every == 1 else f"optimiser re-created every {every} steps")
         if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson":
             parts.append(f"{run.axis('federated.num_clients')} clients, Poisson q={run.axis('federated.cohort_rate')}")
             server_lr, momentum = run.axis("federated.fedavg_server_lr"), run.axis("federated.server_momentum")
-            if (server_lr not in (None, 1.0)) or momentum:
+            if fed == "fedadam":
+                parts.append(f"server Adam lr {run.axis('federated.server_lr'):g} (β {run.axis('federated.server_beta1'):g}/"
+                             f"{run.axis('federated.server_beta2'):g}, τ {run.axis('federated.server_tau'):g})")
+            elif (server_lr not in (None, 1.0)) or momentum:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
+        if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
+            parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
             parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)"
                          + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))

@@ -180,6 +180,66 @@ def test_server_momentum_and_learning_rate_act_on_the_released_mean():
         PoissonCohortFedAvg(n, q, server_momentum=1.0)
 
 
+def test_server_adam_on_a_quadratic_takes_the_hand_computed_adam_steps():
+    """strategy=fedadam over Poisson cohorts: each client's update is one SGD step on f(w) = 1/2 ||w - w*||^2
+    (update = lr (w* - w)); the server treats their mean as a pseudo-gradient and takes Adam steps
+    (Reddi et al. 2021, bias-corrected as Kingma & Ba's alpha_t), computed here by hand, and approaches w*."""
+    from flwr.app import ConfigRecord
+
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import build_strategy
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, eta, b1, b2, tau, client_lr = 8, 0.05, 0.9, 0.99, 1e-3, 0.5
+    target = np.array([1.0, -2.0, 0.5, 0.0], np.float32)
+    cfg = resolve_run_config({"num-clients": n, "cohort-sampling": "poisson", "cohort-rate": 0.5, "strategy": "fedadam",
+                              "server-lr": eta, "server-beta1": b1, "server-beta2": b2, "server-tau": tau, "num-rounds": 30})
+    strategy = build_strategy(cfg, n)[1]  # the PoissonCohortFedAvg inside the validating wrapper
+    assert strategy.server_optimizer == "adam" and strategy.server_lr == eta
+    state = {"w": np.zeros(4, np.float32)}
+    m, v, w = np.zeros(4), np.zeros(4), np.zeros(4)
+    for t in range(1, 31):
+        strategy.configure_train(t, state_to_arrays(state), ConfigRecord(), _Grid(n))
+        # two clients; their noise cancels in the mean
+        replies = [_reply({"w": (state["w"] + client_lr * (target - state["w"]) + d).astype(np.float32)}) for d in (0.1, -0.1)]
+        state = arrays_to_state(strategy.aggregate_train(t, replies)[0])
+        g = client_lr * (target - w)  # the pseudo-gradient (an ascent direction: the server ADDS the step)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g ** 2
+        w = w + eta * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + tau)
+        np.testing.assert_allclose(state["w"], w, rtol=1e-4, atol=1e-5)
+        if t == 1:  # Adam's first step: about eta in every coordinate that has a gradient, whatever its size
+            np.testing.assert_allclose(np.abs(state["w"][[0, 1, 2]]), eta, rtol=0.05)
+    assert np.linalg.norm(state["w"] - target) < 0.5 * np.linalg.norm(target)
+
+
+@pytest.mark.parametrize("key, value", [("server-lr", 0.0), ("server-beta1", 1.0), ("server-beta2", -0.1),
+                                        ("server-tau", 0.0), ("server-tau", True)])
+def test_server_adam_refuses_bad_values_naming_the_option(key, value):
+    from privacy.federated.settings import resolve_run_config
+
+    field = "federated." + key.replace("-", "_")
+    with pytest.raises(ValueError, match=re.escape(f"run_config['{key}'] ({field})={value!r}")):
+        resolve_run_config({"strategy": "fedadam", key: value})
+
+
+def test_server_adam_refuses_fedavg_server_options_and_is_allowed_under_central_dp_with_poisson_cohorts():
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
+
+    base = {"num-clients": 8, "cohort-sampling": "poisson", "cohort-rate": 0.5, "strategy": "fedadam", "num-rounds": 2}
+    for key, value in (("fedavg-server-lr", 0.3), ("server-momentum", 0.9)):
+        with pytest.raises(ValueError, match=re.escape(f"{key}=") + ".*with strategy=fedadam"):
+            build_strategy(resolve_run_config({**base, key: value}), 8)
+    inner = build_strategy(resolve_run_config({**base, "dp": "central", "noise-multiplier": 1.0}), 8)[1]
+    assert inner.private and inner.server_optimizer == "adam"
+    # fixed cohorts keep Flower's FedAdam (no central DP: not a mean aggregator there)
+    with pytest.raises(ValueError, match="dp=central needs a mean aggregator"):
+        build_strategy(resolve_run_config({**base, "cohort-sampling": "fixed", "dp": "central", "noise-multiplier": 1.0}), 8)
+    with pytest.raises(ValueError, match="server_optimizer='rmsprop'"):
+        PoissonCohortFedAvg(8, 0.5, server_optimizer="rmsprop")
+
+
 def test_an_empty_poisson_cohort_still_releases_noise_under_central_dp():
     """The accountant analyses the subsampled Gaussian mechanism, which outputs noise when nobody is sampled:
     the server must release the noised zero sum then, not skip the round (without DP an empty round is skipped)."""
@@ -467,3 +527,60 @@ def test_the_round_progress_line_says_updates_were_accepted_when_dp_clients_repo
     assert under_dp.startswith("2 updates accepted (no train loss reported)") and "noise/signal 2.5" in under_dp
     assert _round_numbers({**base, "train_loss": None, "clients": []}).startswith("no update accepted")
     assert _round_numbers({**base, "train_loss": 1.25, "clients": [{}]}).startswith("train_loss 1.25")
+
+
+def test_centralised_optimizer_reset_is_named_in_the_run_and_refused_outside_the_non_private_baseline():
+    """federated.centralised_optimizer_reset_every (the diagnostic of FedAvg's gap): its runs get their own
+    directory and table row; the baseline's name is unchanged when it is off; any other use is refused by name."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from training.wav2vec2.plan import check_config
+
+    base = ["experiment=fl_dp_population", "federated=none", "dp=none"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        plain = compose("config", overrides=base)
+        reset = compose("config", overrides=base + ["federated.centralised_optimizer_reset_every=5"])
+        fedavg = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.centralised_optimizer_reset_every=5"])
+        local_dp = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=local",
+                                                 "federated.centralised_optimizer_reset_every=5"])
+        negative = compose("config", overrides=base + ["federated.centralised_optimizer_reset_every=-1"])
+    assert plain.run_name == "wav2vec2_tiny-lora-ctc-b10x5q0.25"  # the centralised baseline's directory of sessions 3-4
+    assert reset.run_name == "wav2vec2_tiny-lora-ctc-optreset5-b10x5q0.25"
+    assert check_config(reset)["strategy"] == "fedavg"  # accepted (the centralised baseline runs on the FedAvg plumbing)
+    for cfg, says in ((fedavg, "federated=fedavg dp=none"), (local_dp, "federated=none dp=local")):
+        with pytest.raises(ValueError, match=r"federated\.centralised_optimizer_reset_every=5: only for the non-private "
+                                             r"centralised baseline.*" + re.escape(says)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=r"federated\.centralised_optimizer_reset_every=-1: expected an int >= 0"):
+        check_config(negative)
+
+
+def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_baseline():
+    from scripts.make_tables import Run, _label
+
+    config = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4},
+              "federated": {"name": "none", "num_rounds": 10, "local_steps": 5}, "dp": {"name": "none"},
+              "compression": {"name": "none"}}
+    plain = Run(Path("a"), config)
+    reset = Run(Path("b"), {**config, "federated": {**config["federated"], "centralised_optimizer_reset_every": 5}})
+    assert plain.system != reset.system
+    assert _label(reset) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, optimiser re-created every 5 steps, 10x5 steps"
+    assert "re-created" not in _label(plain)
+    every_step = Run(Path("g"), {**config, "federated": {**config["federated"], "centralised_optimizer_reset_every": 1}})
+    assert "optimiser re-created every step," in _label(every_step)
+    # FedAvg with SGD clients and server Adam are systems of their own, with their options in the label
+    fl = {**config, "federated": {"name": "fedavg", "num_rounds": 10, "local_steps": 5, "num_clients": 320,
+                                  "cohort_sampling": "poisson", "cohort_rate": 0.25, "local_optimizer": "adam",
+                                  "server_lr": 0.1}, "trainer": {"lr": 3e-3}}
+    adam_clients = Run(Path("c"), fl)
+    sgd_clients = Run(Path("d"), {**fl, "federated": {**fl["federated"], "local_optimizer": "sgd"}, "trainer": {"lr": 0.5}})
+    fedadam = Run(Path("e"), {**sgd_clients.config, "federated": {**sgd_clients.config["federated"], "name": "fedadam",
+                                                                  "server_lr": 0.01, "server_beta1": 0.9, "server_beta2": 0.99,
+                                                                  "server_tau": 1e-3}})
+    assert len({adam_clients.system, sgd_clients.system, fedadam.system}) == 3
+    assert _label(sgd_clients) == ("wav2vec2_tiny, LoRA r=4 + CTC head, FL fedavg, 320 clients, Poisson q=0.25, "
+                                   "SGD clients lr 0.5, 10x5 steps")
+    assert _label(fedadam) == ("wav2vec2_tiny, LoRA r=4 + CTC head, FL fedadam, 320 clients, Poisson q=0.25, "
+                               "server Adam lr 0.01 (β 0.9/0.99, τ 0.001), SGD clients lr 0.5, 10x5 steps")
+    # the unused fedadam options of a FedAvg run do not split it
+    other = Run(Path("f"), {**fl, "federated": {**fl["federated"], "server_lr": 0.5}})
+    assert other.system == adam_clients.system

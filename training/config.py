@@ -274,6 +274,11 @@ class FederatedConfig:
     round_timeout: float = 3600.0
     fraction_evaluate: float = 1.0
     server_lr: float = 0.1  # fedadam: server learning rate (eta)
+    # fedadam's server Adam (Reddi et al. 2021): moment decays and the adaptivity floor tau; with Poisson cohorts the
+    # clients should run plain SGD (local_optimizer=sgd); under central DP it post-processes the noised mean
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1.0e-3
     # Poisson-cohort fedavg only (FedAvgM, Hsu et al. 2019): the server keeps v <- server_momentum x v + mean update and
     # moves the global model by fedavg_server_lr x v; under central DP the mean is the noised one (post-processing).
     fedavg_server_lr: float = 1.0
@@ -283,6 +288,9 @@ class FederatedConfig:
     # the server scores the global model on eval.split (test speakers) after every server_eval_every-th round and the
     # last one: the learning curve only; the reported WER is scored after the federation either way
     server_eval_every: int = 1
+    # federated=none only (a diagnostic of FedAvg's gap): the centralised baseline re-creates its optimiser (fresh Adam
+    # moments) every k steps, as a FedAvg client does every round; 0: one optimiser for the whole run
+    centralised_optimizer_reset_every: int = 0
     client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
     max_num_examples: int = 0  # fedavg/fedprox/fedadam without DP: largest num-examples a client may claim (0: local_steps x batch_size)
 
@@ -560,6 +568,12 @@ def _server_opt_tag(server_lr: Any, momentum: Any) -> str:
     return f"-slr{float(server_lr):g}" + (f"m{float(momentum):g}" if float(momentum) else "")
 
 
+def _optimizer_reset_tag(every: Any) -> str:
+    """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser,
+    "optreset5" when it is re-created every 5 steps, so the diagnostic runs never share the baseline's directory."""
+    return "none" if every in (None, 0, "0") else f"optreset{every}"
+
+
 def _app_config_groups() -> str:
     """`--help`'s list of config groups, from conf/ itself: every group a user can choose
     (`group=option`), without Hydra's own and the internal `schema` group."""
@@ -600,6 +614,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("server_opt_tag"):
         OmegaConf.register_new_resolver("server_opt_tag", _server_opt_tag)
+    if not OmegaConf.has_resolver("optimizer_reset_tag"):
+        OmegaConf.register_new_resolver("optimizer_reset_tag", _optimizer_reset_tag)
     if not OmegaConf.has_resolver("app_config_groups"):
         OmegaConf.register_new_resolver("app_config_groups", _app_config_groups)
     if not OmegaConf.has_resolver("entry_help"):

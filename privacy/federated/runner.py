@@ -205,14 +205,16 @@ def run_federated(
 
 
 def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
-                    on_step: Optional[Callable[[int, Optional[float], int], None]] = None) -> dict[str, Any]:
+                    on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
+                    optimizer_reset_every: int = 0) -> dict[str, Any]:
     """The centralised baseline of a federation (see the module docstring).
 
     `task` (default: the run config's task) must provide ``build_union_loader``, as
     :class:`privacy.federated.synthgrid_task.SynthGridTask` does. Returns the trained
     ``model``, the ``train_local`` ``stats`` and their ``train_seconds``, the ``dp`` session
     (None without DP), and the ``utterances`` and ``batches`` of the union loader. ``on_step``:
-    train_local's per-step callback (logging).
+    train_local's per-step callback (logging). ``optimizer_reset_every``: train_local's (k > 0: a fresh
+    optimiser every k steps, as a FedAvg client makes every round; a diagnostic, refused with DP).
     """
     from common.seeding import seed_everything
     from privacy.federated.local_dp import LocalDPSession
@@ -231,10 +233,10 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
     if cfg["dp"] == "local":
         session = LocalDPSession.from_run_config(dict(cfg, **{"local-steps": steps, "num-rounds": 1}), utterances, None)
     optimizer = str(cfg["local-optimizer"])
-    log.info("centralised %s%s: %d steps of batch %d over %d utterances", "DP-" if session else "", optimizer.upper(), steps,
-             cfg["batch-size"], utterances)
+    log.info("centralised %s%s: %d steps of batch %d over %d utterances%s", "DP-" if session else "", optimizer.upper(), steps,
+             cfg["batch-size"], utterances, f", optimiser re-created every {optimizer_reset_every} steps" if optimizer_reset_every else "")
     t0 = time.time()
     stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session,
-                        device=resolve_device(str(cfg["device"])), on_step=on_step)
+                        device=resolve_device(str(cfg["device"])), on_step=on_step, optimizer_reset_every=optimizer_reset_every)
     return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
             "train_seconds": time.time() - t0}

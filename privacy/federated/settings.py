@@ -28,6 +28,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "trimmed-beta": 0.2,
     "krum-malicious": -1,  # krum: f, the number of malicious clients tolerated; must be set (>= 1)
     "server-lr": 0.1,  # fedadam eta
+    "server-beta1": 0.9,  # fedadam: the server Adam's first-moment decay (Reddi et al. 2021; Flower's FedAdam default)
+    "server-beta2": 0.99,  # fedadam: second-moment decay
+    "server-tau": 1e-3,  # fedadam: the adaptivity floor tau added to sqrt(second moment)
     "fedavg-server-lr": 1.0,  # cohort-sampling=poisson: the server applies fedavg-server-lr x (server-momentum buffer of the mean update)
     "server-momentum": 0.0,  # cohort-sampling=poisson: FedAvgM momentum beta (0 = plain FedAvg); under DP both act on the noised mean
     "local-epochs": 1,
@@ -86,6 +89,13 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"run_config['server-eval-every'] (federated.server_eval_every)={every!r}; expected an integer >= 1 "
                          "(the server scores the global model every n-th round and the last)")
+    for key, field, ok, expected in (("server-lr", "server_lr", lambda v: v > 0, "> 0"),
+                                     ("server-beta1", "server_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                     ("server-beta2", "server_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                                     ("server-tau", "server_tau", lambda v: v > 0, "> 0")):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+            raise ValueError(f"run_config['{key}'] (federated.{field})={value!r}; expected a number {expected} (fedadam's server step)")
     _check_dp_options(merged)
     if merged["client-evaluation"] not in ("auto", "on", "off"):
         raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")

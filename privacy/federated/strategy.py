@@ -315,7 +315,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
     elif name == "fedprox":
         inner = FedProx(proximal_mu=float(cfg["proximal-mu"]), **common)
     elif name == "fedadam":
-        inner = FedAdam(eta=float(cfg["server-lr"]), eta_l=float(cfg["lr"]), **common)
+        inner = FedAdam(eta=float(cfg["server-lr"]), eta_l=float(cfg["lr"]), beta_1=float(cfg["server-beta1"]),
+                        beta_2=float(cfg["server-beta2"]), tau=float(cfg["server-tau"]), **common)
     elif name == "fedmedian":
         inner = FedMedian(**common)
     elif name == "fedtrimmedavg":
@@ -355,8 +356,14 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
     """FedAvg over Poisson cohorts (cohort-sampling = poisson), with user-level DP under dp=central."""
     from privacy.dp import noise_multiplier_for_budget
 
-    if str(cfg["strategy"]) != "fedavg":
-        raise ValueError(f"cohort-sampling=poisson with strategy={cfg['strategy']!r}: Poisson cohorts are implemented for fedavg only")
+    if str(cfg["strategy"]) not in ("fedavg", "fedadam"):
+        raise ValueError(f"cohort-sampling=poisson with strategy={cfg['strategy']!r}: Poisson cohorts are implemented for "
+                         f"fedavg (server SGD, FedAvgM) and fedadam (server Adam) only")
+    adam = str(cfg["strategy"]) == "fedadam"
+    if adam and (float(cfg["fedavg-server-lr"]) != 1.0 or float(cfg["server-momentum"]) != 0.0):
+        raise ValueError(f"fedavg-server-lr={cfg['fedavg-server-lr']}, server-momentum={cfg['server-momentum']} with strategy=fedadam: "
+                         f"these set FedAvg's server SGD; FedAdam's server step is server-lr, server-beta1, server-beta2, server-tau "
+                         f"(federated.server_lr, ...); leave them at 1.0 and 0.0")
     noise = None
     if cfg["dp"] == "central":
         noise = float(cfg["noise-multiplier"])
@@ -369,7 +376,9 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
     cohort_seed = None if noise is not None and not bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]) else int(cfg["seed"])
     inner = PoissonCohortFedAvg(num_clients, float(cfg["cohort-rate"]), noise, float(cfg["clipping-norm"]),
                                 reproducible_seed=cohort_seed,
-                                server_lr=float(cfg["fedavg-server-lr"]), server_momentum=float(cfg["server-momentum"]))
+                                server_lr=float(cfg["server-lr" if adam else "fedavg-server-lr"]),
+                                server_momentum=float(cfg["server-momentum"]), server_optimizer="adam" if adam else "sgd",
+                                server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]))
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
     # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
@@ -461,6 +470,13 @@ class PoissonCohortFedAvg(Strategy):
     global model moves by eta v (``server_lr`` eta, ``server_momentum`` beta; eta = 1, beta = 0 is plain
     FedAvg). It only post-processes the released m, so the DP guarantee is unchanged.
 
+    Server Adam (``server_optimizer="adam"``, FedAdam, Reddi et al. 2021, "Adaptive Federated Optimization";
+    strategy=fedadam): m is a pseudo-gradient; the server keeps mu <- beta1 mu + (1 - beta1) m and
+    nu <- beta2 nu + (1 - beta2) m^2 and moves the global model by eta_t mu / (sqrt(nu) + tau), with Adam's bias
+    correction folded into eta_t = eta sqrt(1 - beta2^t) / (1 - beta1^t) (t = server steps so far, as Flower's
+    FedAdam does). The clients then run plain SGD. Under central DP it, too, sees only the noised mean: the moments
+    and the step are functions of released values alone (post-processing), so the guarantee is the same.
+
     Per round it records what DP costs in signal: ``noise_norm`` (||noise|| / qN), ``signal_norm``
     (||sum of clipped updates|| / qN), their ratio ``noise_to_signal``, the fraction of clipped updates
     and the cohort size.
@@ -475,6 +491,9 @@ class PoissonCohortFedAvg(Strategy):
         reproducible_seed: Optional[int] = None,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server_optimizer: str = "sgd",
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_tau: float = 1e-3,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -484,9 +503,23 @@ class PoissonCohortFedAvg(Strategy):
             raise ValueError(f"noise_multiplier={noise_multiplier}, clipping_norm={clipping_norm}: need sigma >= 0 and C > 0")
         if not (server_lr > 0 and 0 <= server_momentum < 1):
             raise ValueError(f"fedavg-server-lr={server_lr}, server-momentum={server_momentum}: need eta > 0 and 0 <= beta < 1")
+        if server_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"server_optimizer={server_optimizer!r}: expected sgd (FedAvg / FedAvgM) | adam (FedAdam)")
+        if server_optimizer == "adam":
+            beta1, beta2 = (float(b) for b in server_betas)
+            if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and server_tau > 0):
+                raise ValueError(f"server-beta1={beta1}, server-beta2={beta2}, server-tau={server_tau}: FedAdam needs "
+                                 f"0 <= beta1, beta2 < 1 and tau > 0")
+            if server_momentum != 0.0:
+                raise ValueError(f"server-momentum={server_momentum} with server Adam: Adam's momentum is server-beta1")
+        self.server_optimizer = server_optimizer
+        self.server_betas = (float(server_betas[0]), float(server_betas[1]))
+        self.server_tau = float(server_tau)
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.velocity: Optional[np.ndarray] = None
+        self.second_moment: Optional[np.ndarray] = None
+        self.server_steps = 0
         self.population = int(population)
         self.cohort_rate = float(cohort_rate)
         self.noise_multiplier = noise_multiplier
@@ -501,8 +534,10 @@ class PoissonCohortFedAvg(Strategy):
         return self.noise_multiplier is not None
 
     def summary(self) -> None:
-        log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, server lr %g, momentum %g, %s)", self.population,
-                 self.cohort_rate, self.population * self.cohort_rate, self.server_lr, self.server_momentum,
+        server = (f"server Adam lr {self.server_lr:g}, betas {self.server_betas[0]:g}/{self.server_betas[1]:g}, tau {self.server_tau:g}"
+                  if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
+        log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
+                 self.cohort_rate, self.population * self.cohort_rate, server,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
 
     def _generator(self, server_round: int, stream: int):
@@ -568,8 +603,7 @@ class PoissonCohortFedAvg(Strategy):
                          mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
             if signal_norm > 0:  # an empty cohort releases pure noise: no ratio (it would swamp the run's mean)
                 stats["noise_to_signal"] = noise_norm / signal_norm
-        self.velocity = step if self.velocity is None else self.server_momentum * self.velocity + step
-        step = self.server_lr * self.velocity
+        step = self.server_step(step)
         stats["server_step_norm"] = float(np.linalg.norm(step))
         new, offset = {}, 0
         for n in names:
@@ -577,6 +611,21 @@ class PoissonCohortFedAvg(Strategy):
             new[n] = (self.current[n] + step[offset:offset + size].reshape(np.shape(self.current[n]))).astype(np.float32)
             offset += size
         return state_to_arrays(new), MetricRecord({k: float(v) for k, v in stats.items()})
+
+    def server_step(self, mean_update: np.ndarray) -> np.ndarray:
+        """The change of the global model for this round's (released) mean update: FedAvgM or server Adam."""
+        self.server_steps += 1
+        if self.server_optimizer == "sgd":
+            self.velocity = mean_update if self.velocity is None else self.server_momentum * self.velocity + mean_update
+            return self.server_lr * self.velocity
+        beta1, beta2 = self.server_betas
+        if self.velocity is None:
+            self.velocity, self.second_moment = np.zeros_like(mean_update), np.zeros_like(mean_update)
+        self.velocity = beta1 * self.velocity + (1 - beta1) * mean_update
+        self.second_moment = beta2 * self.second_moment + (1 - beta2) * np.square(mean_update)
+        t = self.server_steps
+        lr_t = self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        return lr_t * self.velocity / (np.sqrt(self.second_moment) + self.server_tau)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         return None

@@ -147,6 +147,7 @@ def train_local(
     global_params: Optional[Mapping[str, np.ndarray]] = None,
     device: Optional[torch.device] = None,
     on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
+    optimizer_reset_every: int = 0,
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -164,15 +165,23 @@ def train_local(
 
     device: where the model is moved and each batch goes (`common.device`); None = where the model is.
     on_step(steps done, the step's loss or None for an empty batch, its examples): after every step (logging).
+    optimizer_reset_every: k > 0 re-creates the optimiser (fresh Adam moments) before every k-th step, the data
+    order unchanged: the centralised baseline run as a federation's client restarts its optimiser every round
+    (a diagnostic of FedAvg's gap, federated.centralised_optimizer_reset_every); 0 keeps one optimiser.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
+    if isinstance(optimizer_reset_every, bool) or not isinstance(optimizer_reset_every, int) or optimizer_reset_every < 0:
+        raise ValueError(f"optimizer_reset_every={optimizer_reset_every!r}: expected an int >= 0 (0: never)")
+    if optimizer_reset_every and dp is not None:
+        raise ValueError("optimizer_reset_every > 0 with DP: Opacus wraps the optimiser once; resets are for the non-private baseline only")
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     anchors = {name: torch.as_tensor(np.asarray(global_params[name])).to(device) for name in trainable} if prox_mu > 0 else {}
-    optimizer = build_local_optimizer(optimizer, list(trainable.values()), lr)
+    optimizer_name = optimizer
+    optimizer = build_local_optimizer(optimizer_name, list(trainable.values()), lr)
     run_model, run_loader = model, loader
     if dp is not None:
         from privacy.dp import dp_step_on_empty_batch
@@ -186,6 +195,8 @@ def train_local(
         for batch in run_loader:
             if steps is not None and done >= steps:
                 break
+            if optimizer_reset_every and done and done % optimizer_reset_every == 0:
+                optimizer = build_local_optimizer(optimizer_name, list(trainable.values()), lr)
             optimizer.zero_grad(set_to_none=True)
             loss, n = loss_fn(run_model, move_to_device(batch, device))
             if n == 0:  # Poisson sampling can draw an empty batch

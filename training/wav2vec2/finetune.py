@@ -27,7 +27,8 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
 
     steps = centralised_steps(cfg, plan["clients"])
     logger = open_run_log(cfg, Path(run_config["run-dir"]))
-    result = train_centralised(run_config, steps, task, on_step=_step_log(logger, steps, int(cfg.trainer.log_every)))
+    result = train_centralised(run_config, steps, task, on_step=_step_log(logger, steps, int(cfg.trainer.log_every)),
+                               optimizer_reset_every=int(cfg.federated.centralised_optimizer_reset_every))
     stats, session = result["stats"], result["dp"]
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
                "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}

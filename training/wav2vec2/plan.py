@@ -65,8 +65,9 @@ def check_population(cfg: DictConfig) -> None:
                 f"{'is larger than' if q > 1 else 'is not a part of'} the population of N = {n_clients} clients; "
                 f"q must be in (0, 1]"
             )
-        if fed.name != "fedavg":
-            raise DPPlanError(f"federated.cohort_sampling=poisson with federated={fed.name}: Poisson cohorts are implemented for fedavg")
+        if fed.name not in ("fedavg", "fedadam"):
+            raise DPPlanError(f"federated.cohort_sampling=poisson with federated={fed.name}: Poisson cohorts are implemented for "
+                              f"fedavg and fedadam")
     elif int(n_clients * float(fed.fraction_train)) > n_clients:
         raise DPPlanError(f"federated.fraction_train={fed.fraction_train}: a cohort of {int(n_clients * float(fed.fraction_train))} "
                           f"clients is larger than the population of {n_clients}")
@@ -135,6 +136,12 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
 
     if fed.local_optimizer not in LOCAL_OPTIMIZERS:
         raise ValueError(f"federated.local_optimizer={fed.local_optimizer!r}: expected one of {' | '.join(LOCAL_OPTIMIZERS)}")
+    reset = fed.centralised_optimizer_reset_every
+    if isinstance(reset, bool) or not isinstance(reset, int) or reset < 0:
+        raise ValueError(f"federated.centralised_optimizer_reset_every={reset!r}: expected an int >= 0 (0: one optimiser)")
+    if reset and (fed.name != "none" or dp.name != "none"):
+        raise ValueError(f"federated.centralised_optimizer_reset_every={reset}: only for the non-private centralised baseline "
+                         f"(federated=none dp=none), got federated={fed.name} dp={dp.name}")
     if dp.name == "central" and fed.name == "none":
         raise DPPlanError("dp=central is user-level DP of a federation (server-side clipping + noise); with federated=none use dp=local (DP-SGD)")
     if dp.name == "local" and dp.grad_sample_mode != "hooks":
@@ -149,8 +156,10 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                 f"dp.target_delta={float(dp.target_delta):g} must be < 1/N = 1/{n_clients} (N = number of clients: "
                 f"central DP protects a whole client)"
             )
-        if fed.name not in ("fedavg", "fedprox"):
-            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), got {fed.name}")
+        poisson_fedadam = fed.name == "fedadam" and fed.cohort_sampling == "poisson"  # server Adam on the noised mean
+        if fed.name not in ("fedavg", "fedprox") and not poisson_fedadam:
+            raise DPPlanError(f"dp=central needs federated=fedavg | fedprox (a mean aggregator), or fedadam with "
+                              f"federated.cohort_sampling=poisson (server Adam on the noised mean), got {fed.name}")
 
     check_population(cfg)
     from training.wav2vec2.run_config import wav2vec2_run_config
