@@ -522,6 +522,12 @@ def _pyplot():
     return plt
 
 
+def _distinct_colours() -> tuple:
+    """18 distinct hues for one colour per system (tab20 would pair light/dark shades of one hue)."""
+    plt = _pyplot()
+    return plt.cm.tab10.colors + plt.cm.Dark2.colors
+
+
 def _legend_below(fig, ax, handles=None, labels=None, ncol: int = 1) -> None:
     """Legend under the axes (never over the data); bbox_inches="tight" keeps it in the file."""
     if handles is None:
@@ -566,7 +572,7 @@ def plot_privacy_utility(raw: list[dict], path: Path, wer_key: str, eer_key: str
 
     xs, ys = [pct(r[wer_key]) for r in pts], [pct(r[eer_key]) for r in pts]
     all_x, all_y = list(xs), list(ys)
-    colours = plt.cm.tab10.colors + plt.cm.Dark2.colors
+    colours = _distinct_colours()
     variant_key = eer_key.rsplit(":", 1)[0] + ":variant"  # the strongest plot names each point's attacker
     which = lambda r: f" [{r[variant_key]}]" if r.get(variant_key) else ""
     for i, (x, y, r) in enumerate(zip(xs, ys, pts)):  # one colour per system; squares: with the contrastive term
@@ -725,7 +731,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     plt = _pyplot()
     fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"local": "--", "central": ":"}  # line style = kind of DP, colour = run
-    colours = plt.cm.tab10.colors + plt.cm.Dark2.colors  # distinct hues (tab20 pairs light/dark shades of one hue)
+    colours = _distinct_colours()
     for i, (label, x, loss, wer, dp) in enumerate(sorted(curves)):
         kwargs = dict(ls=style.get(dp, "-"), marker="o", ms=3, color=colours[i % len(colours)])
         ax_loss.plot(x, loss, label=label, **kwargs)
@@ -778,7 +784,7 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     if not panels:  # only unprotected attacks: one panel with them
         panels, by_scenario, baselines = ["clean"], {"clean": {}}, baselines
     systems = sorted({name for s in panels for name in by_scenario[s]})
-    colours = dict(zip(systems, _pyplot().cm.tab10.colors * 3))
+    colours = dict(zip(systems, _distinct_colours() * 2))  # 18 hues before a colour repeats
     baseline_style = {"clean": dict(color="black", ls="--", lw=1.2), "raw": dict(color="0.45", ls="-.", lw=1.2)}
     everything = {f"{s}|{n}|{i}": c for s in panels for n, cs in by_scenario[s].items() for i, c in enumerate(cs)}
     everything.update({f"{b}|{n}|{i}": c for b, d in baselines.items() for n, cs in d.items() for i, c in enumerate(cs)})
