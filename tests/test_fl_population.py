@@ -584,3 +584,24 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     # the unused fedadam options of a FedAvg run do not split it
     other = Run(Path("f"), {**fl, "federated": {**fl["federated"], "server_lr": 0.5}})
     assert other.system == adam_clients.system
+
+
+def test_client_optimiser_and_server_adam_moments_are_named_in_the_run_only_when_not_the_defaults():
+    """SGD clients (and their lr) and fedadam's beta/tau get their own run directory; the names of the default runs
+    (Adam clients; Flower's 0.9 / 0.99 / 1e-3) are the ones of sessions 3-4."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+
+    base = ["experiment=fl_dp_population", "dp=none"]
+    sgd = ["federated.local_optimizer=sgd", "trainer.lr=1.0"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        fedavg = compose("config", overrides=base)
+        fedavg_sgd = compose("config", overrides=base + sgd)
+        fedadam = compose("config", overrides=base + ["federated=fedadam", "federated.server_lr=0.01"])
+        fedadam_sgd = compose("config", overrides=base + sgd + ["federated=fedadam", "federated.server_lr=0.01"])
+        moments = compose("config", overrides=base + sgd + ["federated=fedadam", "federated.server_lr=0.01",
+                                                            "federated.server_beta2=0.999", "federated.server_tau=1e-8"])
+    assert fedavg.run_name == "wav2vec2_tiny-lora-ctc-fedavg-c320-r10-b10x5q0.25"
+    assert fedavg_sgd.run_name == "wav2vec2_tiny-lora-ctc-fedavg-sgd1-c320-r10-b10x5q0.25"
+    assert fedadam.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-c320-r10-b10x5q0.25"
+    assert fedadam_sgd.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-sgd1-c320-r10-b10x5q0.25"
+    assert moments.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-c320-r10-b10x5q0.25"

@@ -568,6 +568,20 @@ def _server_opt_tag(server_lr: Any, momentum: Any) -> str:
     return f"-slr{float(server_lr):g}" + (f"m{float(momentum):g}" if float(momentum) else "")
 
 
+def _server_adam_tag(beta1: Any, beta2: Any, tau: Any) -> str:
+    """Run-name part of fedadam's moment decays and tau: "" at the defaults (0.9, 0.99, 1e-3, Flower's), else
+    "-b0.9-0.999-tau1e-08", so server-Adam runs with other moments never share a directory."""
+    if (float(beta1), float(beta2), float(tau)) == (0.9, 0.99, 1.0e-3):
+        return ""
+    return f"-b{float(beta1):g}-{float(beta2):g}-tau{float(tau):g}"
+
+
+def _client_opt_tag(local_optimizer: Any, lr: Any) -> str:
+    """Run-name part of a federated client's optimiser: "" for the default (Adam), "-sgd0.5" for plain SGD at lr 0.5.
+    (Adam clients at another trainer.lr still need run_name=; the stage fingerprint refuses silent reuse.)"""
+    return "" if str(local_optimizer) == "adam" else f"-{local_optimizer}{float(lr):g}"
+
+
 def _optimizer_reset_tag(every: Any) -> str:
     """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser,
     "optreset5" when it is re-created every 5 steps, so the diagnostic runs never share the baseline's directory."""
@@ -614,6 +628,10 @@ def register() -> None:
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("server_opt_tag"):
         OmegaConf.register_new_resolver("server_opt_tag", _server_opt_tag)
+    if not OmegaConf.has_resolver("server_adam_tag"):
+        OmegaConf.register_new_resolver("server_adam_tag", _server_adam_tag)
+    if not OmegaConf.has_resolver("client_opt_tag"):
+        OmegaConf.register_new_resolver("client_opt_tag", _client_opt_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):
         OmegaConf.register_new_resolver("optimizer_reset_tag", _optimizer_reset_tag)
     if not OmegaConf.has_resolver("app_config_groups"):
