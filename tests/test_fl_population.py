@@ -605,3 +605,28 @@ def test_client_optimiser_and_server_adam_moments_are_named_in_the_run_only_when
     assert fedadam.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-c320-r10-b10x5q0.25"
     assert fedadam_sgd.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-sgd1-c320-r10-b10x5q0.25"
     assert moments.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-c320-r10-b10x5q0.25"
+
+
+def test_server_adam_experiment_is_one_step_fedsgd_with_the_centralised_adam_and_budget():
+    """experiment=fl_population_server_adam: one local SGD step at lr 1 (the update is minus the client's gradient),
+    server Adam with the centralised baseline's hyper-parameters, about one client per round, and as many client
+    steps of 10 utterances as the centralised run of experiment=fl_dp_population."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    from training.wav2vec2.plan import centralised_steps
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        exp = compose("config", overrides=["experiment=fl_population_server_adam"])
+        explicit = compose("config", overrides=[
+            "experiment=fl_dp_population", "dp=none", "federated=fedadam", "federated.local_optimizer=sgd",
+            "trainer.lr=1.0", "federated.local_steps=1", "federated.cohort_rate=0.003125", "federated.num_rounds=4000",
+            "federated.server_lr=0.003", "federated.server_beta2=0.999", "federated.server_tau=1e-8",
+            "federated.server_eval_every=200"])
+        population = compose("config", overrides=["experiment=fl_dp_population"])
+    assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
+    plan = lambda cfg, n: [{"steps_per_round": int(cfg.federated.local_steps)}] * n
+    assert centralised_steps(exp, plan(exp, 320)) == centralised_steps(population, plan(population, 320)) == 4000
+    assert exp.trainer.batch_size == population.trainer.batch_size == 10
+    assert exp.federated.server_lr == population.trainer.lr  # the centralised Adam's learning rate
+    assert "-sgd1-" in exp.run_name and "tau1e-08" in exp.run_name
