@@ -72,6 +72,7 @@ AXES = (
     "federated.local_optimizer",  # the Wav2Vec2 rows' (client) optimiser and lr: SGD clients are another system
     "trainer.lr",
     "federated.centralised_optimizer_reset_every",  # the centralised baseline with a fresh optimiser every k steps: a diagnostic, another system
+    "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
 )
 
 
@@ -101,7 +102,7 @@ class Run:
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
-                    "federated.centralised_optimizer_reset_every": 0}
+                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none"}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -323,6 +324,8 @@ def _label(run: Run) -> str:
                              f"{run.axis('federated.server_beta2'):g}, τ {run.axis('federated.server_tau'):g})")
             elif (server_lr not in (None, 1.0)) or momentum:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
+        if run.axis("federated.lr_decay") not in (None, "none"):
+            parts.append(f"{'server ' if fed not in (None, 'none') else ''}lr decayed {run.axis('federated.lr_decay')}ly")
         if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
             parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
