@@ -630,3 +630,64 @@ def test_server_adam_experiment_is_one_step_fedsgd_with_the_centralised_adam_and
     assert exp.trainer.batch_size == population.trainer.batch_size == 10
     assert exp.federated.server_lr == population.trainer.lr  # the centralised Adam's learning rate
     assert "-sgd1-" in exp.run_name and "tau1e-08" in exp.run_name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_server_lr_decay_scales_round_r_of_T_by_one_minus_r_minus_1_over_T(optimizer):
+    """federated.lr_decay=linear on the server (Poisson cohorts): round r's step is the constant-lr step times
+    1 - (r - 1) / T, for FedAvgM's and server Adam's step alike (the moments see the same updates)."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(size=5) for _ in range(4)]
+    kwargs = dict(server_lr=0.5, server_momentum=0.5) if optimizer == "sgd" else dict(server_lr=0.01, server_optimizer="adam")
+    constant = PoissonCohortFedAvg(10, 0.5, reproducible_seed=0, **kwargs)
+    decayed = PoissonCohortFedAvg(10, 0.5, reproducible_seed=0, lr_decay="linear", num_rounds=4, **kwargs)
+    for r, m in enumerate(updates, start=1):
+        np.testing.assert_allclose(decayed.server_step(m, r), (1 - (r - 1) / 4) * constant.server_step(m, r), rtol=1e-12)
+    assert decayed.lr_scale(4) == 0.25 and constant.lr_scale(4) == 1.0
+    with pytest.raises(ValueError, match=r"lr-decay='linear' needs the run's num-rounds"):
+        PoissonCohortFedAvg(10, 0.5, lr_decay="linear")
+
+
+def test_lr_decay_is_named_in_the_run_and_refused_where_nothing_implements_it():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import build_strategy
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        central = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=none", "federated.lr_decay=linear"])
+        fedavg = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.lr_decay=linear"])
+        fixed = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.cohort_sampling=fixed",
+                                             "federated.lr_decay=linear"])
+        local_dp = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=local", "federated.lr_decay=linear"])
+    assert central.run_name == "wav2vec2_tiny-lora-ctc-lindecay-b10x5q0.25"
+    assert fedavg.run_name == "wav2vec2_tiny-lora-ctc-fedavg-lindecay-c320-r10-b10x5q0.25"
+    assert check_config(central) and check_config(fedavg)
+    for cfg, says in ((fixed, "federated.cohort_sampling=fixed"), (local_dp, "dp=local")):
+        with pytest.raises(ValueError, match=r"federated\.lr_decay=linear: decays the centralised baseline's optimiser.*" + re.escape(says)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=re.escape("run_config['lr-decay'] (federated.lr_decay)='cosine'")):
+        resolve_run_config({"lr-decay": "cosine"})
+    with pytest.raises(ValueError, match=r"lr-decay='linear' \(federated.lr_decay\): the server lr schedule is implemented for "
+                                         r"cohort-sampling=poisson only"):
+        build_strategy(resolve_run_config({"num-clients": 4, "lr-decay": "linear"}), 4)
+
+
+def test_table_keeps_lr_decay_runs_apart_and_reads_old_runs_as_constant():
+    from scripts.make_tables import Run, _label
+
+    fl = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
+          "compression": {"name": "none"}, "trainer": {"lr": 1.0},
+          "federated": {"name": "fedadam", "num_rounds": 4000, "local_steps": 1, "num_clients": 320, "cohort_sampling": "poisson",
+                        "cohort_rate": 0.003125, "local_optimizer": "sgd", "server_lr": 0.003, "server_beta1": 0.9,
+                        "server_beta2": 0.999, "server_tau": 1e-8}}
+    old = Run(Path("a"), fl)  # written before federated.lr_decay existed
+    constant = Run(Path("b"), {**fl, "federated": {**fl["federated"], "lr_decay": "none"}})
+    decayed = Run(Path("c"), {**fl, "federated": {**fl["federated"], "lr_decay": "linear"}})
+    assert old.system == constant.system != decayed.system
+    assert "server lr decayed linearly" in _label(decayed) and "decayed" not in _label(constant)
+    central = Run(Path("d"), {**fl, "trainer": {"lr": 3e-3}, "federated": {"name": "none", "num_rounds": 10, "local_steps": 5,
+                                                                          "local_optimizer": "adam", "lr_decay": "linear"}})
+    assert _label(central) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, lr decayed linearly, 10x5 steps"
