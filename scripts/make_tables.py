@@ -417,7 +417,9 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             by_budget[_budget(run)].append(run)
     lines = []
     for budget, members in sorted(by_budget.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        base = [r for r in members if r.axis("federated.name") == "none" and r.axis("dp.name") == "none"]
+        base = [r for r in members if r.axis("federated.name") == "none" and r.axis("dp.name") == "none"  # the plain baseline,
+                and not r.axis("federated.centralised_optimizer_reset_every")  # not its diagnostic variants
+                and r.axis("federated.lr_decay") in (None, "none")]
         if not base:
             continue
         reference = wer(base)

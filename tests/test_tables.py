@@ -120,6 +120,14 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
     assert "FL + local DP, compression none: smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text
     assert "FL + local DP, compression int8: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
     assert "2x20 steps, FL + local DP" not in text  # no centralised baseline with that budget: no claim
+    # a diagnostic variant of the centralised run (lr decay) is a row of its own, not a second reference
+    decayed = fl_config("none", "none", 8.0)
+    decayed["federated"]["lr_decay"] = "linear"
+    write_stage(runs / "central-decay" / "s1", "federated", decayed, {"wer": 0.700, "cer": 0.3, "epsilon/max": 0.0, "test_loss": 2.0})
+    assert "smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in make_tables(runs, tmp_path / "out")
+    import shutil
+
+    shutil.rmtree(runs / "central-decay")
     # the epsilon column names the privacy unit and the adjacency; rows say their unit
     assert "ε spent (max client), δ = 1e-5, add/remove one utterance (local DP) |" in text
     assert sum("local DP ε=3.0 (utterance-level)" in r for r in rows) == 1
