@@ -590,12 +590,12 @@ def _optimizer_reset_tag(every: Any, lr_decay: Any = "none") -> str:
     """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser at a
     constant lr, "optreset5" when it is re-created every 5 steps, "lindecay" with federated.lr_decay=linear (both:
     "optreset5-lindecay"), so these runs never share the baseline's directory."""
-    parts = ([] if every in (None, 0, "0") else [f"optreset{every}"]) + ([] if str(lr_decay) == "none" else [f"{str(lr_decay)[:3]}decay"])
+    parts = ([] if every in (None, 0, "0") else [f"optreset{every}"]) + ([_lr_decay_tag(lr_decay)[1:]] if _lr_decay_tag(lr_decay) else [])
     return "-".join(parts) if parts else "none"
 
 
 def _lr_decay_tag(lr_decay: Any) -> str:
-    """Run-name part of a federation's server lr schedule: "" when constant, "-lindecay" when linear."""
+    """Run-name part of the run's own lr schedule: "" when constant, "-lindecay" when linear."""
     return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
 
 

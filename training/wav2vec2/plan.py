@@ -142,8 +142,6 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     if reset and (fed.name != "none" or dp.name != "none"):
         raise ValueError(f"federated.centralised_optimizer_reset_every={reset}: only for the non-private centralised baseline "
                          f"(federated=none dp=none), got federated={fed.name} dp={dp.name}")
-    if fed.lr_decay not in ("none", "linear"):
-        raise ValueError(f"federated.lr_decay={fed.lr_decay!r}: expected none | linear")
     if fed.lr_decay != "none" and not ((fed.name == "none" and dp.name == "none")
                                        or (fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson")):
         raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
