@@ -72,6 +72,7 @@ AXES = (
     "federated.local_optimizer",  # the Wav2Vec2 rows' (client) optimiser and lr: SGD clients are another system
     "trainer.lr",
     "federated.centralised_optimizer_reset_every",  # the centralised baseline with a fresh optimiser every k steps: a diagnostic, another system
+    "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
 )
 
 
@@ -101,7 +102,7 @@ class Run:
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
-                    "federated.centralised_optimizer_reset_every": 0}
+                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none"}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -323,6 +324,8 @@ def _label(run: Run) -> str:
                              f"{run.axis('federated.server_beta2'):g}, τ {run.axis('federated.server_tau'):g})")
             elif (server_lr not in (None, 1.0)) or momentum:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
+        if run.axis("federated.lr_decay") not in (None, "none"):
+            parts.append(f"{'server ' if fed not in (None, 'none') else ''}lr decayed {run.axis('federated.lr_decay')}ly")
         if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
             parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
@@ -414,7 +417,9 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             by_budget[_budget(run)].append(run)
     lines = []
     for budget, members in sorted(by_budget.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        base = [r for r in members if r.axis("federated.name") == "none" and r.axis("dp.name") == "none"]
+        base = [r for r in members if r.axis("federated.name") == "none" and r.axis("dp.name") == "none"  # the plain baseline,
+                and not r.axis("federated.centralised_optimizer_reset_every")  # not its diagnostic variants
+                and r.axis("federated.lr_decay") in (None, "none")]
         if not base:
             continue
         reference = wer(base)
@@ -636,36 +641,59 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
-    """WER vs epsilon per kind of DP and compression (mean ± std over seeds), with the runs without DP
-    as labelled horizontal baselines (or a note that there is none)."""
+def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[tuple[float, float]]]], dict[str, list[float]]]:
+    """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
+    trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
+    holds one system only: the federation's strategy, cohort rate, lr schedule and budget (client steps) are in
+    its key or name whenever the runs differ in them, so FedAvg and server-Adam runs are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
-    for r in runs:
-        if "federated:wer" not in r.metrics:
-            continue
+    scored = [r for r in runs if "federated:wer" in r.metrics]
+    budgets = {_client_steps(r) for r in scored if r.axis("dp.name") in (None, "none") and not _no_training(r)}
+
+    def how(r: Run, with_rate: bool = True) -> str:
+        fed = r.axis("federated.name")
+        parts = [] if fed in (None, "none") else [str(fed)]
+        if with_rate and fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson":
+            parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
+        if r.axis("federated.lr_decay") not in (None, "none"):
+            parts.append("lr decayed")
+        if len(budgets) > 1 and _client_steps(r) is not None:
+            parts.append(f"{_client_steps(r):,.0f} client steps")
+        return ", ".join(parts)
+
+    for r in scored:
         if r.axis("dp.name") in (None, "none"):
             fed, comp = r.axis("federated.name"), r.axis("compression.name")
-            name = plain_label(r) if _no_training(r) else "centralised" if fed in (None, "none") else f"FL ({fed})"
+            detail = how(r)
+            name = (plain_label(r) if _no_training(r) else ("centralised" if fed in (None, "none") else "FL")
+                    + (f" ({detail})" if detail else ""))
             if fed not in (None, "none") and comp not in (None, "none"):
                 name += f", {comp} updates"
             no_dp[name].append(r.metrics["federated:wer"])
         elif "federated:epsilon/max" in r.metrics:  # FL + DP and DP-only (one data holder) are separate lines
-            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"))
+            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"), how(r, with_rate=False))
             with_dp[key][float(r.axis("dp.target_epsilon"))].append((r.metrics["federated:epsilon/max"], r.metrics["federated:wer"]))
+    return with_dp, no_dp
+
+
+def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
+    """WER vs epsilon per kind of DP, compression and federation (mean ± std over seeds), with the runs without DP
+    as labelled horizontal baselines (or a note that there is none)."""
+    with_dp, no_dp = _epsilon_wer_series(runs)
     if not with_dp:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     markers = iter(["o", "s", "^", "D", "v", "P", "X", "<", ">"] * 3)
-    for (dp_only, dp_kind, comp), by_target in sorted(with_dp.items(), key=lambda kv: [str(x) for x in kv[0]]):
+    for (dp_only, dp_kind, comp, fed_how), by_target in sorted(with_dp.items(), key=lambda kv: [str(x) for x in kv[0]]):
         eps, wer, err = [], [], []
         for target in sorted(by_target):
             e, _ = _mean_std([p[0] for p in by_target[target]])
             w, sd = _mean_std([100 * p[1] for p in by_target[target]])
             eps.append(e), wer.append(w), err.append(sd)
         what = "local DP (per client)" if dp_kind == "local" else "central DP (server)" if dp_kind == "central" else f"{dp_kind} DP"
-        what = "DP-only, centralised DP-SGD" if dp_only else f"FL + {what}"
+        what = "DP-only, centralised DP-SGD" if dp_only else f"FL ({fed_how}) + {what}" if fed_how else f"FL + {what}"
         ax.errorbar(eps, wer, yerr=err if any(err) else None, fmt=next(markers) + "-", capsize=2, ms=5, alpha=0.85,
                     label=f"{what}, {'no compression' if comp in (None, 'none') else comp + ' updates'}")
     styles = iter([":", "--", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)), (0, (3, 1, 1, 1, 1, 1))])

@@ -380,3 +380,27 @@ def test_every_flower_setting_has_one_hydra_source_and_the_defaults_agree():
     hydra = {key: convert(OmegaConf.select(cfg, path)) for key, (path, convert) in FROM_HYDRA.items()}
     differ = {key for key in FROM_HYDRA if hydra[key] != flower[key]}
     assert differ == set(DEFAULTS_DIFFER_ON_PURPOSE), {k: (hydra[k], flower[k]) for k in differ ^ set(DEFAULTS_DIFFER_ON_PURPOSE)}
+
+
+def test_linear_lr_decay_gives_step_i_the_lr_times_one_minus_i_over_steps():
+    """federated.lr_decay=linear on the centralised side: plain SGD steps of a linear decay equal single steps chained
+    by hand at lr * (1 - i / steps); a constant lr differs; a decay without a step count is refused."""
+    task = tiny_synthetic_task(resolve_run_config(TINY))
+    loader, _ = task.build_loaders(0, 2)
+    batches = list(loader)[:4]
+
+    decayed = task.build_model()
+    train_local(decayed, batches, task.loss_fn, steps=4, lr=0.2, optimizer="sgd", lr_decay="linear")
+    by_hand = task.build_model()
+    for i, batch in enumerate(batches):
+        train_local(by_hand, [batch], task.loss_fn, steps=1, lr=0.2 * (1 - i / 4), optimizer="sgd")
+    constant = task.build_model()
+    train_local(constant, batches, task.loss_fn, steps=4, lr=0.2, optimizer="sgd")
+    a, b, c = federated_state(decayed), federated_state(by_hand), federated_state(constant)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6)
+    assert max(float(np.abs(a[k] - c[k]).max()) for k in a) > 1e-4
+    with pytest.raises(ValueError, match=r"lr_decay='linear' needs a step count"):
+        train_local(task.build_model(), batches, task.loss_fn, epochs=1, lr_decay="linear")
+    with pytest.raises(ValueError, match=r"lr_decay='cosine': expected none \| linear"):
+        train_local(task.build_model(), batches, task.loss_fn, steps=1, lr_decay="cosine")

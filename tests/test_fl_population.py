@@ -584,3 +584,110 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     # the unused fedadam options of a FedAvg run do not split it
     other = Run(Path("f"), {**fl, "federated": {**fl["federated"], "server_lr": 0.5}})
     assert other.system == adam_clients.system
+
+
+def test_client_optimiser_and_server_adam_moments_are_named_in_the_run_only_when_not_the_defaults():
+    """SGD clients (and their lr) and fedadam's beta/tau get their own run directory; the names of the default runs
+    (Adam clients; Flower's 0.9 / 0.99 / 1e-3) are the ones of sessions 3-4."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+
+    base = ["experiment=fl_dp_population", "dp=none"]
+    sgd = ["federated.local_optimizer=sgd", "trainer.lr=1.0"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        fedavg = compose("config", overrides=base)
+        fedavg_sgd = compose("config", overrides=base + sgd)
+        fedadam = compose("config", overrides=base + ["federated=fedadam", "federated.server_lr=0.01"])
+        fedadam_sgd = compose("config", overrides=base + sgd + ["federated=fedadam", "federated.server_lr=0.01"])
+        moments = compose("config", overrides=base + sgd + ["federated=fedadam", "federated.server_lr=0.01",
+                                                            "federated.server_beta2=0.999", "federated.server_tau=1e-8"])
+    assert fedavg.run_name == "wav2vec2_tiny-lora-ctc-fedavg-c320-r10-b10x5q0.25"
+    assert fedavg_sgd.run_name == "wav2vec2_tiny-lora-ctc-fedavg-sgd1-c320-r10-b10x5q0.25"
+    assert fedadam.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-c320-r10-b10x5q0.25"
+    assert fedadam_sgd.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-sgd1-c320-r10-b10x5q0.25"
+    assert moments.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-c320-r10-b10x5q0.25"
+
+
+def test_server_adam_experiment_is_one_step_fedsgd_with_the_centralised_adam_and_budget():
+    """experiment=fl_population_server_adam: one local SGD step at lr 1 (the update is minus the client's gradient),
+    server Adam with the centralised baseline's hyper-parameters, about one client per round, and as many client
+    steps of 10 utterances as the centralised run of experiment=fl_dp_population."""
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    from training.wav2vec2.plan import centralised_steps
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        exp = compose("config", overrides=["experiment=fl_population_server_adam"])
+        explicit = compose("config", overrides=[
+            "experiment=fl_dp_population", "dp=none", "federated=fedadam", "federated.local_optimizer=sgd",
+            "trainer.lr=1.0", "federated.local_steps=1", "federated.cohort_rate=0.003125", "federated.num_rounds=4000",
+            "federated.server_lr=0.003", "federated.server_beta2=0.999", "federated.server_tau=1e-8",
+            "federated.server_eval_every=200"])
+        population = compose("config", overrides=["experiment=fl_dp_population"])
+    assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
+    plan = lambda cfg, n: [{"steps_per_round": int(cfg.federated.local_steps)}] * n
+    assert centralised_steps(exp, plan(exp, 320)) == centralised_steps(population, plan(population, 320)) == 4000
+    assert exp.trainer.batch_size == population.trainer.batch_size == 10
+    assert exp.federated.server_lr == population.trainer.lr  # the centralised Adam's learning rate
+    assert "-sgd1-" in exp.run_name and "tau1e-08" in exp.run_name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_server_lr_decay_scales_round_r_of_T_by_one_minus_r_minus_1_over_T(optimizer):
+    """federated.lr_decay=linear on the server (Poisson cohorts): round r's step is the constant-lr step times
+    1 - (r - 1) / T, for FedAvgM's and server Adam's step alike (the moments see the same updates)."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(size=5) for _ in range(4)]
+    kwargs = dict(server_lr=0.5, server_momentum=0.5) if optimizer == "sgd" else dict(server_lr=0.01, server_optimizer="adam")
+    constant = PoissonCohortFedAvg(10, 0.5, reproducible_seed=0, **kwargs)
+    decayed = PoissonCohortFedAvg(10, 0.5, reproducible_seed=0, lr_decay="linear", num_rounds=4, **kwargs)
+    for r, m in enumerate(updates, start=1):
+        np.testing.assert_allclose(decayed.server_step(m, r), (1 - (r - 1) / 4) * constant.server_step(m, r), rtol=1e-12)
+    assert decayed.lr_scale(4) == 0.25 and constant.lr_scale(4) == 1.0
+    with pytest.raises(ValueError, match=r"lr-decay='linear' needs the run's num-rounds"):
+        PoissonCohortFedAvg(10, 0.5, lr_decay="linear")
+
+
+def test_lr_decay_is_named_in_the_run_and_refused_where_nothing_implements_it():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import build_strategy
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        central = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=none", "federated.lr_decay=linear"])
+        fedavg = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.lr_decay=linear"])
+        fixed = compose("config", overrides=["experiment=fl_dp_population", "dp=none", "federated.cohort_sampling=fixed",
+                                             "federated.lr_decay=linear"])
+        local_dp = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=local", "federated.lr_decay=linear"])
+    assert central.run_name == "wav2vec2_tiny-lora-ctc-lindecay-b10x5q0.25"
+    assert fedavg.run_name == "wav2vec2_tiny-lora-ctc-fedavg-lindecay-c320-r10-b10x5q0.25"
+    assert check_config(central) and check_config(fedavg)
+    for cfg, says in ((fixed, "federated.cohort_sampling=fixed"), (local_dp, "dp=local")):
+        with pytest.raises(ValueError, match=r"federated\.lr_decay=linear: decays the centralised baseline's optimiser.*" + re.escape(says)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=re.escape("run_config['lr-decay'] (federated.lr_decay)='cosine'")):
+        resolve_run_config({"lr-decay": "cosine"})
+    with pytest.raises(ValueError, match=r"lr-decay='linear' \(federated.lr_decay\): the server lr schedule is implemented for "
+                                         r"cohort-sampling=poisson only"):
+        build_strategy(resolve_run_config({"num-clients": 4, "lr-decay": "linear"}), 4)
+
+
+def test_table_keeps_lr_decay_runs_apart_and_reads_old_runs_as_constant():
+    from scripts.make_tables import Run, _label
+
+    fl = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
+          "compression": {"name": "none"}, "trainer": {"lr": 1.0},
+          "federated": {"name": "fedadam", "num_rounds": 4000, "local_steps": 1, "num_clients": 320, "cohort_sampling": "poisson",
+                        "cohort_rate": 0.003125, "local_optimizer": "sgd", "server_lr": 0.003, "server_beta1": 0.9,
+                        "server_beta2": 0.999, "server_tau": 1e-8}}
+    old = Run(Path("a"), fl)  # written before federated.lr_decay existed
+    constant = Run(Path("b"), {**fl, "federated": {**fl["federated"], "lr_decay": "none"}})
+    decayed = Run(Path("c"), {**fl, "federated": {**fl["federated"], "lr_decay": "linear"}})
+    assert old.system == constant.system != decayed.system
+    assert "server lr decayed linearly" in _label(decayed) and "decayed" not in _label(constant)
+    central = Run(Path("d"), {**fl, "trainer": {"lr": 3e-3}, "federated": {"name": "none", "num_rounds": 10, "local_steps": 5,
+                                                                          "local_optimizer": "adam", "lr_decay": "linear"}})
+    assert _label(central) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, lr decayed linearly, 10x5 steps"

@@ -120,6 +120,14 @@ def test_fl_rows_and_the_smallest_epsilon_within_two_points(tmp_path):
     assert "FL + local DP, compression none: smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in text
     assert "FL + local DP, compression int8: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
     assert "2x20 steps, FL + local DP" not in text  # no centralised baseline with that budget: no claim
+    # a diagnostic variant of the centralised run (lr decay) is a row of its own, not a second reference
+    decayed = fl_config("none", "none", 8.0)
+    decayed["federated"]["lr_decay"] = "linear"
+    write_stage(runs / "central-decay" / "s1", "federated", decayed, {"wer": 0.700, "cer": 0.3, "epsilon/max": 0.0, "test_loss": 2.0})
+    assert "smallest ε within +2 points of the centralised 50.0 % WER: ε = 3 (WER 51.5 %)" in make_tables(runs, tmp_path / "out")
+    import shutil
+
+    shutil.rmtree(runs / "central-decay")
     # the epsilon column names the privacy unit and the adjacency; rows say their unit
     assert "ε spent (max client), δ = 1e-5, add/remove one utterance (local DP) |" in text
     assert sum("local DP ε=3.0 (utterance-level)" in r for r in rows) == 1
@@ -251,7 +259,7 @@ def test_epsilon_plot_labels_the_no_dp_baselines_or_says_there_is_none(tmp_path,
     make_tables(runs, tmp_path / "out")
     ax = next(f for f in figures if "privacy budget" in f.axes[0].get_title()).axes[0]
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "no DP: centralised (70.0 %)" in texts and "FL + local DP (per client), no compression" in texts
+    assert "no DP: centralised (70.0 %)" in texts and "FL (fedavg) + local DP (per client), no compression" in texts
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8"]
 
     figures.clear()
@@ -528,3 +536,28 @@ def test_runs_from_before_the_poisson_cohort_keys_join_the_rows_of_newer_runs(tm
     make_tables(runs, tmp_path / "out")
     rows = [line for line in (tmp_path / "out" / "masks.md").read_text().splitlines() if line.startswith("| avhubert")]
     assert len(rows) == 1 and "| 2 | 11.0 ± 1.4 |" in rows[0]
+
+
+def test_epsilon_wer_plot_keeps_federations_apart_and_names_their_differences():
+    """FedAvg + DP and server-Adam + DP runs are separate series; runs without DP that differ in strategy, cohort
+    rate, lr schedule or budget are separate baselines named by what differs, never averaged together."""
+    from scripts.make_tables import Run, _epsilon_wer_series
+
+    def run(name, fed, dp, eps, wer, q=0.25, rounds=10, steps=5, decay="none"):
+        config = {"model": {"name": "wav2vec2_tiny"}, "dp": {"name": dp, "target_epsilon": eps}, "compression": {"name": "none"},
+                  "federated": {"name": fed, "num_rounds": rounds, "local_steps": steps, "num_clients": 320,
+                                "cohort_sampling": "poisson", "cohort_rate": q, "lr_decay": decay}}
+        metrics = {"federated:wer": wer, **({"federated:epsilon/max": eps} if dp != "none" else {})}
+        return Run(Path(name), config, metrics)
+
+    runs = [run("a", "fedavg", "central", 8.0, 0.68), run("b", "fedadam", "central", 8.0, 0.66, rounds=100, steps=1),
+            run("c", "none", "none", 0.0, 0.58), run("d", "none", "none", 0.0, 0.59, decay="linear"),
+            run("e", "fedavg", "none", 0.0, 0.66), run("f", "fedadam", "none", 0.0, 0.62, q=0.003125, rounds=4000, steps=1),
+            run("g", "fedadam", "none", 0.0, 0.61, q=0.003125, rounds=4000, steps=1, decay="linear")]
+    with_dp, no_dp = _epsilon_wer_series(runs)
+    assert sorted(k[3] for k in with_dp) == ["fedadam", "fedavg"]  # one budget among the runs without DP: not named
+    assert no_dp == {"centralised": [0.58], "centralised (lr decayed)": [0.59], "FL (fedavg, q=0.25)": [0.66],
+                     "FL (fedadam, q=0.003125)": [0.62], "FL (fedadam, q=0.003125, lr decayed)": [0.61]}
+    longer = run("h", "none", "none", 0.0, 0.54, rounds=40, decay="linear")
+    _, no_dp = _epsilon_wer_series(runs + [longer])
+    assert no_dp["centralised (lr decayed, 16,000 client steps)"] == [0.54] and no_dp["centralised (4,000 client steps)"] == [0.58]

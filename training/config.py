@@ -291,6 +291,10 @@ class FederatedConfig:
     # federated=none only (a diagnostic of FedAvg's gap): the centralised baseline re-creates its optimiser (fresh Adam
     # moments) every k steps, as a FedAvg client does every round; 0: one optimiser for the whole run
     centralised_optimizer_reset_every: int = 0
+    # the run's OWN optimiser decays its lr linearly to 1/T of it at the last of its T steps: the centralised baseline's
+    # Adam (per step) and the Poisson-cohort server's step (fedavg / fedadam, per round; post-processing under DP);
+    # the clients' local optimisers are unchanged. none: a constant lr (every run of sessions 2-4)
+    lr_decay: str = one_of("none", "linear")
     client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
     max_num_examples: int = 0  # fedavg/fedprox/fedadam without DP: largest num-examples a client may claim (0: local_steps x batch_size)
 
@@ -568,10 +572,31 @@ def _server_opt_tag(server_lr: Any, momentum: Any) -> str:
     return f"-slr{float(server_lr):g}" + (f"m{float(momentum):g}" if float(momentum) else "")
 
 
-def _optimizer_reset_tag(every: Any) -> str:
-    """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser,
-    "optreset5" when it is re-created every 5 steps, so the diagnostic runs never share the baseline's directory."""
-    return "none" if every in (None, 0, "0") else f"optreset{every}"
+def _server_adam_tag(beta1: Any, beta2: Any, tau: Any) -> str:
+    """Run-name part of fedadam's moment decays and tau: "" at the defaults (0.9, 0.99, 1e-3, Flower's), else
+    "-b0.9-0.999-tau1e-08", so server-Adam runs with other moments never share a directory."""
+    if (float(beta1), float(beta2), float(tau)) == (0.9, 0.99, 1.0e-3):
+        return ""
+    return f"-b{float(beta1):g}-{float(beta2):g}-tau{float(tau):g}"
+
+
+def _client_opt_tag(local_optimizer: Any, lr: Any) -> str:
+    """Run-name part of a federated client's optimiser: "" for the default (Adam), "-sgd0.5" for plain SGD at lr 0.5.
+    (Adam clients at another trainer.lr still need run_name=; the stage fingerprint refuses silent reuse.)"""
+    return "" if str(local_optimizer) == "adam" else f"-{local_optimizer}{float(lr):g}"
+
+
+def _optimizer_reset_tag(every: Any, lr_decay: Any = "none") -> str:
+    """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser at a
+    constant lr, "optreset5" when it is re-created every 5 steps, "lindecay" with federated.lr_decay=linear (both:
+    "optreset5-lindecay"), so these runs never share the baseline's directory."""
+    parts = ([] if every in (None, 0, "0") else [f"optreset{every}"]) + ([_lr_decay_tag(lr_decay)[1:]] if _lr_decay_tag(lr_decay) else [])
+    return "-".join(parts) if parts else "none"
+
+
+def _lr_decay_tag(lr_decay: Any) -> str:
+    """Run-name part of the run's own lr schedule: "" when constant, "-lindecay" when linear."""
+    return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
 
 
 def _app_config_groups() -> str:
@@ -614,6 +639,12 @@ def register() -> None:
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("server_opt_tag"):
         OmegaConf.register_new_resolver("server_opt_tag", _server_opt_tag)
+    if not OmegaConf.has_resolver("server_adam_tag"):
+        OmegaConf.register_new_resolver("server_adam_tag", _server_adam_tag)
+    if not OmegaConf.has_resolver("client_opt_tag"):
+        OmegaConf.register_new_resolver("client_opt_tag", _client_opt_tag)
+    if not OmegaConf.has_resolver("lr_decay_tag"):
+        OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):
         OmegaConf.register_new_resolver("optimizer_reset_tag", _optimizer_reset_tag)
     if not OmegaConf.has_resolver("app_config_groups"):

@@ -33,6 +33,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "server-tau": 1e-3,  # fedadam: the adaptivity floor tau added to sqrt(second moment)
     "fedavg-server-lr": 1.0,  # cohort-sampling=poisson: the server applies fedavg-server-lr x (server-momentum buffer of the mean update)
     "server-momentum": 0.0,  # cohort-sampling=poisson: FedAvgM momentum beta (0 = plain FedAvg); under DP both act on the noised mean
+    "lr-decay": "none",  # none | linear: the server step (cohort-sampling=poisson) or the centralised baseline's optimiser decays to 1/T at its last step
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
     "lr": 0.05,
@@ -85,6 +86,8 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run_config['cohort-sampling']={merged['cohort-sampling']!r}; expected fixed | poisson")
     if not 0 < float(merged["cohort-rate"]) <= 1:
         raise ValueError(f"run_config['cohort-rate']={merged['cohort-rate']!r}; must be in (0, 1] (the probability of each client per round)")
+    if merged["lr-decay"] not in ("none", "linear"):
+        raise ValueError(f"run_config['lr-decay'] (federated.lr_decay)={merged['lr-decay']!r}; expected none | linear")
     every = merged["server-eval-every"]
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"run_config['server-eval-every'] (federated.server_eval_every)={every!r}; expected an integer >= 1 "

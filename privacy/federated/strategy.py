@@ -309,6 +309,9 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
             f"fedavg-server-lr={cfg['fedavg-server-lr']}, server-momentum={cfg['server-momentum']}: the FedAvg server optimiser "
             f"is implemented for cohort-sampling=poisson only (got {cfg['cohort-sampling']!r}); leave them at 1.0 and 0.0"
         )
+    if str(cfg["lr-decay"]) != "none":
+        raise ValueError(f"lr-decay={cfg['lr-decay']!r} (federated.lr_decay): the server lr schedule is implemented for "
+                         f"cohort-sampling=poisson only (got {cfg['cohort-sampling']!r}); leave it at none")
     inner: Strategy
     if name == "fedavg":
         inner = FedAvg(**common)
@@ -378,7 +381,8 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
                                 reproducible_seed=cohort_seed,
                                 server_lr=float(cfg["server-lr" if adam else "fedavg-server-lr"]),
                                 server_momentum=float(cfg["server-momentum"]), server_optimizer="adam" if adam else "sgd",
-                                server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]))
+                                server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]),
+                                lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]))
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
     # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
@@ -477,6 +481,11 @@ class PoissonCohortFedAvg(Strategy):
     FedAdam does). The clients then run plain SGD. Under central DP it, too, sees only the noised mean: the moments
     and the step are functions of released values alone (post-processing), so the guarantee is the same.
 
+    ``lr_decay="linear"``: in round r of ``num_rounds`` = T the server step (of either optimiser) is multiplied by
+    1 - (r - 1) / T, so the last round moves the model by 1/T of a full step; a data-independent schedule, so
+    post-processing under DP as well. It settles the final model where single-round steps are noisy (few-client
+    cohorts of one-speaker clients). "none": a constant step.
+
     Per round it records what DP costs in signal: ``noise_norm`` (||noise|| / qN), ``signal_norm``
     (||sum of clipped updates|| / qN), their ratio ``noise_to_signal``, the fraction of clipped updates
     and the cohort size.
@@ -494,6 +503,8 @@ class PoissonCohortFedAvg(Strategy):
         server_optimizer: str = "sgd",
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_tau: float = 1e-3,
+        lr_decay: str = "none",
+        num_rounds: Optional[int] = None,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -503,6 +514,10 @@ class PoissonCohortFedAvg(Strategy):
             raise ValueError(f"noise_multiplier={noise_multiplier}, clipping_norm={clipping_norm}: need sigma >= 0 and C > 0")
         if not (server_lr > 0 and 0 <= server_momentum < 1):
             raise ValueError(f"fedavg-server-lr={server_lr}, server-momentum={server_momentum}: need eta > 0 and 0 <= beta < 1")
+        if lr_decay not in ("none", "linear"):
+            raise ValueError(f"lr-decay={lr_decay!r}: expected none | linear")
+        if lr_decay != "none" and not (isinstance(num_rounds, int) and num_rounds >= 1):
+            raise ValueError(f"lr-decay={lr_decay!r} needs the run's num-rounds (>= 1), got {num_rounds!r}")
         if server_optimizer not in ("sgd", "adam"):
             raise ValueError(f"server_optimizer={server_optimizer!r}: expected sgd (FedAvg / FedAvgM) | adam (FedAdam)")
         if server_optimizer == "adam":
@@ -513,6 +528,7 @@ class PoissonCohortFedAvg(Strategy):
             if server_momentum != 0.0:
                 raise ValueError(f"server-momentum={server_momentum} with server Adam: Adam's momentum is server-beta1")
         self.server_optimizer = server_optimizer
+        self.lr_decay, self.num_rounds = lr_decay, num_rounds
         self.server_betas = (float(server_betas[0]), float(server_betas[1]))
         self.server_tau = float(server_tau)
         self.server_lr = float(server_lr)
@@ -536,6 +552,8 @@ class PoissonCohortFedAvg(Strategy):
     def summary(self) -> None:
         server = (f"server Adam lr {self.server_lr:g}, betas {self.server_betas[0]:g}/{self.server_betas[1]:g}, tau {self.server_tau:g}"
                   if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
+        if self.lr_decay != "none":
+            server += f", lr decayed {self.lr_decay}ly over {self.num_rounds} rounds"
         log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
                  self.cohort_rate, self.population * self.cohort_rate, server,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
@@ -603,7 +621,7 @@ class PoissonCohortFedAvg(Strategy):
                          mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
             if signal_norm > 0:  # an empty cohort releases pure noise: no ratio (it would swamp the run's mean)
                 stats["noise_to_signal"] = noise_norm / signal_norm
-        step = self.server_step(step)
+        step = self.server_step(step, server_round)
         stats["server_step_norm"] = float(np.linalg.norm(step))
         new, offset = {}, 0
         for n in names:
@@ -612,19 +630,27 @@ class PoissonCohortFedAvg(Strategy):
             offset += size
         return state_to_arrays(new), MetricRecord({k: float(v) for k, v in stats.items()})
 
-    def server_step(self, mean_update: np.ndarray) -> np.ndarray:
-        """The change of the global model for this round's (released) mean update: FedAvgM or server Adam."""
+    def lr_scale(self, server_round: Optional[int]) -> float:
+        """The schedule's factor of the server step in `server_round` (1-based): 1 for "none", 1 - (r - 1) / T for "linear"."""
+        if self.lr_decay == "none" or server_round is None:
+            return 1.0
+        return max(0.0, 1.0 - (int(server_round) - 1) / float(self.num_rounds))
+
+    def server_step(self, mean_update: np.ndarray, server_round: Optional[int] = None) -> np.ndarray:
+        """The change of the global model for this round's (released) mean update: FedAvgM or server Adam, times the
+        lr schedule's factor of `server_round` (None: no schedule)."""
         self.server_steps += 1
+        scale = self.lr_scale(server_round)
         if self.server_optimizer == "sgd":
             self.velocity = mean_update if self.velocity is None else self.server_momentum * self.velocity + mean_update
-            return self.server_lr * self.velocity
+            return scale * self.server_lr * self.velocity
         beta1, beta2 = self.server_betas
         if self.velocity is None:
             self.velocity, self.second_moment = np.zeros_like(mean_update), np.zeros_like(mean_update)
         self.velocity = beta1 * self.velocity + (1 - beta1) * mean_update
         self.second_moment = beta2 * self.second_moment + (1 - beta2) * np.square(mean_update)
         t = self.server_steps
-        lr_t = self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        lr_t = scale * self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         return lr_t * self.velocity / (np.sqrt(self.second_moment) + self.server_tau)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:

@@ -148,6 +148,7 @@ def train_local(
     device: Optional[torch.device] = None,
     on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
     optimizer_reset_every: int = 0,
+    lr_decay: str = "none",
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -168,6 +169,8 @@ def train_local(
     optimizer_reset_every: k > 0 re-creates the optimiser (fresh Adam moments) before every k-th step, the data
     order unchanged: the centralised baseline run as a federation's client restarts its optimiser every round
     (a diagnostic of FedAvg's gap, federated.centralised_optimizer_reset_every); 0 keeps one optimiser.
+    lr_decay: "linear" sets the lr of step i (0-based) of `steps` to lr * (1 - i / steps), so the last step takes
+    1/steps of it (the centralised baseline's side of federated.lr_decay); "none" keeps lr. Needs `steps`.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
@@ -175,6 +178,10 @@ def train_local(
         raise ValueError(f"optimizer_reset_every={optimizer_reset_every!r}: expected an int >= 0 (0: never)")
     if optimizer_reset_every and dp is not None:
         raise ValueError("optimizer_reset_every > 0 with DP: Opacus wraps the optimiser once; resets are for the non-private baseline only")
+    if lr_decay not in ("none", "linear"):
+        raise ValueError(f"lr_decay={lr_decay!r}: expected none | linear")
+    if lr_decay != "none" and (steps is None or steps < 1):
+        raise ValueError(f"lr_decay={lr_decay!r} needs a step count (steps >= 1), got steps={steps!r}")
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -197,6 +204,9 @@ def train_local(
                 break
             if optimizer_reset_every and done and done % optimizer_reset_every == 0:
                 optimizer = build_local_optimizer(optimizer_name, list(trainable.values()), lr)
+            if lr_decay == "linear":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (1.0 - done / steps)
             optimizer.zero_grad(set_to_none=True)
             loss, n = loss_fn(run_model, move_to_device(batch, device))
             if n == 0:  # Poisson sampling can draw an empty batch

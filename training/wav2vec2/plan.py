@@ -142,6 +142,11 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     if reset and (fed.name != "none" or dp.name != "none"):
         raise ValueError(f"federated.centralised_optimizer_reset_every={reset}: only for the non-private centralised baseline "
                          f"(federated=none dp=none), got federated={fed.name} dp={dp.name}")
+    if fed.lr_decay != "none" and not ((fed.name == "none" and dp.name == "none")
+                                       or (fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson")):
+        raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
+                         f"or the server step of Poisson cohorts (federated=fedavg|fedadam federated.cohort_sampling=poisson); "
+                         f"got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name}")
     if dp.name == "central" and fed.name == "none":
         raise DPPlanError("dp=central is user-level DP of a federation (server-side clipping + noise); with federated=none use dp=local (DP-SGD)")
     if dp.name == "local" and dp.grad_sample_mode != "hooks":

@@ -44,6 +44,7 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "server-tau": ("federated.server_tau", float),
     "fedavg-server-lr": ("federated.fedavg_server_lr", float),
     "server-momentum": ("federated.server_momentum", float),
+    "lr-decay": ("federated.lr_decay", str),
     "trimmed-beta": ("federated.trimmed_beta", float),
     "krum-malicious": ("federated.krum_malicious", _optional_int(-1)),  # -1: not given (krum refuses to start)
     "min-train-nodes": ("federated.min_train_nodes", int),
