@@ -303,6 +303,13 @@ def _no_training(run: Run) -> bool:
     return run.axis("federated.name") in (None, "none") and run.axis("dp.name") in (None, "none") and run.axis("federated.num_rounds") == 0
 
 
+def _plain_centralised(run: Run) -> bool:
+    """The centralised non-private baseline itself: not its diagnostic variants (optimiser resets, lr decay), which
+    are rows of their own and never the reference a federation is compared with."""
+    return (run.axis("federated.name") in (None, "none") and run.axis("dp.name") in (None, "none")
+            and not run.axis("federated.centralised_optimizer_reset_every") and run.axis("federated.lr_decay") in (None, "none"))
+
+
 def _label(run: Run) -> str:
     parts = [str(run.axis("model.name")), str(run.axis("adapter.name"))]
     if str(run.axis("model.name")).startswith("wav2vec2"):
@@ -417,9 +424,7 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             by_budget[_budget(run)].append(run)
     lines = []
     for budget, members in sorted(by_budget.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        base = [r for r in members if r.axis("federated.name") == "none" and r.axis("dp.name") == "none"  # the plain baseline,
-                and not r.axis("federated.centralised_optimizer_reset_every")  # not its diagnostic variants
-                and r.axis("federated.lr_decay") in (None, "none")]
+        base = [r for r in members if _plain_centralised(r)]
         if not base:
             continue
         reference = wer(base)
@@ -939,7 +944,8 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     run of that budget and the public start as labelled lines; FedAvg + central DP runs of that budget as points
     (the cohort at which user-level DP was run); runs with a FedAvgM server learning rate < 1 as lines of their own.
     Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
-    plain = lambda r: r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
+    plain = lambda r: (r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
+                       and r.axis("federated.lr_decay") in (None, "none"))
     server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
     by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr, local steps) -> cohort -> runs
     dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))
@@ -954,7 +960,7 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
         elif budget is None or not plain(r):
             continue
         elif r.axis("federated.name") in (None, "none"):  # (the server learning rate does not exist there)
-            if r.axis("dp.name") in (None, "none"):
+            if _plain_centralised(r):
                 central[budget].append(100 * r.metrics["federated:wer"])
         elif r.axis("federated.name") == "fedavg":
             cohort = float(r.axis("federated.cohort_rate")) * float(r.axis("federated.num_clients"))

@@ -432,6 +432,10 @@ def test_cohort_size_plot_compares_cohorts_at_one_client_step_budget_with_the_ba
     write_stage(runs / "fl16-1step" / "s1", "federated", one_step, {"wer": 0.64, "cer": 0.64, "epsilon/max": 0.0})
     start = population_config("none", "none", 1, rounds=0)
     write_stage(runs / "start" / "s1", "federated", start, {"wer": 0.70, "cer": 0.7})
+    for name, fed, q in (("central-decay", "none", 0.25), ("fl80-decay", "fedavg", 0.25)):  # lr-decay variants: rows of their
+        decayed = population_config(fed, "none", 1, q=q, rounds=10)                      # own, not points of these lines
+        decayed["federated"]["lr_decay"] = "linear"
+        write_stage(runs / name / "s1", "federated", decayed, {"wer": 0.90, "cer": 0.9, "epsilon/max": 0.0})
     text = make_tables(runs, tmp_path / "out")
     assert "cohort_size.png" in text and (tmp_path / "out" / "cohort_size.png").stat().st_size > 1000
     ax = next(f for f in figures if "cohort size" in f.axes[0].get_title()).axes[0]
