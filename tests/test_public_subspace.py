@@ -201,16 +201,16 @@ def test_table_keeps_projected_and_one_utterance_client_runs_apart_and_reads_old
     assert "client batches of 1 utterance, " in _label(one_utterance) and "client batches" not in _label(old)
 
 
-def test_public_subspace_experiment_is_the_server_adam_federation_with_ten_clients_projection_and_dp():
+def test_public_subspace_experiment_is_the_server_adam_dp_federation_with_the_projection():
     import training.config  # noqa: F401  (resolvers, schemas)
     from omegaconf import OmegaConf
 
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
         exp = compose("config", overrides=["experiment=fl_population_public_subspace"])
         explicit = compose("config", overrides=[
-            "experiment=fl_population_server_adam", "dp=central", "dp.target_epsilon=8", "federated.cohort_rate=0.03125",
-            "federated.num_rounds=4000", "federated.public_subspace_dim=64", "federated.public_subspace_refresh=100",
-            "federated.server_eval_every=400"])
+            "experiment=fl_population_server_adam", "dp=central", "dp.target_epsilon=8", "federated.cohort_rate=0.25",
+            "federated.num_rounds=100", "federated.server_lr=0.01", "federated.public_subspace_dim=64",
+            "federated.public_subspace_refresh=5", "federated.server_eval_every=10"])
     assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
     assert exp.dp.clipping_norm == 1.0 and exp.trainer.batch_size == 10  # a client's whole data, clipped to C = 1
-    assert "-pub64r100-" in exp.run_name and "cdp-eps8.0" in exp.run_name
+    assert "-pub64r5-" in exp.run_name and "cdp-eps8.0" in exp.run_name
