@@ -573,6 +573,8 @@ class PoissonCohortFedAvg(Strategy):
                   if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
         if self.lr_decay != "none":
             server += f", lr decayed {self.lr_decay}ly over {self.num_rounds} rounds"
+        if self.subspace is not None:
+            server += f", updates projected on {getattr(self.subspace, 'dim', '?')} public-gradient directions"
         log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
                  self.cohort_rate, self.population * self.cohort_rate, server,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
