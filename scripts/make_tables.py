@@ -665,8 +665,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[tuple[float, float]]]], dict[str, list[float]]]:
     """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
     trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
-    holds one system only: the federation's strategy, cohort rate, lr schedule and budget (client steps) are in
-    its key or name whenever the runs differ in them, so FedAvg and server-Adam runs are never averaged together."""
+    holds one system only: the federation's strategy, cohort rate, lr schedule, public-subspace projection, client
+    batch and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
+    server-Adam runs, or projected and unprojected ones, are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
     scored = [r for r in runs if "federated:wer" in r.metrics]
@@ -679,6 +680,11 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
         if r.axis("federated.lr_decay") not in (None, "none"):
             parts.append("lr decayed")
+        if r.axis("federated.public_subspace_dim"):
+            parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
+        batch = r.axis("trainer.batch_size")
+        if fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson" and batch is not None and int(batch) < 10:
+            parts.append(f"{int(batch)}-utterance clients")  # as _label: a population client otherwise steps on all 10
         if len(budgets) > 1 and _client_steps(r) is not None:
             parts.append(f"{_client_steps(r):,.0f} client steps")
         return ", ".join(parts)

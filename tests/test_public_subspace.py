@@ -214,3 +214,23 @@ def test_public_subspace_experiment_is_the_server_adam_dp_federation_with_the_pr
     assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
     assert exp.dp.clipping_norm == 1.0 and exp.trainer.batch_size == 10  # a client's whole data, clipped to C = 1
     assert "-pub64r5-" in exp.run_name and "cdp-eps8.0" in exp.run_name
+
+
+def test_epsilon_wer_plot_keeps_projected_dp_runs_and_one_utterance_clients_apart():
+    from pathlib import Path
+
+    from scripts.make_tables import Run, _epsilon_wer_series
+
+    def run(name, eps, wer, dim=0, batch=10, dp="central", rate=0.25):
+        fed = {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 320, "cohort_sampling": "poisson",
+               "cohort_rate": rate, "public_subspace_dim": dim}
+        config = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora"}, "trainer": {"batch_size": batch},
+                  "dp": {"name": dp, "target_epsilon": eps}, "compression": {"name": "none"}, "federated": fed}
+        metrics = {"federated:wer": wer, **({"federated:epsilon/max": eps} if dp != "none" else {})}
+        return Run(Path(name), config, metrics)
+
+    with_dp, no_dp = _epsilon_wer_series([run("a", 8.0, 66.0), run("b", 8.0, 65.0, dim=64),
+                                           run("c", None, 58.0, batch=1, dp="none", rate=0.03125)])
+    assert len(with_dp) == 2  # one series per projection, not their average
+    assert any("64 public directions" in key[3] for key in with_dp)
+    assert any("1-utterance clients" in name for name in no_dp)
