@@ -72,6 +72,9 @@ AXES = (
     "federated.local_optimizer",  # the Wav2Vec2 rows' (client) optimiser and lr: SGD clients are another system
     "trainer.lr",
     "federated.centralised_optimizer_reset_every",  # the centralised baseline with a fresh optimiser every k steps: a diagnostic, another system
+    "federated.public_subspace_dim",  # client updates projected onto k public-gradient directions: another system
+    "federated.public_subspace_refresh",
+    "trainer.batch_size",  # utterances per client (or centralised) step: clients of 1 utterance are another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
 )
 
@@ -102,7 +105,8 @@ class Run:
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
-                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none"}
+                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none",
+                    "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -128,6 +132,9 @@ class Run:
                 axes[AXES.index(key)] = None
         if not str(self.axis("model.name")).startswith("wav2vec2"):
             axes[AXES.index("federated.local_optimizer")] = axes[AXES.index("trainer.lr")] = None
+            axes[AXES.index("trainer.batch_size")] = None  # the AV-HuBERT rows' batch is not a table axis
+        if not axes[AXES.index("federated.public_subspace_dim")]:
+            axes[AXES.index("federated.public_subspace_refresh")] = None
         return tuple(axes)
 
     @property
@@ -333,6 +340,15 @@ def _label(run: Run) -> str:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
         if run.axis("federated.lr_decay") not in (None, "none"):
             parts.append(f"{'server ' if fed not in (None, 'none') else ''}lr decayed {run.axis('federated.lr_decay')}ly")
+        if run.axis("federated.public_subspace_dim"):
+            refresh = int(run.axis("federated.public_subspace_refresh") or 1)
+            parts.append(f"updates projected on {int(run.axis('federated.public_subspace_dim'))} public-gradient directions"
+                         + ("" if refresh == 1 else f" (basis every {refresh} rounds)"))
+        batch = run.axis("trainer.batch_size")
+        if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson" and batch is not None and int(batch) < 10:
+            # a population client (Poisson cohorts, conf/experiment/fl_dp_population.yaml) steps on all 10 of its
+            # utterances; a client batch of fewer is named
+            parts.append(f"client batches of {int(batch)} utterance{'s' if int(batch) > 1 else ''}")
         if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
             parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
@@ -649,8 +665,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[tuple[float, float]]]], dict[str, list[float]]]:
     """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
     trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
-    holds one system only: the federation's strategy, cohort rate, lr schedule and budget (client steps) are in
-    its key or name whenever the runs differ in them, so FedAvg and server-Adam runs are never averaged together."""
+    holds one system only: the federation's strategy, cohort rate, lr schedule, public-subspace projection, client
+    batch and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
+    server-Adam runs, or projected and unprojected ones, are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
     scored = [r for r in runs if "federated:wer" in r.metrics]
@@ -663,6 +680,11 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
         if r.axis("federated.lr_decay") not in (None, "none"):
             parts.append("lr decayed")
+        if r.axis("federated.public_subspace_dim"):
+            parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
+        batch = r.axis("trainer.batch_size")
+        if fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson" and batch is not None and int(batch) < 10:
+            parts.append(f"{int(batch)}-utterance clients")  # as _label: a population client otherwise steps on all 10
         if len(budgets) > 1 and _client_steps(r) is not None:
             parts.append(f"{_client_steps(r):,.0f} client steps")
         return ", ".join(parts)

@@ -295,6 +295,13 @@ class FederatedConfig:
     # Adam (per step) and the Poisson-cohort server's step (fedavg / fedadam, per round; post-processing under DP);
     # the clients' local optimisers are unchanged. none: a constant lr (every run of sessions 2-4)
     lr_decay: str = one_of("none", "linear")
+    # Poisson cohorts: k > 0 projects every client update onto the top-k directions of gradients on the PUBLIC
+    # speakers (public_subspace_split) at the current global model, recomputed every public_subspace_refresh rounds;
+    # under central DP the k coefficients are clipped and noised (noise norm / sqrt(d / k), same accounting).
+    # 0: off (every run before session 6)
+    public_subspace_dim: int = 0
+    public_subspace_refresh: int = 1
+    public_subspace_split: str = "public"
     client_evaluation: Optional[bool] = None  # per-round evaluation on the clients' held-out data; None: on without DP, off under DP
     max_num_examples: int = 0  # fedavg/fedprox/fedadam without DP: largest num-examples a client may claim (0: local_steps x batch_size)
 
@@ -599,6 +606,13 @@ def _lr_decay_tag(lr_decay: Any) -> str:
     return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
 
 
+def _public_subspace_tag(dim: Any, refresh: Any) -> str:
+    """Run-name part of the public-gradient subspace: "" when off, "-pub64" (basis every round), "-pub64r5" (every 5th)."""
+    if int(dim) == 0:
+        return ""
+    return f"-pub{int(dim)}" + ("" if int(refresh) == 1 else f"r{int(refresh)}")
+
+
 def _app_config_groups() -> str:
     """`--help`'s list of config groups, from conf/ itself: every group a user can choose
     (`group=option`), without Hydra's own and the internal `schema` group."""
@@ -645,6 +659,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("client_opt_tag", _client_opt_tag)
     if not OmegaConf.has_resolver("lr_decay_tag"):
         OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
+    if not OmegaConf.has_resolver("public_subspace_tag"):
+        OmegaConf.register_new_resolver("public_subspace_tag", _public_subspace_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):
         OmegaConf.register_new_resolver("optimizer_reset_tag", _optimizer_reset_tag)
     if not OmegaConf.has_resolver("app_config_groups"):

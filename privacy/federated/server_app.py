@@ -81,7 +81,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     torch.manual_seed(int(cfg["seed"]))
     task = load_task(cfg)
     initial = federated_state(task.build_model())
-    strategy, dp_wrapper = build_strategy(cfg, num_clients)
+    subspace = None
+    if int(cfg["public-subspace-dim"]) > 0:
+        from privacy.federated.public_subspace import task_public_subspace
+
+        subspace = task_public_subspace(task, str(cfg["public-subspace-split"]), int(cfg["public-subspace-dim"]),
+                                        int(cfg["public-subspace-refresh"]), int(cfg["batch-size"]))
+    strategy, dp_wrapper = build_strategy(cfg, num_clients, subspace)
     strategy.summary()
 
     arrays = state_to_arrays(initial)

@@ -33,6 +33,9 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "server-tau": 1e-3,  # fedadam: the adaptivity floor tau added to sqrt(second moment)
     "fedavg-server-lr": 1.0,  # cohort-sampling=poisson: the server applies fedavg-server-lr x (server-momentum buffer of the mean update)
     "server-momentum": 0.0,  # cohort-sampling=poisson: FedAvgM momentum beta (0 = plain FedAvg); under DP both act on the noised mean
+    "public-subspace-dim": 0,  # cohort-sampling=poisson: k > 0 projects every client update onto k directions of public gradients (public_subspace.py)
+    "public-subspace-refresh": 1,  # rounds between two public-gradient bases (recomputed at the current global model)
+    "public-subspace-split": "public",  # the task's split of PUBLIC speakers the basis is computed from
     "lr-decay": "none",  # none | linear: the server step (cohort-sampling=poisson) or the centralised baseline's optimiser decays to 1/T at its last step
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
@@ -99,6 +102,10 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         value = merged[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
             raise ValueError(f"run_config['{key}'] (federated.{field})={value!r}; expected a number {expected} (fedadam's server step)")
+    for key, field, low in (("public-subspace-dim", "public_subspace_dim", 0), ("public-subspace-refresh", "public_subspace_refresh", 1)):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"run_config['{key}'] (federated.{field})={value!r}; expected an integer >= {low}")
     _check_dp_options(merged)
     if merged["client-evaluation"] not in ("auto", "on", "off"):
         raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")

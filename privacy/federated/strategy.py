@@ -51,7 +51,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -279,8 +279,16 @@ def robust_min_clients(cfg: Mapping[str, Any]) -> tuple[int, str]:
     return 1, ""
 
 
-def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[ValidatingStrategy, Optional[DifferentialPrivacyServerSideFixedClipping]]:
-    """The strategy stack for a flat run config (see settings.py). Robust aggregators are validated here, at start-up."""
+def build_strategy(cfg: Mapping[str, Any], num_clients: int, subspace: Optional[Callable] = None
+                   ) -> tuple[ValidatingStrategy, Optional[DifferentialPrivacyServerSideFixedClipping]]:
+    """The strategy stack for a flat run config (see settings.py). Robust aggregators are validated here, at start-up.
+
+    subspace: the public-gradient subspace of ``public-subspace-dim`` > 0 (public_subspace.py; the server builds it
+    from its task), for Poisson cohorts only; None when only the configuration is being checked (plan.check_config)."""
+    if int(cfg["public-subspace-dim"]) > 0 and str(cfg["cohort-sampling"]) != "poisson":
+        raise ValueError(f"public-subspace-dim={cfg['public-subspace-dim']} (federated.public_subspace_dim) with cohort-sampling="
+                         f"{cfg['cohort-sampling']!r}: the public-subspace projection is implemented for Poisson cohorts only "
+                         f"(federated.cohort_sampling=poisson)")
     name = str(cfg["strategy"])
     sample_size = max(int(num_clients * float(cfg["fraction-train"])), min(int(cfg["min-train-nodes"]), num_clients))
     common = dict(
@@ -303,7 +311,7 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
             f"{cfg['fraction-train']}): {why}. Use more clients, or a larger trimmed-beta / smaller krum-malicious"
         )
     if str(cfg["cohort-sampling"]) == "poisson":
-        return _poisson_strategy(cfg, num_clients)
+        return _poisson_strategy(cfg, num_clients, subspace)
     if float(cfg["fedavg-server-lr"]) != 1.0 or float(cfg["server-momentum"]) != 0.0:
         raise ValueError(
             f"fedavg-server-lr={cfg['fedavg-server-lr']}, server-momentum={cfg['server-momentum']}: the FedAvg server optimiser "
@@ -355,7 +363,8 @@ def build_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validating
                               min_accepted=min_accepted, min_accepted_reason=why), dp_wrapper
 
 
-def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[ValidatingStrategy, "PoissonCohortFedAvg"]:
+def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int, subspace: Optional[Callable] = None
+                      ) -> tuple[ValidatingStrategy, "PoissonCohortFedAvg"]:
     """FedAvg over Poisson cohorts (cohort-sampling = poisson), with user-level DP under dp=central."""
     from privacy.dp import noise_multiplier_for_budget
 
@@ -382,7 +391,7 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int) -> tuple[Validat
                                 server_lr=float(cfg["server-lr" if adam else "fedavg-server-lr"]),
                                 server_momentum=float(cfg["server-momentum"]), server_optimizer="adam" if adam else "sgd",
                                 server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]),
-                                lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]))
+                                lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]), subspace=subspace)
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
     # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
@@ -486,9 +495,17 @@ class PoissonCohortFedAvg(Strategy):
     post-processing under DP as well. It settles the final model where single-round steps are noisy (few-client
     cohorts of one-speaker clients). "none": a constant step.
 
+    ``subspace`` (privacy/federated/public_subspace.py; run-config ``public-subspace-dim`` > 0): a callable
+    (global state, round) -> orthonormal basis V (k x d) computed from PUBLIC data at the current global model.
+    Each update u is replaced by its coefficients V u before clipping (so with DP it is the k coefficients that are
+    clipped to C and noised, k noise draws instead of d), and the round's mean m in coefficients becomes V^T m. V is
+    public, so each client's contribution is still bounded by C and the accounting is the same; the noise norm
+    shrinks by sqrt(d / k). ``subspace_kept`` records the mean fraction of an update's squared norm V keeps.
+
     Per round it records what DP costs in signal: ``noise_norm`` (||noise|| / qN), ``signal_norm``
     (||sum of clipped updates|| / qN), their ratio ``noise_to_signal``, the fraction of clipped updates
-    and the cohort size.
+    and the cohort size. These diagnostics are computed from the clients' updates and are not covered by the
+    DP guarantee (the run's logs, not a release).
     """
 
     def __init__(
@@ -505,6 +522,7 @@ class PoissonCohortFedAvg(Strategy):
         server_tau: float = 1e-3,
         lr_decay: str = "none",
         num_rounds: Optional[int] = None,
+        subspace: Optional[Callable[[Mapping[str, np.ndarray], int], np.ndarray]] = None,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -528,6 +546,7 @@ class PoissonCohortFedAvg(Strategy):
             if server_momentum != 0.0:
                 raise ValueError(f"server-momentum={server_momentum} with server Adam: Adam's momentum is server-beta1")
         self.server_optimizer = server_optimizer
+        self.subspace = subspace
         self.lr_decay, self.num_rounds = lr_decay, num_rounds
         self.server_betas = (float(server_betas[0]), float(server_betas[1]))
         self.server_tau = float(server_tau)
@@ -554,6 +573,8 @@ class PoissonCohortFedAvg(Strategy):
                   if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
         if self.lr_decay != "none":
             server += f", lr decayed {self.lr_decay}ly over {self.num_rounds} rounds"
+        if self.subspace is not None:
+            server += f", updates projected on {getattr(self.subspace, 'dim', '?')} public-gradient directions"
         log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
                  self.cohort_rate, self.population * self.cohort_rate, server,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}" if self.private else "no DP")
@@ -603,6 +624,18 @@ class PoissonCohortFedAvg(Strategy):
         stats = self.round_stats.setdefault(server_round, {})
         stats["accepted"] = float(len(deltas))
         dim = sum(int(np.size(self.current[n])) for n in names)
+        basis = None
+        if self.subspace is not None and (deltas or self.private):  # a non-private empty round moves nothing
+            from privacy.federated.public_subspace import project
+
+            basis = np.asarray(self.subspace(self.current, server_round), dtype=np.float64)
+            if basis.ndim != 2 or basis.shape[1] != dim:
+                raise ValueError(f"public subspace: basis of shape {basis.shape}, expected (k, {dim}) for this model")
+            deltas, kept = project(deltas, basis)
+            dim = basis.shape[0]
+            stats["subspace_dim"] = float(dim)
+            if len(kept):
+                stats["subspace_kept"] = float(np.mean(kept))
         if not self.private:
             if not deltas:
                 return None, None
@@ -621,6 +654,8 @@ class PoissonCohortFedAvg(Strategy):
                          mean_update_norm=float(np.mean(norms)) if len(norms) else 0.0)
             if signal_norm > 0:  # an empty cohort releases pure noise: no ratio (it would swamp the run's mean)
                 stats["noise_to_signal"] = noise_norm / signal_norm
+        if basis is not None:
+            step = basis.T @ step  # back to the model's coordinates: a step within the public subspace
         step = self.server_step(step, server_round)
         stats["server_step_norm"] = float(np.linalg.norm(step))
         new, offset = {}, 0

@@ -147,6 +147,10 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
                          f"or the server step of Poisson cohorts (federated=fedavg|fedadam federated.cohort_sampling=poisson); "
                          f"got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name}")
+    if int(fed.public_subspace_dim) > 0 and not (fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson"):
+        raise ValueError(f"federated.public_subspace_dim={fed.public_subspace_dim}: projects the client updates of Poisson cohorts "
+                         f"(federated=fedavg|fedadam federated.cohort_sampling=poisson); got federated={fed.name} "
+                         f"federated.cohort_sampling={fed.cohort_sampling}")
     if dp.name == "central" and fed.name == "none":
         raise DPPlanError("dp=central is user-level DP of a federation (server-side clipping + noise); with federated=none use dp=local (DP-SGD)")
     if dp.name == "local" and dp.grad_sample_mode != "hooks":
@@ -204,6 +208,15 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
                 f"of {cfg.data.dir} has {n_speakers} speakers (set federated.num_clients={n_speakers}; "
                 f"experiment=fl_dp_speaker does)"
             )
+    if int(fed.public_subspace_dim) > 0:  # k directions need k public gradients (one per client-sized public batch)
+        from privacy.federated.synthgrid_task import split_speakers
+
+        utterances = len(split_speakers(cfg.data.dir, str(fed.public_subspace_split)))
+        batches = math.ceil(utterances / int(cfg.trainer.batch_size))
+        if int(fed.public_subspace_dim) > batches:
+            raise DPPlanError(f"federated.public_subspace_dim={fed.public_subspace_dim}: the {fed.public_subspace_split!r} split of "
+                              f"{cfg.data.dir} has {utterances} utterances = {batches} public gradients of trainer.batch_size="
+                              f"{cfg.trainer.batch_size}; k must be <= {batches}")
     rounds = int(fed.num_rounds)
     if dp.name == "local":
         if fed.name == "none":  # DP-only: one data holder with the union of the clients' data

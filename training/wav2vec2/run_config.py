@@ -45,6 +45,9 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "fedavg-server-lr": ("federated.fedavg_server_lr", float),
     "server-momentum": ("federated.server_momentum", float),
     "lr-decay": ("federated.lr_decay", str),
+    "public-subspace-dim": ("federated.public_subspace_dim", int),
+    "public-subspace-refresh": ("federated.public_subspace_refresh", int),
+    "public-subspace-split": ("federated.public_subspace_split", str),
     "trimmed-beta": ("federated.trimmed_beta", float),
     "krum-malicious": ("federated.krum_malicious", _optional_int(-1)),  # -1: not given (krum refuses to start)
     "min-train-nodes": ("federated.min_train_nodes", int),
