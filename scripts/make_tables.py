@@ -317,6 +317,15 @@ def _plain_centralised(run: Run) -> bool:
             and not run.axis("federated.centralised_optimizer_reset_every") and run.axis("federated.lr_decay") in (None, "none"))
 
 
+def _small_client_batch(run: Run) -> "int | None":
+    """The client batch of a population federation (Poisson cohorts) when it is below the 10 utterances a client holds
+    and steps on by default (conf/experiment/fl_dp_population.yaml); None otherwise (named in labels only then)."""
+    batch = run.axis("trainer.batch_size")
+    if run.axis("federated.name") in (None, "none") or run.axis("federated.cohort_sampling") != "poisson" or batch is None:
+        return None
+    return int(batch) if int(batch) < 10 else None
+
+
 def _label(run: Run) -> str:
     parts = [str(run.axis("model.name")), str(run.axis("adapter.name"))]
     if str(run.axis("model.name")).startswith("wav2vec2"):
@@ -344,11 +353,9 @@ def _label(run: Run) -> str:
             refresh = int(run.axis("federated.public_subspace_refresh") or 1)
             parts.append(f"updates projected on {int(run.axis('federated.public_subspace_dim'))} public-gradient directions"
                          + ("" if refresh == 1 else f" (basis every {refresh} rounds)"))
-        batch = run.axis("trainer.batch_size")
-        if fed not in (None, "none") and run.axis("federated.cohort_sampling") == "poisson" and batch is not None and int(batch) < 10:
-            # a population client (Poisson cohorts, conf/experiment/fl_dp_population.yaml) steps on all 10 of its
-            # utterances; a client batch of fewer is named
-            parts.append(f"client batches of {int(batch)} utterance{'s' if int(batch) > 1 else ''}")
+        batch = _small_client_batch(run)
+        if batch:
+            parts.append(f"client batches of {batch} utterance{'s' if batch > 1 else ''}")
         if run.axis("federated.local_optimizer") == "sgd":  # Adam is the experiments' local optimiser
             parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
@@ -682,9 +689,8 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append("lr decayed")
         if r.axis("federated.public_subspace_dim"):
             parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
-        batch = r.axis("trainer.batch_size")
-        if fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson" and batch is not None and int(batch) < 10:
-            parts.append(f"{int(batch)}-utterance clients")  # as _label: a population client otherwise steps on all 10
+        if _small_client_batch(r):
+            parts.append(f"{_small_client_batch(r)}-utterance clients")
         if len(budgets) > 1 and _client_steps(r) is not None:
             parts.append(f"{_client_steps(r):,.0f} client steps")
         return ", ".join(parts)
