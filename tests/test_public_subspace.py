@@ -129,6 +129,8 @@ def test_public_gradient_subspace_uses_the_global_state_and_refreshes_on_schedul
     moved = {k: v + 1.0 for k, v in state.items()}
     assert subspace(moved, 2) is first and subspace(moved, 3) is first and subspace.computed_at == 1
     assert subspace(moved, 4) is not first and subspace.computed_at == 4  # round 1 + 3
+    fourth = subspace.basis
+    assert subspace(state, 8) is not fourth and subspace.computed_at == 8  # rounds 5-7 did not ask (empty cohorts)
     with pytest.raises(ValueError, match=r"public-subspace-dim=6: needs 1 <= k <= the 5 public gradients"):
         PublicGradientSubspace(build_model, batches, loss_fn, dim=6)
     with pytest.raises(ValueError, match=r"public-subspace-refresh=0: expected an integer >= 1"):

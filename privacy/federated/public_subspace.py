@@ -45,9 +45,11 @@ class PublicGradientSubspace:
     """Callable (global model state, server round) -> orthonormal basis (k x d) of public-gradient directions.
 
     build_model(): a fresh model whose trainable parameters are the state's keys; public_batches: the public data as
-    batches (one gradient each); loss_fn(model, batch) -> (loss, examples). The basis is recomputed from the state
-    of every `refresh_every`-th round (1, 1 + n, ...) and reused in between. The coordinate order is the state's key
-    order, each array raveled, as the strategy concatenates updates."""
+    batches (one gradient each); loss_fn(model, batch) -> (loss, examples). The basis is computed at the first call
+    and again at the first call `refresh_every` or more rounds after the last one (rounds 1, 1 + n, ... when every
+    round asks; a round that does not ask, a non-private empty cohort, does not push the next basis back by n), and
+    reused in between. The coordinate order is the state's key order, each array raveled, as the strategy
+    concatenates updates."""
 
     def __init__(self, build_model: Callable[[], nn.Module], public_batches: Sequence, loss_fn: Callable,
                  dim: int, refresh_every: int = 1):
@@ -80,7 +82,7 @@ class PublicGradientSubspace:
         return np.stack(rows)
 
     def __call__(self, state: Mapping[str, np.ndarray], server_round: int) -> np.ndarray:
-        if self.basis is None or (int(server_round) - 1) % self.refresh_every == 0:
+        if self.basis is None or int(server_round) - self.computed_at >= self.refresh_every:
             self.basis = gradient_basis(self.public_gradients(state), self.dim)
             self.computed_at = int(server_round)
         return self.basis

@@ -142,12 +142,13 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     if reset and (fed.name != "none" or dp.name != "none"):
         raise ValueError(f"federated.centralised_optimizer_reset_every={reset}: only for the non-private centralised baseline "
                          f"(federated=none dp=none), got federated={fed.name} dp={dp.name}")
-    if fed.lr_decay != "none" and not ((fed.name == "none" and dp.name == "none")
-                                       or (fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson")):
+    # the Poisson-cohort strategy (PoissonCohortFedAvg) implements the server lr schedule and the public subspace
+    poisson_cohorts = fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson"
+    if fed.lr_decay != "none" and not ((fed.name == "none" and dp.name == "none") or poisson_cohorts):
         raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
                          f"or the server step of Poisson cohorts (federated=fedavg|fedadam federated.cohort_sampling=poisson); "
                          f"got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name}")
-    if int(fed.public_subspace_dim) > 0 and not (fed.name in ("fedavg", "fedadam") and fed.cohort_sampling == "poisson"):
+    if int(fed.public_subspace_dim) > 0 and not poisson_cohorts:
         raise ValueError(f"federated.public_subspace_dim={fed.public_subspace_dim}: projects the client updates of Poisson cohorts "
                          f"(federated=fedavg|fedadam federated.cohort_sampling=poisson); got federated={fed.name} "
                          f"federated.cohort_sampling={fed.cohort_sampling}")
