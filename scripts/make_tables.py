@@ -76,6 +76,8 @@ AXES = (
     "federated.public_subspace_refresh",
     "trainer.batch_size",  # utterances per client (or centralised) step: clients of 1 utterance are another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
+    "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
+    "data.train_utterances_per_speaker",
 )
 
 
@@ -106,7 +108,8 @@ class Run:
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
                     "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none",
-                    "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1}
+                    "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
+                    "data.extra_train_speakers": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -326,10 +329,23 @@ def _small_client_batch(run: Run) -> "int | None":
     return int(batch) if int(batch) < 10 else None
 
 
+def _population(run: Run) -> "str | None":
+    """'1600 speakers x 2 utterances' for a SynthGRID population other than the one its data config extends
+    (data.extra_train_speakers / data.train_utterances_per_speaker set); None for the others."""
+    extra, per_speaker = run.axis("data.extra_train_speakers") or 0, run.axis("data.train_utterances_per_speaker")
+    if not extra and per_speaker is None:
+        return None
+    speakers = int(run.axis("data.splits.train") or 0) + int(extra)
+    per_speaker = per_speaker if per_speaker is not None else run.axis("data.utterances_per_speaker")
+    return f"{speakers} speakers x {per_speaker} utterances"
+
+
 def _label(run: Run) -> str:
     parts = [str(run.axis("model.name")), str(run.axis("adapter.name"))]
     if str(run.axis("model.name")).startswith("wav2vec2"):
         parts = [str(run.axis("model.name"))]
+        if _population(run):
+            parts.append(_population(run))
         if _no_training(run):
             return ", ".join(parts + ["no private training (the public start as it is)"])
         fed, dp = run.axis("federated.name"), run.axis("dp.name")
@@ -434,7 +450,8 @@ def plain_label(run: Run) -> str:
 
 
 def _budget(run: Run) -> tuple:
-    return tuple(run.axis(k) for k in ("data.name", "data.tokenizer", "model.name", "federated.num_rounds", "federated.local_steps"))
+    return (*(run.axis(k) for k in ("data.name", "data.tokenizer", "model.name", "federated.num_rounds", "federated.local_steps")),
+            _population(run))
 
 
 def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) -> list[str]:
@@ -459,7 +476,7 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             tried = sorted(by_eps)
             ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
             what = f"ε = {ok[0]:g} (WER {100 * wer(by_eps[ok[0]]):.1f} %)" if ok else f"none of ε ∈ {{{', '.join(f'{e:g}' for e in tried)}}}"
-            lines.append(f"- {budget[2]}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
+            lines.append(f"- {budget[2]}{', ' + budget[5] if budget[5] else ''}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
                          f"smallest ε within +{100 * margin:.0f} points of the centralised {100 * reference:.1f} % WER: {what}")
     return lines
 
@@ -673,7 +690,7 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
     """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
     trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
     holds one system only: the federation's strategy, cohort rate, lr schedule, public-subspace projection, client
-    batch and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
+    batch, speaker population and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
     server-Adam runs, or projected and unprojected ones, are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
@@ -691,6 +708,8 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
         if _small_client_batch(r):
             parts.append(f"{_small_client_batch(r)}-utterance clients")
+        if _population(r):
+            parts.append(_population(r))
         if len(budgets) > 1 and _client_steps(r) is not None:
             parts.append(f"{_client_steps(r):,.0f} client steps")
         return ", ".join(parts)

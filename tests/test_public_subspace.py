@@ -236,3 +236,21 @@ def test_epsilon_wer_plot_keeps_projected_dp_runs_and_one_utterance_clients_apar
     assert len(with_dp) == 2  # one series per projection, not their average
     assert any("64 public directions" in key[3] for key in with_dp)
     assert any("1-utterance clients" in name for name in no_dp)
+
+
+def test_population_1600_experiment_is_the_server_adam_dp_federation_over_1600_clients():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    from training.wav2vec2.plan import train_speaker_count
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        exp = compose("config", overrides=["experiment=fl_population_1600", "paths.data_dir=/nonexistent"])
+        explicit = compose("config", overrides=[
+            "experiment=fl_population_server_adam", "data=synthgrid_population_1600", "federated.num_clients=1600",
+            "dp=central", "dp.target_epsilon=8", "federated.cohort_rate=0.25", "federated.num_rounds=100",
+            "federated.server_lr=0.01", "federated.server_eval_every=10", "paths.data_dir=/nonexistent"])
+    assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
+    assert exp.data.extra_train_speakers == 1280 and exp.data.train_utterances_per_speaker == 2
+    assert train_speaker_count(exp) == 1600  # from the data config alone: the corpus is not prepared
+    assert "-c1600-" in exp.run_name and "cdp-eps8.0" in exp.run_name

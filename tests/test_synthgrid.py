@@ -234,3 +234,38 @@ def test_espeak_synthesis_is_deterministic_with_ordered_phoneme_events():
     assert times == sorted(times) and times[-1] <= len(first.samples) / ESPEAK_RATE + 0.05
     names = [n for _, n in first.phonemes]
     assert names[:3] == ["b", "I", "n"] and "eI" in names
+
+
+def test_larger_population_appends_train_speakers_and_keeps_every_other_file(tmp_path):
+    """data.extra_train_speakers / train_utterances_per_speaker (synthgrid_population_1600): the extra train
+    speakers come after the public block, so public, test and the other splits keep their speakers and files,
+    and a copy of the smaller corpus is reused (only the new speakers' utterances are synthesised)."""
+    from data.synthgrid import SynthGridParams, generate_corpus
+
+    splits = {"public": 2, "train": 2, "valid": 1, "test": 1, "attacker_train": 1, "attacker_trials": 2}
+    small = SynthGridParams(num_speakers=9, utterances_per_speaker=3, public_utterances_per_speaker=4, splits=splits,
+                            audio_only=True)
+    generate_corpus(small, tmp_path / "small", num_workers=0, progress=False)
+    shutil.copytree(tmp_path / "small", tmp_path / "large", ignore=shutil.ignore_patterns("prepare"))
+    large = SynthGridParams(num_speakers=12, utterances_per_speaker=3, public_utterances_per_speaker=4, splits=splits,
+                            audio_only=True, train_utterances_per_speaker=2, extra_train_speakers=3)
+    stats = generate_corpus(large, tmp_path / "large", num_workers=0, progress=False)
+    assert stats["generated"] == 3 * 2  # the 3 new speakers x 2 utterances; everything else is kept
+    for split in SPLITS:
+        a = {u.id for u in read_split(tmp_path / "small", split)}
+        b = {u.id for u in read_split(tmp_path / "large", split)}
+        if split == "train":
+            assert b == {f"{s}/{s}_u00{i}" for s in ("s01", "s02", "s10", "s11", "s12") for i in (1, 2)}
+            assert b - {f"s1{i}/s1{i}_u00{j}" for i in (0, 1, 2) for j in (1, 2)} < a
+        else:
+            assert a == b, split
+    from data.synthgrid.generate import _read_checksums
+
+    small_sums, large_sums = _read_checksums(tmp_path / "small"), _read_checksums(tmp_path / "large")
+    shared = [k for k in large_sums if k in small_sums]  # public 2 x 4, train 2 x 2, the other 5 speakers x 3
+    assert len(shared) == 2 * 4 + 2 * 2 + 5 * 3 and all(small_sums[k] == large_sums[k] for k in shared)
+    assert len(large_sums) == len(shared) + 3 * 2
+    with pytest.raises(ValueError, match="extra_train_speakers=12"):
+        SynthGridParams(num_speakers=12, extra_train_speakers=12).validate()
+    with pytest.raises(ValueError, match="train_utterances_per_speaker=0"):
+        SynthGridParams(train_utterances_per_speaker=0).validate()

@@ -565,3 +565,41 @@ def test_epsilon_wer_plot_keeps_federations_apart_and_names_their_differences():
     longer = run("h", "none", "none", 0.0, 0.54, rounds=40, decay="linear")
     _, no_dp = _epsilon_wer_series(runs + [longer])
     assert no_dp["centralised (lr decayed, 16,000 client steps)"] == [0.54] and no_dp["centralised (4,000 client steps)"] == [0.58]
+
+
+def test_a_larger_speaker_population_is_another_system_with_its_own_centralised_reference(tmp_path):
+    """data=synthgrid_population_1600 (extra train speakers, 2 utterances each): its runs never merge with the
+    320-speaker ones, are labelled with the population, and the ε margin line compares them with the centralised
+    run on the SAME population."""
+    from scripts.make_tables import Run, _epsilon_wer_series, _label
+
+    def population(config, extra, per_speaker):
+        config["data"].update({"splits": {"train": 320}, "utterances_per_speaker": 10, "extra_train_speakers": extra,
+                               "train_utterances_per_speaker": per_speaker})
+        return config
+
+    runs = tmp_path / "runs"
+    for name, (fed, dp, wer, extra, per_speaker) in {
+        "central320": ("none", "none", 0.500, None, None),  # written before the population keys existed
+        "central1600": ("none", "none", 0.560, 1280, 2),
+        "dp320": ("fedavg", "central", 0.700, 0, None),
+        "dp1600": ("fedavg", "central", 0.570, 1280, 2),
+    }.items():
+        config = fl_config(fed, dp, 8.0)
+        if extra is not None:
+            config = population(config, extra, per_speaker)
+        write_stage(runs / name / "s1", "federated", config,
+                    {"wer": wer, "cer": wer / 2, "epsilon/max": 8.0 if dp != "none" else 0.0, "test_loss": 2.0,
+                     **({"dp/noise_from_os_csprng": 1, "not_private": 0} if dp != "none" else {})})
+    text = make_tables(runs, tmp_path / "out")
+    rows = [line for line in (tmp_path / "out" / "fl_dp.md").read_text().splitlines() if line.startswith("| wav2vec2")]
+    assert len(rows) == 4 and sum("1600 speakers x 2 utterances" in r for r in rows) == 2
+    assert "compression none: smallest ε within +2 points of the centralised 50.0 % WER: none of ε ∈ {8}" in text
+    assert ("wav2vec2_tiny, 1600 speakers x 2 utterances, 10x20 steps, FL + central DP, compression none: smallest ε "
+            "within +2 points of the centralised 56.0 % WER: ε = 8 (WER 57.0 %)") in text
+    old = Run(Path("a"), fl_config("none", "none", 8.0))
+    assert Run(Path("b"), population(fl_config("none", "none", 8.0), 0, None)).system == old.system
+    assert "speakers" not in _label(old)
+    _, no_dp = _epsilon_wer_series([Run(Path(n), population(fl_config("none", "none", 8.0), e, u), {"federated:wer": w})
+                                    for n, e, u, w in (("c", 0, None, 0.5), ("d", 1280, 2, 0.56))])
+    assert len(no_dp) == 2 and any("1600 speakers x 2 utterances" in name for name in no_dp)

@@ -101,6 +101,8 @@ class DataConfig:
     num_speakers: int = 118
     utterances_per_speaker: int = 24
     public_utterances_per_speaker: Optional[int] = 30  # SynthGRID public-split speakers (None: utterances_per_speaker)
+    train_utterances_per_speaker: Optional[int] = None  # SynthGRID train-split speakers (None: utterances_per_speaker)
+    extra_train_speakers: int = 0  # SynthGRID: train speakers appended after the public block (larger populations)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     trials_per_speaker: int = 40  # verification trials per held-out speaker (half target, half non-target)
     sample_rate: int = 16000

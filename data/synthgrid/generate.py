@@ -58,6 +58,12 @@ class SynthGridParams:
     # Utterances of each public-split speaker (None: utterances_per_speaker). The public split
     # trains the starting checkpoint, so it is larger than the others.
     public_utterances_per_speaker: int | None = 30
+    # Utterances of each train-split speaker (None: utterances_per_speaker). Utterance u of speaker s is the
+    # same file whatever the count, so a population with few utterances per speaker is a subset of a larger one.
+    train_utterances_per_speaker: int | None = None
+    # Train speakers appended after the public block (speakers.assign_splits): a larger population that
+    # keeps the public and test speakers of the corpus without them.
+    extra_train_speakers: int = 0
     splits: dict[str, int] = field(
         default_factory=lambda: {"public": 80, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
     )
@@ -102,6 +108,14 @@ class SynthGridParams:
             raise ValueError(
                 f"data.public_utterances_per_speaker={self.public_utterances_per_speaker}: expected >= 1 (or null)"
             )
+        if self.train_utterances_per_speaker is not None and self.train_utterances_per_speaker < 1:
+            raise ValueError(
+                f"data.train_utterances_per_speaker={self.train_utterances_per_speaker}: expected >= 1 (or null)"
+            )
+        if not 0 <= self.extra_train_speakers < self.num_speakers:
+            raise ValueError(
+                f"data.extra_train_speakers={self.extra_train_speakers}: expected 0 <= value < data.num_speakers={self.num_speakers}"
+            )
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
         if self.on_error not in ("raise", "skip"):
@@ -144,14 +158,19 @@ def utterance_rng(seed: int, speaker_index: int, utterance_index: int) -> np.ran
     return np.random.default_rng(np.random.SeedSequence([seed, UTTERANCE_STREAM, speaker_index, utterance_index]))
 
 
-def plan_utterances(params: SynthGridParams, public_speakers: frozenset[str] = frozenset()) -> list[UtterancePlan]:
-    """Every utterance of the corpus; speakers in `public_speakers` get public_utterances_per_speaker."""
+def plan_utterances(
+    params: SynthGridParams, public_speakers: frozenset[str] = frozenset(), train_speakers: frozenset[str] = frozenset()
+) -> list[UtterancePlan]:
+    """Every utterance of the corpus; speakers in `public_speakers` get public_utterances_per_speaker,
+    those in `train_speakers` train_utterances_per_speaker (where set)."""
     plans = []
     for si in range(params.num_speakers):
         spk = f"s{si + 1:02d}"
         count = params.utterances_per_speaker
         if spk in public_speakers and params.public_utterances_per_speaker is not None:
             count = params.public_utterances_per_speaker
+        elif spk in train_speakers and params.train_utterances_per_speaker is not None:
+            count = params.train_utterances_per_speaker
         for ui in range(count):
             words = sample_sentence(utterance_rng(params.seed, si, ui))
             plans.append(UtterancePlan(f"{spk}/{spk}_u{ui + 1:03d}", si, ui, tuple(words)))
@@ -334,14 +353,14 @@ def generate_corpus(
     t0 = time.perf_counter()
 
     speakers = make_speakers(params.seed, params.num_speakers)
-    split_speakers, public_shares_train = assign_splits(speakers, params.splits)
+    split_speakers, public_shares_train = assign_splits(speakers, params.splits, params.extra_train_speakers)
     if public_shares_train:
         log.warning(
             "data.num_speakers=%d leaves no room for separate public speakers: the public split reuses the train speakers %s",
             params.num_speakers, split_speakers["train"],
         )  # fmt: skip
     own_public = frozenset() if public_shares_train else frozenset(split_speakers["public"])
-    plans = plan_utterances(params, own_public)
+    plans = plan_utterances(params, own_public, frozenset(split_speakers["train"]))
 
     meta_path = out_dir / "meta.json"
     checksums = _read_checksums(out_dir)
@@ -425,6 +444,8 @@ def generate_corpus(
         "num_speakers": params.num_speakers,
         "utterances_per_speaker": params.utterances_per_speaker,
         "public_utterances_per_speaker": params.public_utterances_per_speaker,
+        "train_utterances_per_speaker": params.train_utterances_per_speaker,
+        "extra_train_speakers": params.extra_train_speakers,
         "requested_split_speakers": dict(params.splits),
         "split_speakers": {s: split_speakers[s] for s in SPLITS},
         "public_shares_train_speakers": public_shares_train,

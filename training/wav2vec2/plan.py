@@ -39,8 +39,9 @@ def train_speaker_count(cfg: DictConfig) -> int:
         return -1  # unknown until the corpus is prepared (check_plan checks it then)
     from data.synthgrid.speakers import split_sizes
 
-    sizes, _ = split_sizes(int(cfg.data.num_speakers), {k: int(v) for k, v in dict(cfg.data.splits).items()})
-    return int(sizes["train"])
+    extra = int(cfg.data.get("extra_train_speakers", 0))
+    sizes, _ = split_sizes(int(cfg.data.num_speakers) - extra, {k: int(v) for k, v in dict(cfg.data.splits).items()})
+    return int(sizes["train"]) + extra
 
 
 def check_population(cfg: DictConfig) -> None:
