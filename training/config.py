@@ -297,6 +297,10 @@ class FederatedConfig:
     # Adam (per step) and the Poisson-cohort server's step (fedavg / fedadam, per round; post-processing under DP);
     # the clients' local optimisers are unchanged. none: a constant lr (every run of sessions 2-4)
     lr_decay: str = one_of("none", "linear")
+    # federated runs: the server scores and returns the bias-corrected exponential moving average (decay server_ema, per
+    # round) of its global models instead of the last one; the clients still train the last one. A function of released
+    # models only, so post-processing under DP. 0: off (every run before session 8)
+    server_ema: float = 0.0
     # Poisson cohorts: k > 0 projects every client update onto the top-k directions of gradients on the PUBLIC
     # speakers (public_subspace_split) at the current global model, recomputed every public_subspace_refresh rounds;
     # under central DP the k coefficients are clipped and noised (noise norm / sqrt(d / k), same accounting).
@@ -608,6 +612,11 @@ def _lr_decay_tag(lr_decay: Any) -> str:
     return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
 
 
+def _server_ema_tag(decay: Any) -> str:
+    """Run-name part of the server's iterate average: "" when off, "-ema0.9" with federated.server_ema=0.9."""
+    return "" if float(decay) == 0 else f"-ema{float(decay):g}"
+
+
 def _public_subspace_tag(dim: Any, refresh: Any) -> str:
     """Run-name part of the public-gradient subspace: "" when off, "-pub64" (basis every round), "-pub64r5" (every 5th)."""
     if int(dim) == 0:
@@ -661,6 +670,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("client_opt_tag", _client_opt_tag)
     if not OmegaConf.has_resolver("lr_decay_tag"):
         OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
+    if not OmegaConf.has_resolver("server_ema_tag"):
+        OmegaConf.register_new_resolver("server_ema_tag", _server_ema_tag)
     if not OmegaConf.has_resolver("public_subspace_tag"):
         OmegaConf.register_new_resolver("public_subspace_tag", _public_subspace_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):

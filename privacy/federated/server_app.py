@@ -24,7 +24,11 @@ loop written out, because it also has to
   ``client_evaluation`` and ``not_private`` (reproducible DP noise) explicitly.
 
 The final global model (trainable parameters) is saved as
-``<run-dir>/global_model.npz``.
+``<run-dir>/global_model.npz``. With ``server-ema`` = beta > 0 that is the server's
+exponential moving average of the global models after rounds 1..t (:class:`IterateAverage`),
+and the server's evaluations score it too; the clients keep training the last global
+model. The average is a function of released models only: post-processing, under DP
+the same guarantee.
 """
 
 from __future__ import annotations
@@ -72,6 +76,36 @@ def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_bytes(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
 
 
+class IterateAverage:
+    """Bias-corrected exponential moving average of the global models after rounds 1..t.
+
+    avg_t = sum_i beta^(t-i) theta_i / sum_i beta^(t-i), i.e. a <- beta a + (1 - beta) theta and avg = a / (1 - beta^t)
+    (Adam's bias correction), so the starting model carries no weight and round t's model weighs (1 - beta) / (1 - beta^t).
+    Under DP each round's step carries fresh noise that the next rounds do not undo; averaging the iterates averages
+    that noise over about 1 / (1 - beta) rounds (Polyak-Ruppert averaging; De et al. 2022 use an EMA for DP-SGD).
+    """
+
+    def __init__(self, decay: float):
+        if not 0 < float(decay) < 1:
+            raise ValueError(f"server-ema (federated.server_ema)={decay!r}: expected a decay in (0, 1) (0 turns averaging off)")
+        self.decay = float(decay)
+        self.steps = 0
+        self.accumulator: dict[str, np.ndarray] = {}
+
+    def update(self, state: Mapping[str, np.ndarray]) -> None:
+        self.steps += 1
+        for name, value in state.items():
+            value = np.asarray(value, np.float64)
+            previous = self.accumulator.get(name, np.zeros_like(value))
+            self.accumulator[name] = self.decay * previous + (1.0 - self.decay) * value
+
+    def average(self) -> dict[str, np.ndarray]:
+        if not self.steps:
+            raise RuntimeError("IterateAverage.average() before any update")
+        correction = 1.0 - self.decay ** self.steps
+        return {name: (value / correction).astype(np.float32) for name, value in self.accumulator.items()}
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None,
                on_round: Optional[Callable[[Mapping[str, Any]], None]] = None) -> dict[str, Any]:
     """The federation's rounds; `on_round(entry)` is called with each round's summary entry once it is written."""
@@ -91,6 +125,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     strategy.summary()
 
     arrays = state_to_arrays(initial)
+    average = IterateAverage(float(cfg["server-ema"])) if float(cfg["server-ema"]) > 0 else None
+    released = arrays  # the model the server scores and returns: the last global model, or the iterate average
     train_config = ConfigRecord({"lr": float(cfg["lr"])})
     stop_reason = "completed"
     rounds_done = 0
@@ -119,6 +155,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        if average is not None:
+            average.update(arrays_to_state(arrays))  # a round that aggregated nothing repeats the model it kept
+            released = state_to_arrays(average.average())
+        else:
+            released = arrays
         if evaluate_on_clients:
             eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
             strategy.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=float(cfg["round-timeout"])))
@@ -130,7 +171,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         if cfg["server-eval-split"] and (server_round % int(cfg["server-eval-every"]) == 0 or last_round):
             # the released model on speakers no client holds: post-processing, outside the clients (and it draws no
             # random numbers the training uses: every client reseeds), so the cadence changes only the curve's points
-            entry["server_eval"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
+            entry["server_eval"] = _server_evaluation(task, released, str(cfg["server-eval-split"]))
+            if average is not None:  # the same round's last global model: the average's effect, paired
+                entry["server_eval_last_model"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
         if not record.aggregated:
             not_aggregated.append(server_round)
@@ -162,8 +205,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
             log.warning(stop_reason)
             break
 
-    final = arrays_to_state(arrays)
+    final = arrays_to_state(released)
     summary.update(
+        server_ema=float(cfg["server-ema"]),
         rounds_completed=rounds_done,
         rounds_not_aggregated=not_aggregated,
         stop_reason=_honest(stop_reason, not_aggregated, strategy),
@@ -214,6 +258,8 @@ def _round_numbers(entry: Mapping[str, Any]) -> str:
         parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
     if entry.get("server_eval"):
         parts.append(f"test_wer {entry['server_eval']['wer']:.4g}")
+    if entry.get("server_eval_last_model"):
+        parts.append(f"(last model {entry['server_eval_last_model']['wer']:.4g})")
     if (entry.get("cohort") or {}).get("noise_to_signal") is not None:
         parts.append(f"noise/signal {entry['cohort']['noise_to_signal']:.3g}")
     if entry["max_client_epsilon"]:
