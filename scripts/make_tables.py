@@ -75,6 +75,7 @@ AXES = (
     "federated.public_subspace_dim",  # client updates projected onto k public-gradient directions: another system
     "federated.public_subspace_refresh",
     "trainer.batch_size",  # utterances per client (or centralised) step: clients of 1 utterance are another system
+    "federated.server_ema",  # the server returns the EMA of its global models (post-processing): another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
     "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
     "data.train_utterances_per_speaker",
@@ -107,7 +108,7 @@ class Run:
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
-                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none",
+                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none", "federated.server_ema": 0.0,
                     "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
                     "data.extra_train_speakers": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
@@ -365,6 +366,8 @@ def _label(run: Run) -> str:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
         if run.axis("federated.lr_decay") not in (None, "none"):
             parts.append(f"{'server ' if fed not in (None, 'none') else ''}lr decayed {run.axis('federated.lr_decay')}ly")
+        if run.axis("federated.server_ema"):
+            parts.append(f"EMA of the global models (β {float(run.axis('federated.server_ema')):g} per round)")
         if run.axis("federated.public_subspace_dim"):
             refresh = int(run.axis("federated.public_subspace_refresh") or 1)
             parts.append(f"updates projected on {int(run.axis('federated.public_subspace_dim'))} public-gradient directions"
@@ -704,6 +707,8 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
         if r.axis("federated.lr_decay") not in (None, "none"):
             parts.append("lr decayed")
+        if r.axis("federated.server_ema"):
+            parts.append(f"EMA {float(r.axis('federated.server_ema')):g}")
         if r.axis("federated.public_subspace_dim"):
             parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
         if _small_client_batch(r):
