@@ -694,7 +694,7 @@ def test_table_keeps_lr_decay_runs_apart_and_reads_old_runs_as_constant():
 
 
 def test_iterate_average_is_the_bias_corrected_ema_of_the_global_models():
-    from privacy.federated.server_app import IterateAverage
+    from privacy.federated.task import IterateAverage
 
     models = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, -2.0])}, {"w": np.array([0.0, 4.0])}]
     average = IterateAverage(0.5)
@@ -709,7 +709,7 @@ def test_iterate_average_is_the_bias_corrected_ema_of_the_global_models():
     np.testing.assert_allclose(average.average()["w"], expected, rtol=1e-6)
     assert average.average()["w"].dtype == np.float32
     for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match=r"server-ema \(federated.server_ema\)=" + re.escape(repr(bad))):
+        with pytest.raises(ValueError, match=r"ema \(federated.ema\)=" + re.escape(repr(bad))):
             IterateAverage(bad)
 
 
@@ -723,14 +723,14 @@ def test_server_ema_scores_and_returns_the_average_and_leaves_training_alone(cor
     runs = {}
     for ema in (0.0, 0.5):
         out = tmp_path / f"ema{ema}"
-        metrics = run_wav2vec2_task(_cfg(corpus, out, public_start, "dp=none", "federated.num_rounds=3", f"federated.server_ema={ema}"))
+        metrics = run_wav2vec2_task(_cfg(corpus, out, public_start, "dp=none", "federated.num_rounds=3", f"federated.ema={ema}"))
         run_dir = next(out.glob("**/federated"))
         rounds = json.loads((run_dir / "federated_rounds.json").read_text())
         model = np.load(run_dir / "global_model.npz")
         runs[ema] = (metrics, rounds, {n: model[n] for n in model.files}, run_dir)
     (plain, plain_rounds, plain_model, plain_dir), (avg, avg_rounds, avg_model, avg_dir) = runs[0.0], runs[0.5]
     assert "-ema0.5-" in str(avg_dir) and "-ema" not in str(plain_dir)
-    assert avg_rounds["server_ema"] == 0.5 and plain_rounds["server_ema"] == 0.0
+    assert avg_rounds["ema"] == 0.5 and plain_rounds["ema"] == 0.0
     # the clients trained the same models: every round's last global model scores as the plain run's
     for p, a in zip(plain_rounds["rounds"], avg_rounds["rounds"]):
         assert a["server_eval_last_model"] == p["server_eval"] and "server_eval_last_model" not in p
@@ -744,20 +744,56 @@ def test_server_ema_scores_and_returns_the_average_and_leaves_training_alone(cor
     assert avg["wer"] == avg_rounds["rounds"][-1]["server_eval"]["wer"]
 
 
-def test_server_ema_is_refused_where_no_server_averages():
+def test_ema_is_named_in_the_run_and_refused_where_nothing_averages():
     import training.config  # noqa: F401  (resolvers, schemas)
     from privacy.federated.settings import resolve_run_config
     from training.wav2vec2.plan import check_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-        central = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=none", "federated.server_ema=0.9"])
-        bad = compose("config", overrides=["experiment=fl_dp_population", "federated.server_ema=1.0"])
-    with pytest.raises(ValueError, match=r"federated\.server_ema=0\.9: averages the global models of a fedavg\|fedadam server.*federated=none"):
-        check_config(central)
-    with pytest.raises(ValueError, match=r"federated\.server_ema=1\.0: expected a decay in \[0, 1\)"):
+        central = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=none", "federated.ema=0.99"])
+        fedprox = compose("config", overrides=["experiment=fl_dp_population", "federated=fedprox", "federated.ema=0.9"])
+        bad = compose("config", overrides=["experiment=fl_dp_population", "federated.ema=1.0"])
+    assert central.run_name == "wav2vec2_tiny-lora-ctc-ema0.99-b10x5q0.25" and check_config(central)
+    with pytest.raises(ValueError, match=r"federated\.ema=0\.9: averages the global models of a fedavg\|fedadam server.*federated=fedprox"):
+        check_config(fedprox)
+    with pytest.raises(ValueError, match=r"federated\.ema=1\.0: expected a decay in \[0, 1\)"):
         check_config(bad)
-    with pytest.raises(ValueError, match=re.escape("run_config['server-ema'] (federated.server_ema)=-0.5")):
-        resolve_run_config({"server-ema": -0.5})
+    with pytest.raises(ValueError, match=re.escape("run_config['ema'] (federated.ema)=-0.5")):
+        resolve_run_config({"ema": -0.5})
+
+
+def test_centralised_ema_leaves_the_model_at_the_average_of_its_steps():
+    import torch
+    from privacy.federated.task import train_local
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y), len(x)
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(5)]
+    models = {}
+    for ema in (0.0, 0.5):
+        torch.manual_seed(1)
+        models[ema] = torch.nn.Linear(3, 1)
+        train_local(models[ema], data, loss_fn, steps=5, lr=0.1, optimizer="sgd", ema=ema)
+    # the same five SGD steps, replayed by hand: the EMA run ends at the bias-corrected average of the five iterates
+    torch.manual_seed(1)
+    replay = torch.nn.Linear(3, 1)
+    iterates = []
+    for x, y in data:
+        replay.zero_grad()
+        loss_fn(replay, (x, y))[0].backward()
+        with torch.no_grad():
+            for p in replay.parameters():
+                p -= 0.1 * p.grad
+        iterates.append([p.detach().clone() for p in replay.parameters()])
+    weights = torch.tensor([0.5 ** (4 - i) for i in range(5)], dtype=torch.float64)
+    for k, p in enumerate(models[0.5].parameters()):
+        expected = sum(w * it[k].double() for w, it in zip(weights, iterates)) / weights.sum()
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    for p, last in zip(models[0.0].parameters(), iterates[-1]):
+        torch.testing.assert_close(p.detach(), last)
 
 
 def test_table_keeps_server_ema_runs_apart_and_reads_old_runs_as_the_last_model():
@@ -768,8 +804,8 @@ def test_table_keeps_server_ema_runs_apart_and_reads_old_runs_as_the_last_model(
           "federated": {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 1600, "cohort_sampling": "poisson",
                         "cohort_rate": 0.25, "local_optimizer": "sgd", "server_lr": 0.01, "server_beta1": 0.9,
                         "server_beta2": 0.999, "server_tau": 1e-8}}
-    old = Run(Path("a"), fl)  # written before federated.server_ema existed
-    last = Run(Path("b"), {**fl, "federated": {**fl["federated"], "server_ema": 0.0}})
-    averaged = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_ema": 0.9}})
+    old = Run(Path("a"), fl)  # written before federated.ema existed
+    last = Run(Path("b"), {**fl, "federated": {**fl["federated"], "ema": 0.0}})
+    averaged = Run(Path("c"), {**fl, "federated": {**fl["federated"], "ema": 0.9}})
     assert old.system == last.system != averaged.system
     assert "EMA of the global models (β 0.9 per round)" in _label(averaged) and "EMA" not in _label(last)

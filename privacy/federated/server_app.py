@@ -24,8 +24,8 @@ loop written out, because it also has to
   ``client_evaluation`` and ``not_private`` (reproducible DP noise) explicitly.
 
 The final global model (trainable parameters) is saved as
-``<run-dir>/global_model.npz``. With ``server-ema`` = beta > 0 that is the server's
-exponential moving average of the global models after rounds 1..t (:class:`IterateAverage`),
+``<run-dir>/global_model.npz``. With ``ema`` = beta > 0 that is the server's
+exponential moving average of the global models after rounds 1..t (:class:`task.IterateAverage`),
 and the server's evaluations score it too; the clients keep training the last global
 model. The average is a function of released models only: post-processing, under DP
 the same guarantee.
@@ -52,7 +52,7 @@ from common.files import atomic_write_bytes
 from common.progress import Progress
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
-from privacy.federated.task import arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
+from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -76,36 +76,6 @@ def _write_round_log(run_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_bytes(run_dir / ROUNDS_CSV, buffer.getvalue().encode())
 
 
-class IterateAverage:
-    """Bias-corrected exponential moving average of the global models after rounds 1..t.
-
-    avg_t = sum_i beta^(t-i) theta_i / sum_i beta^(t-i), i.e. a <- beta a + (1 - beta) theta and avg = a / (1 - beta^t)
-    (Adam's bias correction), so the starting model carries no weight and round t's model weighs (1 - beta) / (1 - beta^t).
-    Under DP each round's step carries fresh noise that the next rounds do not undo; averaging the iterates averages
-    that noise over about 1 / (1 - beta) rounds (Polyak-Ruppert averaging; De et al. 2022 use an EMA for DP-SGD).
-    """
-
-    def __init__(self, decay: float):
-        if not 0 < float(decay) < 1:
-            raise ValueError(f"server-ema (federated.server_ema)={decay!r}: expected a decay in (0, 1) (0 turns averaging off)")
-        self.decay = float(decay)
-        self.steps = 0
-        self.accumulator: dict[str, np.ndarray] = {}
-
-    def update(self, state: Mapping[str, np.ndarray]) -> None:
-        self.steps += 1
-        for name, value in state.items():
-            value = np.asarray(value, np.float64)
-            previous = self.accumulator.get(name, np.zeros_like(value))
-            self.accumulator[name] = self.decay * previous + (1.0 - self.decay) * value
-
-    def average(self) -> dict[str, np.ndarray]:
-        if not self.steps:
-            raise RuntimeError("IterateAverage.average() before any update")
-        correction = 1.0 - self.decay ** self.steps
-        return {name: (value / correction).astype(np.float32) for name, value in self.accumulator.items()}
-
-
 def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None,
                on_round: Optional[Callable[[Mapping[str, Any]], None]] = None) -> dict[str, Any]:
     """The federation's rounds; `on_round(entry)` is called with each round's summary entry once it is written."""
@@ -125,7 +95,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     strategy.summary()
 
     arrays = state_to_arrays(initial)
-    average = IterateAverage(float(cfg["server-ema"])) if float(cfg["server-ema"]) > 0 else None
+    average = IterateAverage(float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
     released = arrays  # the model the server scores and returns: the last global model, or the iterate average
     train_config = ConfigRecord({"lr": float(cfg["lr"])})
     stop_reason = "completed"
@@ -207,7 +177,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
 
     final = arrays_to_state(released)
     summary.update(
-        server_ema=float(cfg["server-ema"]),
+        ema=float(cfg["ema"]),
         rounds_completed=rounds_done,
         rounds_not_aggregated=not_aggregated,
         stop_reason=_honest(stop_reason, not_aggregated, strategy),

@@ -149,11 +149,11 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
                          f"or the server step of Poisson cohorts (federated=fedavg|fedadam federated.cohort_sampling=poisson); "
                          f"got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name}")
-    if float(fed.server_ema) != 0 and fed.name not in ("fedavg", "fedadam"):
-        raise ValueError(f"federated.server_ema={fed.server_ema}: averages the global models of a fedavg|fedadam server "
-                         f"(per round); got federated={fed.name}")
-    if not 0 <= float(fed.server_ema) < 1:
-        raise ValueError(f"federated.server_ema={fed.server_ema}: expected a decay in [0, 1) (0: off)")
+    if float(fed.ema) != 0 and fed.name not in ("fedavg", "fedadam", "none"):
+        raise ValueError(f"federated.ema={fed.ema}: averages the global models of a fedavg|fedadam server (per round) or "
+                         f"the centralised baseline's parameters (federated=none, per step); got federated={fed.name}")
+    if not 0 <= float(fed.ema) < 1:
+        raise ValueError(f"federated.ema={fed.ema}: expected a decay in [0, 1) (0: off)")
     if int(fed.public_subspace_dim) > 0 and not poisson_cohorts:
         raise ValueError(f"federated.public_subspace_dim={fed.public_subspace_dim}: projects the client updates of Poisson cohorts "
                          f"(federated=fedavg|fedadam federated.cohort_sampling=poisson); got federated={fed.name} "
