@@ -809,3 +809,24 @@ def test_table_keeps_server_ema_runs_apart_and_reads_old_runs_as_the_last_model(
     averaged = Run(Path("c"), {**fl, "federated": {**fl["federated"], "ema": 0.9}})
     assert old.system == last.system != averaged.system
     assert "EMA of the global models (β 0.9 per round)" in _label(averaged) and "EMA" not in _label(last)
+
+
+def test_the_client_plan_and_the_centralised_union_partition_the_speakers_once(corpus, public_start, tmp_path, monkeypatch):
+    """A 6,400-client plan used to partition the population once per client (minutes before the first step)."""
+    from privacy.federated import partition
+    from privacy.federated.synthgrid_task import centralised_indices, client_indices, split_speakers
+    from training.wav2vec2.plan import _eval_utterances, client_plan
+
+    calls = []
+    real = partition.partition_by_speaker
+    monkeypatch.setattr(partition, "partition_by_speaker", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    cfg = _cfg(corpus, tmp_path / "runs", public_start)
+    plan = client_plan(cfg)
+    assert calls == [6] and len(plan) == 6
+    speakers = split_speakers(cfg.data.dir, "train")
+    held = _eval_utterances(cfg)
+    union = centralised_indices(speakers, 6, int(cfg.seed), held)
+    assert calls == [6, 6]
+    clients = [client_indices(speakers, pid, 6, int(cfg.seed), held)[0] for pid in range(6)]
+    assert union == sorted(i for train in clients for i in train)
+    assert [p["n_train"] for p in plan] == [len(train) for train in clients]

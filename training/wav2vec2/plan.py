@@ -79,7 +79,7 @@ def check_population(cfg: DictConfig) -> None:
 
 def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
     """Per client: training utterances, steps per round, sampling rate; from the manifest only."""
-    from privacy.federated.synthgrid_task import client_indices, split_speakers
+    from privacy.federated.synthgrid_task import client_partitions, split_speakers
 
     speakers = split_speakers(cfg.data.dir, "train")
     num_clients = int(cfg.federated.num_clients)
@@ -90,8 +90,7 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
             f"every client needs at least one whole speaker, so use federated.num_clients <= {n_speakers}"
         )
     plan = []
-    for pid in range(num_clients):
-        train_idx, _ = client_indices(speakers, pid, num_clients, int(cfg.seed), _eval_utterances(cfg))
+    for train_idx, _ in client_partitions(speakers, num_clients, int(cfg.seed), _eval_utterances(cfg)):
         n = len(train_idx)
         plan.append({"n_train": n, "steps_per_round": _steps_per_round(cfg, n),
                      "batches": math.ceil(n / int(cfg.trainer.batch_size))})
