@@ -691,22 +691,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _server_adam(run: Run) -> tuple[float, float]:
+    """(server lr, β1) of a fedadam run: the server optimiser settings the docs' sweeps vary."""
+    return float(run.axis("federated.server_lr") or 0.0), float(run.axis("federated.server_beta1") or 0.0)
+
+
 def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[tuple[float, float]]]], dict[str, list[float]]]:
     """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
     trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
-    holds one system only: the federation's strategy, cohort rate, lr schedule, public-subspace projection, client
-    batch, speaker population and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
+    holds one system only: the federation's strategy, cohort rate, server Adam's lr and β1, lr schedule, iterate
+    average, public-subspace projection, client batch, speaker population and budget (client steps) are in its key or
+    name whenever the runs differ in them, so FedAvg and
     server-Adam runs, or projected and unprojected ones, are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
     scored = [r for r in runs if "federated:wer" in r.metrics]
     budgets = {_client_steps(r) for r in scored if r.axis("dp.name") in (None, "none") and not _no_training(r)}
 
+    server_adams = {_server_adam(r) for r in scored if r.axis("federated.name") == "fedadam"}
+
     def how(r: Run, with_rate: bool = True) -> str:
         fed = r.axis("federated.name")
         parts = [] if fed in (None, "none") else [str(fed)]
         if with_rate and fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson":
             parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
+        if fed == "fedadam" and len(server_adams) > 1:  # server Adams of other settings are other systems
+            lr, beta1 = _server_adam(r)
+            parts.append(f"server lr {lr:g}, β1 {beta1:g}")
         if r.axis("federated.lr_decay") not in (None, "none"):
             parts.append("lr decayed")
         if r.axis("federated.ema"):

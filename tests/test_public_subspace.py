@@ -238,6 +238,25 @@ def test_epsilon_wer_plot_keeps_projected_dp_runs_and_one_utterance_clients_apar
     assert any("1-utterance clients" in name for name in no_dp)
 
 
+def test_epsilon_wer_plot_keeps_server_adam_settings_apart():
+    from pathlib import Path
+
+    from scripts.make_tables import Run, _epsilon_wer_series
+
+    def run(name, eps, wer, beta1=0.9, lr=0.01):
+        fed = {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 6400, "cohort_sampling": "poisson",
+               "cohort_rate": 0.0625, "server_lr": lr, "server_beta1": beta1}
+        config = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora"}, "trainer": {"batch_size": 10},
+                  "dp": {"name": "central", "target_epsilon": eps}, "compression": {"name": "none"}, "federated": fed}
+        return Run(Path(name), config, {"federated:wer": wer, "federated:epsilon/max": eps})
+
+    with_dp, _ = _epsilon_wer_series([run("a", 8.0, 0.64), run("b", 8.0, 0.62, beta1=0.98, lr=0.02), run("c", 1.0, 0.65)])
+    assert sorted(key[3] for key in with_dp) == ["fedadam, server lr 0.01, β1 0.9", "fedadam, server lr 0.02, β1 0.98"]
+    assert sorted(with_dp[(False, "central", "none", "fedadam, server lr 0.01, β1 0.9")]) == [1.0, 8.0]
+    alone, _ = _epsilon_wer_series([run("a", 8.0, 0.64), run("c", 1.0, 0.65)])
+    assert [key[3] for key in alone] == ["fedadam"]  # one setting: nothing to tell apart
+
+
 def test_population_1600_experiment_is_the_server_adam_dp_federation_over_1600_clients():
     import training.config  # noqa: F401  (resolvers, schemas)
     from omegaconf import OmegaConf
