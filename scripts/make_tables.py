@@ -75,6 +75,7 @@ AXES = (
     "federated.public_subspace_dim",  # client updates projected onto k public-gradient directions: another system
     "federated.public_subspace_refresh",
     "trainer.batch_size",  # utterances per client (or centralised) step: clients of 1 utterance are another system
+    "federated.ema",  # the run returns the EMA of its models (server per round, centralised per step): another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
     "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
     "data.train_utterances_per_speaker",
@@ -107,7 +108,7 @@ class Run:
         defaults = {"masks.min_scale": 0.0, "masks.noise_granularity": "frame", "loss.projection": "learned",
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
-                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none",
+                    "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none", "federated.ema": 0.0,
                     "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
                     "data.extra_train_speakers": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
@@ -314,10 +315,11 @@ def _no_training(run: Run) -> bool:
 
 
 def _plain_centralised(run: Run) -> bool:
-    """The centralised non-private baseline itself: not its diagnostic variants (optimiser resets, lr decay), which
+    """The centralised non-private baseline itself: not its variants (optimiser resets, lr decay, iterate average), which
     are rows of their own and never the reference a federation is compared with."""
     return (run.axis("federated.name") in (None, "none") and run.axis("dp.name") in (None, "none")
-            and not run.axis("federated.centralised_optimizer_reset_every") and run.axis("federated.lr_decay") in (None, "none"))
+            and not run.axis("federated.centralised_optimizer_reset_every") and run.axis("federated.lr_decay") in (None, "none")
+            and not run.axis("federated.ema"))
 
 
 def _small_client_batch(run: Run) -> "int | None":
@@ -365,6 +367,9 @@ def _label(run: Run) -> str:
                 parts.append(f"server lr {server_lr if server_lr is not None else 1.0:g}" + (f", momentum {momentum:g}" if momentum else ""))
         if run.axis("federated.lr_decay") not in (None, "none"):
             parts.append(f"{'server ' if fed not in (None, 'none') else ''}lr decayed {run.axis('federated.lr_decay')}ly")
+        if run.axis("federated.ema"):
+            parts.append(f"EMA of the {'global models' if fed not in (None, 'none') else 'parameters'} "
+                         f"(β {float(run.axis('federated.ema')):g} per {'round' if fed not in (None, 'none') else 'step'})")
         if run.axis("federated.public_subspace_dim"):
             refresh = int(run.axis("federated.public_subspace_refresh") or 1)
             parts.append(f"updates projected on {int(run.axis('federated.public_subspace_dim'))} public-gradient directions"
@@ -686,24 +691,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _server_adam(run: Run) -> tuple[float, float]:
+    """(server lr, β1) of a fedadam run: the server optimiser settings the docs' sweeps vary."""
+    return float(run.axis("federated.server_lr") or 0.0), float(run.axis("federated.server_beta1") or 0.0)
+
+
 def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[tuple[float, float]]]], dict[str, list[float]]]:
     """The ε-WER plot's content: DP runs as series keyed by (DP-only?, DP kind, compression, how the federation
     trains) with their (ε spent, WER) per target ε, and runs without DP as named baselines. A series or a baseline
-    holds one system only: the federation's strategy, cohort rate, lr schedule, public-subspace projection, client
-    batch, speaker population and budget (client steps) are in its key or name whenever the runs differ in them, so FedAvg and
+    holds one system only: the federation's strategy, cohort rate, server Adam's lr and β1, lr schedule, iterate
+    average, public-subspace projection, client batch, speaker population and budget (client steps) are in its key or
+    name whenever the runs differ in them, so FedAvg and
     server-Adam runs, or projected and unprojected ones, are never averaged together."""
     with_dp: dict[tuple, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     no_dp: dict[str, list[float]] = defaultdict(list)
     scored = [r for r in runs if "federated:wer" in r.metrics]
     budgets = {_client_steps(r) for r in scored if r.axis("dp.name") in (None, "none") and not _no_training(r)}
 
+    server_adams = {_server_adam(r) for r in scored if r.axis("federated.name") == "fedadam"}
+
     def how(r: Run, with_rate: bool = True) -> str:
         fed = r.axis("federated.name")
         parts = [] if fed in (None, "none") else [str(fed)]
         if with_rate and fed not in (None, "none") and r.axis("federated.cohort_sampling") == "poisson":
             parts.append(f"q={float(r.axis('federated.cohort_rate')):g}")
+        if fed == "fedadam" and len(server_adams) > 1:  # server Adams of other settings are other systems
+            lr, beta1 = _server_adam(r)
+            parts.append(f"server lr {lr:g}, β1 {beta1:g}")
         if r.axis("federated.lr_decay") not in (None, "none"):
             parts.append("lr decayed")
+        if r.axis("federated.ema"):
+            parts.append(f"EMA {float(r.axis('federated.ema')):g}")
         if r.axis("federated.public_subspace_dim"):
             parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
         if _small_client_batch(r):
@@ -992,7 +1010,7 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     (the cohort at which user-level DP was run); runs with a FedAvgM server learning rate < 1 as lines of their own.
     Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
     plain = lambda r: (r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
-                       and r.axis("federated.lr_decay") in (None, "none"))
+                       and r.axis("federated.lr_decay") in (None, "none") and not r.axis("federated.ema"))
     server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
     by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr, local steps) -> cohort -> runs
     dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))

@@ -691,3 +691,142 @@ def test_table_keeps_lr_decay_runs_apart_and_reads_old_runs_as_constant():
     central = Run(Path("d"), {**fl, "trainer": {"lr": 3e-3}, "federated": {"name": "none", "num_rounds": 10, "local_steps": 5,
                                                                           "local_optimizer": "adam", "lr_decay": "linear"}})
     assert _label(central) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, lr decayed linearly, 10x5 steps"
+
+
+def test_iterate_average_is_the_bias_corrected_ema_of_the_global_models():
+    from privacy.federated.task import IterateAverage
+
+    models = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, -2.0])}, {"w": np.array([0.0, 4.0])}]
+    average = IterateAverage(0.5)
+    with pytest.raises(RuntimeError, match="before any update"):
+        average.average()
+    average.update(models[0])
+    np.testing.assert_allclose(average.average()["w"], models[0]["w"])  # the start carries no weight
+    average.update(models[1])
+    average.update(models[2])
+    # weights 0.25 : 0.5 : 1 for rounds 1, 2, 3 (beta^(t - i)), normalised
+    expected = (0.25 * models[0]["w"] + 0.5 * models[1]["w"] + 1.0 * models[2]["w"]) / 1.75
+    np.testing.assert_allclose(average.average()["w"], expected, rtol=1e-6)
+    assert average.average()["w"].dtype == np.float32
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"ema \(federated.ema\)=" + re.escape(repr(bad))):
+            IterateAverage(bad)
+
+
+def test_server_ema_scores_and_returns_the_average_and_leaves_training_alone(corpus, public_start, tmp_path, monkeypatch):
+    from privacy.federated import server_app
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    seen: list[dict] = []
+    update = server_app.IterateAverage.update
+    monkeypatch.setattr(server_app.IterateAverage, "update", lambda self, state: (seen.append(dict(state)), update(self, state))[1])
+    runs = {}
+    for ema in (0.0, 0.5):
+        out = tmp_path / f"ema{ema}"
+        metrics = run_wav2vec2_task(_cfg(corpus, out, public_start, "dp=none", "federated.num_rounds=3", f"federated.ema={ema}"))
+        run_dir = next(out.glob("**/federated"))
+        rounds = json.loads((run_dir / "federated_rounds.json").read_text())
+        model = np.load(run_dir / "global_model.npz")
+        runs[ema] = (metrics, rounds, {n: model[n] for n in model.files}, run_dir)
+    (plain, plain_rounds, plain_model, plain_dir), (avg, avg_rounds, avg_model, avg_dir) = runs[0.0], runs[0.5]
+    assert "-ema0.5-" in str(avg_dir) and "-ema" not in str(plain_dir)
+    assert avg_rounds["ema"] == 0.5 and plain_rounds["ema"] == 0.0
+    # the clients trained the same models: every round's last global model scores as the plain run's
+    for p, a in zip(plain_rounds["rounds"], avg_rounds["rounds"]):
+        assert a["server_eval_last_model"] == p["server_eval"] and "server_eval_last_model" not in p
+    # the saved (and scored) model is the bias-corrected EMA of the three global models, not the last one
+    assert len(seen) == 3
+    for name in avg_model:
+        expected = (0.25 * seen[0][name] + 0.5 * seen[1][name] + 1.0 * seen[2][name]) / 1.75
+        np.testing.assert_allclose(avg_model[name], expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(seen[2][name], plain_model[name])
+    assert any(not np.array_equal(avg_model[n], plain_model[n]) for n in avg_model)
+    assert avg["wer"] == avg_rounds["rounds"][-1]["server_eval"]["wer"]
+
+
+def test_ema_is_named_in_the_run_and_refused_where_nothing_averages():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        central = compose("config", overrides=["experiment=fl_dp_population", "federated=none", "dp=none", "federated.ema=0.99"])
+        fedprox = compose("config", overrides=["experiment=fl_dp_population", "federated=fedprox", "federated.ema=0.9"])
+        bad = compose("config", overrides=["experiment=fl_dp_population", "federated.ema=1.0"])
+    assert central.run_name == "wav2vec2_tiny-lora-ctc-ema0.99-b10x5q0.25" and check_config(central)
+    with pytest.raises(ValueError, match=r"federated\.ema=0\.9: averages the global models of a fedavg\|fedadam server.*federated=fedprox"):
+        check_config(fedprox)
+    with pytest.raises(ValueError, match=r"federated\.ema=1\.0: expected a decay in \[0, 1\)"):
+        check_config(bad)
+    with pytest.raises(ValueError, match=re.escape("run_config['ema'] (federated.ema)=-0.5")):
+        resolve_run_config({"ema": -0.5})
+
+
+def test_centralised_ema_leaves_the_model_at_the_average_of_its_steps():
+    import torch
+    from privacy.federated.task import train_local
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y), len(x)
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(5)]
+    models = {}
+    for ema in (0.0, 0.5):
+        torch.manual_seed(1)
+        models[ema] = torch.nn.Linear(3, 1)
+        train_local(models[ema], data, loss_fn, steps=5, lr=0.1, optimizer="sgd", ema=ema)
+    # the same five SGD steps, replayed by hand: the EMA run ends at the bias-corrected average of the five iterates
+    torch.manual_seed(1)
+    replay = torch.nn.Linear(3, 1)
+    iterates = []
+    for x, y in data:
+        replay.zero_grad()
+        loss_fn(replay, (x, y))[0].backward()
+        with torch.no_grad():
+            for p in replay.parameters():
+                p -= 0.1 * p.grad
+        iterates.append([p.detach().clone() for p in replay.parameters()])
+    weights = torch.tensor([0.5 ** (4 - i) for i in range(5)], dtype=torch.float64)
+    for k, p in enumerate(models[0.5].parameters()):
+        expected = sum(w * it[k].double() for w, it in zip(weights, iterates)) / weights.sum()
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    for p, last in zip(models[0.0].parameters(), iterates[-1]):
+        torch.testing.assert_close(p.detach(), last)
+
+
+def test_table_keeps_server_ema_runs_apart_and_reads_old_runs_as_the_last_model():
+    from scripts.make_tables import Run, _label
+
+    fl = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
+          "compression": {"name": "none"}, "trainer": {"lr": 1.0},
+          "federated": {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 1600, "cohort_sampling": "poisson",
+                        "cohort_rate": 0.25, "local_optimizer": "sgd", "server_lr": 0.01, "server_beta1": 0.9,
+                        "server_beta2": 0.999, "server_tau": 1e-8}}
+    old = Run(Path("a"), fl)  # written before federated.ema existed
+    last = Run(Path("b"), {**fl, "federated": {**fl["federated"], "ema": 0.0}})
+    averaged = Run(Path("c"), {**fl, "federated": {**fl["federated"], "ema": 0.9}})
+    assert old.system == last.system != averaged.system
+    assert "EMA of the global models (β 0.9 per round)" in _label(averaged) and "EMA" not in _label(last)
+
+
+def test_the_client_plan_and_the_centralised_union_partition_the_speakers_once(corpus, public_start, tmp_path, monkeypatch):
+    """A 6,400-client plan used to partition the population once per client (minutes before the first step)."""
+    from privacy.federated import partition
+    from privacy.federated.synthgrid_task import centralised_indices, client_indices, split_speakers
+    from training.wav2vec2.plan import _eval_utterances, client_plan
+
+    calls = []
+    real = partition.partition_by_speaker
+    monkeypatch.setattr(partition, "partition_by_speaker", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    cfg = _cfg(corpus, tmp_path / "runs", public_start)
+    plan = client_plan(cfg)
+    assert calls == [6] and len(plan) == 6
+    speakers = split_speakers(cfg.data.dir, "train")
+    held = _eval_utterances(cfg)
+    union = centralised_indices(speakers, 6, int(cfg.seed), held)
+    assert calls == [6, 6]
+    clients = [client_indices(speakers, pid, 6, int(cfg.seed), held)[0] for pid in range(6)]
+    assert union == sorted(i for train in clients for i in train)
+    assert [p["n_train"] for p in plan] == [len(train) for train in clients]

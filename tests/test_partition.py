@@ -47,3 +47,4 @@ def test_too_many_clients_names_both_numbers():
         partition_by_speaker(["a", "b", "a"], num_clients=5, seed=0)
     with pytest.raises(ValueError, match="num_clients"):
         partition_by_speaker(["a"], num_clients=0, seed=0)
+

@@ -238,6 +238,25 @@ def test_epsilon_wer_plot_keeps_projected_dp_runs_and_one_utterance_clients_apar
     assert any("1-utterance clients" in name for name in no_dp)
 
 
+def test_epsilon_wer_plot_keeps_server_adam_settings_apart():
+    from pathlib import Path
+
+    from scripts.make_tables import Run, _epsilon_wer_series
+
+    def run(name, eps, wer, beta1=0.9, lr=0.01):
+        fed = {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 6400, "cohort_sampling": "poisson",
+               "cohort_rate": 0.0625, "server_lr": lr, "server_beta1": beta1}
+        config = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora"}, "trainer": {"batch_size": 10},
+                  "dp": {"name": "central", "target_epsilon": eps}, "compression": {"name": "none"}, "federated": fed}
+        return Run(Path(name), config, {"federated:wer": wer, "federated:epsilon/max": eps})
+
+    with_dp, _ = _epsilon_wer_series([run("a", 8.0, 0.64), run("b", 8.0, 0.62, beta1=0.98, lr=0.02), run("c", 1.0, 0.65)])
+    assert sorted(key[3] for key in with_dp) == ["fedadam, server lr 0.01, β1 0.9", "fedadam, server lr 0.02, β1 0.98"]
+    assert sorted(with_dp[(False, "central", "none", "fedadam, server lr 0.01, β1 0.9")]) == [1.0, 8.0]
+    alone, _ = _epsilon_wer_series([run("a", 8.0, 0.64), run("c", 1.0, 0.65)])
+    assert [key[3] for key in alone] == ["fedadam"]  # one setting: nothing to tell apart
+
+
 def test_population_1600_experiment_is_the_server_adam_dp_federation_over_1600_clients():
     import training.config  # noqa: F401  (resolvers, schemas)
     from omegaconf import OmegaConf
@@ -254,3 +273,25 @@ def test_population_1600_experiment_is_the_server_adam_dp_federation_over_1600_c
     assert exp.data.extra_train_speakers == 1280 and exp.data.train_utterances_per_speaker == 2
     assert train_speaker_count(exp) == 1600  # from the data config alone: the corpus is not prepared
     assert "-c1600-" in exp.run_name and "cdp-eps8.0" in exp.run_name
+
+
+def test_population_6400_experiment_is_the_1600_schedule_over_6400_clients_at_a_quarter_of_the_rate():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from omegaconf import OmegaConf
+
+    from privacy.dp import noise_multiplier_for_budget
+    from training.wav2vec2.plan import train_speaker_count
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        exp = compose("config", overrides=["experiment=fl_population_6400", "paths.data_dir=/nonexistent"])
+        explicit = compose("config", overrides=[
+            "experiment=fl_population_1600", "data=synthgrid_population_6400", "federated.num_clients=6400",
+            "federated.cohort_rate=0.0625", "paths.data_dir=/nonexistent"])
+    assert OmegaConf.to_container(exp, resolve=True) == OmegaConf.to_container(explicit, resolve=True)
+    assert exp.data.extra_train_speakers == 6080 and exp.data.train_utterances_per_speaker == 2
+    assert train_speaker_count(exp) == 6400  # from the data config alone: the corpus is not prepared
+    assert exp.federated.cohort_rate * exp.federated.num_clients == 400  # the expected cohort of fl_population_1600
+    assert "-c6400-" in exp.run_name and "q0.0625" in exp.run_name and "cdp-eps8.0" in exp.run_name
+    # the experiment file's numbers: sigma 0.80 at q = 0.0625 against 1.82 at q = 0.25, 100 rounds, epsilon 8
+    sigma = noise_multiplier_for_budget(8.0, 1e-5, 0.0625, 100)
+    assert 0.79 < sigma < 0.82 and 1.81 < noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100) < 1.84

@@ -297,6 +297,11 @@ class FederatedConfig:
     # Adam (per step) and the Poisson-cohort server's step (fedavg / fedadam, per round; post-processing under DP);
     # the clients' local optimisers are unchanged. none: a constant lr (every run of sessions 2-4)
     lr_decay: str = one_of("none", "linear")
+    # the run's OWN iterates averaged: a fedavg / fedadam server scores and returns the bias-corrected exponential moving
+    # average (decay ema per round) of its global models instead of the last one, the clients still training the last
+    # one (a function of released models only, so post-processing under DP); the centralised baseline (federated=none)
+    # returns the EMA of its parameters per optimiser step. 0: off (every run before session 8)
+    ema: float = 0.0
     # Poisson cohorts: k > 0 projects every client update onto the top-k directions of gradients on the PUBLIC
     # speakers (public_subspace_split) at the current global model, recomputed every public_subspace_refresh rounds;
     # under central DP the k coefficients are clipped and noised (noise norm / sqrt(d / k), same accounting).
@@ -595,17 +600,23 @@ def _client_opt_tag(local_optimizer: Any, lr: Any) -> str:
     return "" if str(local_optimizer) == "adam" else f"-{local_optimizer}{float(lr):g}"
 
 
-def _optimizer_reset_tag(every: Any, lr_decay: Any = "none") -> str:
+def _optimizer_reset_tag(every: Any, lr_decay: Any = "none", ema: Any = 0.0) -> str:
     """Run-name tag of the centralised baseline (federated=none): "none" (dropped from the name) with one optimiser at a
-    constant lr, "optreset5" when it is re-created every 5 steps, "lindecay" with federated.lr_decay=linear (both:
-    "optreset5-lindecay"), so these runs never share the baseline's directory."""
-    parts = ([] if every in (None, 0, "0") else [f"optreset{every}"]) + ([_lr_decay_tag(lr_decay)[1:]] if _lr_decay_tag(lr_decay) else [])
+    constant lr, "optreset5" when it is re-created every 5 steps, "lindecay" with federated.lr_decay=linear, "ema0.99"
+    with federated.ema=0.99 (together: "optreset5-lindecay-ema0.99"), so these runs never share the baseline's directory."""
+    parts = ([] if every in (None, 0, "0") else [f"optreset{every}"]) + [
+        tag[1:] for tag in (_lr_decay_tag(lr_decay), _ema_tag(ema)) if tag]
     return "-".join(parts) if parts else "none"
 
 
 def _lr_decay_tag(lr_decay: Any) -> str:
     """Run-name part of the run's own lr schedule: "" when constant, "-lindecay" when linear."""
     return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
+
+
+def _ema_tag(decay: Any) -> str:
+    """Run-name part of the run's iterate average: "" when off, "-ema0.9" with federated.ema=0.9."""
+    return "" if float(decay) == 0 else f"-ema{float(decay):g}"
 
 
 def _public_subspace_tag(dim: Any, refresh: Any) -> str:
@@ -661,6 +672,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("client_opt_tag", _client_opt_tag)
     if not OmegaConf.has_resolver("lr_decay_tag"):
         OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
+    if not OmegaConf.has_resolver("ema_tag"):
+        OmegaConf.register_new_resolver("ema_tag", _ema_tag)
     if not OmegaConf.has_resolver("public_subspace_tag"):
         OmegaConf.register_new_resolver("public_subspace_tag", _public_subspace_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):

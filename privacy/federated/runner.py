@@ -237,9 +237,11 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
     log.info("centralised %s%s: %d steps of batch %d over %d utterances%s%s", "DP-" if session else "", optimizer.upper(), steps,
              cfg["batch-size"], utterances, f", optimiser re-created every {optimizer_reset_every} steps" if optimizer_reset_every else "",
              f", lr decayed {lr_decay}ly to 1/{steps}" if lr_decay != "none" else "")
+    if float(cfg["ema"]):
+        log.info("centralised: the model returned is the EMA of its parameters after every step (decay %g)", float(cfg["ema"]))
     t0 = time.time()
     stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session,
                         device=resolve_device(str(cfg["device"])), on_step=on_step, optimizer_reset_every=optimizer_reset_every,
-                        lr_decay=lr_decay)
+                        lr_decay=lr_decay, ema=float(cfg["ema"]))
     return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
             "train_seconds": time.time() - t0}

@@ -24,7 +24,11 @@ loop written out, because it also has to
   ``client_evaluation`` and ``not_private`` (reproducible DP noise) explicitly.
 
 The final global model (trainable parameters) is saved as
-``<run-dir>/global_model.npz``.
+``<run-dir>/global_model.npz``. With ``ema`` = beta > 0 that is the server's
+exponential moving average of the global models after rounds 1..t (:class:`task.IterateAverage`),
+and the server's evaluations score it too; the clients keep training the last global
+model. The average is a function of released models only: post-processing, under DP
+the same guarantee.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from common.files import atomic_write_bytes
 from common.progress import Progress
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
-from privacy.federated.task import arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
+from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     strategy.summary()
 
     arrays = state_to_arrays(initial)
+    average = IterateAverage(float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
+    released = arrays  # the model the server scores and returns: the last global model, or the iterate average
     train_config = ConfigRecord({"lr": float(cfg["lr"])})
     stop_reason = "completed"
     rounds_done = 0
@@ -119,6 +125,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        if average is not None:
+            average.update(arrays_to_state(arrays))  # a round that aggregated nothing repeats the model it kept
+            released = state_to_arrays(average.average())
+        else:
+            released = arrays
         if evaluate_on_clients:
             eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
             strategy.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=float(cfg["round-timeout"])))
@@ -130,7 +141,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         if cfg["server-eval-split"] and (server_round % int(cfg["server-eval-every"]) == 0 or last_round):
             # the released model on speakers no client holds: post-processing, outside the clients (and it draws no
             # random numbers the training uses: every client reseeds), so the cadence changes only the curve's points
-            entry["server_eval"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
+            entry["server_eval"] = _server_evaluation(task, released, str(cfg["server-eval-split"]))
+            if average is not None:  # the same round's last global model: the average's effect, paired
+                entry["server_eval_last_model"] = _server_evaluation(task, arrays, str(cfg["server-eval-split"]))
         entry["num_rejected"], entry["num_failed"] = len(record.rejected), len(record.failed)
         if not record.aggregated:
             not_aggregated.append(server_round)
@@ -162,8 +175,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
             log.warning(stop_reason)
             break
 
-    final = arrays_to_state(arrays)
+    final = arrays_to_state(released)
     summary.update(
+        ema=float(cfg["ema"]),
         rounds_completed=rounds_done,
         rounds_not_aggregated=not_aggregated,
         stop_reason=_honest(stop_reason, not_aggregated, strategy),
@@ -214,6 +228,8 @@ def _round_numbers(entry: Mapping[str, Any]) -> str:
         parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
     if entry.get("server_eval"):
         parts.append(f"test_wer {entry['server_eval']['wer']:.4g}")
+    if entry.get("server_eval_last_model"):
+        parts.append(f"(last model {entry['server_eval_last_model']['wer']:.4g})")
     if (entry.get("cohort") or {}).get("noise_to_signal") is not None:
         parts.append(f"noise/signal {entry['cohort']['noise_to_signal']:.3g}")
     if entry["max_client_epsilon"]:

@@ -36,6 +36,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "public-subspace-dim": 0,  # cohort-sampling=poisson: k > 0 projects every client update onto k directions of public gradients (public_subspace.py)
     "public-subspace-refresh": 1,  # rounds between two public-gradient bases (recomputed at the current global model)
     "public-subspace-split": "public",  # the task's split of PUBLIC speakers the basis is computed from
+    "ema": 0.0,  # beta in (0, 1): the server scores and returns the bias-corrected EMA of its global models per round (post-processing), the centralised baseline that of its parameters per step; 0: the last one
     "lr-decay": "none",  # none | linear: the server step (cohort-sampling=poisson) or the centralised baseline's optimiser decays to 1/T at its last step
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
@@ -91,6 +92,10 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"run_config['cohort-rate']={merged['cohort-rate']!r}; must be in (0, 1] (the probability of each client per round)")
     if merged["lr-decay"] not in ("none", "linear"):
         raise ValueError(f"run_config['lr-decay'] (federated.lr_decay)={merged['lr-decay']!r}; expected none | linear")
+    ema = merged["ema"]
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= float(ema) < 1:
+        raise ValueError(f"run_config['ema'] (federated.ema)={ema!r}; expected a decay in [0, 1) "
+                         "(0: the run returns its last model)")
     every = merged["server-eval-every"]
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"run_config['server-eval-every'] (federated.server_eval_every)={every!r}; expected an integer >= 1 "

@@ -165,11 +165,19 @@ def client_indices(
     speakers: Sequence[str], partition_id: int, num_partitions: int, seed: int, eval_utterances: int
 ) -> tuple[list[int], list[int]]:
     """(train, held-out eval) utterance indices of one client: whole speakers, the last few held out."""
-    from privacy.federated.partition import partition_by_speaker
-
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
-    return hold_out(partition_by_speaker(speakers, num_partitions, seed)[partition_id], eval_utterances)
+    return client_partitions(speakers, num_partitions, seed, eval_utterances)[partition_id]
+
+
+def client_partitions(
+    speakers: Sequence[str], num_partitions: int, seed: int, eval_utterances: int
+) -> list[tuple[list[int], list[int]]]:
+    """(train, held-out eval) utterance indices of every client, from ONE partition of the speakers (who asks for all
+    clients calls this once: a population of thousands would otherwise be partitioned thousands of times)."""
+    from privacy.federated.partition import partition_by_speaker
+
+    return [hold_out(indices, eval_utterances) for indices in partition_by_speaker(speakers, num_partitions, seed)]
 
 
 def hold_out(indices: Sequence[int], eval_utterances: int) -> tuple[list[int], list[int]]:
@@ -182,10 +190,7 @@ def hold_out(indices: Sequence[int], eval_utterances: int) -> tuple[list[int], l
 
 def centralised_indices(speakers: Sequence[str], num_partitions: int, seed: int, eval_utterances: int) -> list[int]:
     """The union of every client's training indices: what the centralised baseline trains on."""
-    out: list[int] = []
-    for pid in range(num_partitions):
-        out.extend(client_indices(speakers, pid, num_partitions, seed, eval_utterances)[0])
-    return sorted(out)
+    return sorted(i for train, _ in client_partitions(speakers, num_partitions, seed, eval_utterances) for i in train)
 
 
 # --------------------------------------------------------------------------- model
@@ -331,11 +336,8 @@ def speaker_split_loaders(split_items: Callable[[str], tuple], collate: Callable
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
         if num_partitions not in partitions:
-            from privacy.federated.partition import partition_by_speaker
-
             speakers = split_items_once(split)[0]  # the same split as client_indices, partitioned once
-            partitions[num_partitions] = [hold_out(indices, eval_utterances)
-                                          for indices in partition_by_speaker(speakers, num_partitions, seed)]
+            partitions[num_partitions] = client_partitions(speakers, num_partitions, seed, eval_utterances)
         return partitions[num_partitions][partition_id]
 
     def build_loaders(partition_id: int, num_partitions: int):

@@ -133,6 +133,38 @@ def build_local_optimizer(name: str, params: list[torch.Tensor], lr: float) -> t
     raise ValueError(f"local optimizer {name!r}: expected sgd | adam")
 
 
+class IterateAverage:
+    """Bias-corrected exponential moving average of the global models after rounds 1..t.
+
+    avg_t = sum_i beta^(t-i) theta_i / sum_i beta^(t-i), i.e. a <- beta a + (1 - beta) theta and avg = a / (1 - beta^t)
+    (Adam's bias correction), so the starting model carries no weight and round t's model weighs (1 - beta) / (1 - beta^t).
+    Under DP each round's step carries fresh noise that the next rounds do not undo; averaging the iterates averages
+    that noise over about 1 / (1 - beta) rounds (Polyak-Ruppert averaging; De et al. 2022 use an EMA for DP-SGD).
+    The server averages its global models per round (server_app.run_server); the centralised baseline its model per
+    optimiser step (:func:`train_local`'s ``ema``).
+    """
+
+    def __init__(self, decay: float):
+        if not 0 < float(decay) < 1:
+            raise ValueError(f"ema (federated.ema)={decay!r}: expected a decay in (0, 1) (0 turns averaging off)")
+        self.decay = float(decay)
+        self.steps = 0
+        self.accumulator: dict[str, np.ndarray] = {}
+
+    def update(self, state: Mapping[str, np.ndarray]) -> None:
+        self.steps += 1
+        for name, value in state.items():
+            value = np.asarray(value, np.float64)
+            previous = self.accumulator.get(name, np.zeros_like(value))
+            self.accumulator[name] = self.decay * previous + (1.0 - self.decay) * value
+
+    def average(self) -> dict[str, np.ndarray]:
+        if not self.steps:
+            raise RuntimeError("IterateAverage.average() before any update")
+        correction = 1.0 - self.decay ** self.steps
+        return {name: (value / correction).astype(np.float32) for name, value in self.accumulator.items()}
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -149,6 +181,7 @@ def train_local(
     on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
     optimizer_reset_every: int = 0,
     lr_decay: str = "none",
+    ema: float = 0.0,
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -171,6 +204,8 @@ def train_local(
     (a diagnostic of FedAvg's gap, federated.centralised_optimizer_reset_every); 0 keeps one optimiser.
     lr_decay: "linear" sets the lr of step i (0-based) of `steps` to lr * (1 - i / steps), so the last step takes
     1/steps of it (the centralised baseline's side of federated.lr_decay); "none" keeps lr. Needs `steps`.
+    ema: beta in (0, 1) leaves the model at the bias-corrected EMA of its trainable parameters after every step
+    (:class:`IterateAverage`; the centralised baseline's side of federated.ema); 0 leaves the last step's.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
@@ -194,6 +229,7 @@ def train_local(
         from privacy.dp import dp_step_on_empty_batch
 
         run_model, optimizer, run_loader = dp.attach(model, optimizer, loader)
+    average = IterateAverage(ema) if ema else None
     run_model.train()
     total_loss, total_examples, done = 0.0, 0, 0
     max_epochs = epochs if steps is None else math.inf
@@ -224,11 +260,17 @@ def train_local(
                 total_loss += float(loss.detach()) * n
                 total_examples += n
             done += 1
+            if average is not None:
+                average.update({name: p.detach().cpu().numpy() for name, p in trainable.items()})
             if on_step is not None:
                 on_step(done, float(loss.detach()) if n else None, n)
         epoch += 1
         if steps is not None and done == 0 and epoch > 3:
             raise RuntimeError("local training made no step in 3 passes over the loader: the client has no data")
+    if average is not None and done:
+        with torch.no_grad():
+            for name, value in average.average().items():
+                trainable[name].copy_(torch.as_tensor(value).to(trainable[name]))
     return {"train_loss": total_loss / max(total_examples, 1), "num-examples": total_examples, "steps": done}
 
 

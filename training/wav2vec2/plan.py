@@ -79,7 +79,7 @@ def check_population(cfg: DictConfig) -> None:
 
 def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
     """Per client: training utterances, steps per round, sampling rate; from the manifest only."""
-    from privacy.federated.synthgrid_task import client_indices, split_speakers
+    from privacy.federated.synthgrid_task import client_partitions, split_speakers
 
     speakers = split_speakers(cfg.data.dir, "train")
     num_clients = int(cfg.federated.num_clients)
@@ -90,8 +90,7 @@ def client_plan(cfg: DictConfig) -> list[dict[str, int]]:
             f"every client needs at least one whole speaker, so use federated.num_clients <= {n_speakers}"
         )
     plan = []
-    for pid in range(num_clients):
-        train_idx, _ = client_indices(speakers, pid, num_clients, int(cfg.seed), _eval_utterances(cfg))
+    for train_idx, _ in client_partitions(speakers, num_clients, int(cfg.seed), _eval_utterances(cfg)):
         n = len(train_idx)
         plan.append({"n_train": n, "steps_per_round": _steps_per_round(cfg, n),
                      "batches": math.ceil(n / int(cfg.trainer.batch_size))})
@@ -149,6 +148,11 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"federated.lr_decay={fed.lr_decay}: decays the centralised baseline's optimiser (federated=none dp=none) "
                          f"or the server step of Poisson cohorts (federated=fedavg|fedadam federated.cohort_sampling=poisson); "
                          f"got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name}")
+    if float(fed.ema) != 0 and fed.name not in ("fedavg", "fedadam", "none"):
+        raise ValueError(f"federated.ema={fed.ema}: averages the global models of a fedavg|fedadam server (per round) or "
+                         f"the centralised baseline's parameters (federated=none, per step); got federated={fed.name}")
+    if not 0 <= float(fed.ema) < 1:
+        raise ValueError(f"federated.ema={fed.ema}: expected a decay in [0, 1) (0: off)")
     if int(fed.public_subspace_dim) > 0 and not poisson_cohorts:
         raise ValueError(f"federated.public_subspace_dim={fed.public_subspace_dim}: projects the client updates of Poisson cohorts "
                          f"(federated=fedavg|fedadam federated.cohort_sampling=poisson); got federated={fed.name} "

@@ -45,6 +45,7 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "fedavg-server-lr": ("federated.fedavg_server_lr", float),
     "server-momentum": ("federated.server_momentum", float),
     "lr-decay": ("federated.lr_decay", str),
+    "ema": ("federated.ema", float),
     "public-subspace-dim": ("federated.public_subspace_dim", int),
     "public-subspace-refresh": ("federated.public_subspace_refresh", int),
     "public-subspace-split": ("federated.public_subspace_split", str),
