@@ -134,7 +134,7 @@ def build_local_optimizer(name: str, params: list[torch.Tensor], lr: float) -> t
 
 
 class IterateAverage:
-    """Bias-corrected exponential moving average of the global models after rounds 1..t.
+    """Bias-corrected exponential moving average of a run's iterates theta_1..theta_t (global models or parameters).
 
     avg_t = sum_i beta^(t-i) theta_i / sum_i beta^(t-i), i.e. a <- beta a + (1 - beta) theta and avg = a / (1 - beta^t)
     (Adam's bias correction), so the starting model carries no weight and round t's model weighs (1 - beta) / (1 - beta^t).
