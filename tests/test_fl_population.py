@@ -675,14 +675,18 @@ def test_lr_decay_is_named_in_the_run_and_refused_where_nothing_implements_it():
         build_strategy(resolve_run_config({"num-clients": 4, "lr-decay": "linear"}), 4)
 
 
+def _server_adam_row_config(**federated) -> dict:
+    """The config.yaml of a one-step-FedSGD server Adam row without DP, as make_tables reads it."""
+    return {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
+            "compression": {"name": "none"}, "trainer": {"lr": 1.0},
+            "federated": {"name": "fedadam", "local_steps": 1, "cohort_sampling": "poisson", "local_optimizer": "sgd",
+                          "server_beta1": 0.9, "server_beta2": 0.999, "server_tau": 1e-8, **federated}}
+
+
 def test_table_keeps_lr_decay_runs_apart_and_reads_old_runs_as_constant():
     from scripts.make_tables import Run, _label
 
-    fl = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
-          "compression": {"name": "none"}, "trainer": {"lr": 1.0},
-          "federated": {"name": "fedadam", "num_rounds": 4000, "local_steps": 1, "num_clients": 320, "cohort_sampling": "poisson",
-                        "cohort_rate": 0.003125, "local_optimizer": "sgd", "server_lr": 0.003, "server_beta1": 0.9,
-                        "server_beta2": 0.999, "server_tau": 1e-8}}
+    fl = _server_adam_row_config(num_rounds=4000, num_clients=320, cohort_rate=0.003125, server_lr=0.003)
     old = Run(Path("a"), fl)  # written before federated.lr_decay existed
     constant = Run(Path("b"), {**fl, "federated": {**fl["federated"], "lr_decay": "none"}})
     decayed = Run(Path("c"), {**fl, "federated": {**fl["federated"], "lr_decay": "linear"}})
@@ -799,11 +803,7 @@ def test_centralised_ema_leaves_the_model_at_the_average_of_its_steps():
 def test_table_keeps_server_ema_runs_apart_and_reads_old_runs_as_the_last_model():
     from scripts.make_tables import Run, _label
 
-    fl = {"model": {"name": "wav2vec2_tiny"}, "adapter": {"name": "lora", "r": 4}, "dp": {"name": "none"},
-          "compression": {"name": "none"}, "trainer": {"lr": 1.0},
-          "federated": {"name": "fedadam", "num_rounds": 100, "local_steps": 1, "num_clients": 1600, "cohort_sampling": "poisson",
-                        "cohort_rate": 0.25, "local_optimizer": "sgd", "server_lr": 0.01, "server_beta1": 0.9,
-                        "server_beta2": 0.999, "server_tau": 1e-8}}
+    fl = _server_adam_row_config(num_rounds=100, num_clients=1600, cohort_rate=0.25, server_lr=0.01)
     old = Run(Path("a"), fl)  # written before federated.ema existed
     last = Run(Path("b"), {**fl, "federated": {**fl["federated"], "ema": 0.0}})
     averaged = Run(Path("c"), {**fl, "federated": {**fl["federated"], "ema": 0.9}})
