@@ -302,6 +302,11 @@ class FederatedConfig:
     # one (a function of released models only, so post-processing under DP); the centralised baseline (federated=none)
     # returns the EMA of its parameters per optimiser step. 0: off (every run before session 8)
     ema: float = 0.0
+    # Poisson cohorts under central DP: the server step is shrunk per coordinate by the DP noise its optimiser buffer
+    # carries (known from sigma, C and qN): buffer_i x max(0, 1 - server_shrink x noise variance / buffer_i^2), the
+    # positive-part James-Stein / Wiener factor (1: the signal power estimated as buffer_i^2 minus the noise variance).
+    # A function of released means and public constants only, so post-processing. 0: off (every run before session 9)
+    server_shrink: float = 0.0
     # Poisson cohorts: k > 0 projects every client update onto the top-k directions of gradients on the PUBLIC
     # speakers (public_subspace_split) at the current global model, recomputed every public_subspace_refresh rounds;
     # under central DP the k coefficients are clipped and noised (noise norm / sqrt(d / k), same accounting).
@@ -619,6 +624,11 @@ def _ema_tag(decay: Any) -> str:
     return "" if float(decay) == 0 else f"-ema{float(decay):g}"
 
 
+def _shrink_tag(kappa: Any) -> str:
+    """Run-name part of the server step's noise shrinkage: "" when off, "-shrink1" with federated.server_shrink=1."""
+    return "" if float(kappa) == 0 else f"-shrink{float(kappa):g}"
+
+
 def _public_subspace_tag(dim: Any, refresh: Any) -> str:
     """Run-name part of the public-gradient subspace: "" when off, "-pub64" (basis every round), "-pub64r5" (every 5th)."""
     if int(dim) == 0:
@@ -674,6 +684,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
     if not OmegaConf.has_resolver("ema_tag"):
         OmegaConf.register_new_resolver("ema_tag", _ema_tag)
+    if not OmegaConf.has_resolver("shrink_tag"):
+        OmegaConf.register_new_resolver("shrink_tag", _shrink_tag)
     if not OmegaConf.has_resolver("public_subspace_tag"):
         OmegaConf.register_new_resolver("public_subspace_tag", _public_subspace_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):
