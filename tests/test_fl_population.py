@@ -830,3 +830,93 @@ def test_the_client_plan_and_the_centralised_union_partition_the_speakers_once(c
     clients = [client_indices(speakers, pid, 6, int(cfg.seed), held)[0] for pid in range(6)]
     assert union == sorted(i for train in clients for i in train)
     assert [p["n_train"] for p in plan] == [len(train) for train in clients]
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("adam", 0.9), ("adam", 0.98), ("sgd", 0.0), ("sgd", 0.9)])
+def test_server_shrink_knows_the_dp_noise_variance_of_its_buffer(optimizer, momentum):
+    """federated.server_shrink: the server's optimiser buffer (Adam's mu, FedAvgM's v) is a linear filter of the released
+    means, so the variance of the DP noise it carries follows from sigma, C, qN and the betas alone. On pure noise
+    (no client sampled, 4,000 coordinates) the tracked variance equals the closed form and the buffer's empirical one."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    sigma, clip, n, q, rounds = 1.3, 0.7, 200, 0.1, 40
+    options = ({"server_optimizer": "adam", "server_betas": (momentum, 0.999), "server_tau": 1e-8, "server_lr": 0.01}
+               if optimizer == "adam" else {"server_optimizer": "sgd", "server_momentum": momentum})
+    strategy = PoissonCohortFedAvg(n, q, noise_multiplier=sigma, clipping_norm=clip, reproducible_seed=3, server_shrink=1.0, **options)
+    sc = sigma * clip / (q * n)
+    assert strategy.mean_noise_std() == pytest.approx(sc)
+    gen = np.random.default_rng(0)
+    for _ in range(rounds):
+        strategy.server_step(gen.normal(0.0, sc, 4000))
+    gain = (1 - momentum) if optimizer == "adam" else 1.0
+    closed = sc ** 2 * gain ** 2 * (1 - momentum ** (2 * rounds)) / (1 - momentum ** 2)
+    assert strategy.buffer_noise_var == pytest.approx(closed, rel=1e-9)
+    assert np.var(strategy.velocity) == pytest.approx(closed, rel=0.1)
+
+
+def test_server_shrink_scales_each_coordinate_by_the_positive_part_james_stein_factor():
+    """The step uses b_i max(0, 1 - kappa s2 / b_i^2): a coordinate within the noise level stays put, a strong one
+    moves almost as without shrinkage; kappa = 0 (off) and sigma = 0 (nothing to shrink) leave the step unchanged."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    mean = np.array([0.0, 0.05, -0.1, 0.2, 1.0])
+    off = PoissonCohortFedAvg(10, 0.5, noise_multiplier=1.0, clipping_norm=0.5, server_lr=2.0)
+    on = PoissonCohortFedAvg(10, 0.5, noise_multiplier=1.0, clipping_norm=0.5, server_lr=2.0, server_shrink=2.0)
+    s2 = (1.0 * 0.5 / 5) ** 2  # FedAvg without momentum: the buffer is the round's mean, noise std sigma C / qN = 0.1
+    expected = 2.0 * mean * np.maximum(0.0, 1 - 2.0 * s2 / np.where(mean == 0, 1.0, mean ** 2)) * (mean != 0)
+    np.testing.assert_allclose(on.server_step(mean.copy()), expected)
+    np.testing.assert_allclose(expected[:3], 0.0)  # |b| <= sqrt(2) x 0.1: not moved
+    assert on.last_shrink == {"shrink_zeroed": 0.6, "shrink_mean": pytest.approx((0.5 + 0.98) / 5)}  # 1 - 0.02 / 0.04, 1 - 0.02 / 1
+    np.testing.assert_allclose(off.server_step(mean.copy()), 2.0 * mean)
+    clip_only = PoissonCohortFedAvg(10, 0.5, noise_multiplier=0.0, clipping_norm=0.5, server_lr=2.0, server_shrink=1.0)
+    np.testing.assert_allclose(clip_only.server_step(mean.copy()), 2.0 * mean)
+
+
+def test_server_shrink_is_named_in_the_run_and_refused_where_there_is_no_per_coordinate_dp_noise():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        shrunk = compose("config", overrides=["experiment=fl_population_6400", "federated.server_shrink=1"])
+        plain = compose("config", overrides=["experiment=fl_population_6400"])
+        no_dp = compose("config", overrides=["experiment=fl_population_6400", "dp=none", "federated.server_shrink=1"])
+        projected = compose("config", overrides=["experiment=fl_population_public_subspace", "federated.server_shrink=1"])
+        bad = compose("config", overrides=["experiment=fl_population_6400", "federated.server_shrink=-1"])
+    assert shrunk.run_name == plain.run_name.replace("-sgd1-", "-sgd1-shrink1-") != plain.run_name
+    assert "shrink" not in plain.run_name and check_config(shrunk)
+    for cfg, field in ((no_dp, "dp=none"), (projected, "federated.public_subspace_dim=64")):
+        with pytest.raises(ValueError, match=r"federated\.server_shrink=1\.0: shrinks the DP noise.*" + re.escape(field)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=r"federated\.server_shrink=-1\.0: expected a number in \[0, 10\]"):
+        check_config(bad)
+    with pytest.raises(ValueError, match=re.escape("run_config['server-shrink'] (federated.server_shrink)=1") + ".*got dp=none"):
+        resolve_run_config({"server-shrink": 1, "strategy": "fedadam", "cohort-sampling": "poisson"})
+    with pytest.raises(ValueError, match="server-shrink=1.0: .*needs central DP"):
+        PoissonCohortFedAvg(8, 0.5, server_shrink=1.0)
+
+
+def test_table_keeps_shrunk_server_steps_apart_and_reads_old_runs_as_unshrunk():
+    from scripts.make_tables import Run, _label
+
+    fl = _server_adam_row_config(num_rounds=100, num_clients=6400, cohort_rate=0.0625, server_lr=0.01)
+    fl = {**fl, "dp": {"name": "central", "target_epsilon": 8.0, "clipping_norm": 1.0}}
+    old = Run(Path("a"), fl)  # written before federated.server_shrink existed
+    plain = Run(Path("b"), {**fl, "federated": {**fl["federated"], "server_shrink": 0.0}})
+    shrunk = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_shrink": 1.0}})
+    assert old.system == plain.system != shrunk.system
+    assert "server step shrunk by its DP noise (κ 1)" in _label(shrunk) and "shrunk" not in _label(plain)
+
+
+def test_a_shrunk_population_run_logs_how_much_of_the_step_it_kept(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    metrics = run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", public_start, "dp.target_epsilon=8", "federated.server_shrink=1"))
+    run_dir = next((tmp_path / "runs").glob("**/federated"))
+    assert "-shrink1-" in str(run_dir)
+    rounds = json.loads((run_dir / "federated_rounds.json").read_text())
+    zeroed = [r["cohort"]["shrink_zeroed"] for r in rounds["rounds"]]
+    assert len(zeroed) == 3 and all(0 <= z <= 1 for z in zeroed) and 0 <= metrics["rounds"] == 3
+    assert rounds["shrink_zeroed_mean"] == pytest.approx(np.mean(zeroed))
+    assert all(0 <= r["cohort"]["shrink_mean"] <= 1 for r in rounds["rounds"])

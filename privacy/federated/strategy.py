@@ -392,7 +392,7 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int, subspace: Option
                                 server_momentum=float(cfg["server-momentum"]), server_optimizer="adam" if adam else "sgd",
                                 server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]),
                                 lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]), subspace=subspace,
-                                server_shrink=float(cfg["server-shrink"]))
+                                server_shrink=float(cfg["server-shrink"]), server_adam_bc=float(cfg["server-adam-bc"]))
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
     # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
@@ -505,6 +505,14 @@ class PoissonCohortFedAvg(Strategy):
     is the same. Logged per round: ``shrink_zeroed`` (fraction of coordinates not moved) and ``shrink_mean``
     (the mean factor).
 
+    ``server_adam_bc`` = rho > 0 (server Adam under DP; DP-AdamBC, Tang et al. 2024): the second moment of the noised
+    mean is E[m_i^2] = s_i^2 + sigma_c^2 (sigma_c = sigma C / qN, known), so plain server Adam normalises every
+    coordinate by about the noise's scale and takes SGD steps of lr / sigma_c: coordinates with small gradients barely
+    move. Here the bias-corrected second moment loses the noise variance, nu_hat = max(nu / (1 - beta2^t) - sigma_c^2,
+    (rho sigma_c)^2), and the step is eta mu_hat / (sqrt(nu_hat) + tau) (mu_hat = mu / (1 - beta1^t)); rho floors the
+    scale of a coordinate whose signal the noise hides. Post-processing. Logged: ``adam_bc_floored`` (the fraction of
+    coordinates at the floor).
+
     ``subspace`` (privacy/federated/public_subspace.py; run-config ``public-subspace-dim`` > 0): a callable
     (global state, round) -> orthonormal basis V (k x d) computed from PUBLIC data at the current global model.
     Each update u is replaced by its coefficients V u before clipping (so with DP it is the k coefficients that are
@@ -534,6 +542,7 @@ class PoissonCohortFedAvg(Strategy):
         num_rounds: Optional[int] = None,
         subspace: Optional[Callable[[Mapping[str, np.ndarray], int], np.ndarray]] = None,
         server_shrink: float = 0.0,
+        server_adam_bc: float = 0.0,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -561,6 +570,12 @@ class PoissonCohortFedAvg(Strategy):
         if server_shrink and (noise_multiplier is None or subspace is not None):
             raise ValueError(f"server-shrink={server_shrink}: shrinks the per-coordinate DP noise of the server step; needs "
                              f"central DP (a noise multiplier) and no public subspace (its noise is not per coordinate)")
+        if not 0 <= server_adam_bc <= 1:
+            raise ValueError(f"server-adam-bc={server_adam_bc}: expected rho in [0, 1] (0: off)")
+        if server_adam_bc and (server_optimizer != "adam" or noise_multiplier is None or subspace is not None):
+            raise ValueError(f"server-adam-bc={server_adam_bc}: debiases the server Adam's second moment for per-coordinate DP "
+                             f"noise; needs server Adam, central DP (a noise multiplier) and no public subspace")
+        self.server_adam_bc = float(server_adam_bc)
         self.server_optimizer = server_optimizer
         self.subspace = subspace
         self.server_shrink = float(server_shrink)
@@ -592,6 +607,8 @@ class PoissonCohortFedAvg(Strategy):
                   if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
         if self.lr_decay != "none":
             server += f", lr decayed {self.lr_decay}ly over {self.num_rounds} rounds"
+        if self.server_adam_bc:
+            server += f", second moment debiased for the DP noise (floor {self.server_adam_bc:g} x its std)"
         if self.server_shrink:
             server += f", step shrunk by its DP noise (kappa {self.server_shrink:g})"
         if self.subspace is not None:
@@ -710,6 +727,12 @@ class PoissonCohortFedAvg(Strategy):
         self.buffer_noise_var = beta1 ** 2 * self.buffer_noise_var + (1 - beta1) ** 2 * noise_var
         self.second_moment = beta2 * self.second_moment + (1 - beta2) * np.square(mean_update)
         t = self.server_steps
+        if self.server_adam_bc:
+            nu_hat = self.second_moment / (1 - beta2 ** t) - noise_var
+            floor = (self.server_adam_bc * math.sqrt(noise_var)) ** 2
+            step = scale * self.server_lr / (1 - beta1 ** t) * self.shrunk(self.velocity) / (np.sqrt(np.maximum(nu_hat, floor)) + self.server_tau)
+            self.last_shrink["adam_bc_floored"] = float(np.mean(nu_hat <= floor))
+            return step
         lr_t = scale * self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         return lr_t * self.shrunk(self.velocity) / (np.sqrt(self.second_moment) + self.server_tau)
 
