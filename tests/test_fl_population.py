@@ -920,3 +920,78 @@ def test_a_shrunk_population_run_logs_how_much_of_the_step_it_kept(corpus, publi
     assert len(zeroed) == 3 and all(0 <= z <= 1 for z in zeroed) and 0 <= metrics["rounds"] == 3
     assert rounds["shrink_zeroed_mean"] == pytest.approx(np.mean(zeroed))
     assert all(0 <= r["cohort"]["shrink_mean"] <= 1 for r in rounds["rounds"])
+
+
+def test_server_adam_bc_takes_the_hand_computed_steps_with_the_noise_variance_removed():
+    """federated.server_adam_bc (DP-AdamBC): the bias-corrected second moment minus sigma_c^2, floored at (rho sigma_c)^2,
+    normalises the step; replayed by hand over rounds of given means, and the floored fraction is logged."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    eta, b1, b2, tau, rho = 0.01, 0.9, 0.99, 1e-8, 0.3
+    strategy = PoissonCohortFedAvg(50, 0.2, noise_multiplier=2.0, clipping_norm=0.5, server_optimizer="adam",
+                                   server_betas=(b1, b2), server_tau=tau, server_lr=eta, server_adam_bc=rho)
+    sc2 = (2.0 * 0.5 / 10) ** 2
+    gen = np.random.default_rng(1)
+    m, v = np.zeros(6), np.zeros(6)
+    for t in range(1, 13):
+        g = gen.normal(0.0, 0.1, 6) + np.array([0.0, 0.0, 0.02, -0.3, 0.5, 1.0])
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        nu_hat = np.maximum(v / (1 - b2 ** t) - sc2, rho ** 2 * sc2)
+        np.testing.assert_allclose(strategy.server_step(g), eta / (1 - b1 ** t) * m / (np.sqrt(nu_hat) + tau), rtol=1e-12)
+        assert strategy.last_shrink["adam_bc_floored"] == pytest.approx(np.mean(v / (1 - b2 ** t) - sc2 <= rho ** 2 * sc2))
+    # a coordinate whose mean is pure noise is normalised by the floor, one with a clear signal by its own scale
+    assert 0 < strategy.last_shrink["adam_bc_floored"] < 1
+
+
+def test_server_adam_bc_moves_weak_signal_coordinates_at_the_adam_rate_the_noise_had_taken_away():
+    """Under noise-dominated second moments plain server Adam is SGD at lr / sigma_c: a coordinate with a signal of half
+    the noise std drifts at about half of its full-signal neighbour's rate. With the noise variance removed both drift
+    at about the same rate (Adam's per-coordinate normalisation back)."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    def drift(rho):
+        s = PoissonCohortFedAvg(100, 0.5, noise_multiplier=1.0, clipping_norm=1.0, server_optimizer="adam", server_betas=(0.9, 0.999),
+                                server_tau=1e-8, server_lr=0.01, server_adam_bc=rho)
+        sc = s.mean_noise_std()
+        signal = np.r_[np.full(200, 0.5 * sc), np.full(200, 3.0 * sc)]
+        gen, total = np.random.default_rng(0), np.zeros(400)
+        for t in range(1, 101):
+            total += s.server_step(signal + gen.normal(0.0, sc, 400), t)
+        return total[:200].mean(), total[200:].mean()
+
+    weak, strong = drift(0.0)
+    assert weak / strong < 0.6
+    weak, strong = drift(0.3)
+    assert 0.8 < weak / strong < 1.25
+
+
+def test_server_adam_bc_is_named_in_the_run_and_refused_outside_server_adam_under_central_dp():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        bc = compose("config", overrides=["experiment=fl_population_6400", "federated.server_adam_bc=0.3", "federated.server_shrink=1"])
+        plain = compose("config", overrides=["experiment=fl_population_6400"])
+        fedavg = compose("config", overrides=["experiment=fl_dp_population", "federated.cohort_sampling=poisson", "federated.server_adam_bc=0.3"])
+        no_dp = compose("config", overrides=["experiment=fl_population_6400", "dp=none", "federated.server_adam_bc=0.3"])
+    assert bc.run_name == plain.run_name.replace("-sgd1-", "-sgd1-shrink1-bc0.3-") and check_config(bc)
+    for cfg, field in ((fedavg, "federated=fedavg"), (no_dp, "dp=none")):
+        with pytest.raises(ValueError, match=r"federated\.server_adam_bc=0\.3: debiases the server Adam's second moment.*" + re.escape(field)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=re.escape("run_config['server-adam-bc'] (federated.server_adam_bc)=1.5")):
+        resolve_run_config({"server-adam-bc": 1.5})
+    with pytest.raises(ValueError, match="server-adam-bc=0.3: .*needs server Adam, central DP"):
+        PoissonCohortFedAvg(8, 0.5, noise_multiplier=1.0, server_adam_bc=0.3)  # server SGD
+
+
+def test_table_keeps_debiased_server_adam_apart():
+    from scripts.make_tables import Run, _label
+
+    fl = _server_adam_row_config(num_rounds=100, num_clients=6400, cohort_rate=0.0625, server_lr=0.01)
+    fl = {**fl, "dp": {"name": "central", "target_epsilon": 8.0, "clipping_norm": 1.0}}
+    assert Run(Path("a"), fl).system == Run(Path("b"), {**fl, "federated": {**fl["federated"], "server_adam_bc": 0.0}}).system
+    debiased = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_adam_bc": 0.3}})
+    assert debiased.system != Run(Path("a"), fl).system
+    assert "second moment debiased for the DP noise (floor 0.3 x its std)" in _label(debiased)
