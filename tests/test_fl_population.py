@@ -995,3 +995,13 @@ def test_table_keeps_debiased_server_adam_apart():
     debiased = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_adam_bc": 0.3}})
     assert debiased.system != Run(Path("a"), fl).system
     assert "second moment debiased for the DP noise (floor 0.3 x its std)" in _label(debiased)
+
+
+def test_adam_bc_experiment_is_the_6400_client_experiment_with_the_debiased_server_adam():
+    import training.config  # noqa: F401  (resolvers, schemas)
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        named = compose("config", overrides=["experiment=fl_population_6400_adam_bc"])
+        spelled = compose("config", overrides=["experiment=fl_population_6400", "federated.server_adam_bc=0.3", "federated.server_lr=0.005"])
+    assert named == spelled and named.federated.num_clients == 6400 and named.dp.name == "central"
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.005-b0.9-0.999-tau1e-08-sgd1-bc0.3-c6400-r100-cdp-eps8.0-b100x1q0.0625"
