@@ -75,6 +75,8 @@ AXES = (
     "federated.public_subspace_dim",  # client updates projected onto k public-gradient directions: another system
     "federated.public_subspace_refresh",
     "trainer.batch_size",  # utterances per client (or centralised) step: clients of 1 utterance are another system
+    "federated.server_adam_bc",  # the server Adam's second moment debiased for the DP noise: another system
+    "federated.server_shrink",  # the server step shrunk per coordinate by its DP noise variance: another system
     "federated.ema",  # the run returns the EMA of its models (server per round, centralised per step): another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
     "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
@@ -109,7 +111,7 @@ class Run:
                     "loss.negatives": "clean", "loss.adversary_weight": 0.0, "loss.noise_weight": 0.0, "data.anonymize": "none",
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
                     "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none", "federated.ema": 0.0,
-                    "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
+                    "federated.server_shrink": 0.0, "federated.server_adam_bc": 0.0, "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
                     "data.extra_train_speakers": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
@@ -370,6 +372,10 @@ def _label(run: Run) -> str:
         if run.axis("federated.ema"):
             parts.append(f"EMA of the {'global models' if fed not in (None, 'none') else 'parameters'} "
                          f"(β {float(run.axis('federated.ema')):g} per {'round' if fed not in (None, 'none') else 'step'})")
+        if run.axis("federated.server_adam_bc"):
+            parts.append(f"second moment debiased for the DP noise (floor {float(run.axis('federated.server_adam_bc')):g} x its std)")
+        if run.axis("federated.server_shrink"):
+            parts.append(f"server step shrunk by its DP noise (κ {float(run.axis('federated.server_shrink')):g})")
         if run.axis("federated.public_subspace_dim"):
             refresh = int(run.axis("federated.public_subspace_refresh") or 1)
             parts.append(f"updates projected on {int(run.axis('federated.public_subspace_dim'))} public-gradient directions"
@@ -722,6 +728,10 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
             parts.append("lr decayed")
         if r.axis("federated.ema"):
             parts.append(f"EMA {float(r.axis('federated.ema')):g}")
+        if r.axis("federated.server_adam_bc"):
+            parts.append(f"Adam BC {float(r.axis('federated.server_adam_bc')):g}")
+        if r.axis("federated.server_shrink"):
+            parts.append(f"shrink κ {float(r.axis('federated.server_shrink')):g}")
         if r.axis("federated.public_subspace_dim"):
             parts.append(f"{int(r.axis('federated.public_subspace_dim'))} public directions")
         if _small_client_batch(r):
@@ -1010,7 +1020,8 @@ def plot_cohort_size(runs: list[Run], path: Path) -> bool:
     (the cohort at which user-level DP was run); runs with a FedAvgM server learning rate < 1 as lines of their own.
     Drawn only when some budget has plain-FedAvg runs of two or more cohort sizes."""
     plain = lambda r: (r.axis("compression.name") in (None, "none") and not r.axis("federated.server_momentum")
-                       and r.axis("federated.lr_decay") in (None, "none") and not r.axis("federated.ema"))
+                       and r.axis("federated.lr_decay") in (None, "none") and not r.axis("federated.ema")
+                       and not r.axis("federated.server_shrink") and not r.axis("federated.server_adam_bc"))
     server_lr = lambda r: float(r.axis("federated.fedavg_server_lr") or 1.0)
     by_budget: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))  # (budget, server lr, local steps) -> cohort -> runs
     dp_points: dict[float, dict[tuple, list[Run]]] = defaultdict(lambda: defaultdict(list))

@@ -830,3 +830,178 @@ def test_the_client_plan_and_the_centralised_union_partition_the_speakers_once(c
     clients = [client_indices(speakers, pid, 6, int(cfg.seed), held)[0] for pid in range(6)]
     assert union == sorted(i for train in clients for i in train)
     assert [p["n_train"] for p in plan] == [len(train) for train in clients]
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("adam", 0.9), ("adam", 0.98), ("sgd", 0.0), ("sgd", 0.9)])
+def test_server_shrink_knows_the_dp_noise_variance_of_its_buffer(optimizer, momentum):
+    """federated.server_shrink: the server's optimiser buffer (Adam's mu, FedAvgM's v) is a linear filter of the released
+    means, so the variance of the DP noise it carries follows from sigma, C, qN and the betas alone. On pure noise
+    (no client sampled, 4,000 coordinates) the tracked variance equals the closed form and the buffer's empirical one."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    sigma, clip, n, q, rounds = 1.3, 0.7, 200, 0.1, 40
+    options = ({"server_optimizer": "adam", "server_betas": (momentum, 0.999), "server_tau": 1e-8, "server_lr": 0.01}
+               if optimizer == "adam" else {"server_optimizer": "sgd", "server_momentum": momentum})
+    strategy = PoissonCohortFedAvg(n, q, noise_multiplier=sigma, clipping_norm=clip, reproducible_seed=3, server_shrink=1.0, **options)
+    sc = sigma * clip / (q * n)
+    assert strategy.mean_noise_std() == pytest.approx(sc)
+    gen = np.random.default_rng(0)
+    for _ in range(rounds):
+        strategy.server_step(gen.normal(0.0, sc, 4000))
+    gain = (1 - momentum) if optimizer == "adam" else 1.0
+    closed = sc ** 2 * gain ** 2 * (1 - momentum ** (2 * rounds)) / (1 - momentum ** 2)
+    assert strategy.buffer_noise_var == pytest.approx(closed, rel=1e-9)
+    assert np.var(strategy.velocity) == pytest.approx(closed, rel=0.1)
+
+
+def test_server_shrink_scales_each_coordinate_by_the_positive_part_james_stein_factor():
+    """The step uses b_i max(0, 1 - kappa s2 / b_i^2): a coordinate within the noise level stays put, a strong one
+    moves almost as without shrinkage; kappa = 0 (off) and sigma = 0 (nothing to shrink) leave the step unchanged."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    mean = np.array([0.0, 0.05, -0.1, 0.2, 1.0])
+    off = PoissonCohortFedAvg(10, 0.5, noise_multiplier=1.0, clipping_norm=0.5, server_lr=2.0)
+    on = PoissonCohortFedAvg(10, 0.5, noise_multiplier=1.0, clipping_norm=0.5, server_lr=2.0, server_shrink=2.0)
+    s2 = (1.0 * 0.5 / 5) ** 2  # FedAvg without momentum: the buffer is the round's mean, noise std sigma C / qN = 0.1
+    expected = 2.0 * mean * np.maximum(0.0, 1 - 2.0 * s2 / np.where(mean == 0, 1.0, mean ** 2)) * (mean != 0)
+    np.testing.assert_allclose(on.server_step(mean.copy()), expected)
+    np.testing.assert_allclose(expected[:3], 0.0)  # |b| <= sqrt(2) x 0.1: not moved
+    assert on.last_shrink == {"shrink_zeroed": 0.6, "shrink_mean": pytest.approx((0.5 + 0.98) / 5)}  # 1 - 0.02 / 0.04, 1 - 0.02 / 1
+    np.testing.assert_allclose(off.server_step(mean.copy()), 2.0 * mean)
+    clip_only = PoissonCohortFedAvg(10, 0.5, noise_multiplier=0.0, clipping_norm=0.5, server_lr=2.0, server_shrink=1.0)
+    np.testing.assert_allclose(clip_only.server_step(mean.copy()), 2.0 * mean)
+
+
+def test_server_shrink_is_named_in_the_run_and_refused_where_there_is_no_per_coordinate_dp_noise():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        shrunk = compose("config", overrides=["experiment=fl_population_6400", "federated.server_shrink=1"])
+        plain = compose("config", overrides=["experiment=fl_population_6400"])
+        no_dp = compose("config", overrides=["experiment=fl_population_6400", "dp=none", "federated.server_shrink=1"])
+        projected = compose("config", overrides=["experiment=fl_population_public_subspace", "federated.server_shrink=1"])
+        bad = compose("config", overrides=["experiment=fl_population_6400", "federated.server_shrink=-1"])
+    assert shrunk.run_name == plain.run_name.replace("-sgd1-", "-sgd1-shrink1-") != plain.run_name
+    assert "shrink" not in plain.run_name and check_config(shrunk)
+    for cfg, field in ((no_dp, "dp=none"), (projected, "federated.public_subspace_dim=64")):
+        with pytest.raises(ValueError, match=r"federated\.server_shrink=1\.0: shrinks the DP noise.*" + re.escape(field)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=r"federated\.server_shrink=-1\.0: expected a number in \[0, 10\]"):
+        check_config(bad)
+    with pytest.raises(ValueError, match=re.escape("run_config['server-shrink'] (federated.server_shrink)=1") + ".*got dp=none"):
+        resolve_run_config({"server-shrink": 1, "strategy": "fedadam", "cohort-sampling": "poisson"})
+    with pytest.raises(ValueError, match="server-shrink=1.0: .*needs central DP"):
+        PoissonCohortFedAvg(8, 0.5, server_shrink=1.0)
+
+
+def test_table_keeps_shrunk_server_steps_apart_and_reads_old_runs_as_unshrunk():
+    from scripts.make_tables import Run, _label
+
+    fl = _server_adam_row_config(num_rounds=100, num_clients=6400, cohort_rate=0.0625, server_lr=0.01)
+    fl = {**fl, "dp": {"name": "central", "target_epsilon": 8.0, "clipping_norm": 1.0}}
+    old = Run(Path("a"), fl)  # written before federated.server_shrink existed
+    plain = Run(Path("b"), {**fl, "federated": {**fl["federated"], "server_shrink": 0.0}})
+    shrunk = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_shrink": 1.0}})
+    assert old.system == plain.system != shrunk.system
+    assert "server step shrunk by its DP noise (κ 1)" in _label(shrunk) and "shrunk" not in _label(plain)
+
+
+def test_a_shrunk_population_run_logs_how_much_of_the_step_it_kept(corpus, public_start, tmp_path):
+    from training.wav2vec2.finetune import run_wav2vec2_task
+
+    metrics = run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", public_start, "dp.target_epsilon=8", "federated.server_shrink=1"))
+    run_dir = next((tmp_path / "runs").glob("**/federated"))
+    assert "-shrink1-" in str(run_dir)
+    rounds = json.loads((run_dir / "federated_rounds.json").read_text())
+    zeroed = [r["cohort"]["shrink_zeroed"] for r in rounds["rounds"]]
+    assert len(zeroed) == 3 and all(0 <= z <= 1 for z in zeroed) and 0 <= metrics["rounds"] == 3
+    assert rounds["shrink_zeroed_mean"] == pytest.approx(np.mean(zeroed))
+    assert all(0 <= r["cohort"]["shrink_mean"] <= 1 for r in rounds["rounds"])
+
+
+def test_server_adam_bc_takes_the_hand_computed_steps_with_the_noise_variance_removed():
+    """federated.server_adam_bc (DP-AdamBC): the bias-corrected second moment minus sigma_c^2, floored at (rho sigma_c)^2,
+    normalises the step; replayed by hand over rounds of given means, and the floored fraction is logged."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    eta, b1, b2, tau, rho = 0.01, 0.9, 0.99, 1e-8, 0.3
+    strategy = PoissonCohortFedAvg(50, 0.2, noise_multiplier=2.0, clipping_norm=0.5, server_optimizer="adam",
+                                   server_betas=(b1, b2), server_tau=tau, server_lr=eta, server_adam_bc=rho)
+    sc2 = (2.0 * 0.5 / 10) ** 2
+    gen = np.random.default_rng(1)
+    m, v = np.zeros(6), np.zeros(6)
+    for t in range(1, 13):
+        g = gen.normal(0.0, 0.1, 6) + np.array([0.0, 0.0, 0.02, -0.3, 0.5, 1.0])
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        nu_hat = np.maximum(v / (1 - b2 ** t) - sc2, rho ** 2 * sc2)
+        np.testing.assert_allclose(strategy.server_step(g), eta / (1 - b1 ** t) * m / (np.sqrt(nu_hat) + tau), rtol=1e-12)
+        assert strategy.last_shrink["adam_bc_floored"] == pytest.approx(np.mean(v / (1 - b2 ** t) - sc2 <= rho ** 2 * sc2))
+    # a coordinate whose mean is pure noise is normalised by the floor, one with a clear signal by its own scale
+    assert 0 < strategy.last_shrink["adam_bc_floored"] < 1
+
+
+def test_server_adam_bc_moves_weak_signal_coordinates_at_the_adam_rate_the_noise_had_taken_away():
+    """Under noise-dominated second moments plain server Adam is SGD at lr / sigma_c: a coordinate with a signal of half
+    the noise std drifts at about half of its full-signal neighbour's rate. With the noise variance removed both drift
+    at about the same rate (Adam's per-coordinate normalisation back)."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+
+    def drift(rho):
+        s = PoissonCohortFedAvg(100, 0.5, noise_multiplier=1.0, clipping_norm=1.0, server_optimizer="adam", server_betas=(0.9, 0.999),
+                                server_tau=1e-8, server_lr=0.01, server_adam_bc=rho)
+        sc = s.mean_noise_std()
+        signal = np.r_[np.full(200, 0.5 * sc), np.full(200, 3.0 * sc)]
+        gen, total = np.random.default_rng(0), np.zeros(400)
+        for t in range(1, 101):
+            total += s.server_step(signal + gen.normal(0.0, sc, 400), t)
+        return total[:200].mean(), total[200:].mean()
+
+    weak, strong = drift(0.0)
+    assert weak / strong < 0.6
+    weak, strong = drift(0.3)
+    assert 0.8 < weak / strong < 1.25
+
+
+def test_server_adam_bc_is_named_in_the_run_and_refused_outside_server_adam_under_central_dp():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.federated.settings import resolve_run_config
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from training.wav2vec2.plan import check_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        bc = compose("config", overrides=["experiment=fl_population_6400", "federated.server_adam_bc=0.3", "federated.server_shrink=1"])
+        plain = compose("config", overrides=["experiment=fl_population_6400"])
+        fedavg = compose("config", overrides=["experiment=fl_dp_population", "federated.cohort_sampling=poisson", "federated.server_adam_bc=0.3"])
+        no_dp = compose("config", overrides=["experiment=fl_population_6400", "dp=none", "federated.server_adam_bc=0.3"])
+    assert bc.run_name == plain.run_name.replace("-sgd1-", "-sgd1-shrink1-bc0.3-") and check_config(bc)
+    for cfg, field in ((fedavg, "federated=fedavg"), (no_dp, "dp=none")):
+        with pytest.raises(ValueError, match=r"federated\.server_adam_bc=0\.3: debiases the server Adam's second moment.*" + re.escape(field)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=re.escape("run_config['server-adam-bc'] (federated.server_adam_bc)=1.5")):
+        resolve_run_config({"server-adam-bc": 1.5})
+    with pytest.raises(ValueError, match="server-adam-bc=0.3: .*needs server Adam, central DP"):
+        PoissonCohortFedAvg(8, 0.5, noise_multiplier=1.0, server_adam_bc=0.3)  # server SGD
+
+
+def test_table_keeps_debiased_server_adam_apart():
+    from scripts.make_tables import Run, _label
+
+    fl = _server_adam_row_config(num_rounds=100, num_clients=6400, cohort_rate=0.0625, server_lr=0.01)
+    fl = {**fl, "dp": {"name": "central", "target_epsilon": 8.0, "clipping_norm": 1.0}}
+    assert Run(Path("a"), fl).system == Run(Path("b"), {**fl, "federated": {**fl["federated"], "server_adam_bc": 0.0}}).system
+    debiased = Run(Path("c"), {**fl, "federated": {**fl["federated"], "server_adam_bc": 0.3}})
+    assert debiased.system != Run(Path("a"), fl).system
+    assert "second moment debiased for the DP noise (floor 0.3 x its std)" in _label(debiased)
+
+
+def test_adam_bc_experiment_is_the_6400_client_experiment_with_the_debiased_server_adam():
+    import training.config  # noqa: F401  (resolvers, schemas)
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        named = compose("config", overrides=["experiment=fl_population_6400_adam_bc"])
+        spelled = compose("config", overrides=["experiment=fl_population_6400", "federated.server_adam_bc=0.3", "federated.server_lr=0.005"])
+    assert named == spelled and named.federated.num_clients == 6400 and named.dp.name == "central"
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.005-b0.9-0.999-tau1e-08-sgd1-bc0.3-c6400-r100-cdp-eps8.0-b100x1q0.0625"

@@ -302,6 +302,17 @@ class FederatedConfig:
     # one (a function of released models only, so post-processing under DP); the centralised baseline (federated=none)
     # returns the EMA of its parameters per optimiser step. 0: off (every run before session 8)
     ema: float = 0.0
+    # Poisson cohorts under central DP: the server step is shrunk per coordinate by the DP noise its optimiser buffer
+    # carries (known from sigma, C and qN): buffer_i x max(0, 1 - server_shrink x noise variance / buffer_i^2), the
+    # positive-part James-Stein / Wiener factor (1: the signal power estimated as buffer_i^2 minus the noise variance).
+    # A function of released means and public constants only, so post-processing. 0: off (every run before session 9)
+    server_shrink: float = 0.0
+    # fedadam with Poisson cohorts under central DP: the server Adam's second moment debiased for the DP noise
+    # (DP-AdamBC, Tang et al. 2024, "DP-AdamBC: Your DP-Adam Is Actually DP-SGD (Unless You Apply Bias Correction)"):
+    # nu_hat = max(nu / (1 - beta2^t) - (sigma C / qN)^2, (rho sigma C / qN)^2) in place of nu / (1 - beta2^t), so a
+    # coordinate is normalised by its signal's scale, not by the noise's (rho = server_adam_bc, the floor as a fraction
+    # of the noise std). Post-processing. 0: off (every run before session 9)
+    server_adam_bc: float = 0.0
     # Poisson cohorts: k > 0 projects every client update onto the top-k directions of gradients on the PUBLIC
     # speakers (public_subspace_split) at the current global model, recomputed every public_subspace_refresh rounds;
     # under central DP the k coefficients are clipped and noised (noise norm / sqrt(d / k), same accounting).
@@ -619,6 +630,16 @@ def _ema_tag(decay: Any) -> str:
     return "" if float(decay) == 0 else f"-ema{float(decay):g}"
 
 
+def _adam_bc_tag(rho: Any) -> str:
+    """Run-name part of the server Adam's noise-debiased second moment: "" when off, "-bc0.3" with federated.server_adam_bc=0.3."""
+    return "" if float(rho) == 0 else f"-bc{float(rho):g}"
+
+
+def _shrink_tag(kappa: Any) -> str:
+    """Run-name part of the server step's noise shrinkage: "" when off, "-shrink1" with federated.server_shrink=1."""
+    return "" if float(kappa) == 0 else f"-shrink{float(kappa):g}"
+
+
 def _public_subspace_tag(dim: Any, refresh: Any) -> str:
     """Run-name part of the public-gradient subspace: "" when off, "-pub64" (basis every round), "-pub64r5" (every 5th)."""
     if int(dim) == 0:
@@ -674,6 +695,10 @@ def register() -> None:
         OmegaConf.register_new_resolver("lr_decay_tag", _lr_decay_tag)
     if not OmegaConf.has_resolver("ema_tag"):
         OmegaConf.register_new_resolver("ema_tag", _ema_tag)
+    if not OmegaConf.has_resolver("adam_bc_tag"):
+        OmegaConf.register_new_resolver("adam_bc_tag", _adam_bc_tag)
+    if not OmegaConf.has_resolver("shrink_tag"):
+        OmegaConf.register_new_resolver("shrink_tag", _shrink_tag)
     if not OmegaConf.has_resolver("public_subspace_tag"):
         OmegaConf.register_new_resolver("public_subspace_tag", _public_subspace_tag)
     if not OmegaConf.has_resolver("optimizer_reset_tag"):

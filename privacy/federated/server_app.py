@@ -194,6 +194,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
             summary.update(central_epsilon=dp_wrapper.epsilon(float(cfg["target-delta"])), central_releases=dp_wrapper.releases,
                            noise_to_signal_mean=float(np.mean(ratios)) if ratios else None,
                            clipped_fraction_mean=float(np.mean([r["cohort"].get("clipped_fraction", 0.0) for r in summary["rounds"]])))
+            zeroed = [r["cohort"]["shrink_zeroed"] for r in summary["rounds"] if "shrink_zeroed" in r["cohort"]]
+            if zeroed:
+                summary["shrink_zeroed_mean"] = float(np.mean(zeroed))
     elif dp_wrapper is not None and dp_wrapper.accountant is not None and dp_wrapper.accountant.num_releases:
         summary["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
     if run_dir is not None:
@@ -227,11 +230,13 @@ def _round_numbers(entry: Mapping[str, Any]) -> str:
     if (entry.get("eval") or {}).get("eval_wer") is not None:
         parts.append(f"eval_wer {entry['eval']['eval_wer']:.4g}")
     if entry.get("server_eval"):
-        parts.append(f"test_wer {entry['server_eval']['wer']:.4g}")
+        parts.append(f"test_wer {entry['server_eval']['wer']:.4g} test_loss {entry['server_eval']['loss']:.4g}")
     if entry.get("server_eval_last_model"):
         parts.append(f"(last model {entry['server_eval_last_model']['wer']:.4g})")
     if (entry.get("cohort") or {}).get("noise_to_signal") is not None:
         parts.append(f"noise/signal {entry['cohort']['noise_to_signal']:.3g}")
+    if (entry.get("cohort") or {}).get("shrink_zeroed") is not None:
+        parts.append(f"shrink: {entry['cohort']['shrink_zeroed']:.0%} of coordinates still")
     if entry["max_client_epsilon"]:
         parts.append(f"epsilon {entry['max_client_epsilon']:.3g}")
     if entry.get("central_epsilon") is not None:

@@ -37,6 +37,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "public-subspace-refresh": 1,  # rounds between two public-gradient bases (recomputed at the current global model)
     "public-subspace-split": "public",  # the task's split of PUBLIC speakers the basis is computed from
     "ema": 0.0,  # beta in (0, 1): the server scores and returns the bias-corrected EMA of its global models per round (post-processing), the centralised baseline that of its parameters per step; 0: the last one
+    "server-shrink": 0.0,  # kappa > 0: under central DP with Poisson cohorts the server step is shrunk per coordinate by its optimiser buffer's DP noise variance (PoissonCohortFedAvg); 0: off
+    "server-adam-bc": 0.0,  # rho in (0, 1]: fedadam under central DP with Poisson cohorts: the second moment minus the DP noise variance, floored at (rho x noise std)^2 (DP-AdamBC); 0: off
     "lr-decay": "none",  # none | linear: the server step (cohort-sampling=poisson) or the centralised baseline's optimiser decays to 1/T at its last step
     "local-epochs": 1,
     "local-steps": 0,  # > 0: exactly this many local steps instead of epochs
@@ -96,6 +98,26 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= float(ema) < 1:
         raise ValueError(f"run_config['ema'] (federated.ema)={ema!r}; expected a decay in [0, 1) "
                          "(0: the run returns its last model)")
+    shrink = merged["server-shrink"]
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 <= float(shrink) <= 10:
+        raise ValueError(f"run_config['server-shrink'] (federated.server_shrink)={shrink!r}; expected a number in [0, 10] "
+                         "(0: off, 1: the Wiener / positive-part James-Stein factor)")
+    if float(shrink) and not (merged["dp"] == "central" and merged["cohort-sampling"] == "poisson"
+                              and merged["strategy"] in ("fedavg", "fedadam") and int(merged["public-subspace-dim"]) == 0):
+        raise ValueError(f"run_config['server-shrink'] (federated.server_shrink)={shrink}: shrinks the DP noise of the server step "
+                         f"of Poisson cohorts (dp=central, cohort-sampling=poisson, strategy=fedavg|fedadam, no public subspace); "
+                         f"got dp={merged['dp']} cohort-sampling={merged['cohort-sampling']} strategy={merged['strategy']} "
+                         f"public-subspace-dim={merged['public-subspace-dim']}")
+    rho = merged["server-adam-bc"]
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= float(rho) <= 1:
+        raise ValueError(f"run_config['server-adam-bc'] (federated.server_adam_bc)={rho!r}; expected a floor in [0, 1] "
+                         "(0: off; the fraction of the DP noise std below which a coordinate's scale is not trusted)")
+    if float(rho) and not (merged["dp"] == "central" and merged["cohort-sampling"] == "poisson"
+                           and merged["strategy"] == "fedadam" and int(merged["public-subspace-dim"]) == 0):
+        raise ValueError(f"run_config['server-adam-bc'] (federated.server_adam_bc)={rho}: debiases the server Adam's second moment "
+                         f"for the DP noise of Poisson cohorts (dp=central, cohort-sampling=poisson, strategy=fedadam, no public "
+                         f"subspace); got dp={merged['dp']} cohort-sampling={merged['cohort-sampling']} strategy={merged['strategy']} "
+                         f"public-subspace-dim={merged['public-subspace-dim']}")
     every = merged["server-eval-every"]
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"run_config['server-eval-every'] (federated.server_eval_every)={every!r}; expected an integer >= 1 "

@@ -391,7 +391,8 @@ def _poisson_strategy(cfg: Mapping[str, Any], num_clients: int, subspace: Option
                                 server_lr=float(cfg["server-lr" if adam else "fedavg-server-lr"]),
                                 server_momentum=float(cfg["server-momentum"]), server_optimizer="adam" if adam else "sgd",
                                 server_betas=(float(cfg["server-beta1"]), float(cfg["server-beta2"])), server_tau=float(cfg["server-tau"]),
-                                lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]), subspace=subspace)
+                                lr_decay=str(cfg["lr-decay"]), num_rounds=int(cfg["num-rounds"]), subspace=subspace,
+                                server_shrink=float(cfg["server-shrink"]), server_adam_bc=float(cfg["server-adam-bc"]))
     # Under central DP every round releases the noised sum, also when the Poisson cohort is empty or every reply
     # was rejected: the subsampled Gaussian mechanism the accountant analyses outputs noise then, whereas skipping
     # the round would release "nobody was sampled", an event whose probability depends on who is in the population.
@@ -495,6 +496,23 @@ class PoissonCohortFedAvg(Strategy):
     post-processing under DP as well. It settles the final model where single-round steps are noisy (few-client
     cohorts of one-speaker clients). "none": a constant step.
 
+    ``server_shrink`` = kappa > 0 (under DP; Wiener / positive-part James-Stein shrinkage): the optimiser buffer b
+    (FedAvgM's v, Adam's mu) is a linear filter of the released means, so the DP noise it carries has a per-coordinate
+    variance s2 the server knows from public constants alone (sigma, C, qN and the betas; :meth:`buffer_noise_variance`).
+    The step uses b_i x max(0, 1 - kappa s2 / b_i^2) instead of b_i: coordinates whose buffer is within the noise
+    level move little or not at all, coordinates with a clear signal move as before (kappa = 1: the signal power
+    estimated as b_i^2 - s2). The buffer itself is kept unshrunk. Post-processing of released values, so the guarantee
+    is the same. Logged per round: ``shrink_zeroed`` (fraction of coordinates not moved) and ``shrink_mean``
+    (the mean factor).
+
+    ``server_adam_bc`` = rho > 0 (server Adam under DP; DP-AdamBC, Tang et al. 2024): the second moment of the noised
+    mean is E[m_i^2] = s_i^2 + sigma_c^2 (sigma_c = sigma C / qN, known), so plain server Adam normalises every
+    coordinate by about the noise's scale and takes SGD steps of lr / sigma_c: coordinates with small gradients barely
+    move. Here the bias-corrected second moment loses the noise variance, nu_hat = max(nu / (1 - beta2^t) - sigma_c^2,
+    (rho sigma_c)^2), and the step is eta mu_hat / (sqrt(nu_hat) + tau) (mu_hat = mu / (1 - beta1^t)); rho floors the
+    scale of a coordinate whose signal the noise hides. Post-processing. Logged: ``adam_bc_floored`` (the fraction of
+    coordinates at the floor).
+
     ``subspace`` (privacy/federated/public_subspace.py; run-config ``public-subspace-dim`` > 0): a callable
     (global state, round) -> orthonormal basis V (k x d) computed from PUBLIC data at the current global model.
     Each update u is replaced by its coefficients V u before clipping (so with DP it is the k coefficients that are
@@ -523,6 +541,8 @@ class PoissonCohortFedAvg(Strategy):
         lr_decay: str = "none",
         num_rounds: Optional[int] = None,
         subspace: Optional[Callable[[Mapping[str, np.ndarray], int], np.ndarray]] = None,
+        server_shrink: float = 0.0,
+        server_adam_bc: float = 0.0,
     ):
         if population < 1:
             raise ValueError(f"population={population}: need at least one client")
@@ -545,8 +565,22 @@ class PoissonCohortFedAvg(Strategy):
                                  f"0 <= beta1, beta2 < 1 and tau > 0")
             if server_momentum != 0.0:
                 raise ValueError(f"server-momentum={server_momentum} with server Adam: Adam's momentum is server-beta1")
+        if not 0 <= server_shrink <= 10:
+            raise ValueError(f"server-shrink={server_shrink}: expected kappa in [0, 10] (0: off)")
+        if server_shrink and (noise_multiplier is None or subspace is not None):
+            raise ValueError(f"server-shrink={server_shrink}: shrinks the per-coordinate DP noise of the server step; needs "
+                             f"central DP (a noise multiplier) and no public subspace (its noise is not per coordinate)")
+        if not 0 <= server_adam_bc <= 1:
+            raise ValueError(f"server-adam-bc={server_adam_bc}: expected rho in [0, 1] (0: off)")
+        if server_adam_bc and (server_optimizer != "adam" or noise_multiplier is None or subspace is not None):
+            raise ValueError(f"server-adam-bc={server_adam_bc}: debiases the server Adam's second moment for per-coordinate DP "
+                             f"noise; needs server Adam, central DP (a noise multiplier) and no public subspace")
+        self.server_adam_bc = float(server_adam_bc)
         self.server_optimizer = server_optimizer
         self.subspace = subspace
+        self.server_shrink = float(server_shrink)
+        self.buffer_noise_var = 0.0  # per-coordinate variance of the DP noise in the optimiser buffer (velocity)
+        self.last_shrink: dict[str, float] = {}
         self.lr_decay, self.num_rounds = lr_decay, num_rounds
         self.server_betas = (float(server_betas[0]), float(server_betas[1]))
         self.server_tau = float(server_tau)
@@ -573,6 +607,10 @@ class PoissonCohortFedAvg(Strategy):
                   if self.server_optimizer == "adam" else f"server lr {self.server_lr:g}, momentum {self.server_momentum:g}")
         if self.lr_decay != "none":
             server += f", lr decayed {self.lr_decay}ly over {self.num_rounds} rounds"
+        if self.server_adam_bc:
+            server += f", second moment debiased for the DP noise (floor {self.server_adam_bc:g} x its std)"
+        if self.server_shrink:
+            server += f", step shrunk by its DP noise (kappa {self.server_shrink:g})"
         if self.subspace is not None:
             server += f", updates projected on {getattr(self.subspace, 'dim', '?')} public-gradient directions"
         log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
@@ -658,6 +696,7 @@ class PoissonCohortFedAvg(Strategy):
             step = basis.T @ step  # back to the model's coordinates: a step within the public subspace
         step = self.server_step(step, server_round)
         stats["server_step_norm"] = float(np.linalg.norm(step))
+        stats.update(self.last_shrink)
         new, offset = {}, 0
         for n in names:
             size = int(np.size(self.current[n]))
@@ -676,17 +715,43 @@ class PoissonCohortFedAvg(Strategy):
         lr schedule's factor of `server_round` (None: no schedule)."""
         self.server_steps += 1
         scale = self.lr_scale(server_round)
+        noise_var = self.mean_noise_std() ** 2
         if self.server_optimizer == "sgd":
             self.velocity = mean_update if self.velocity is None else self.server_momentum * self.velocity + mean_update
-            return scale * self.server_lr * self.velocity
+            self.buffer_noise_var = self.server_momentum ** 2 * self.buffer_noise_var + noise_var
+            return scale * self.server_lr * self.shrunk(self.velocity)
         beta1, beta2 = self.server_betas
         if self.velocity is None:
             self.velocity, self.second_moment = np.zeros_like(mean_update), np.zeros_like(mean_update)
         self.velocity = beta1 * self.velocity + (1 - beta1) * mean_update
+        self.buffer_noise_var = beta1 ** 2 * self.buffer_noise_var + (1 - beta1) ** 2 * noise_var
         self.second_moment = beta2 * self.second_moment + (1 - beta2) * np.square(mean_update)
         t = self.server_steps
+        if self.server_adam_bc:
+            nu_hat = self.second_moment / (1 - beta2 ** t) - noise_var
+            floor = (self.server_adam_bc * math.sqrt(noise_var)) ** 2
+            step = scale * self.server_lr / (1 - beta1 ** t) * self.shrunk(self.velocity) / (np.sqrt(np.maximum(nu_hat, floor)) + self.server_tau)
+            self.last_shrink["adam_bc_floored"] = float(np.mean(nu_hat <= floor))
+            return step
         lr_t = scale * self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-        return lr_t * self.velocity / (np.sqrt(self.second_moment) + self.server_tau)
+        return lr_t * self.shrunk(self.velocity) / (np.sqrt(self.second_moment) + self.server_tau)
+
+    def mean_noise_std(self) -> float:
+        """Per-coordinate standard deviation of the DP noise in a round's released mean: sigma C / (q N); 0 without DP."""
+        if not self.private:
+            return 0.0
+        return float(self.noise_multiplier) * self.clipping_norm / (self.cohort_rate * self.population)
+
+    def shrunk(self, buffer: np.ndarray) -> np.ndarray:
+        """The buffer with every coordinate multiplied by max(0, 1 - kappa s2 / b_i^2) (s2 = ``buffer_noise_var``);
+        the buffer itself when shrinkage is off or there is no noise."""
+        self.last_shrink = {}
+        if not self.server_shrink or self.buffer_noise_var == 0.0:
+            return buffer
+        power = np.square(buffer)
+        factor = np.where(power > 0, np.maximum(0.0, 1.0 - self.server_shrink * self.buffer_noise_var / np.where(power > 0, power, 1.0)), 0.0)
+        self.last_shrink = {"shrink_zeroed": float(np.mean(factor == 0.0)), "shrink_mean": float(np.mean(factor))}
+        return buffer * factor
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         return None

@@ -153,6 +153,23 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
                          f"the centralised baseline's parameters (federated=none, per step); got federated={fed.name}")
     if not 0 <= float(fed.ema) < 1:
         raise ValueError(f"federated.ema={fed.ema}: expected a decay in [0, 1) (0: off)")
+    if not 0 <= float(fed.server_shrink) <= 10:
+        raise ValueError(f"federated.server_shrink={fed.server_shrink}: expected a number in [0, 10] (0: off, 1: the Wiener / "
+                         f"positive-part James-Stein factor)")
+    if float(fed.server_shrink) and not (poisson_cohorts and dp.name == "central" and int(fed.public_subspace_dim) == 0):
+        raise ValueError(f"federated.server_shrink={fed.server_shrink}: shrinks the DP noise in the server step of Poisson cohorts "
+                         f"(federated=fedavg|fedadam federated.cohort_sampling=poisson dp=central, without the public subspace, "
+                         f"whose noise is not per coordinate); got federated={fed.name} federated.cohort_sampling="
+                         f"{fed.cohort_sampling} dp={dp.name} federated.public_subspace_dim={fed.public_subspace_dim}")
+    if not 0 <= float(fed.server_adam_bc) <= 1:
+        raise ValueError(f"federated.server_adam_bc={fed.server_adam_bc}: expected a floor in [0, 1] (0: off; the fraction of the "
+                         f"DP noise std below which a coordinate's scale is not trusted)")
+    if float(fed.server_adam_bc) and not (poisson_cohorts and fed.name == "fedadam" and dp.name == "central"
+                                          and int(fed.public_subspace_dim) == 0):
+        raise ValueError(f"federated.server_adam_bc={fed.server_adam_bc}: debiases the server Adam's second moment for the DP "
+                         f"noise of Poisson cohorts (federated=fedadam federated.cohort_sampling=poisson dp=central, without the "
+                         f"public subspace); got federated={fed.name} federated.cohort_sampling={fed.cohort_sampling} dp={dp.name} "
+                         f"federated.public_subspace_dim={fed.public_subspace_dim}")
     if int(fed.public_subspace_dim) > 0 and not poisson_cohorts:
         raise ValueError(f"federated.public_subspace_dim={fed.public_subspace_dim}: projects the client updates of Poisson cohorts "
                          f"(federated=fedavg|fedadam federated.cohort_sampling=poisson); got federated={fed.name} "

@@ -46,6 +46,8 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "server-momentum": ("federated.server_momentum", float),
     "lr-decay": ("federated.lr_decay", str),
     "ema": ("federated.ema", float),
+    "server-shrink": ("federated.server_shrink", float),
+    "server-adam-bc": ("federated.server_adam_bc", float),
     "public-subspace-dim": ("federated.public_subspace_dim", int),
     "public-subspace-refresh": ("federated.public_subspace_refresh", int),
     "public-subspace-split": ("federated.public_subspace_split", str),
