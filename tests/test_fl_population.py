@@ -866,7 +866,7 @@ def test_server_shrink_scales_each_coordinate_by_the_positive_part_james_stein_f
     expected = 2.0 * mean * np.maximum(0.0, 1 - 2.0 * s2 / np.where(mean == 0, 1.0, mean ** 2)) * (mean != 0)
     np.testing.assert_allclose(on.server_step(mean.copy()), expected)
     np.testing.assert_allclose(expected[:3], 0.0)  # |b| <= sqrt(2) x 0.1: not moved
-    assert on.last_shrink == {"shrink_zeroed": 0.6, "shrink_mean": pytest.approx((0.5 + 0.98) / 5)}  # 1 - 0.02 / 0.04, 1 - 0.02 / 1
+    assert on.last_step_stats == {"shrink_zeroed": 0.6, "shrink_mean": pytest.approx((0.5 + 0.98) / 5)}  # 1 - 0.02 / 0.04, 1 - 0.02 / 1
     np.testing.assert_allclose(off.server_step(mean.copy()), 2.0 * mean)
     clip_only = PoissonCohortFedAvg(10, 0.5, noise_multiplier=0.0, clipping_norm=0.5, server_lr=2.0, server_shrink=1.0)
     np.testing.assert_allclose(clip_only.server_step(mean.copy()), 2.0 * mean)
@@ -938,9 +938,9 @@ def test_server_adam_bc_takes_the_hand_computed_steps_with_the_noise_variance_re
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
         nu_hat = np.maximum(v / (1 - b2 ** t) - sc2, rho ** 2 * sc2)
         np.testing.assert_allclose(strategy.server_step(g), eta / (1 - b1 ** t) * m / (np.sqrt(nu_hat) + tau), rtol=1e-12)
-        assert strategy.last_shrink["adam_bc_floored"] == pytest.approx(np.mean(v / (1 - b2 ** t) - sc2 <= rho ** 2 * sc2))
+        assert strategy.last_step_stats["adam_bc_floored"] == pytest.approx(np.mean(v / (1 - b2 ** t) - sc2 <= rho ** 2 * sc2))
     # a coordinate whose mean is pure noise is normalised by the floor, one with a clear signal by its own scale
-    assert 0 < strategy.last_shrink["adam_bc_floored"] < 1
+    assert 0 < strategy.last_step_stats["adam_bc_floored"] < 1
 
 
 def test_server_adam_bc_moves_weak_signal_coordinates_at_the_adam_rate_the_noise_had_taken_away():

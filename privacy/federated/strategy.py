@@ -498,7 +498,7 @@ class PoissonCohortFedAvg(Strategy):
 
     ``server_shrink`` = kappa > 0 (under DP; Wiener / positive-part James-Stein shrinkage): the optimiser buffer b
     (FedAvgM's v, Adam's mu) is a linear filter of the released means, so the DP noise it carries has a per-coordinate
-    variance s2 the server knows from public constants alone (sigma, C, qN and the betas; :meth:`buffer_noise_variance`).
+    variance s2 the server knows from public constants alone (sigma, C, qN and the betas; ``buffer_noise_var``, updated every step).
     The step uses b_i x max(0, 1 - kappa s2 / b_i^2) instead of b_i: coordinates whose buffer is within the noise
     level move little or not at all, coordinates with a clear signal move as before (kappa = 1: the signal power
     estimated as b_i^2 - s2). The buffer itself is kept unshrunk. Post-processing of released values, so the guarantee
@@ -580,7 +580,7 @@ class PoissonCohortFedAvg(Strategy):
         self.subspace = subspace
         self.server_shrink = float(server_shrink)
         self.buffer_noise_var = 0.0  # per-coordinate variance of the DP noise in the optimiser buffer (velocity)
-        self.last_shrink: dict[str, float] = {}
+        self.last_step_stats: dict[str, float] = {}
         self.lr_decay, self.num_rounds = lr_decay, num_rounds
         self.server_betas = (float(server_betas[0]), float(server_betas[1]))
         self.server_tau = float(server_tau)
@@ -696,7 +696,7 @@ class PoissonCohortFedAvg(Strategy):
             step = basis.T @ step  # back to the model's coordinates: a step within the public subspace
         step = self.server_step(step, server_round)
         stats["server_step_norm"] = float(np.linalg.norm(step))
-        stats.update(self.last_shrink)
+        stats.update(self.last_step_stats)
         new, offset = {}, 0
         for n in names:
             size = int(np.size(self.current[n]))
@@ -731,7 +731,7 @@ class PoissonCohortFedAvg(Strategy):
             nu_hat = self.second_moment / (1 - beta2 ** t) - noise_var
             floor = (self.server_adam_bc * math.sqrt(noise_var)) ** 2
             step = scale * self.server_lr / (1 - beta1 ** t) * self.shrunk(self.velocity) / (np.sqrt(np.maximum(nu_hat, floor)) + self.server_tau)
-            self.last_shrink["adam_bc_floored"] = float(np.mean(nu_hat <= floor))
+            self.last_step_stats["adam_bc_floored"] = float(np.mean(nu_hat <= floor))
             return step
         lr_t = scale * self.server_lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         return lr_t * self.shrunk(self.velocity) / (np.sqrt(self.second_moment) + self.server_tau)
@@ -745,12 +745,12 @@ class PoissonCohortFedAvg(Strategy):
     def shrunk(self, buffer: np.ndarray) -> np.ndarray:
         """The buffer with every coordinate multiplied by max(0, 1 - kappa s2 / b_i^2) (s2 = ``buffer_noise_var``);
         the buffer itself when shrinkage is off or there is no noise."""
-        self.last_shrink = {}
+        self.last_step_stats = {}
         if not self.server_shrink or self.buffer_noise_var == 0.0:
             return buffer
         power = np.square(buffer)
         factor = np.where(power > 0, np.maximum(0.0, 1.0 - self.server_shrink * self.buffer_noise_var / np.where(power > 0, power, 1.0)), 0.0)
-        self.last_shrink = {"shrink_zeroed": float(np.mean(factor == 0.0)), "shrink_mean": float(np.mean(factor))}
+        self.last_step_stats = {"shrink_zeroed": float(np.mean(factor == 0.0)), "shrink_mean": float(np.mean(factor))}
         return buffer * factor
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
