@@ -625,19 +625,24 @@ def _lr_decay_tag(lr_decay: Any) -> str:
     return "" if str(lr_decay) == "none" else f"-{str(lr_decay)[:3]}decay"
 
 
+def _number_option_tag(prefix: str, value: Any) -> str:
+    """Run-name part of a numeric option that is off at 0: "" when off, "-<prefix><value>" otherwise."""
+    return "" if float(value) == 0 else f"-{prefix}{float(value):g}"
+
+
 def _ema_tag(decay: Any) -> str:
     """Run-name part of the run's iterate average: "" when off, "-ema0.9" with federated.ema=0.9."""
-    return "" if float(decay) == 0 else f"-ema{float(decay):g}"
+    return _number_option_tag("ema", decay)
 
 
 def _adam_bc_tag(rho: Any) -> str:
     """Run-name part of the server Adam's noise-debiased second moment: "" when off, "-bc0.3" with federated.server_adam_bc=0.3."""
-    return "" if float(rho) == 0 else f"-bc{float(rho):g}"
+    return _number_option_tag("bc", rho)
 
 
 def _shrink_tag(kappa: Any) -> str:
     """Run-name part of the server step's noise shrinkage: "" when off, "-shrink1" with federated.server_shrink=1."""
-    return "" if float(kappa) == 0 else f"-shrink{float(kappa):g}"
+    return _number_option_tag("shrink", kappa)
 
 
 def _public_subspace_tag(dim: Any, refresh: Any) -> str:

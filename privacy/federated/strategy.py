@@ -714,6 +714,7 @@ class PoissonCohortFedAvg(Strategy):
         """The change of the global model for this round's (released) mean update: FedAvgM or server Adam, times the
         lr schedule's factor of `server_round` (None: no schedule)."""
         self.server_steps += 1
+        self.last_step_stats = {}  # this step's diagnostics (shrinkage, Adam-BC), read by aggregate_train
         scale = self.lr_scale(server_round)
         noise_var = self.mean_noise_std() ** 2
         if self.server_optimizer == "sgd":
@@ -744,13 +745,12 @@ class PoissonCohortFedAvg(Strategy):
 
     def shrunk(self, buffer: np.ndarray) -> np.ndarray:
         """The buffer with every coordinate multiplied by max(0, 1 - kappa s2 / b_i^2) (s2 = ``buffer_noise_var``);
-        the buffer itself when shrinkage is off or there is no noise."""
-        self.last_step_stats = {}
+        the buffer itself when shrinkage is off or there is no noise. Records the step's shrink diagnostics."""
         if not self.server_shrink or self.buffer_noise_var == 0.0:
             return buffer
         power = np.square(buffer)
         factor = np.where(power > 0, np.maximum(0.0, 1.0 - self.server_shrink * self.buffer_noise_var / np.where(power > 0, power, 1.0)), 0.0)
-        self.last_step_stats = {"shrink_zeroed": float(np.mean(factor == 0.0)), "shrink_mean": float(np.mean(factor))}
+        self.last_step_stats.update(shrink_zeroed=float(np.mean(factor == 0.0)), shrink_mean=float(np.mean(factor)))
         return buffer * factor
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
