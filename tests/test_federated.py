@@ -427,3 +427,21 @@ def test_in_process_grid_keeps_a_bounded_log_of_the_most_recent_messages(tmp_pat
     np.testing.assert_allclose(summaries[0]["final_state"]["0.weight"], summaries[1]["final_state"]["0.weight"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="message_log=-1"):
         InProcessGrid(make_client_app(cfg), 3, cfg, message_log=-1)
+
+
+def test_clients_reuse_one_model_per_process_and_train_exactly_as_with_a_fresh_copy(monkeypatch):
+    from privacy.federated import client_app
+
+    task = tiny_synthetic_task(resolve_run_config(TINY))
+    cfg = resolve_run_config(TINY)
+    first = client_app.client_model(task, cfg)
+    assert client_app.client_model(task, cfg) is first  # one model per task and process
+    assert client_app.client_model(task, {**cfg, "dp": "local"}) is not first  # Opacus hooks: a fresh one under local DP
+
+    # 2 clients: Flower's FedAvg calls a round's clients in no fixed order, and only a sum of two is order-free
+    reused = run_federated({**TINY, "num-rounds": 3}, num_clients=2, backend="sequential")
+    monkeypatch.setattr(client_app, "client_model", lambda task, cfg: task.build_model())
+    fresh = run_federated({**TINY, "num-rounds": 3}, num_clients=2, backend="sequential")
+    assert _changed(fresh) > 1e-3
+    for k in fresh["final_state"]:
+        np.testing.assert_array_equal(reused["final_state"][k], fresh["final_state"][k])
