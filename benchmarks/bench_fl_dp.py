@@ -14,6 +14,11 @@
    Needs the SynthGRID corpus (data.dir of the default config); skipped if absent.
 3. int8 / top-k compression of a wav2vec2-tiny-sized update: bytes, ratio,
    compress + decompress time, relative L2 error.
+4. A one-step LoRA client of the population runs (the top encoder layer with LoRA r=4 on q, v + the
+   CTC head, on cached features of 2 utterances x 150 frames): a fresh deep copy of the model per
+   client (``task.build_model()``) against the one reused model per process of
+   ``privacy.federated.client_app.client_model``, each followed by loading the global state and one
+   SGD step; interleaved, ratio of medians.
 """
 
 from __future__ import annotations
@@ -197,11 +202,45 @@ def _compression() -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- 4. client model: copy or reuse
+def _client_model_reuse(clients: int = 60, repeats: int = 5) -> dict:
+    from models.wav2vec2 import build_wav2vec2_ctc
+    from models.wav2vec2_lora import CachedTopCTC, add_lora, ctc_loss_on_cached
+    from privacy.federated.task import federated_state, load_federated_state
+
+    torch.manual_seed(0)
+    template = CachedTopCTC(build_wav2vec2_ctc(60, size="tiny"), 3)
+    add_lora(template, 4, 8.0, ["q_proj", "v_proj"])
+    global_state = federated_state(template)
+    gen = torch.Generator().manual_seed(0)
+    hidden, lengths = torch.randn(2, 150, 128, generator=gen), torch.tensor([150, 120])
+    labels = torch.randint(1, 60, (2, 12), generator=gen)
+    reused = copy.deepcopy(template)
+
+    def client(model):
+        load_federated_state(model, global_state)
+        model.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        ctc_loss_on_cached(model.train(), hidden, lengths, labels, 0).backward()
+        opt.step()
+
+    times: dict[str, list[float]] = {"fresh": [], "reused": []}
+    for _ in range(repeats):  # interleaved, so the machine's load hits both alike
+        for name in times:
+            t0 = time.perf_counter()
+            for _ in range(clients):
+                client(copy.deepcopy(template) if name == "fresh" else reused)
+            times[name].append((time.perf_counter() - t0) / clients)
+    fresh, reuse = statistics.median(times["fresh"]), statistics.median(times["reused"])
+    return {"clients_per_repeat": clients, "fresh_copy_ms": 1e3 * fresh, "reused_ms": 1e3 * reuse,
+            "reused_over_fresh": reuse / fresh}
+
+
 def run() -> dict:
     from training.config import PROJECT_ROOT
 
     torch.set_num_threads(1)  # the machine is shared; one thread gives steadier ratios
-    result = {"dp_step": _dp_step_times(), "compression": _compression()}
+    result = {"dp_step": _dp_step_times(), "compression": _compression(), "client_model": _client_model_reuse()}
     data_dir = PROJECT_ROOT / "datasets" / "synthgrid"
     if (data_dir / "manifests" / "train.tsv").is_file():
         result["flower_overhead"] = _flower_overhead(data_dir)

@@ -57,6 +57,7 @@ AXES = (
     "dp.name",
     "dp.target_epsilon",
     "dp.unit",  # utterance / client / speaker: a different guarantee, never merged
+    "dp.accountant",  # prv: sigma calibrated with Opacus' PRV accountant (less noise for the same epsilon); rdp = None
     "dp.reproducible_noise_NOT_PRIVATE",
     "compression.name",
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
@@ -131,6 +132,8 @@ class Run:
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
+        if self.axis("dp.name") in (None, "none") or axes[AXES.index("dp.accountant")] in (None, "rdp"):
+            axes[AXES.index("dp.accountant")] = None  # RDP: the default, and the only accountant of older runs
         if str(self.axis("model.name")).startswith("wav2vec2"):
             axes[AXES.index("trainer.max_steps")] = None
         if self.axis("federated.name") != "fedadam":
@@ -387,6 +390,7 @@ def _label(run: Run) -> str:
             parts.append(f"SGD {'clients ' if fed not in (None, 'none') else ''}lr {run.axis('trainer.lr'):g}")
         if dp not in (None, "none"):
             parts.append(f"{dp} DP ε={run.axis('dp.target_epsilon')} ({run.dp_unit}-level)"
+                         + (", PRV accountant" if run.axis("dp.accountant") == "prv" else "")
                          + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))
         if run.axis("compression.name") not in (None, "none"):
             parts.append(str(run.axis("compression.name")))

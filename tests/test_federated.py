@@ -404,3 +404,44 @@ def test_linear_lr_decay_gives_step_i_the_lr_times_one_minus_i_over_steps():
         train_local(task.build_model(), batches, task.loss_fn, epochs=1, lr_decay="linear")
     with pytest.raises(ValueError, match=r"lr_decay='cosine': expected none \| linear"):
         train_local(task.build_model(), batches, task.loss_fn, steps=1, lr_decay="cosine")
+
+
+def test_in_process_grid_keeps_a_bounded_log_of_the_most_recent_messages(tmp_path):
+    # every reply carries a model update: a 100-round run with 1,600 clients per round must not hold them all
+    from privacy.federated.server_app import run_server
+
+    cfg = resolve_run_config({**TINY, "num-rounds": 2, "num-clients": 3})
+    full = InProcessGrid(make_client_app(cfg), 3, cfg)
+    bounded = InProcessGrid(make_client_app(cfg), 3, cfg, message_log=4)
+    summaries = [run_server(grid, {**cfg, "run-dir": str(tmp_path / name)}) for grid, name in ((full, "full"), (bounded, "bounded"))]
+    assert len(full.received) > 4 and len(full.sent) == len(full.received)
+    assert len(bounded.received) == len(bounded.sent) == 4
+
+    def kinds(messages):  # (Flower's FedAvg calls a round's clients in no fixed order: the kinds, in order)
+        return [m.metadata.message_type for m in messages]
+
+    assert kinds(bounded.received) == kinds(full.received)[-4:] == ["train"] + ["evaluate"] * 3
+    assert kinds(bounded.sent) == kinds(full.sent)[-4:]
+    assert {m.metadata.src_node_id for m in list(bounded.received)[1:]} == {1, 2, 3}  # the last round's evaluations
+    # the log does not touch the training (equal up to the order in which the round's updates are summed)
+    np.testing.assert_allclose(summaries[0]["final_state"]["0.weight"], summaries[1]["final_state"]["0.weight"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="message_log=-1"):
+        InProcessGrid(make_client_app(cfg), 3, cfg, message_log=-1)
+
+
+def test_clients_reuse_one_model_per_process_and_train_exactly_as_with_a_fresh_copy(monkeypatch):
+    from privacy.federated import client_app
+
+    task = tiny_synthetic_task(resolve_run_config(TINY))
+    cfg = resolve_run_config(TINY)
+    first = client_app.client_model(task, cfg)
+    assert client_app.client_model(task, cfg) is first  # one model per task and process
+    assert client_app.client_model(task, {**cfg, "dp": "local"}) is not first  # Opacus hooks: a fresh one under local DP
+
+    # 2 clients: Flower's FedAvg calls a round's clients in no fixed order, and only a sum of two is order-free
+    reused = run_federated({**TINY, "num-rounds": 3}, num_clients=2, backend="sequential")
+    monkeypatch.setattr(client_app, "client_model", lambda task, cfg: task.build_model())
+    fresh = run_federated({**TINY, "num-rounds": 3}, num_clients=2, backend="sequential")
+    assert _changed(fresh) > 1e-3
+    for k in fresh["final_state"]:
+        np.testing.assert_array_equal(reused["final_state"][k], fresh["final_state"][k])

@@ -535,10 +535,13 @@ def _run_tags(*parts: Any) -> str:
     return "-".join(kept) if kept else "base"
 
 
-def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any) -> str:
-    """Run-name suffix of a DP run: "-spk" for speaker-level DP, "-NOTPRIVATE" for reproducible noise, so such a run
-    never shares a directory with (or is mistaken for) a private utterance-level run."""
+def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any, accountant: Any = "rdp") -> str:
+    """Run-name suffix of a DP run: "-spk" for speaker-level DP, "-prv" when sigma is calibrated with the PRV
+    accountant (a smaller sigma for the same epsilon than RDP's), "-NOTPRIVATE" for reproducible noise, so such a
+    run never shares a directory with (or is mistaken for) a private utterance-level RDP-calibrated run."""
     suffix = "-spk" if str(unit) == "speaker" else ""
+    if str(accountant) == "prv":
+        suffix += "-prv"
     if str(reproducible_noise_not_private).lower() == "true":
         suffix += "-NOTPRIVATE"
     return suffix

@@ -61,6 +61,32 @@ log = logging.getLogger(__name__)
 RESIDUAL_KEY = "compression-residual"
 PRIVACY_KEY = "privacy"
 
+# task -> the model its clients train in this process (see client_model)
+_CLIENT_MODELS: dict[int, tuple[Any, torch.nn.Module]] = {}
+
+
+def client_model(task, cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The model a client trains this round, before the global state is loaded into it.
+
+    ``task.build_model()`` deep-copies a template (~10 ms for the Wav2Vec2 top layer: half the time of a
+    one-step client on the 6,400-client runs). The model a client starts from is the template with the
+    global state loaded into its trainable parameters, and training changes nothing else (the optimiser
+    holds only the trainable parameters), so one model per process, re-loaded for every client, is the same
+    start. Not reused: under local DP (Opacus attaches hooks to the model it trains) and for a model with
+    buffers (running statistics would carry from one client to the next).
+    """
+    if cfg["dp"] == "local":
+        return task.build_model()
+    entry = _CLIENT_MODELS.get(id(task))
+    if entry is None or entry[0] is not task:  # the task object itself is kept, so its id cannot be reused
+        model = task.build_model()
+        if next(iter(model.buffers()), None) is not None:
+            return model
+        _CLIENT_MODELS[id(task)] = entry = (task, model)
+    model = entry[1]
+    model.zero_grad(set_to_none=True)
+    return model.train()
+
 
 def _partition(context: Context) -> tuple[int, int]:
     try:
@@ -86,7 +112,7 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
     torch.manual_seed(int(cfg["seed"]) * 100003 + server_round * 1009 + partition_id)
 
     task = load_task(cfg)
-    model = task.build_model()
+    model = client_model(task, cfg)
     global_state = arrays_to_state(msg.content["arrays"])
     load_federated_state(model, global_state)
     train_loader, _ = task.build_loaders(partition_id, num_partitions)

@@ -18,6 +18,9 @@
   ("timed out"), and clients not yet called when the deadline passes are not
   called. Without threads a running client cannot be interrupted, so one that
   never returns still blocks this grid; the Ray and deployment grids time it out.
+  It keeps the last ``message_log`` messages it sent and received (``sent``, ``received``; default
+  4,096 each) for inspection: a bounded log, because every reply carries a model update and a
+  6,400-client run with 1,600 clients per round would otherwise hold ~50 MB more per round.
 
 Both run :func:`privacy.federated.server_app.run_server`; results are read back
 from the run directory (``federated_rounds.json``, ``global_model.npz``).
@@ -35,6 +38,7 @@ import logging
 import tempfile
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -79,6 +83,7 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: Mapping[str, Any],
         run_id: int = 1,
+        message_log: int = 4096,
     ):
         from flwr.supercore.run import Run
 
@@ -95,8 +100,11 @@ class InProcessGrid(Grid):
             )
             for node_id in range(1, num_nodes + 1)
         }
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
+        if message_log < 0:
+            raise ValueError(f"message_log={message_log}: expected the number of recent messages to keep (>= 0)")
+        # the most recent messages only (see the module docstring); iterate them like lists
+        self.sent: deque[Message] = deque(maxlen=message_log)
+        self.received: deque[Message] = deque(maxlen=message_log)
 
     def set_run(self, run) -> None:
         self._run = run

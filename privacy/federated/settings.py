@@ -56,7 +56,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "max-grad-norm": 1.0,
     "clipping-norm": 1.0,
     "noise-multiplier": -1.0,  # < 0: derived from the budget
-    "dp-accountant": "rdp",  # local DP: rdp | prv (central DP is accounted with Flower's RDP accountant)
+    "dp-accountant": "rdp",  # rdp | prv: local DP, and central DP with cohort-sampling=poisson (fixed cohorts: Flower's RDP accountant)
     "dp-poisson-sampling": True,  # local DP: must stay true (the accounting assumes Poisson sampling)
     "dp-max-noise-multiplier": 1.0e3,  # a plan needing more noise is rejected
     "dp-unit": "auto",  # privacy unit: auto | utterance (dp=local) | client (dp=central) | speaker (dp=central, one speaker per client)
@@ -168,10 +168,11 @@ def _check_dp_options(cfg: dict[str, Any]) -> None:
             f"run_config['dp-unit']={cfg['dp-unit']!r} with dp=central: central DP protects a whole client's data "
             f"(client), or one speaker when every client holds exactly one speaker (speaker)"
         )
-    if cfg["dp"] == "central" and cfg["dp-accountant"] != "rdp":
+    if cfg["dp"] == "central" and cfg["dp-accountant"] != "rdp" and cfg["cohort-sampling"] != "poisson":
         raise ValueError(
-            f"run_config['dp-accountant']={cfg['dp-accountant']!r} with dp=central: central DP is accounted with Flower's "
-            f"RDP accountant only; use rdp"
+            f"run_config['dp-accountant']={cfg['dp-accountant']!r} with dp=central and cohort-sampling="
+            f"{cfg['cohort-sampling']!r}: fixed cohorts are accounted with Flower's RDP accountant only; use rdp, or "
+            f"cohort-sampling=poisson (PoissonCohortFedAvg accounts with Opacus' rdp or prv)"
         )
     if cfg["dp"] == "none" and bool(cfg["dp-reproducible-noise-NOT-PRIVATE"]):
         raise ValueError("run_config['dp-reproducible-noise-NOT-PRIVATE']=True with dp=none: there is no DP noise to make reproducible")

@@ -115,8 +115,10 @@ def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps
         return {}
     from privacy.dp import independent_epsilon
 
-    independent = independent_epsilon(float(sigma), float(sample_rate), int(steps), float(cfg.dp.target_delta), "rdp")
-    return {"epsilon/independent_rdp": independent, "epsilon/independent_rel_diff": abs(independent - epsilon) / max(epsilon, 1e-12)}
+    # the same kind of accountant from another library: RDP for Opacus' RDP, PLD for its PRV (both numerical)
+    method = "pld" if str(cfg.dp.get("accountant", "rdp")) == "prv" else "rdp"
+    independent = independent_epsilon(float(sigma), float(sample_rate), int(steps), float(cfg.dp.target_delta), method)
+    return {f"epsilon/independent_{method}": independent, "epsilon/independent_rel_diff": abs(independent - epsilon) / max(epsilon, 1e-12)}
 
 
 def run_fl(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:

@@ -264,7 +264,7 @@ def check_plan(cfg: DictConfig) -> dict[str, Any]:
 
         if dp.noise_multiplier is None:  # the strategy derives the same sigma (strategy._poisson_strategy)
             out["noise_multiplier"] = noise_multiplier_for_budget(float(dp.target_epsilon), float(dp.target_delta),
-                                                                  float(fed.cohort_rate), rounds, "rdp", float(dp.max_noise_multiplier))
+                                                                  float(fed.cohort_rate), rounds, str(dp.accountant), float(dp.max_noise_multiplier))
     elif dp.name == "central":
         from privacy.dp import central_noise_multiplier_for_budget
 
