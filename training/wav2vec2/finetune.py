@@ -115,7 +115,7 @@ def _cross_check(cfg: DictConfig, sigma: float | None, sample_rate: float, steps
         return {}
     from privacy.dp import independent_epsilon
 
-    # the same kind of accountant from another library: RDP for Opacus' RDP, PLD for its PRV (both numerical)
+    # the same kind of accountant from another library: RDP for Opacus' RDP; PLD (numerical, like PRV) for its PRV
     method = "pld" if str(cfg.dp.get("accountant", "rdp")) == "prv" else "rdp"
     independent = independent_epsilon(float(sigma), float(sample_rate), int(steps), float(cfg.dp.target_delta), method)
     return {f"epsilon/independent_{method}": independent, "epsilon/independent_rel_diff": abs(independent - epsilon) / max(epsilon, 1e-12)}
