@@ -68,8 +68,9 @@ _CLIENT_MODELS: dict[int, tuple[Any, torch.nn.Module]] = {}
 def client_model(task, cfg: Mapping[str, Any]) -> torch.nn.Module:
     """The model a client trains this round, before the global state is loaded into it.
 
-    ``task.build_model()`` deep-copies a template: for the Wav2Vec2 top layer about a third of a one-step
-    client's time (benchmarks/bench_fl_dp.py, "client_model"). The model a client starts from is the template with the
+    ``task.build_model()`` deep-copies a template: for the Wav2Vec2 top layer 14 % of a one-step client's
+    time on a quiet machine, a third with four training runs on the 2 cores (benchmarks/bench_fl_dp.py,
+    "client_model"). The model a client starts from is the template with the
     global state loaded into its trainable parameters, and training changes nothing else (the optimiser
     holds only the trainable parameters), so one model per process, re-loaded for every client, is the same
     start. Not reused: under local DP (Opacus attaches hooks to the model it trains) and for a model with
