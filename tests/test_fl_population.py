@@ -1007,7 +1007,6 @@ def test_adam_bc_experiment_is_the_6400_client_experiment_with_the_debiased_serv
     assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.005-b0.9-0.999-tau1e-08-sgd1-bc0.3-c6400-r100-cdp-eps8.0-b100x1q0.0625"
 
 
-
 def test_cohort1600_experiment_is_the_adam_bc_experiment_at_four_times_the_cohort():
     import training.config  # noqa: F401  (resolvers, schemas)
     from privacy.dp import noise_multiplier_for_budget
@@ -1021,6 +1020,7 @@ def test_cohort1600_experiment_is_the_adam_bc_experiment_at_four_times_the_cohor
     low = noise_multiplier_for_budget(8.0, 1e-5, 0.0625, 100, "rdp") / 400
     high = noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100, "rdp") / 1600
     assert 1.7 < low / high < 1.8
+
 
 # --------------------------------------------------------------------------- PRV accounting of Poisson central DP
 @pytest.mark.parametrize("q,rounds,target", [(0.0625, 100, 8.0), (0.25, 100, 1.0)])

@@ -67,7 +67,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from privacy.dp import central_noise_multiplier_for_budget
+from privacy.dp import ACCOUNTANTS, central_noise_multiplier_for_budget
 from privacy.federated.compression import MalformedPayload, NoCompression, decompress, wire_nbytes
 from privacy.federated.task import apply_delta, arrays_to_state, state_to_arrays, update_norm
 
@@ -579,7 +579,7 @@ class PoissonCohortFedAvg(Strategy):
         if server_adam_bc and (server_optimizer != "adam" or noise_multiplier is None or subspace is not None):
             raise ValueError(f"server-adam-bc={server_adam_bc}: debiases the server Adam's second moment for per-coordinate DP "
                              f"noise; needs server Adam, central DP (a noise multiplier) and no public subspace")
-        if accountant not in ("rdp", "prv"):
+        if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant={accountant!r}: expected rdp | prv (Opacus' accountants for the Poisson-subsampled Gaussian)")
         self.accountant = accountant
         self.server_adam_bc = float(server_adam_bc)
