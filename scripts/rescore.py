@@ -271,11 +271,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: <runs-dir>/rescore_<corpus>)")
     parser.add_argument("--force", action="store_true", help="re-score runs that already have this corpus's record")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs it would score and what is missing; score nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     data_dir = args.data_dir.resolve()
     tag = f"{data_dir.name}_{args.split}"
-    stages = collect(args.runs_dir, args.where)
+    stages = collect(args.runs_dir, args.where) if args.runs_dir.is_dir() else []
+    if args.dry_run:
+        missing = [] if (data_dir / "meta.json").is_file() else [f"{data_dir}/meta.json (prepare the corpus: python -m scripts.prepare_data data=<its config>)"]
+        missing += [f"{s / 'global_model.npz'} (the run kept no trained model)" for s in stages if not (s / "global_model.npz").is_file()]
+        sys.stdout.write(f"dry run: {len(stages)} finished Wav2Vec2 run(s) under {args.runs_dir} to score on split {args.split!r} of {data_dir}\n"
+                         + "".join(f"  {s.parent}\n" for s in stages) + "".join(f"missing: {m}\n" for m in missing))
+        return
     if not stages:
         raise SystemExit(f"error: no finished Wav2Vec2 run under {args.runs_dir} matches {args.where or 'anything'}")
     import yaml
