@@ -17,7 +17,7 @@ may be a public or training speaker of the run. Where the run's own test speaker
 recomputed and must reproduce the run's metrics.json (a check that the rebuilt model is the run's).
 
 Writes, per run, ``<run>/federated/rescore_<corpus>_<split>.json`` (WER, CER, CTC loss, per-utterance word
-errors and speakers) and, over all runs, ``<out>/rescore.md`` and ``rescore.json``: per system (runs that
+errors and speakers) and, over all runs, ``<out>/rescore.md``, ``rescore.json`` and ``rescore.png``: per system (runs that
 differ only in the seed, grouped as scripts.make_tables groups rows) the WER of each seed, mean and std over
 seeds, and the 95 % interval of the seed mean with the test speakers resampled; with ``--baseline`` also each
 system's difference to the baseline system, its interval from the same (paired) speaker draws, and the seeds'
@@ -214,6 +214,7 @@ def summarise(records: list[dict], labels: dict[str, tuple[tuple, str]], baselin
             "label": entry["label"], "seeds": seeds, "wer": values, "wer_mean": statistics.mean(values),
             "wer_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "wer_mean_ci": percentile_ci(mean_replicates), "test_loss_mean": statistics.mean(records[i]["test_loss"] for i in idx),
+            "own_test_wer": own if len(own) == len(idx) else None,
             "own_test_wer_mean": statistics.mean(own) if len(own) == len(idx) else None, "_replicates": mean_replicates, "_idx": idx,
         })
     out: dict[str, Any] = {"utterances": first["utterances"], "speakers": first["speakers"], "corpus": first["corpus"],
@@ -256,6 +257,40 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{row['wer_mean']:.1f} ± {row['wer_std']:.1f} | [{low:.1f}, {high:.1f}] | {row['test_loss_mean']:.3f} | {own} | "
                      + " | ".join(diff) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> None:
+    """Per system: each seed's WER on the larger test set (dots) and on the run's own test set (rings, where it has
+    one), the seed mean with its speaker-resampled 95 % interval (bar); the baseline's mean as a dashed line."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.75 * len(rows)))
+    for y, row in enumerate(rows):
+        low, high = row["wer_mean_ci"]
+        ax.errorbar([row["wer_mean"]], [y], xerr=[[row["wer_mean"] - low], [high - row["wer_mean"]]], fmt="s", color="C0",
+                    capsize=4, label="mean over seeds, 95 % CI (test speakers resampled)" if y == 0 else None)
+        ax.scatter(row["wer"], [y + 0.15] * len(row["wer"]), color="C0", s=14,
+                   label=f"a seed, {summary['utterances']} test utterances" if y == 0 else None)
+        if row.get("own_test_wer"):
+            ax.scatter(row["own_test_wer"], [y - 0.15] * len(row["own_test_wer"]), facecolors="none", edgecolors="C3", s=22,
+                       label="a seed, the run's own (smaller) test set" if y == 0 else None)
+    if summary["baseline"]:
+        base = next(r for r in rows if r["label"] == summary["baseline"])
+        ax.axvline(base["wer_mean"], color="grey", ls="--", lw=1, label="baseline mean")
+        ax.axvline(base["wer_mean"] + 2, color="grey", ls=":", lw=1, label="baseline + 2 points")
+    ax.set_yticks(range(len(rows)), [textwrap.fill(r["label"], 70) for r in rows], fontsize=6)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.invert_yaxis()
+    ax.set_xlabel("WER (%)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         text += "\nNot scored:\n\n" + "\n".join(f"- {s}" for s in skipped) + "\n"
     atomic_write_text(out / "rescore.md", text)
     atomic_write_text(out / "rescore.json", json.dumps(summary, indent=2) + "\n")
+    plot_summary(summary, out / "rescore.png")
     sys.stdout.write(text)
 
 

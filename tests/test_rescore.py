@@ -124,7 +124,7 @@ def test_runs_are_rescored_on_the_larger_test_set_and_reproduce_their_own_test_w
     fl = rows[False]
     assert fl["diff"] == pytest.approx(fl["wer_mean"] - rows[True]["wer_mean"])
     assert fl["diff_ci"][0] <= fl["diff"] <= fl["diff_ci"][1] and fl["wer_mean_ci"][0] <= fl["wer_mean"] <= fl["wer_mean_ci"][1]
-    assert "| 95 % CI of Δ |" in (out / "rescore.md").read_text()
+    assert "| 95 % CI of Δ |" in (out / "rescore.md").read_text() and (out / "rescore.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="matches 0 systems"):  # a wrong baseline is refused naming the systems
         rescore.main(["--runs-dir", str(runs), "--data-dir", str(large), "--baseline", "no such row", "--out", str(out)])
     # a model file that is not the one the run scored with fails the own-test-set check (and is skipped, saying so)
