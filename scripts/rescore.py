@@ -133,7 +133,7 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
         "seconds": round(time.time() - t0, 1),
         "utterance_speakers": list(speakers), "utterance_errors": errors.tolist(), "utterance_words": words.tolist(),
     }
-    own = set(splits["test"]) if split == "test" else set()
+    own = set(splits.get(split, [])) if split == str(cfg.eval.split) else set()  # the split the run's metrics.json scored
     metrics_path = stage_dir / "metrics.json"
     if own and own <= set(speakers) and metrics_path.is_file():
         # the run's own test set is part of this one: its WER must be what the run reported
