@@ -45,6 +45,9 @@ __all__ = [
     "word_error_rate",
     "char_error_rate",
     "wer_details",
+    "utterance_word_errors",
+    "speaker_bootstrap_wer",
+    "percentile_ci",
     "det_curve",
     "equal_error_rate",
     "min_dcf",
@@ -263,6 +266,63 @@ def speaker_bootstrap_ci(scores, labels, speakers_a: Sequence[str], speakers_b: 
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
     out.update(ci_level=float(level), ci_resamples=int(n_resamples), ci_speakers=int(len(names)))
     return out
+
+
+def utterance_word_errors(refs: Sequence[str], hyps: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(word errors S + D + I, reference words) of every utterance; their sums give :func:`word_error_rate`."""
+    import jiwer
+
+    refs, hyps = _check_transcripts(refs, hyps)
+    errors = np.zeros(len(refs), dtype=np.int64)
+    words = np.array([len(r.split()) for r in refs], dtype=np.int64)
+    for i, (r, h) in enumerate(zip(refs, hyps)):
+        if not r.split():  # jiwer refuses an empty reference: every hypothesis word is an insertion
+            errors[i] = len(h.split())
+            continue
+        out = jiwer.process_words(r, h)
+        errors[i] = out.substitutions + out.deletions + out.insertions
+    return errors, words
+
+
+def speaker_bootstrap_wer(errors, words, speakers: Sequence[str], n_resamples: int = 1000,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus WERs of several systems on one test set, and their replicates under resampled test speakers.
+
+    `errors`: (systems, utterances) word errors (:func:`utterance_word_errors` of each system's hypotheses);
+    `words`: (utterances,) reference words; `speakers`: the speaker of each utterance. An utterance's errors
+    depend on its speaker's voice, so the speakers are the sampling unit: each replicate draws the test
+    speakers with replacement (counts c_s) and a system's WER is sum_s c_s E_s / sum_s c_s W_s. Every system
+    sees the same draws, so differences between systems (or between means over seeds) are paired.
+    Returns (wer (systems,), replicates (n_resamples, systems)); percentiles of the replicates are the CI.
+    """
+    errors = np.atleast_2d(np.asarray(errors, dtype=np.float64))
+    words = np.asarray(words, dtype=np.float64)
+    spk = np.asarray(speakers)
+    if errors.shape[1] != words.shape[0] or spk.shape != words.shape:
+        raise ValueError(f"errors {errors.shape}, words {words.shape} and speakers {spk.shape} must have one entry per utterance")
+    if words.sum() <= 0:
+        raise ValueError("the references have no words: WER is undefined")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    names, inverse = np.unique(spk, return_inverse=True)
+    per_speaker_errors = np.stack([np.bincount(inverse, weights=e, minlength=len(names)) for e in errors])  # (systems, S)
+    per_speaker_words = np.bincount(inverse, weights=words, minlength=len(names))  # (S,)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names)) for _ in range(n_resamples)])
+    total_words = counts @ per_speaker_words
+    if np.any(total_words <= 0):
+        raise ValueError("a speaker resample drew only speakers without reference words")
+    replicates = (counts @ per_speaker_errors.T) / total_words[:, None]
+    return errors.sum(axis=1) / words.sum(), replicates
+
+
+def percentile_ci(replicates, level: float = 0.95) -> tuple[float, float]:
+    """The percentile-bootstrap interval of a statistic from its replicates."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(np.asarray(replicates, dtype=np.float64), [tail, 100 - tail])
+    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------- plotting

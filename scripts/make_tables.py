@@ -81,6 +81,7 @@ AXES = (
     "federated.ema",  # the run returns the EMA of its models (server per round, centralised per step): another system
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
     "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
+    "data.extra_test_speakers",  # a larger SynthGRID test set (synthgrid_population_6400_test200): another measurement
     "data.train_utterances_per_speaker",
 )
 
@@ -113,7 +114,7 @@ class Run:
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
                     "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none", "federated.ema": 0.0,
                     "federated.server_shrink": 0.0, "federated.server_adam_bc": 0.0, "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
-                    "data.extra_train_speakers": 0}
+                    "data.extra_train_speakers": 0, "data.extra_test_speakers": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default

@@ -73,6 +73,9 @@ def run_as_dry_run(command: str, tmp: Path) -> tuple[int, str]:
         runs.mkdir(parents=True, exist_ok=True)
         args = [*words[2:], "--runs-dir", str(runs), "--out", str(tmp / "tables")]
         return _run_main("scripts.make_tables", args), f"scripts.make_tables {args}"
+    if words[:2] == ["-m", "scripts.rescore"]:  # argparse: its own --dry-run lists the runs and the missing corpus
+        args = [*words[2:], "--runs-dir", str(tmp / "runs"), "--dry-run"]
+        return _run_main("scripts.rescore", args), f"scripts.rescore {args}"
     if words[0] == "-m":
         target, args = words[1], words[2:]
     elif words[0].endswith(".py") and (PROJECT_ROOT / words[0]).is_file():

@@ -269,3 +269,37 @@ def test_larger_population_appends_train_speakers_and_keeps_every_other_file(tmp
         SynthGridParams(num_speakers=12, extra_train_speakers=12).validate()
     with pytest.raises(ValueError, match="train_utterances_per_speaker=0"):
         SynthGridParams(train_utterances_per_speaker=0).validate()
+
+
+def test_larger_test_set_appends_test_speakers_and_keeps_every_other_speaker_and_file(tmp_path):
+    """data.extra_test_speakers (synthgrid_population_6400_test200): the extra test speakers come last, so every
+    other split keeps its speakers and utterances, and the smaller corpus's test speakers stay first."""
+    from data.synthgrid import SynthGridParams, generate_corpus
+    from data.synthgrid.generate import _read_checksums
+    from data.synthgrid.speakers import assign_splits, make_speakers
+
+    splits = {"public": 2, "train": 2, "valid": 1, "test": 1, "attacker_train": 1, "attacker_trials": 2}
+    small = SynthGridParams(num_speakers=11, utterances_per_speaker=3, public_utterances_per_speaker=4, splits=splits,
+                            audio_only=True, train_utterances_per_speaker=2, extra_train_speakers=2)
+    generate_corpus(small, tmp_path / "small", num_workers=0, progress=False)
+    shutil.copytree(tmp_path / "small", tmp_path / "large", ignore=shutil.ignore_patterns("prepare"))
+    large = SynthGridParams(num_speakers=14, utterances_per_speaker=3, public_utterances_per_speaker=4, splits=splits,
+                            audio_only=True, train_utterances_per_speaker=2, extra_train_speakers=2, extra_test_speakers=3)
+    stats = generate_corpus(large, tmp_path / "large", num_workers=0, progress=False)
+    assert stats["generated"] == 3 * 3  # the 3 new test speakers x 3 utterances
+    for split in SPLITS:
+        a = [u.id for u in read_split(tmp_path / "small", split)]
+        b = [u.id for u in read_split(tmp_path / "large", split)]
+        if split == "test":
+            assert b[: len(a)] == a and b[len(a):] == [f"s{s}/s{s}_u00{i}" for s in (12, 13, 14) for i in (1, 2, 3)]
+        else:
+            assert a == b, split
+    small_sums, large_sums = _read_checksums(tmp_path / "small"), _read_checksums(tmp_path / "large")
+    assert all(large_sums[k] == v for k, v in small_sums.items()) and len(large_sums) == len(small_sums) + 9
+    # the split plan alone: nothing but the test split changes
+    a, _ = assign_splits(make_speakers(1, 11), splits, 2)
+    b, _ = assign_splits(make_speakers(1, 14), splits, 2, 3)
+    assert {k: v for k, v in b.items() if k != "test"} == {k: v for k, v in a.items() if k != "test"}
+    assert b["test"] == a["test"] + ["s12", "s13", "s14"]
+    with pytest.raises(ValueError, match="extra_test_speakers=12"):
+        SynthGridParams(num_speakers=14, extra_train_speakers=2, extra_test_speakers=12).validate()

@@ -64,6 +64,9 @@ class SynthGridParams:
     # Train speakers appended after the public block (speakers.assign_splits): a larger population that
     # keeps the public and test speakers of the corpus without them.
     extra_train_speakers: int = 0
+    # Test speakers appended after those (speakers.assign_splits): a larger test set whose every other
+    # speaker, and every utterance of theirs, is that of the corpus without them.
+    extra_test_speakers: int = 0
     splits: dict[str, int] = field(
         default_factory=lambda: {"public": 80, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
     )
@@ -115,6 +118,11 @@ class SynthGridParams:
         if not 0 <= self.extra_train_speakers < self.num_speakers:
             raise ValueError(
                 f"data.extra_train_speakers={self.extra_train_speakers}: expected 0 <= value < data.num_speakers={self.num_speakers}"
+            )
+        if not 0 <= self.extra_test_speakers < self.num_speakers - self.extra_train_speakers:
+            raise ValueError(
+                f"data.extra_test_speakers={self.extra_test_speakers}: expected 0 <= value < data.num_speakers - "
+                f"data.extra_train_speakers = {self.num_speakers - self.extra_train_speakers}"
             )
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
@@ -353,7 +361,7 @@ def generate_corpus(
     t0 = time.perf_counter()
 
     speakers = make_speakers(params.seed, params.num_speakers)
-    split_speakers, public_shares_train = assign_splits(speakers, params.splits, params.extra_train_speakers)
+    split_speakers, public_shares_train = assign_splits(speakers, params.splits, params.extra_train_speakers, params.extra_test_speakers)
     if public_shares_train:
         log.warning(
             "data.num_speakers=%d leaves no room for separate public speakers: the public split reuses the train speakers %s",
@@ -446,6 +454,7 @@ def generate_corpus(
         "public_utterances_per_speaker": params.public_utterances_per_speaker,
         "train_utterances_per_speaker": params.train_utterances_per_speaker,
         "extra_train_speakers": params.extra_train_speakers,
+        "extra_test_speakers": params.extra_test_speakers,
         "requested_split_speakers": dict(params.splits),
         "split_speakers": {s: split_speakers[s] for s in SPLITS},
         "public_shares_train_speakers": public_shares_train,

@@ -162,27 +162,31 @@ def split_sizes(num_speakers: int, requested: dict[str, int]) -> tuple[dict[str,
 
 
 def assign_splits(
-    speakers: list[SpeakerParams], requested: dict[str, int], extra_train: int = 0
+    speakers: list[SpeakerParams], requested: dict[str, int], extra_train: int = 0, extra_test: int = 0
 ) -> tuple[dict[str, list[str]], bool]:
     """Contiguous blocks of speakers: train, valid, test, attacker_train, attacker_trials, then public last.
 
     The public split (self-supervised pretraining and the shipped starting checkpoint) is the
     last block, so it can grow (more public speakers, `data.num_speakers` up by as many) without
     moving any speaker of the other splits: with the defaults train is s01..s12, ..., public s39..s78.
-    `extra_train` more train speakers come after the public block (the last `extra_train` of
-    `speakers`), so that a larger training population keeps every other speaker where the smaller
-    corpus has it: the same public speakers (the shipped start never saw a training speaker) and
-    the same test speakers.
+    `extra_train` more train speakers come after the public block, then `extra_test` more test
+    speakers (the last `extra_test` of `speakers`), so that a larger training population or a larger
+    test set keeps every other speaker where the smaller corpus has it: the same public speakers (the
+    shipped start never saw a training speaker), the same training speakers and the same test speakers.
     """
     if not 0 <= extra_train < len(speakers):
         raise ValueError(f"data.extra_train_speakers={extra_train}: expected 0 <= value < data.num_speakers={len(speakers)}")
-    blocks = speakers[: len(speakers) - extra_train]
+    if not 0 <= extra_test < len(speakers) - extra_train:
+        raise ValueError(f"data.extra_test_speakers={extra_test}: expected 0 <= value < data.num_speakers - "
+                         f"data.extra_train_speakers = {len(speakers) - extra_train}")
+    blocks = speakers[: len(speakers) - extra_train - extra_test]
     sizes, share_public = split_sizes(len(blocks), requested)
     out, start = {}, 0
     for s in [*[s for s in SPLITS if s != "public"], "public"]:
         out[s] = [spk.id for spk in blocks[start : start + sizes[s]]]
         start += sizes[s]
-    out["train"] += [spk.id for spk in speakers[len(blocks) :]]
+    out["train"] += [spk.id for spk in speakers[len(blocks) : len(speakers) - extra_test]]
+    out["test"] += [spk.id for spk in speakers[len(speakers) - extra_test :]]
     if share_public:
         out["public"] = list(out["train"])
     return {s: out[s] for s in SPLITS}, share_public

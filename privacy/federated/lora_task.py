@@ -135,26 +135,11 @@ def decode_cached(model: nn.Module, batch: Mapping[str, torch.Tensor], tokenizer
     return refs, hyps, float(loss)
 
 
-class CachedSynthGridTask(SynthGridTask):
-    def evaluate_split(self, model: nn.Module, split: str) -> dict[str, float]:
-        from common.metrics import char_error_rate, word_error_rate
-
-        model.eval()
-        refs, hyps, loss_sum = [], [], 0.0
-        for batch in self.build_split_loader(split):
-            r, h, loss = decode_cached(model, batch, self.tokenizer)
-            refs += r
-            hyps += h
-            loss_sum += loss * len(r)
-        return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "loss": loss_sum / max(len(refs), 1),
-                "utterances": len(refs)}
-
-
-_TASKS: dict[tuple, CachedSynthGridTask] = {}
+_TASKS: dict[tuple, SynthGridTask] = {}
 _TOPS: dict[tuple, nn.Module] = {}
 
 
-def wav2vec2_lora_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
+def wav2vec2_lora_task(run_config: Mapping[str, Any]) -> SynthGridTask:
     """The FederatedTask factory named in run_config['task'] (see the module docstring); one per
     configuration and process (every client message asks for it)."""
     key = tuple(sorted((k, v) for k, v in run_config.items() if k.startswith("task-") or k in ("seed", "batch-size")))
@@ -163,7 +148,7 @@ def wav2vec2_lora_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
     return _TASKS[key]
 
 
-def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
+def _build_task(run_config: Mapping[str, Any]) -> SynthGridTask:
     from data.tokenizer import BLANK, WordTokenizer
     from models.wav2vec2_lora import CachedTopCTC, add_lora, ctc_loss_on_cached
 
@@ -221,5 +206,5 @@ def _build_task(run_config: Mapping[str, Any]) -> CachedSynthGridTask:
         details = wer_details(refs, hyps)
         return int(details["substitutions"] + details["deletions"] + details["insertions"]), int(details["ref_words"])
 
-    return CachedSynthGridTask(build_model, build_loaders, loss_fn, error_counts, tokenizer=tokenizer,
-                               build_union_loader=build_union_loader, build_split_loader=build_split_loader)
+    return SynthGridTask(build_model, build_loaders, loss_fn, error_counts, tokenizer=tokenizer,
+                         build_union_loader=build_union_loader, build_split_loader=build_split_loader, decode=decode_cached)

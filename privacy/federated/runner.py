@@ -42,7 +42,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -50,6 +49,7 @@ from flwr.serverapp import Grid
 
 from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_JSON, make_server_app, run_server
 from privacy.federated.settings import resolve_run_config
+from privacy.federated.task import read_state_npz
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ def _read_results(run_dir: Path) -> dict[str, Any]:
     if not rounds_path.exists():
         raise RuntimeError(f"the federation wrote no {rounds_path}: the ServerApp failed (see the log above)")
     summary = json.loads(rounds_path.read_text())
-    with np.load(run_dir / GLOBAL_MODEL) as data:
-        summary["final_state"] = {k: data[k] for k in data.files}
+    summary["final_state"] = read_state_npz(run_dir / GLOBAL_MODEL)
     return summary
 
 

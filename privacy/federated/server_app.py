@@ -52,7 +52,7 @@ from common.files import atomic_write_bytes
 from common.progress import Progress
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
-from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays
+from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays, write_state_npz
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         summary["central_epsilon"] = float(dp_wrapper.privacy_spent().epsilon)
     if run_dir is not None:
         _write_round_log(run_dir, summary)
-        buffer = io.BytesIO()
-        np.savez(buffer, **final)
-        atomic_write_bytes(run_dir / GLOBAL_MODEL, buffer.getvalue())
+        write_state_npz(run_dir / GLOBAL_MODEL, final)
     summary["final_state"] = final
     summary["initial_state"] = initial
     return summary

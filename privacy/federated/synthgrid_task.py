@@ -258,28 +258,43 @@ def word_error_counts(model: nn.Module, batch: Mapping[str, torch.Tensor], token
     return errors, int(details["ref_words"])
 
 
-def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], tokenizer) -> dict[str, float]:
-    """Corpus WER / CER (fractions), mean CTC loss per utterance and the number of utterances; greedy decoding.
+def transcribe(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], tokenizer,
+               decode: Optional[Callable] = None) -> tuple[list[str], list[str], float]:
+    """(references, greedy CTC hypotheses, mean CTC loss per utterance) of every utterance of `loader`, in its order.
 
-    The loss is reported because WER saturates at 1.0 (all-blank output) early in training,
-    where the loss still tells runs apart.
-    """
-    from common.metrics import char_error_rate, word_error_rate
-
+    `decode(model, batch, tokenizer) -> (refs, hyps, mean loss)` reads one batch (default :func:`decode_batch`,
+    waveforms; the cached-feature task passes its own)."""
     from common.device import move_to_device
 
+    decode = decode or decode_batch
     model.eval()
     device = next(model.parameters()).device
     refs: list[str] = []
     hyps: list[str] = []
     loss_sum = 0.0
     for batch in loader:
-        r, h, loss = decode_batch(model, move_to_device(batch, device), tokenizer)
+        r, h, loss = decode(model, move_to_device(batch, device), tokenizer)
         refs += r
         hyps += h
         loss_sum += loss * len(r)
-    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "loss": loss_sum / max(len(refs), 1),
-            "utterances": len(refs)}
+    return refs, hyps, loss_sum / max(len(refs), 1)
+
+
+def score_transcripts(refs: Sequence[str], hyps: Sequence[str], loss: float) -> dict[str, float]:
+    """Corpus WER / CER (fractions), the mean CTC loss and the number of utterances."""
+    from common.metrics import char_error_rate, word_error_rate
+
+    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "loss": loss, "utterances": len(refs)}
+
+
+def evaluate_transcripts(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], tokenizer,
+                         decode: Optional[Callable] = None) -> dict[str, float]:
+    """Corpus WER / CER (fractions), mean CTC loss per utterance and the number of utterances; greedy decoding.
+
+    The loss is reported because WER saturates at 1.0 (all-blank output) early in training,
+    where the loss still tells runs apart.
+    """
+    return score_transcripts(*transcribe(model, loader, tokenizer, decode))
 
 
 # --------------------------------------------------------------------------- the task
@@ -296,10 +311,15 @@ class SynthGridTask(FederatedTask):
     tokenizer: Any = None
     build_union_loader: Optional[Callable[[int, torch.Generator], DataLoader]] = None
     build_split_loader: Optional[Callable[[str], DataLoader]] = None
+    decode: Optional[Callable] = None  # transcribe's batch decoder (None: waveforms, decode_batch)
+
+    def transcribe_split(self, model: nn.Module, split: str) -> tuple[list[str], list[str], float]:
+        """(references, hypotheses, mean CTC loss) of every utterance of a split, in manifest order (:func:`transcribe`)."""
+        return transcribe(model, self.build_split_loader(split), self.tokenizer, self.decode)
 
     def evaluate_split(self, model: nn.Module, split: str) -> dict[str, float]:
-        """WER / CER / CTC loss of greedy decoding on a whole split (:func:`evaluate_transcripts`)."""
-        return evaluate_transcripts(model, self.build_split_loader(split), self.tokenizer)
+        """WER / CER / CTC loss of greedy decoding on a whole split."""
+        return score_transcripts(*self.transcribe_split(model, split))
 
 
 def task_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:

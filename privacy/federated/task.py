@@ -100,6 +100,23 @@ def load_federated_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> 
             p.copy_(value.to(p.dtype))
 
 
+def write_state_npz(path, state: Mapping[str, np.ndarray]) -> None:
+    """The trained parameters as an .npz (atomically: a crash leaves the previous file or none)."""
+    import io
+
+    from common.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_state_npz(path) -> dict[str, np.ndarray]:
+    """:func:`write_state_npz`'s file -> numpy dict (no pickled objects are read)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
 def state_to_arrays(state: Mapping[str, np.ndarray]):
     """numpy dict -> flwr ArrayRecord (keys kept in order)."""
     from flwr.app import Array, ArrayRecord

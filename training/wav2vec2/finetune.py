@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dict[str, Any]) -> dict[str, Any]:
     """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
     from privacy.federated.runner import run_centralised as train_centralised
+    from privacy.federated.server_app import GLOBAL_MODEL
+    from privacy.federated.task import federated_state, write_state_npz
 
     steps = centralised_steps(cfg, plan["clients"])
     logger = open_run_log(cfg, Path(run_config["run-dir"]))
@@ -38,6 +40,8 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
         eps = session.epsilon(delta)
         metrics.update({"epsilon/max": eps, "epsilon/client_0": eps, "noise_multiplier": session.noise_multiplier})
         metrics.update(_cross_check(cfg, session.noise_multiplier, 1.0 / result["batches"], session.accountant.steps, eps))
+    # the trained parameters, in the file a federation writes its final global model to (scripts/rescore.py reads both)
+    write_state_npz(Path(run_config["run-dir"]) / GLOBAL_MODEL, federated_state(result["model"]))
     score = task.evaluate_split(result["model"], str(cfg.eval.split))
     metrics.update(wer=score["wer"], cer=score["cer"], test_loss=score["loss"], test_utterances=score["utterances"])
     log_test_result(logger, metrics["steps"], metrics)

@@ -40,7 +40,7 @@ def train_speaker_count(cfg: DictConfig) -> int:
     from data.synthgrid.speakers import split_sizes
 
     extra = int(cfg.data.get("extra_train_speakers", 0))
-    sizes, _ = split_sizes(int(cfg.data.num_speakers) - extra, {k: int(v) for k, v in dict(cfg.data.splits).items()})
+    sizes, _ = split_sizes(int(cfg.data.num_speakers) - extra - int(cfg.data.get("extra_test_speakers", 0)), {k: int(v) for k, v in dict(cfg.data.splits).items()})
     return int(sizes["train"]) + extra
 
 
