@@ -27,7 +27,6 @@ spread of the difference. A difference is separable when it exceeds both.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import statistics
@@ -45,10 +44,6 @@ STAGE = "federated"
 
 class RescoreError(ValueError):
     """A run that cannot be scored on the given corpus (the message says which and why)."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_splits(data_cfg: Any) -> dict[str, list[str]]:
@@ -101,6 +96,7 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
     from privacy.federated.server_app import GLOBAL_MODEL
     from privacy.federated.synthgrid_task import load_split
     from privacy.federated.task import load_federated_state, load_task, read_state_npz
+    from training.starting_checkpoint import sha256_file
     from training.wav2vec2.public_start import verify_public_start
     from training.wav2vec2.run_config import uses_lora, wav2vec2_run_config
 
@@ -128,7 +124,7 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
     errors, words = utterance_word_errors(refs, hyps)
     record: dict[str, Any] = {
         "run": name, "run_dir": str(stage_dir.parent), "trained_on": trained_on, "corpus": str(data_dir), "split": split,
-        "model_sha256": _sha256(model_path), "utterances": len(refs), "speakers": len(set(speakers)),
+        "model_sha256": sha256_file(model_path), "utterances": len(refs), "speakers": len(set(speakers)),
         "wer": float(errors.sum() / words.sum()), "cer": char_error_rate(refs, hyps), "test_loss": float(loss),
         "seconds": round(time.time() - t0, 1),
         "utterance_speakers": list(speakers), "utterance_errors": errors.tolist(), "utterance_words": words.tolist(),
@@ -147,47 +143,19 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
     return record
 
 
-def _label(stage_dir: Path, config: dict) -> tuple[tuple, str]:
-    """(system key, row label) as scripts.make_tables has them (the label reads the stage's metrics too)."""
-    from scripts.make_tables import Run, _label as table_label
+def finished_runs(runs_dir: Path, where: list[str]) -> list:
+    """The Wav2Vec2 runs under runs_dir whose `federated` stage finished and whose config matches every KEY=VALUE of
+    `where`: scripts.make_tables' runs (find_runs, select_runs), so a row here is a row there."""
+    from scripts.make_tables import find_runs, select_runs
 
-    metrics = json.loads((stage_dir / "metrics.json").read_text()) if (stage_dir / "metrics.json").is_file() else {}
-    run = Run(run_dir=stage_dir.parent, config=config, metrics={f"{STAGE}:{k}": v for k, v in metrics.items()})
-    return run.system, table_label(run)
-
-
-def collect(runs_dir: Path, where: list[str]) -> list[Path]:
-    """The `federated` stage folders under runs_dir that finished (status done) and match every KEY=VALUE of `where`."""
-    import yaml
-
-    from training.stage import stage_status
-
-    filters = []
-    for item in where:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --where {item!r}: expected KEY=VALUE")
-        filters.append((key, value))
-    found = []
-    for cfg_path in sorted(runs_dir.glob(f"**/{STAGE}/config.yaml")):
-        stage_dir = cfg_path.parent
-        if ".hydra" in stage_dir.parts or stage_status(stage_dir).get("status") != "done":
-            continue
-        config = yaml.safe_load(cfg_path.read_text()) or {}
-        ok = True
-        for key, value in filters:
-            node = config
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            ok &= str(node) == value
-        if ok and str((config.get("model") or {}).get("name", "")).startswith("wav2vec2"):
-            found.append(stage_dir)
-    return found
+    runs = select_runs(find_runs(runs_dir), where)
+    return [r for r in runs if f"{STAGE}:wer" in r.metrics and str(r.axis("model.name")).startswith("wav2vec2")]
 
 
-def summarise(records: list[dict], labels: dict[str, tuple[tuple, str]], baseline: str | None, resamples: int,
+def summarise(records: list[dict], systems_of: list[tuple[tuple, str]], baseline: str | None, resamples: int,
               seed: int = 0) -> dict[str, Any]:
-    """Per system: seeds, WERs, mean +- std, the speaker-resampled interval of the mean; differences to the baseline."""
+    """Per system: seeds, WERs, mean +- std, the speaker-resampled interval of the mean; differences to the baseline.
+    `systems_of[i]`: (system key, row label) of records[i] (scripts.make_tables' Run.system and label)."""
     from common.metrics import percentile_ci, speaker_bootstrap_wer
 
     if not records:
@@ -199,8 +167,7 @@ def summarise(records: list[dict], labels: dict[str, tuple[tuple, str]], baselin
     wer, replicates = speaker_bootstrap_wer([r["utterance_errors"] for r in records], first["utterance_words"],
                                             first["utterance_speakers"], n_resamples=resamples, seed=seed)
     systems: dict[tuple, dict[str, Any]] = {}
-    for i, r in enumerate(records):
-        key, label = labels[r["run_dir"]]
+    for i, (key, label) in enumerate(systems_of):
         entry = systems.setdefault(key, {"label": label, "members": []})
         entry["members"].append(i)
     rows = []
@@ -311,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     data_dir = args.data_dir.resolve()
     tag = f"{data_dir.name}_{args.split}"
-    stages = collect(args.runs_dir, args.where) if args.runs_dir.is_dir() else []
+    try:
+        runs = finished_runs(args.runs_dir, args.where) if args.runs_dir.is_dir() else []
+    except ValueError as error:  # a malformed --where
+        raise SystemExit(f"error: {error}") from None
+    stages = [run.run_dir / STAGE for run in runs]
     if args.dry_run:
         missing = [] if (data_dir / "meta.json").is_file() else [f"{data_dir}/meta.json (prepare the corpus: python -m scripts.prepare_data data=<its config>)"]
         missing += [f"{s / 'global_model.npz'} (the run kept no trained model)" for s in stages if not (s / "global_model.npz").is_file()]
@@ -320,29 +291,30 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not stages:
         raise SystemExit(f"error: no finished Wav2Vec2 run under {args.runs_dir} matches {args.where or 'anything'}")
-    import yaml
+    from scripts.make_tables import _label
+    from training.starting_checkpoint import sha256_file
 
-    records, labels, skipped = [], {}, []
-    for i, stage_dir in enumerate(stages, 1):
+    records, systems_of, skipped = [], [], []
+    for i, (run, stage_dir) in enumerate(zip(runs, stages), 1):
         path = stage_dir / f"rescore_{tag}.json"
         try:
-            if path.is_file() and not args.force and json.loads(path.read_text()).get("model_sha256") == _sha256(stage_dir / "global_model.npz"):
-                record = json.loads(path.read_text())
-            else:
+            record = json.loads(path.read_text()) if path.is_file() and not args.force else None
+            model = stage_dir / "global_model.npz"
+            if record is None or not model.is_file() or record.get("model_sha256") != sha256_file(model):
                 record = rescore_run(stage_dir, data_dir, args.split, args.checkpoint)
                 atomic_write_text(path, json.dumps(record) + "\n")
         except (RescoreError, FileNotFoundError) as error:
             skipped.append(str(error))
             log.warning("[%d/%d] skipped %s", i, len(stages), error)
             continue
-        labels[record["run_dir"]] = _label(stage_dir, yaml.safe_load((stage_dir / "config.yaml").read_text()))
+        systems_of.append((run.system, _label(run)))
         records.append(record)
         log.info("[%d/%d] %s: WER %.1f %% on %d utterances (%s s)", i, len(stages), record["run"], 100 * record["wer"],
                  record["utterances"], record.get("seconds"))
     if not records:
         raise SystemExit("error: no run could be scored:\n  " + "\n  ".join(skipped))
     try:
-        summary = summarise(records, labels, args.baseline, args.resamples)
+        summary = summarise(records, systems_of, args.baseline, args.resamples)
     except RescoreError as error:
         raise SystemExit(f"error: {error}") from None
     summary["skipped"] = skipped
