@@ -329,6 +329,7 @@ class FederatedConfig:
 class CompressionConfig:
     name: str = MISSING  # none | int8 | topk
     topk_fraction: float = 0.05
+    topk_value_bits: int = 16  # 16: fp16 values + 16-bit indices; 8: int8 values + a bitmask (compression.py, "Packing")
     error_feedback: bool = True
     int8_block_size: int = 0  # 0: one scale per tensor; > 0: one scale per block of this many values
 
@@ -581,6 +582,15 @@ def _anonymize_tag(method: Any, alpha: Any) -> str:
     return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
 
 
+def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16) -> str:
+    """The compression in a run name: "none", "int8", "topk" (5 %, fp16 values: the name every top-k run had
+    before the fraction and the value bits were axes), "topk0.18-v8" otherwise, so top-k runs at another
+    fraction or value width never share a directory."""
+    if str(name) != "topk" or (float(topk_fraction) == 0.05 and int(topk_value_bits) == 16):
+        return str(name)
+    return f"topk{float(topk_fraction):g}" + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}")
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, cohort_sampling: Any = "fixed",
                 cohort_rate: Any = 1.0) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
@@ -692,6 +702,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("privacy_terms_tag", _privacy_terms_tag)
     if not OmegaConf.has_resolver("anonymize_tag"):
         OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
+    if not OmegaConf.has_resolver("compression_tag"):
+        OmegaConf.register_new_resolver("compression_tag", _compression_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("server_opt_tag"):

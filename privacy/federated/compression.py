@@ -44,7 +44,18 @@ under the key ``"update::packed"``, little-endian:
 * top-k: header ``uint32[4] = (2, numel, k, index bytes)``, then the sorted
   indices as ``uint16[k]`` (``uint32`` when numel > 65,536), then the values as
   ``float16[k]`` (4 bytes per kept entry instead of 8; the fp16 rounding error
-  goes into the error-feedback residual, so it is not lost either).
+  goes into the error-feedback residual, so it is not lost either);
+* top-k with int8 values (``value_bits=8``): header ``uint32[4] = (3, numel, k, 0)``,
+  then, deflated, a bitmask of the kept positions (``ceil(numel / 8)`` bytes,
+  least significant bit first: 1 bit per value, cheaper than 16-bit indices once
+  k > numel / 16, and deflate shrinks it further when it is sparse), one
+  ``float32`` scale and ``int8[k]`` values (``max|kept| / 127`` as for int8).
+  About 1 byte per kept entry plus N / 8 bytes: at the same bytes on the wire
+  it keeps ~2-3x more entries than fp16 values with 16-bit indices. Clients
+  that run a few Adam steps move most coordinates by about the same amount, so
+  what top-k drops is mostly entries about as large as those it keeps; more
+  entries at 8 bits lose less than fewer at 16 (measured, docs/results.md). The
+  int8 rounding error goes into the error-feedback residual like fp16's.
 
 The server (:func:`decompress` with the global model's shapes) checks the
 header against the global model (numel = its number of values) and the buffer
@@ -88,7 +99,8 @@ SEPARATOR = "::"
 PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val", "packed")
 PACKED_NAME = "update"  # the packed payload's one key is "update::packed"
 FLAT = "__flat__"  # the name the packed update's concatenated vector has inside the per-tensor compressors
-PACKED_INT8, PACKED_TOPK = 1, 2
+PACKED_INT8, PACKED_TOPK, PACKED_TOPK_INT8 = 1, 2, 3
+TOPK_VALUE_BITS = (16, 8)  # fp16 values + 16/32-bit indices (kind 2) | int8 values + a deflated bitmask (kind 3)
 HEADER_WORDS = 4
 MAX_DIMS = 8
 # without a reference model, a payload may not declare more values than this (1 GiB of float32)
@@ -229,13 +241,19 @@ def flatten_update(delta: Mapping[str, ArrayLike]) -> np.ndarray:
 
 
 class PackedCompressor:
-    """int8 or top-k on the whole update as one vector, sent as one uint8 array (see "Packing" above)."""
+    """int8 or top-k on the whole update as one vector, sent as one uint8 array (see "Packing" above).
 
-    def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier]):
+    ``topk_value_bits`` (top-k only): 16 sends fp16 values with 16/32-bit indices, 8 int8 values with a bitmask.
+    """
+
+    def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier], topk_value_bits: int = 16):
         if not isinstance(inner, (Int8Quantizer, TopKSparsifier)):
             raise TypeError(f"PackedCompressor packs Int8Quantizer or TopKSparsifier, got {type(inner).__name__}")
+        if topk_value_bits not in TOPK_VALUE_BITS:
+            raise ValueError(f"topk_value_bits must be one of {TOPK_VALUE_BITS}, got {topk_value_bits!r}")
         self.inner = inner
         self.name = inner.name
+        self.topk_value_bits = topk_value_bits
 
     def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
         flat = flatten_update(delta)
@@ -244,6 +262,16 @@ class PackedCompressor:
             scale = fields[payload_key(FLAT, "scale")].astype("<f4")
             header = np.array([PACKED_INT8, flat.size, int(fields[payload_key(FLAT, "block")][0]), scale.size], dtype="<u4")
             body = zlib.compress(scale.tobytes() + fields[payload_key(FLAT, "q")].tobytes(), 9)
+            parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
+        elif self.topk_value_bits == 8:
+            idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
+            q, scale = Int8Quantizer().quantize(val)
+            if self.inner.error_feedback:  # what int8 rounding drops is carried over like what top-k drops
+                self.inner.residual[FLAT][idx] += val - q.astype(np.float32) * scale[0]
+            mask = np.zeros(flat.size, dtype=bool)
+            mask[idx] = True
+            header = np.array([PACKED_TOPK_INT8, flat.size, idx.size, 0], dtype="<u4")
+            body = zlib.compress(np.packbits(mask, bitorder="little").tobytes() + scale.astype("<f4").tobytes() + q.tobytes(), 9)
             parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
         else:
             idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
@@ -266,15 +294,17 @@ Compressor = Union[NoCompression, Int8Quantizer, TopKSparsifier, PackedCompresso
 
 
 def build_compressor(
-    name: str, topk_fraction: float = 0.05, error_feedback: bool = True, int8_block_size: int | None = None
+    name: str, topk_fraction: float = 0.05, error_feedback: bool = True, int8_block_size: int | None = None,
+    topk_value_bits: int = 16,
 ) -> Compressor:
-    """What a client sends: ``none`` (float32 per parameter), ``int8`` / ``topk`` packed into one array."""
+    """What a client sends: ``none`` (float32 per parameter), ``int8`` / ``topk`` packed into one array
+    (top-k values as fp16, or as int8 with a bitmask of the kept positions: ``topk_value_bits``)."""
     if name == "none":
         return NoCompression()
     if name == "int8":
         return PackedCompressor(Int8Quantizer(block_size=int8_block_size))
     if name == "topk":
-        return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback))
+        return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback), topk_value_bits=topk_value_bits)
     raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
 
 
@@ -297,15 +327,7 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
         if n_scales != need:
             raise MalformedPayload(f"{key!r} (int8): {n_scales} scales, but {numel} values in blocks of {block} need {need}")
         expected = 4 * n_scales + numel
-        inflater = zlib.decompressobj()
-        try:
-            raw = inflater.decompress(body.tobytes(), expected + 1)  # never more than the header promises (+1 to see excess)
-        except zlib.error as error:
-            raise MalformedPayload(f"{key!r} (int8): the body does not inflate ({error})") from None
-        if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-            raise MalformedPayload(f"{key!r} (int8): the body inflates to {len(raw)}{'+' if inflater.unconsumed_tail else ''} bytes "
-                                   f"(complete stream: {inflater.eof}), expected exactly 4 x {n_scales} scales + {numel} values = {expected}")
-        body = np.frombuffer(raw, dtype=np.uint8)
+        body = _inflate_exactly(body, expected, f"{key!r} (int8)", f"4 x {n_scales} scales + {numel} values")
         return {"scale": body[: 4 * n_scales].view("<f4").astype(np.float32), "q": body[4 * n_scales:].view(np.int8),
                 "block": np.array([block], dtype=np.int64), "shape": np.array([numel], dtype=np.int64)}
     if kind == PACKED_TOPK:
@@ -318,7 +340,40 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
             raise MalformedPayload(f"{key!r} (top-k): {body.size} bytes after the header, expected {k} x ({width} + 2)")
         return {"idx": body[: width * k].view("<u2" if width == 2 else "<u4").astype(np.int64),
                 "val": body[width * k:].view("<f2").astype(np.float32), "shape": np.array([numel], dtype=np.int64)}
-    raise MalformedPayload(f"{key!r}: unknown kind {kind} in the header, expected {PACKED_INT8} (int8) or {PACKED_TOPK} (top-k)")
+    if kind == PACKED_TOPK_INT8:
+        k, reserved = a, b
+        if k > numel or reserved != 0:
+            raise MalformedPayload(f"{key!r} (top-k, int8 values): {k} kept entries for {numel} values, last header word {reserved} (expected 0)")
+        mask_bytes = (numel + 7) // 8
+        expected = mask_bytes + 4 + k
+        raw = _inflate_exactly(body, expected, f"{key!r} (top-k, int8 values)", f"a {mask_bytes}-byte bitmask + 4 (scale) + {k} values")
+        mask = np.unpackbits(raw[:mask_bytes], bitorder="little")
+        if mask[numel:].any():
+            raise MalformedPayload(f"{key!r} (top-k, int8 values): bitmask bits set beyond the {numel} values")
+        idx = np.flatnonzero(mask[:numel])
+        if idx.size != k:
+            raise MalformedPayload(f"{key!r} (top-k, int8 values): the bitmask marks {idx.size} positions, the header says {k}")
+        scale = raw[mask_bytes: mask_bytes + 4].view("<f4").astype(np.float32)
+        if not np.all(np.isfinite(scale)):
+            raise MalformedPayload(f"{key!r} (top-k, int8 values): the scale is not finite ({scale[0]})")
+        return {"idx": idx.astype(np.int64), "val": raw[mask_bytes + 4:].view(np.int8).astype(np.float32) * scale[0],
+                "shape": np.array([numel], dtype=np.int64)}
+    raise MalformedPayload(f"{key!r}: unknown kind {kind} in the header, expected {PACKED_INT8} (int8), {PACKED_TOPK} (top-k) "
+                           f"or {PACKED_TOPK_INT8} (top-k, int8 values)")
+
+
+def _inflate_exactly(body: np.ndarray, expected: int, what: str, layout: str) -> np.ndarray:
+    """Inflate a deflated body that must be exactly `expected` bytes; never allocates more than the header promises
+    (+1 to see excess), so a "zip bomb" cannot make the server allocate more."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(body.tobytes(), expected + 1)
+    except zlib.error as error:
+        raise MalformedPayload(f"{what}: the body does not inflate ({error})") from None
+    if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise MalformedPayload(f"{what}: the body inflates to {len(raw)}{'+' if inflater.unconsumed_tail else ''} bytes "
+                               f"(complete stream: {inflater.eof}), expected exactly {layout} = {expected}")
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def decompress(
