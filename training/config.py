@@ -582,13 +582,19 @@ def _anonymize_tag(method: Any, alpha: Any) -> str:
     return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
 
 
-def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16) -> str:
-    """The compression in a run name: "none", "int8", "topk" (5 %, fp16 values: the name every top-k run had
-    before the fraction and the value bits were axes), "topk0.18-v8" otherwise, so top-k runs at another
-    fraction or value width never share a directory."""
-    if str(name) != "topk" or (float(topk_fraction) == 0.05 and int(topk_value_bits) == 16):
+def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16, error_feedback: Any = True) -> str:
+    """The compression in a run name: "none", "int8", "topk" (5 %, fp16 values, error feedback: the name every
+    top-k run had before these were in the name), else e.g. "topk0.18-v8" / "topk0.18-v8-noef", so top-k runs at
+    another fraction, value width or without error feedback never share a directory."""
+    if str(name) != "topk":
         return str(name)
-    return f"topk{float(topk_fraction):g}" + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}")
+    tag = "topk" if float(topk_fraction) == 0.05 else f"topk{float(topk_fraction):g}"
+    return tag + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}") + ("" if _truthy(error_feedback) else "-noef")
+
+
+def _truthy(value: Any) -> bool:
+    """A resolver argument that is a bool in the config (OmegaConf may hand it over as a string)."""
+    return value is True or str(value).lower() == "true"
 
 
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, cohort_sampling: Any = "fixed",
