@@ -311,9 +311,26 @@ def test_packed_topk_int8_error_feedback_keeps_the_int8_rounding():
     assert np.count_nonzero(sent) == 3 and residual[4] != 0  # 2.9 is not a multiple of 3 / 127: rounded, carried over
 
 
-def test_topk_value_bits_must_be_16_or_8():
+def test_topk_value_bits_must_be_16_8_or_4():
     with pytest.raises(ValueError, match="topk_value_bits must be one of"):
-        build_compressor("topk", topk_value_bits=4)
+        build_compressor("topk", topk_value_bits=2)
+
+
+@pytest.mark.parametrize("k_fraction", [0.4, 0.4003])  # an even and an odd number of kept values (two int4 per byte)
+def test_packed_topk_int4_values_round_trip_within_half_a_step(k_fraction):
+    delta = _lora_delta(seed=5)
+    x = np.concatenate([delta[n].numpy().ravel() for n in sorted(delta)])
+    c = build_compressor("topk", topk_fraction=k_fraction, topk_value_bits=4)
+    payload = c.compress(delta)
+    assert payload["update::packed"][:16].view("<u4").tolist()[::3] == [3, 4]
+    y = np.concatenate([v.ravel() for _, v in sorted(decompress(payload, LORA_SHAPES).items())])
+    kept = np.flatnonzero(y)
+    k = int(np.ceil(k_fraction * x.size))
+    assert kept.size == k
+    step = np.abs(x[kept]).max() / 7
+    assert np.abs(y[kept] - x[kept]).max() <= step / 2 + 1e-7
+    np.testing.assert_array_equal(np.sign(y[kept]), np.sign(x[kept]))
+    np.testing.assert_allclose(y + c.state_dict()["__flat__"], x, rtol=0, atol=1e-6)  # error feedback keeps the rest
 
 
 def _bitmask_body(positions, numel, values, scale=1.0, extra_bits=()):
@@ -345,12 +362,14 @@ PACKED_REF = {"a": (2, 3), "b": (2,)}  # 8 values
         (_packed(2, 8, 2, 2, b"\0" * 7), r"7 bytes after the header, expected 2 x \(2 \+ 2\)"),
         (_packed(2, 8, 2, 2, np.array([1, 1], "<u2").tobytes() + np.ones(2, "<f2").tobytes()), "repeated indices"),
         (_packed(2, 8, 1, 2, np.array([8], "<u2").tobytes() + np.ones(1, "<f2").tobytes()), r"indices must be integers in \[0, 8\)"),
-        (_packed(3, 8, 9, 0, b""), "9 kept entries for 8 values"),
-        (_packed(3, 8, 2, 1, b""), "last header word 1"),
-        (_packed(3, 8, 2, 0, b"not zlib"), "does not inflate"),
-        (_packed(3, 8, 2, 0, __import__("zlib").compress(b"\0" * 10**6)), r"inflates to 8\+ bytes"),  # 1 + 4 + 2 = 7 at most
-        (_packed(3, 8, 2, 0, _bitmask_body([1], 8, [5, 6])), "the bitmask marks 1 positions, the header says 2"),
-        (_packed(3, 8, 2, 0, _bitmask_body([1, 2], 8, [5, 6], scale=np.inf)), "scale is not finite"),
+        (_packed(3, 8, 9, 8, b""), "9 kept entries for 8 values"),
+        (_packed(3, 8, 2, 0, b""), "0-bit values, expected 8 or 4"),
+        (_packed(3, 8, 2, 8, b"not zlib"), "does not inflate"),
+        (_packed(3, 8, 2, 8, __import__("zlib").compress(b"\0" * 10**6)), r"inflates to 8\+ bytes"),  # 1 + 4 + 2 = 7 at most
+        (_packed(3, 8, 3, 4, __import__("zlib").compress(b"\0" * 8)), r"expected exactly .* 2 bytes of 3 values = 7"),
+        (_packed(3, 8, 2, 8, _bitmask_body([1], 8, [5, 6])), "the bitmask marks 1 positions, the header says 2"),
+        (_packed(3, 8, 2, 8, _bitmask_body([1, 2], 8, [5, 6], scale=np.inf)), "scale is not finite"),
+        (_packed(3, 8, 1, 4, _bitmask_body([1], 8, [0x35])), "unused high nibble"),
         (_packed(7, 8, 0, 0, b""), "unknown kind 7"),
         ({"update::packed": np.zeros(10, np.uint8)}, "10 bytes, fewer than its 16-byte header"),
         ({"update::packed": np.zeros(16, np.int8)}, "must be a 1-d uint8 array"),
@@ -365,8 +384,8 @@ def test_malformed_packed_payloads_are_refused_naming_the_field(payload, reason)
 
 def test_a_topk_bitmask_with_bits_past_the_last_value_is_refused():
     with pytest.raises(MalformedPayload, match="bitmask bits set beyond the 6 values"):
-        decompress(_packed(3, 6, 2, 0, _bitmask_body([1, 2], 6, [5, 6], extra_bits=[7])), {"a": (6,)})
-    restored = decompress(_packed(3, 6, 2, 0, _bitmask_body([1, 2], 6, [5, -6], scale=0.5)), {"a": (6,)})["a"]
+        decompress(_packed(3, 6, 2, 8, _bitmask_body([1, 2], 6, [5, 6], extra_bits=[7])), {"a": (6,)})
+    restored = decompress(_packed(3, 6, 2, 8, _bitmask_body([1, 2], 6, [5, -6], scale=0.5)), {"a": (6,)})["a"]
     np.testing.assert_array_equal(restored, [0, 2.5, -3.0, 0, 0, 0])
 
 

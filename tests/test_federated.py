@@ -362,7 +362,7 @@ def test_local_optimizer_is_selected_by_run_config_and_checked():
 
 
 @pytest.mark.parametrize("key, value, reason", [
-    ("topk-value-bits", 4, r"topk-value-bits.*expected 16 \(fp16 values\) or 8"),
+    ("topk-value-bits", 2, r"topk-value-bits.*expected 16 \(fp16 values\), 8 or 4"),
     ("topk-value-bits", True, "topk-value-bits"),
     ("topk-fraction", 0.0, r"topk-fraction.*expected a number in \(0, 1\]"),
     ("topk-fraction", 1.5, "topk-fraction"),

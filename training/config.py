@@ -329,7 +329,7 @@ class FederatedConfig:
 class CompressionConfig:
     name: str = MISSING  # none | int8 | topk
     topk_fraction: float = 0.05
-    topk_value_bits: int = 16  # 16: fp16 values + 16-bit indices; 8: int8 values + a bitmask (compression.py, "Packing")
+    topk_value_bits: int = 16  # 16: fp16 values + 16-bit indices; 8 / 4: int8 / int4 values + a bitmask (compression.py, "Packing")
     error_feedback: bool = True
     int8_block_size: int = 0  # 0: one scale per tensor; > 0: one scale per block of this many values
 

@@ -45,11 +45,12 @@ under the key ``"update::packed"``, little-endian:
   indices as ``uint16[k]`` (``uint32`` when numel > 65,536), then the values as
   ``float16[k]`` (4 bytes per kept entry instead of 8; the fp16 rounding error
   goes into the error-feedback residual, so it is not lost either);
-* top-k with int8 values (``value_bits=8``): header ``uint32[4] = (3, numel, k, 0)``,
+* top-k with int8 or int4 values (``value_bits`` 8 or 4): header ``uint32[4] = (3, numel, k, value_bits)``,
   then, deflated, a bitmask of the kept positions (``ceil(numel / 8)`` bytes,
   least significant bit first: 1 bit per value, cheaper than 16-bit indices once
   k > numel / 16, and deflate shrinks it further when it is sparse), one
-  ``float32`` scale and ``int8[k]`` values (``max|kept| / 127`` as for int8).
+  ``float32`` scale (``max|kept| / 127``, or ``/ 7`` for int4) and the values
+  (``int8[k]``, or two int4 per byte, first in the low nibble).
   About 1 byte per kept entry plus N / 8 bytes: at the same bytes on the wire
   it keeps ~2-3x more entries than fp16 values with 16-bit indices. Clients
   that run a few Adam steps move most coordinates by about the same amount, so
@@ -99,8 +100,8 @@ SEPARATOR = "::"
 PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val", "packed")
 PACKED_NAME = "update"  # the packed payload's one key is "update::packed"
 FLAT = "__flat__"  # the name the packed update's concatenated vector has inside the per-tensor compressors
-PACKED_INT8, PACKED_TOPK, PACKED_TOPK_INT8 = 1, 2, 3
-TOPK_VALUE_BITS = (16, 8)  # fp16 values + 16/32-bit indices (kind 2) | int8 values + a deflated bitmask (kind 3)
+PACKED_INT8, PACKED_TOPK, PACKED_TOPK_QUANTIZED = 1, 2, 3
+TOPK_VALUE_BITS = (16, 8, 4)  # fp16 values + 16/32-bit indices (kind 2) | int8 / int4 values + a deflated bitmask (kind 3)
 HEADER_WORDS = 4
 MAX_DIMS = 8
 # without a reference model, a payload may not declare more values than this (1 GiB of float32)
@@ -243,7 +244,7 @@ def flatten_update(delta: Mapping[str, ArrayLike]) -> np.ndarray:
 class PackedCompressor:
     """int8 or top-k on the whole update as one vector, sent as one uint8 array (see "Packing" above).
 
-    ``topk_value_bits`` (top-k only): 16 sends fp16 values with 16/32-bit indices, 8 int8 values with a bitmask.
+    ``topk_value_bits`` (top-k only): 16 sends fp16 values with 16/32-bit indices, 8 / 4 int8 / int4 values with a bitmask.
     """
 
     def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier], topk_value_bits: int = 16):
@@ -263,15 +264,16 @@ class PackedCompressor:
             header = np.array([PACKED_INT8, flat.size, int(fields[payload_key(FLAT, "block")][0]), scale.size], dtype="<u4")
             body = zlib.compress(scale.tobytes() + fields[payload_key(FLAT, "q")].tobytes(), 9)
             parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
-        elif self.topk_value_bits == 8:
+        elif self.topk_value_bits in (8, 4):
             idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
-            q, scale = Int8Quantizer().quantize(val)
-            if self.inner.error_feedback:  # what int8 rounding drops is carried over like what top-k drops
-                self.inner.residual[FLAT][idx] += val - q.astype(np.float32) * scale[0]
+            q, scale = quantize_symmetric(val, self.topk_value_bits)
+            if self.inner.error_feedback:  # what the rounding drops is carried over like what top-k drops
+                self.inner.residual[FLAT][idx] += val - q.astype(np.float32) * scale
             mask = np.zeros(flat.size, dtype=bool)
             mask[idx] = True
-            header = np.array([PACKED_TOPK_INT8, flat.size, idx.size, 0], dtype="<u4")
-            body = zlib.compress(np.packbits(mask, bitorder="little").tobytes() + scale.astype("<f4").tobytes() + q.tobytes(), 9)
+            header = np.array([PACKED_TOPK_QUANTIZED, flat.size, idx.size, self.topk_value_bits], dtype="<u4")
+            values = q.tobytes() if self.topk_value_bits == 8 else _pack_nibbles(q).tobytes()
+            body = zlib.compress(np.packbits(mask, bitorder="little").tobytes() + np.float32(scale).tobytes() + values, 9)
             parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
         else:
             idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
@@ -340,26 +342,58 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
             raise MalformedPayload(f"{key!r} (top-k): {body.size} bytes after the header, expected {k} x ({width} + 2)")
         return {"idx": body[: width * k].view("<u2" if width == 2 else "<u4").astype(np.int64),
                 "val": body[width * k:].view("<f2").astype(np.float32), "shape": np.array([numel], dtype=np.int64)}
-    if kind == PACKED_TOPK_INT8:
-        k, reserved = a, b
-        if k > numel or reserved != 0:
-            raise MalformedPayload(f"{key!r} (top-k, int8 values): {k} kept entries for {numel} values, last header word {reserved} (expected 0)")
-        mask_bytes = (numel + 7) // 8
-        expected = mask_bytes + 4 + k
-        raw = _inflate_exactly(body, expected, f"{key!r} (top-k, int8 values)", f"a {mask_bytes}-byte bitmask + 4 (scale) + {k} values")
+    if kind == PACKED_TOPK_QUANTIZED:
+        k, bits = a, b
+        what = f"{key!r} (top-k, int{bits} values)"
+        if bits not in (8, 4):
+            raise MalformedPayload(f"{key!r} (top-k, quantised values): {bits}-bit values, expected 8 or 4")
+        if k > numel:
+            raise MalformedPayload(f"{what}: {k} kept entries for {numel} values")
+        mask_bytes, value_bytes = (numel + 7) // 8, k if bits == 8 else (k + 1) // 2
+        expected = mask_bytes + 4 + value_bytes
+        raw = _inflate_exactly(body, expected, what, f"a {mask_bytes}-byte bitmask + 4 (scale) + {value_bytes} bytes of {k} values")
         mask = np.unpackbits(raw[:mask_bytes], bitorder="little")
         if mask[numel:].any():
-            raise MalformedPayload(f"{key!r} (top-k, int8 values): bitmask bits set beyond the {numel} values")
+            raise MalformedPayload(f"{what}: bitmask bits set beyond the {numel} values")
         idx = np.flatnonzero(mask[:numel])
         if idx.size != k:
-            raise MalformedPayload(f"{key!r} (top-k, int8 values): the bitmask marks {idx.size} positions, the header says {k}")
+            raise MalformedPayload(f"{what}: the bitmask marks {idx.size} positions, the header says {k}")
         scale = raw[mask_bytes: mask_bytes + 4].view("<f4").astype(np.float32)
         if not np.all(np.isfinite(scale)):
-            raise MalformedPayload(f"{key!r} (top-k, int8 values): the scale is not finite ({scale[0]})")
-        return {"idx": idx.astype(np.int64), "val": raw[mask_bytes + 4:].view(np.int8).astype(np.float32) * scale[0],
-                "shape": np.array([numel], dtype=np.int64)}
+            raise MalformedPayload(f"{what}: the scale is not finite ({scale[0]})")
+        packed = raw[mask_bytes + 4:]
+        q = packed.view(np.int8) if bits == 8 else _unpack_nibbles(packed, k)
+        if bits == 4 and k % 2 and packed[-1] >> 4:
+            raise MalformedPayload(f"{what}: the unused high nibble of the last byte is not zero")
+        return {"idx": idx.astype(np.int64), "val": q.astype(np.float32) * scale[0], "shape": np.array([numel], dtype=np.int64)}
     raise MalformedPayload(f"{key!r}: unknown kind {kind} in the header, expected {PACKED_INT8} (int8), {PACKED_TOPK} (top-k) "
-                           f"or {PACKED_TOPK_INT8} (top-k, int8 values)")
+                           f"or {PACKED_TOPK_QUANTIZED} (top-k, quantised values)")
+
+
+def quantize_symmetric(values: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
+    """Values -> (int8 array in [-L, L], scale) with L = 2^(bits-1) - 1 and scale = max|values| / L; the decoded
+    q x scale is within scale / 2 of each value. One scale for all values (top-k keeps the largest, so a few
+    outliers do not make the steps coarse)."""
+    levels = 2 ** (bits - 1) - 1
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    scale = peak / levels if peak > 0 else 0.0
+    q = np.clip(np.rint(values / (scale or 1.0)), -levels, levels).astype(np.int8)
+    return q, np.float32(scale)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """int4 values in [-7, 7] -> bytes, two per byte (the first value in the low nibble, two's complement)."""
+    nibbles = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    nibbles = np.empty(packed.size * 2, dtype=np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 0xF, packed >> 4
+    signed = nibbles[:count].astype(np.int8)
+    return np.where(signed > 7, signed - 16, signed).astype(np.int8)
 
 
 def _inflate_exactly(body: np.ndarray, expected: int, what: str, layout: str) -> np.ndarray:
