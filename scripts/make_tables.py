@@ -437,7 +437,8 @@ def compression_words(run: Run) -> str:
     fraction, bits = float(run.axis("compression.topk_fraction") or 0.05), int(run.axis("compression.topk_value_bits") or 16)
     feedback = run.axis("compression.error_feedback") in (None, True)
     words = "topk" if fraction == 0.05 else f"topk {100 * fraction:g} %"
-    return words + ("" if bits == 16 else f" int{bits} values") + ("" if feedback else " no error feedback")
+    return (words + ("" if bits == 16 else f" int{bits} values") + ("" if feedback else " no error feedback")
+            + (" biases in full" if run.axis("compression.topk_keep_biases") else ""))
 
 
 def plain_label(run: Run) -> str:

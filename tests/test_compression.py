@@ -396,3 +396,15 @@ def test_a_packed_payload_needs_the_global_models_shapes():
     # names are split back in sorted order whatever order the client's dict had
     restored = decompress(payload, {"b": (2,), "a": (2, 3)})
     np.testing.assert_allclose(restored["a"], np.ones((2, 3)), atol=1e-2)
+
+
+def test_topk_keep_biases_sends_every_1d_parameter_and_picks_topk_among_the_matrices():
+    delta = _lora_delta(seed=7)
+    delta["lm_head.bias"] = torch.full((52,), 1e-6)  # tiny: plain top-k would drop all of it
+    x = np.concatenate([delta[n].numpy().ravel() for n in sorted(delta)])
+    restored = decompress(build_compressor("topk", topk_fraction=0.05, topk_keep_biases=True).compress(delta), LORA_SHAPES)
+    np.testing.assert_allclose(restored["lm_head.bias"], delta["lm_head.bias"].numpy(), rtol=1e-3)  # fp16
+    matrices = np.concatenate([restored[n].ravel() for n in sorted(delta) if restored[n].ndim == 2])
+    assert np.count_nonzero(matrices) == int(np.ceil(0.05 * (x.size - 52)))
+    plain = decompress(build_compressor("topk", topk_fraction=0.05).compress(delta), LORA_SHAPES)
+    assert not plain["lm_head.bias"].any()

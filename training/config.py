@@ -329,6 +329,7 @@ class FederatedConfig:
 class CompressionConfig:
     name: str = MISSING  # none | int8 | topk
     topk_fraction: float = 0.05
+    topk_keep_biases: bool = False  # every 1-d parameter (the CTC head's bias) sent in full, top-k on the rest
     topk_value_bits: int = 16  # 16: fp16 values + 16-bit indices; 8 / 4: int8 / int4 values + a bitmask (compression.py, "Packing")
     error_feedback: bool = True
     int8_block_size: int = 0  # 0: one scale per tensor; > 0: one scale per block of this many values
@@ -582,14 +583,17 @@ def _anonymize_tag(method: Any, alpha: Any) -> str:
     return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
 
 
-def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16, error_feedback: Any = True) -> str:
+def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16, error_feedback: Any = True,
+                     keep_biases: Any = False) -> str:
     """The compression in a run name: "none", "int8", "topk" (5 %, fp16 values, error feedback: the name every
-    top-k run had before these were in the name), else e.g. "topk0.18-v8" / "topk0.18-v8-noef", so top-k runs at
-    another fraction, value width or without error feedback never share a directory."""
+    top-k run had before these were in the name), else e.g. "topk0.18-v8" / "topk0.18-v8-noef" / "topk-bias", so
+    top-k runs at another fraction, value width, without error feedback or with biases in full never share a
+    directory."""
     if str(name) != "topk":
         return str(name)
     tag = "topk" if float(topk_fraction) == 0.05 else f"topk{float(topk_fraction):g}"
-    return tag + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}") + ("" if _truthy(error_feedback) else "-noef")
+    return (tag + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}") + ("" if _truthy(error_feedback) else "-noef")
+            + ("-bias" if _truthy(keep_biases) else ""))
 
 
 def _truthy(value: Any) -> bool:

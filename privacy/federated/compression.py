@@ -197,7 +197,9 @@ class TopKSparsifier:
         self.error_feedback = error_feedback
         self.residual: dict[str, np.ndarray] = {}
 
-    def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+    def compress(self, delta: Mapping[str, ArrayLike], always: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """`always`: per tensor, a boolean mask (flat) of entries sent whatever their size; top-k keeps
+        ``ceil(fraction x n)`` of the n others."""
         payload: dict[str, np.ndarray] = {}
         for name, value in delta.items():
             array = _as_numpy(value)
@@ -210,11 +212,16 @@ class TopKSparsifier:
                         "the model changed between rounds"
                     )
                 flat += residual
-            k = min(flat.size, max(1, math.ceil(self.fraction * flat.size)))
-            if k == flat.size:
+            forced = np.zeros(flat.size, dtype=bool) if always is None or name not in always else np.asarray(always[name], bool)
+            if forced.shape != flat.shape:
+                raise ValueError(f"top-k 'always' mask for {name!r} has shape {forced.shape}, the update has {flat.shape}")
+            candidates = np.flatnonzero(~forced)
+            k = min(candidates.size, max(1, math.ceil(self.fraction * candidates.size))) if candidates.size else 0
+            if k == candidates.size:
                 idx = np.arange(flat.size)
             else:
-                idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+                chosen = candidates[np.argpartition(np.abs(flat[candidates]), candidates.size - k)[candidates.size - k:]]
+                idx = np.concatenate([np.flatnonzero(forced), chosen])
             idx = np.sort(idx).astype(np.int32)
             val = flat[idx].astype(np.float32)
             if self.error_feedback:
@@ -247,7 +254,7 @@ class PackedCompressor:
     ``topk_value_bits`` (top-k only): 16 sends fp16 values with 16/32-bit indices, 8 / 4 int8 / int4 values with a bitmask.
     """
 
-    def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier], topk_value_bits: int = 16):
+    def __init__(self, inner: Union[Int8Quantizer, TopKSparsifier], topk_value_bits: int = 16, topk_keep_biases: bool = False):
         if not isinstance(inner, (Int8Quantizer, TopKSparsifier)):
             raise TypeError(f"PackedCompressor packs Int8Quantizer or TopKSparsifier, got {type(inner).__name__}")
         if topk_value_bits not in TOPK_VALUE_BITS:
@@ -255,10 +262,19 @@ class PackedCompressor:
         self.inner = inner
         self.name = inner.name
         self.topk_value_bits = topk_value_bits
+        self.topk_keep_biases = topk_keep_biases
 
     def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
         flat = flatten_update(delta)
-        fields = self.inner.compress({FLAT: flat})
+        if isinstance(self.inner, TopKSparsifier) and self.topk_keep_biases:
+            # every 1-d parameter (biases) in full, as PowerSGD and DGC leave vectors uncompressed: a few values
+            # that every client moves the same way (the CTC head's bias sets blank vs letters) and that top-k
+            # would otherwise drop for the many matrix entries Adam moves by about as much
+            arrays = [_as_numpy(delta[n]) for n in sorted(delta)]
+            keep = np.concatenate([np.full(a.size, a.ndim <= 1) for a in arrays]) if arrays else np.zeros(0, bool)
+            fields = self.inner.compress({FLAT: flat}, always={FLAT: keep})
+        else:
+            fields = self.inner.compress({FLAT: flat})
         if isinstance(self.inner, Int8Quantizer):
             scale = fields[payload_key(FLAT, "scale")].astype("<f4")
             header = np.array([PACKED_INT8, flat.size, int(fields[payload_key(FLAT, "block")][0]), scale.size], dtype="<u4")
@@ -297,7 +313,7 @@ Compressor = Union[NoCompression, Int8Quantizer, TopKSparsifier, PackedCompresso
 
 def build_compressor(
     name: str, topk_fraction: float = 0.05, error_feedback: bool = True, int8_block_size: int | None = None,
-    topk_value_bits: int = 16,
+    topk_value_bits: int = 16, topk_keep_biases: bool = False,
 ) -> Compressor:
     """What a client sends: ``none`` (float32 per parameter), ``int8`` / ``topk`` packed into one array
     (top-k values as fp16, or as int8 with a bitmask of the kept positions: ``topk_value_bits``)."""
@@ -306,7 +322,8 @@ def build_compressor(
     if name == "int8":
         return PackedCompressor(Int8Quantizer(block_size=int8_block_size))
     if name == "topk":
-        return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback), topk_value_bits=topk_value_bits)
+        return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback), topk_value_bits=topk_value_bits,
+                                topk_keep_biases=topk_keep_biases)
     raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
 
 

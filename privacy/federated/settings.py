@@ -48,6 +48,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "device": "auto",  # trainer.device: where each client trains (common.device.resolve_device)
     "compression": "none",  # none | int8 | topk
     "topk-fraction": 0.05,
+    "topk-keep-biases": False,  # every 1-d parameter (biases) sent in full; top-k picks among the others
     "topk-value-bits": 16,  # 16: fp16 values + 16-bit indices | 8 / 4: int8 / int4 values + a bitmask of the kept positions
     "error-feedback": True,
     "int8-block-size": 0,  # 0: one scale per tensor
