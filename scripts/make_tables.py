@@ -59,7 +59,7 @@ AXES = (
     "dp.unit",  # utterance / client / speaker: a different guarantee, never merged
     "dp.accountant",  # prv: sigma calibrated with Opacus' PRV accountant (less noise for the same epsilon); rdp = None
     "dp.reproducible_noise_NOT_PRIVATE",
-    "compression.name",  # with top-k's fraction and value width in it when not 5 % / fp16 (compression_words)
+    "compression.name",  # top-k's fraction, value width, error feedback and bias option are part of it (compression_words)
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
     "federated.local_steps",  # baseline makes the same total), so a demo run never merges with a sweep
     "federated.cohort_rate",  # Poisson cohorts: the per-round sampling rate the user-level DP is accounted at
@@ -133,7 +133,7 @@ class Run:
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
-        if self.axis("compression.name") == "topk":  # top-k at another fraction or value width is another system
+        if self.axis("compression.name") == "topk":  # top-k with other options is another system
             axes[AXES.index("compression.name")] = compression_words(self)
         if self.axis("dp.name") in (None, "none") or axes[AXES.index("dp.accountant")] in (None, "rdp"):
             axes[AXES.index("dp.accountant")] = None  # RDP: the default, and the only accountant of older runs

@@ -51,12 +51,14 @@ under the key ``"update::packed"``, little-endian:
   k > numel / 16, and deflate shrinks it further when it is sparse), one
   ``float32`` scale (``max|kept| / 127``, or ``/ 7`` for int4) and the values
   (``int8[k]``, or two int4 per byte, first in the low nibble).
-  About 1 byte per kept entry plus N / 8 bytes: at the same bytes on the wire
-  it keeps ~2-3x more entries than fp16 values with 16-bit indices. Clients
-  that run a few Adam steps move most coordinates by about the same amount, so
-  what top-k drops is mostly entries about as large as those it keeps; more
-  entries at 8 bits lose less than fewer at 16 (measured, docs/results.md). The
-  int8 rounding error goes into the error-feedback residual like fp16's.
+  About 1 (int8) or 0.5 (int4) byte per kept entry plus N / 8 bytes: at the same
+  bytes on the wire it keeps up to ~3x (int8) or ~5x (int4) more entries than fp16 values with 16-bit
+  indices. Clients that run a few Adam steps move most coordinates by about the
+  same amount, so what top-k drops is mostly entries about as large as those it
+  keeps: on the population runs the largest half in int4 cost +0.1 WER points
+  where the largest 5 % in fp16 cost 1.4, at about the same bytes (18 % in int8
+  was no better than 5 %; docs/results.md, session 12). The rounding error goes
+  into the error-feedback residual like fp16's.
 
 The server (:func:`decompress` with the global model's shapes) checks the
 header against the global model (numel = its number of values) and the buffer
@@ -316,7 +318,8 @@ def build_compressor(
     topk_value_bits: int = 16, topk_keep_biases: bool = False,
 ) -> Compressor:
     """What a client sends: ``none`` (float32 per parameter), ``int8`` / ``topk`` packed into one array
-    (top-k values as fp16, or as int8 with a bitmask of the kept positions: ``topk_value_bits``)."""
+    (top-k values as fp16, or as int8 / int4 with a bitmask of the kept positions: ``topk_value_bits``; every
+    1-d parameter in full with ``topk_keep_biases``)."""
     if name == "none":
         return NoCompression()
     if name == "int8":
@@ -389,8 +392,8 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
 
 def quantize_symmetric(values: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
     """Values -> (int8 array in [-L, L], scale) with L = 2^(bits-1) - 1 and scale = max|values| / L; the decoded
-    q x scale is within scale / 2 of each value. One scale for all values (top-k keeps the largest, so a few
-    outliers do not make the steps coarse)."""
+    q x scale is within scale / 2 of each value. One scale for all values: the entries top-k keeps from an
+    Adam-trained update are of similar size, and the rounding error is carried over by error feedback."""
     levels = 2 ** (bits - 1) - 1
     peak = float(np.abs(values).max()) if values.size else 0.0
     scale = peak / levels if peak > 0 else 0.0
