@@ -56,7 +56,7 @@ under the key ``"update::packed"``, little-endian:
   indices. Clients that run a few Adam steps move most coordinates by about the
   same amount, so what top-k drops is mostly entries about as large as those it
   keeps: on the population runs the largest half in int4 cost +0.1 WER points
-  where the largest 5 % in fp16 cost 1.4, at about the same bytes (18 % in int8
+  where the largest 5 % in fp16 cost 1.4, at 10.2x and 12.4x fewer bytes (18 % in int8
   was no better than 5 %; docs/results.md, session 12). The rounding error goes
   into the error-feedback residual like fp16's.
 
