@@ -12,8 +12,8 @@
    and as a plain Python loop that does the same work (build model, load
    weights, train, delta, FedAvg, evaluate) without Flower; ratios to the loop.
    Needs the SynthGRID corpus (data.dir of the default config); skipped if absent.
-3. int8 / top-k compression of a wav2vec2-tiny-sized update: bytes, ratio,
-   compress + decompress time, relative L2 error.
+3. int8 / top-k (5 %, fp16 values; 50 %, int4 values) compression of a wav2vec2-tiny-sized update: bytes,
+   ratio, compress + decompress time, relative L2 error.
 4. A one-step LoRA client of the population runs (the top encoder layer with LoRA r=4 on q, v + the
    CTC head, on cached features of 2 utterances x 150 frames): a fresh deep copy of the model per
    client (``task.build_model()``) against the one reused model per process of
@@ -181,7 +181,8 @@ def _compression() -> dict:
     dense = dense_nbytes(delta)
     flat = np.concatenate([v.ravel() for v in delta.values()])
     out = {"update_params": int(flat.size), "dense_bytes": dense}
-    for name, kwargs in (("int8", {"int8_block_size": 256}), ("int8_per_tensor", {}), ("topk", {"topk_fraction": 0.05})):
+    for name, kwargs in (("int8", {"int8_block_size": 256}), ("int8_per_tensor", {}), ("topk", {"topk_fraction": 0.05}),
+                         ("topk_int4_values", {"topk_fraction": 0.5, "topk_value_bits": 4})):
         kind = name.split("_")[0]
         times_c, times_d = [], []
         for _ in range(5):

@@ -59,7 +59,7 @@ AXES = (
     "dp.unit",  # utterance / client / speaker: a different guarantee, never merged
     "dp.accountant",  # prv: sigma calibrated with Opacus' PRV accountant (less noise for the same epsilon); rdp = None
     "dp.reproducible_noise_NOT_PRIVATE",
-    "compression.name",
+    "compression.name",  # top-k's fraction, value width, error feedback and bias option are part of it (compression_words)
     "federated.num_rounds",  # the Wav2Vec2 rows' step budget (rounds x local steps; the centralised
     "federated.local_steps",  # baseline makes the same total), so a demo run never merges with a sweep
     "federated.cohort_rate",  # Poisson cohorts: the per-round sampling rate the user-level DP is accounted at
@@ -133,6 +133,8 @@ class Run:
         if self.axis("dp.name") in (None, "none"):
             for key in ("dp.target_epsilon", "dp.unit", "dp.reproducible_noise_NOT_PRIVATE"):
                 axes[AXES.index(key)] = None
+        if self.axis("compression.name") == "topk":  # top-k with other options is another system
+            axes[AXES.index("compression.name")] = compression_words(self)
         if self.axis("dp.name") in (None, "none") or axes[AXES.index("dp.accountant")] in (None, "rdp"):
             axes[AXES.index("dp.accountant")] = None  # RDP: the default, and the only accountant of older runs
         if str(self.axis("model.name")).startswith("wav2vec2"):
@@ -394,7 +396,7 @@ def _label(run: Run) -> str:
                          + (", PRV accountant" if run.axis("dp.accountant") == "prv" else "")
                          + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))
         if run.axis("compression.name") not in (None, "none"):
-            parts.append(str(run.axis("compression.name")))
+            parts.append(compression_words(run))
         parts.append(f"{run.axis('federated.num_rounds')}x{run.axis('federated.local_steps') or 'epoch'} steps")
         if run.not_private:
             parts.append("**NOT PRIVATE: DP noise reproducible from the config**")
@@ -426,6 +428,19 @@ def _label(run: Run) -> str:
     return ", ".join(parts)
 
 
+def compression_words(run: Run) -> str:
+    """ "int8", "topk" (5 %, fp16 values, error feedback: every top-k run before these were axes),
+    "topk 18 % int8 values", "topk 18 % int8 values no error feedback"."""
+    name = str(run.axis("compression.name"))
+    if name != "topk":
+        return "none" if name == "None" else name
+    fraction, bits = float(run.axis("compression.topk_fraction") or 0.05), int(run.axis("compression.topk_value_bits") or 16)
+    feedback = run.axis("compression.error_feedback") in (None, True)
+    words = "topk" if fraction == 0.05 else f"topk {100 * fraction:g} %"
+    return (words + ("" if bits == 16 else f" int{bits} values") + ("" if feedback else " no error feedback")
+            + (" biases in full" if run.axis("compression.topk_keep_biases") else ""))
+
+
 def plain_label(run: Run) -> str:
     """A system in words, for plot legends ("both masks + contrastive (λ=0.1)", "no masks",
     "FL + local DP, int8 updates")."""
@@ -437,7 +452,7 @@ def plain_label(run: Run) -> str:
         if dp not in (None, "none"):
             text += f" + {dp} DP ε={float(run.axis('dp.target_epsilon')):g}"
         if comp not in (None, "none"):
-            text += f", {comp} updates"
+            text += f", {compression_words(run)} updates"
         return text
     masks = run.axis("masks.name")
     text = "no masks" if masks in (None, "none") else f"{masks} masks"
@@ -487,7 +502,7 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
         groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
         for r in members:  # a NOT-PRIVATE row cannot support a privacy claim
             if r.axis("dp.name") not in (None, "none") and r.axis("federated.name") != "none" and not r.not_private:
-                groups[(r.axis("dp.name"), r.axis("compression.name"))][float(r.axis("dp.target_epsilon"))].append(r)
+                groups[(r.axis("dp.name"), compression_words(r))][float(r.axis("dp.target_epsilon"))].append(r)
         for (dp, comp), by_eps in sorted(groups.items()):
             tried = sorted(by_eps)
             ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
@@ -749,15 +764,15 @@ def _epsilon_wer_series(runs: list[Run]) -> tuple[dict[tuple, dict[float, list[t
 
     for r in scored:
         if r.axis("dp.name") in (None, "none"):
-            fed, comp = r.axis("federated.name"), r.axis("compression.name")
+            fed, comp = r.axis("federated.name"), compression_words(r)
             detail = how(r)
             name = (plain_label(r) if _no_training(r) else ("centralised" if fed in (None, "none") else "FL")
                     + (f" ({detail})" if detail else ""))
-            if fed not in (None, "none") and comp not in (None, "none"):
+            if fed not in (None, "none") and comp != "none":
                 name += f", {comp} updates"
             no_dp[name].append(r.metrics["federated:wer"])
         elif "federated:epsilon/max" in r.metrics:  # FL + DP and DP-only (one data holder) are separate lines
-            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), r.axis("compression.name"), how(r, with_rate=False))
+            key = (r.axis("federated.name") in (None, "none"), r.axis("dp.name"), compression_words(r), how(r, with_rate=False))
             with_dp[key][float(r.axis("dp.target_epsilon"))].append((r.metrics["federated:epsilon/max"], r.metrics["federated:wer"]))
     return with_dp, no_dp
 

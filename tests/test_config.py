@@ -38,6 +38,19 @@ def test_wav2vec2_run_names_carry_the_step_budget():
     assert fl.endswith("wav2vec2_tiny-ctc-fedavg-c4-r10-ldp-eps8.0-b10xe2/s1")
 
 
+def test_topk_runs_at_another_fraction_or_value_width_get_their_own_directory():
+    base = ("experiment=fl_dp_population", "dp=none")
+    assert cfg_for(*base, "compression=topk").paths.run_dir.endswith("-fedavg-c320-r10-topk-b10x5q0.25/s1")  # the old name
+    assert cfg_for(*base, "compression=topk", "compression.topk_fraction=0.18", "compression.topk_value_bits=8"
+                   ).paths.run_dir.endswith("-fedavg-c320-r10-topk0.18-v8-b10x5q0.25/s1")
+    assert cfg_for(*base, "compression=topk", "compression.topk_fraction=0.07").paths.run_dir.endswith("-topk0.07-b10x5q0.25/s1")
+    # the preset is the same system as its overrides, so it shares their directory
+    assert cfg_for(*base, "compression=topk_int4").paths.run_dir == cfg_for(
+        *base, "compression=topk", "compression.topk_fraction=0.5", "compression.topk_value_bits=4").paths.run_dir
+    # the top-k fields do not rename runs of the other compressors
+    assert cfg_for(*base, "compression=int8", "compression.topk_fraction=0.5").paths.run_dir.endswith("-c320-r10-int8-b10x5q0.25/s1")
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

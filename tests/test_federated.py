@@ -361,6 +361,18 @@ def test_local_optimizer_is_selected_by_run_config_and_checked():
         build_local_optimizer("rmsprop", list(model.parameters()), 0.1)
 
 
+@pytest.mark.parametrize("key, value, reason", [
+    ("topk-value-bits", 2, r"topk-value-bits.*expected 16 \(fp16 values\), 8 or 4"),
+    ("topk-value-bits", True, "topk-value-bits"),
+    ("topk-fraction", 0.0, r"topk-fraction.*expected a number in \(0, 1\]"),
+    ("topk-fraction", 1.5, "topk-fraction"),
+    ("compression", "zip", "expected none | int8 | topk"),
+])
+def test_bad_compression_settings_fail_at_start_up_naming_the_key(key, value, reason):
+    with pytest.raises(ValueError, match=reason):
+        resolve_run_config({**TINY, key: value})
+
+
 def test_every_flower_setting_has_one_hydra_source_and_the_defaults_agree():
     """training/wav2vec2/run_config.py is the one translation: it covers every Flower setting once, and
     the composed Hydra defaults translate to the Flower side's defaults except where a reason is written down."""

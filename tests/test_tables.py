@@ -603,3 +603,23 @@ def test_a_larger_speaker_population_is_another_system_with_its_own_centralised_
     _, no_dp = _epsilon_wer_series([Run(Path(n), population(fl_config("none", "none", 8.0), e, u), {"federated:wer": w})
                                     for n, e, u, w in (("c", 0, None, 0.5), ("d", 1280, 2, 0.56))])
     assert len(no_dp) == 2 and any("1600 speakers x 2 utterances" in name for name in no_dp)
+
+
+def test_topk_at_another_fraction_or_value_width_is_its_own_row_and_pairs_with_the_same_baseline(tmp_path):
+    runs = tmp_path / "runs"
+    wers = {"none": (0.60, 0.62), "topk": (0.64, 0.66), "topk0.18-v8": (0.605, 0.63)}
+    for tag, values in wers.items():
+        for seed, wer in zip((1, 2), values):
+            cfg = population_config("fedavg", "none", seed, "none" if tag == "none" else "topk")
+            if tag == "topk":  # a run from before the value width was an option: no topk_value_bits key
+                cfg["compression"]["topk_fraction"] = 0.05
+            if tag == "topk0.18-v8":
+                cfg["compression"].update(topk_fraction=0.18, topk_value_bits=8)
+            write_stage(runs / tag / f"s{seed}", "federated", cfg, {"wer": wer, "cer": wer})
+    make_tables(runs, tmp_path / "out", paired=["compression.name=none"])
+    table = (tmp_path / "out" / "paired_1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| wav2vec2")]
+    assert len(rows) == 2
+    old = next(r for r in rows if ", topk," in r)
+    new = next(r for r in rows if ", topk 18 % int8 values," in r)
+    assert "s1: +4.0, s2: +4.0" in old and "s1: +0.5, s2: +1.0" in new

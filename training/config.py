@@ -329,6 +329,8 @@ class FederatedConfig:
 class CompressionConfig:
     name: str = MISSING  # none | int8 | topk
     topk_fraction: float = 0.05
+    topk_keep_biases: bool = False  # every 1-d parameter (the CTC head's bias) sent in full, top-k on the rest
+    topk_value_bits: int = 16  # 16: fp16 values + 16-bit indices; 8 / 4: int8 / int4 values + a bitmask (compression.py, "Packing")
     error_feedback: bool = True
     int8_block_size: int = 0  # 0: one scale per tensor; > 0: one scale per block of this many values
 
@@ -581,6 +583,24 @@ def _anonymize_tag(method: Any, alpha: Any) -> str:
     return f"{method}{alpha}" if str(method) == "mcadams" else str(method)
 
 
+def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any = 16, error_feedback: Any = True,
+                     keep_biases: Any = False) -> str:
+    """The compression in a run name: "none", "int8", "topk" (5 %, fp16 values, error feedback: the name every
+    top-k run had before these were in the name), else e.g. "topk0.18-v8" / "topk0.18-v8-noef" / "topk-bias", so
+    top-k runs at another fraction, value width, without error feedback or with biases in full never share a
+    directory."""
+    if str(name) != "topk":
+        return str(name)
+    tag = "topk" if float(topk_fraction) == 0.05 else f"topk{float(topk_fraction):g}"
+    return (tag + ("" if int(topk_value_bits) == 16 else f"-v{int(topk_value_bits)}") + ("" if _truthy(error_feedback) else "-noef")
+            + ("-bias" if _truthy(keep_biases) else ""))
+
+
+def _truthy(value: Any) -> bool:
+    """A resolver argument that is a bool in the config (OmegaConf may hand it over as a string)."""
+    return value is True or str(value).lower() == "true"
+
+
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, cohort_sampling: Any = "fixed",
                 cohort_rate: Any = 1.0) -> str:
     """The Wav2Vec2 variant's step budget in its run name ("b10x20": rounds x local steps; the centralised
@@ -692,6 +712,8 @@ def register() -> None:
         OmegaConf.register_new_resolver("privacy_terms_tag", _privacy_terms_tag)
     if not OmegaConf.has_resolver("anonymize_tag"):
         OmegaConf.register_new_resolver("anonymize_tag", _anonymize_tag)
+    if not OmegaConf.has_resolver("compression_tag"):
+        OmegaConf.register_new_resolver("compression_tag", _compression_tag)
     if not OmegaConf.has_resolver("budget_tag"):
         OmegaConf.register_new_resolver("budget_tag", _budget_tag)
     if not OmegaConf.has_resolver("server_opt_tag"):

@@ -146,6 +146,8 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
     compressor = build_compressor(
         str(cfg["compression"]),
         topk_fraction=float(cfg["topk-fraction"]),
+        topk_value_bits=int(cfg["topk-value-bits"]),
+        topk_keep_biases=bool(cfg["topk-keep-biases"]),
         error_feedback=bool(cfg["error-feedback"]),
         int8_block_size=int(cfg["int8-block-size"]) or None,
     )

@@ -48,6 +48,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "device": "auto",  # trainer.device: where each client trains (common.device.resolve_device)
     "compression": "none",  # none | int8 | topk
     "topk-fraction": 0.05,
+    "topk-keep-biases": False,  # every 1-d parameter (biases) sent in full; top-k picks among the others
+    "topk-value-bits": 16,  # 16: fp16 values + 16-bit indices | 8 / 4: int8 / int4 values + a bitmask of the kept positions
     "error-feedback": True,
     "int8-block-size": 0,  # 0: one scale per tensor
     "dp": "none",  # none | local | central
@@ -134,6 +136,14 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"run_config['{key}'] (federated.{field})={value!r}; expected an integer >= {low}")
     _check_dp_options(merged)
+    if merged["compression"] not in ("none", "int8", "topk"):
+        raise ValueError(f"run_config['compression']={merged['compression']!r}; expected none | int8 | topk")
+    if merged["topk-value-bits"] not in (16, 8, 4) or isinstance(merged["topk-value-bits"], bool):
+        raise ValueError(f"run_config['topk-value-bits'] (compression.topk_value_bits)={merged['topk-value-bits']!r}; "
+                         "expected 16 (fp16 values), 8 or 4 (int8 / int4 values + a bitmask)")
+    fraction = merged["topk-fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < float(fraction) <= 1:
+        raise ValueError(f"run_config['topk-fraction'] (compression.topk_fraction)={fraction!r}; expected a number in (0, 1]")
     if merged["client-evaluation"] not in ("auto", "on", "off"):
         raise ValueError(f"run_config['client-evaluation']={merged['client-evaluation']!r}; expected auto | on | off")
     return merged

@@ -63,6 +63,8 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "device": ("trainer.device", str),
     "compression": ("compression.name", str),
     "topk-fraction": ("compression.topk_fraction", float),
+    "topk-value-bits": ("compression.topk_value_bits", int),
+    "topk-keep-biases": ("compression.topk_keep_biases", bool),
     "error-feedback": ("compression.error_feedback", bool),
     "int8-block-size": ("compression.int8_block_size", int),
     "dp": ("dp.name", str),
