@@ -538,6 +538,11 @@ def _run_tags(*parts: Any) -> str:
     return "-".join(kept) if kept else "base"
 
 
+def _truthy(value: Any) -> bool:
+    """A resolver argument that is a bool in the config (OmegaConf may hand it over as a string)."""
+    return str(value).lower() == "true"
+
+
 def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any, accountant: Any = "rdp") -> str:
     """Run-name suffix of a DP run: "-spk" for speaker-level DP, "-prv" when sigma is calibrated with the PRV
     accountant (a smaller sigma for the same epsilon than RDP's), "-NOTPRIVATE" for reproducible noise, so such a
@@ -545,7 +550,7 @@ def _dp_tag_suffix(unit: Any, reproducible_noise_not_private: Any, accountant: A
     suffix = "-spk" if str(unit) == "speaker" else ""
     if str(accountant) == "prv":
         suffix += "-prv"
-    if str(reproducible_noise_not_private).lower() == "true":
+    if _truthy(reproducible_noise_not_private):
         suffix += "-NOTPRIVATE"
     return suffix
 
@@ -596,9 +601,6 @@ def _compression_tag(name: Any, topk_fraction: Any = 0.05, topk_value_bits: Any 
             + ("-bias" if _truthy(keep_biases) else ""))
 
 
-def _truthy(value: Any) -> bool:
-    """A resolver argument that is a bool in the config (OmegaConf may hand it over as a string)."""
-    return value is True or str(value).lower() == "true"
 
 
 def _budget_tag(family: Any, rounds: Any, local_steps: Any, local_epochs: Any, cohort_sampling: Any = "fixed",

@@ -103,6 +103,7 @@ PAYLOAD_FIELDS = ("dense", "q", "scale", "block", "shape", "idx", "val", "packed
 PACKED_NAME = "update"  # the packed payload's one key is "update::packed"
 FLAT = "__flat__"  # the name the packed update's concatenated vector has inside the per-tensor compressors
 PACKED_INT8, PACKED_TOPK, PACKED_TOPK_QUANTIZED = 1, 2, 3
+COMPRESSIONS = ("none", "int8", "topk")
 TOPK_VALUE_BITS = (16, 8, 4)  # fp16 values + 16/32-bit indices (kind 2) | int8 / int4 values + a deflated bitmask (kind 3)
 HEADER_WORDS = 4
 MAX_DIMS = 8
@@ -157,17 +158,7 @@ class Int8Quantizer:
         self.block_size = block_size
 
     def quantize(self, value: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-        flat = _as_numpy(value).reshape(-1)
-        block = self.block_size or max(flat.size, 1)
-        num_blocks = max(math.ceil(flat.size / block), 1)
-        padded = np.zeros(num_blocks * block, dtype=np.float32)
-        padded[: flat.size] = flat
-        blocks = padded.reshape(num_blocks, block)
-        scale = (np.abs(blocks).max(axis=1) / 127.0).astype(np.float32)
-        # an all-zero block has scale 0: any q decodes to 0, so divide by 1 instead
-        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
-        return q.reshape(-1)[: flat.size], scale
+        return quantize_symmetric(_as_numpy(value), bits=8, block_size=self.block_size)
 
     def compress(self, delta: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
         payload: dict[str, np.ndarray] = {}
@@ -286,12 +277,12 @@ class PackedCompressor:
             idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
             q, scale = quantize_symmetric(val, self.topk_value_bits)
             if self.inner.error_feedback:  # what the rounding drops is carried over like what top-k drops
-                self.inner.residual[FLAT][idx] += val - q.astype(np.float32) * scale
+                self.inner.residual[FLAT][idx] += val - q.astype(np.float32) * scale[0]
             mask = np.zeros(flat.size, dtype=bool)
             mask[idx] = True
             header = np.array([PACKED_TOPK_QUANTIZED, flat.size, idx.size, self.topk_value_bits], dtype="<u4")
             values = q.tobytes() if self.topk_value_bits == 8 else _pack_nibbles(q).tobytes()
-            body = zlib.compress(np.packbits(mask, bitorder="little").tobytes() + np.float32(scale).tobytes() + values, 9)
+            body = zlib.compress(np.packbits(mask, bitorder="little").tobytes() + scale.astype("<f4").tobytes() + values, 9)
             parts = [header.view(np.uint8), np.frombuffer(body, dtype=np.uint8)]
         else:
             idx, val = fields[payload_key(FLAT, "idx")], fields[payload_key(FLAT, "val")]
@@ -327,7 +318,7 @@ def build_compressor(
     if name == "topk":
         return PackedCompressor(TopKSparsifier(topk_fraction, error_feedback=error_feedback), topk_value_bits=topk_value_bits,
                                 topk_keep_biases=topk_keep_biases)
-    raise ValueError(f"unknown compression {name!r}; expected one of none, int8, topk")
+    raise ValueError(f"unknown compression {name!r}; expected one of {', '.join(COMPRESSIONS)}")
 
 
 def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
@@ -365,7 +356,7 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
     if kind == PACKED_TOPK_QUANTIZED:
         k, bits = a, b
         what = f"{key!r} (top-k, int{bits} values)"
-        if bits not in (8, 4):
+        if bits not in TOPK_VALUE_BITS[1:]:
             raise MalformedPayload(f"{key!r} (top-k, quantised values): {bits}-bit values, expected 8 or 4")
         if k > numel:
             raise MalformedPayload(f"{what}: {k} kept entries for {numel} values")
@@ -390,15 +381,23 @@ def _unpack(buffer: np.ndarray, numel: int) -> dict[str, np.ndarray]:
                            f"or {PACKED_TOPK_QUANTIZED} (top-k, quantised values)")
 
 
-def quantize_symmetric(values: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
-    """Values -> (int8 array in [-L, L], scale) with L = 2^(bits-1) - 1 and scale = max|values| / L; the decoded
-    q x scale is within scale / 2 of each value. One scale for all values: the entries top-k keeps from an
-    Adam-trained update are of similar size, and the rounding error is carried over by error feedback."""
+def quantize_symmetric(values: np.ndarray, bits: int = 8, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Values (flattened) -> (int8 array in [-L, L], float32 scale per block) with L = 2^(bits-1) - 1 and scale =
+    max|block| / L: the decoded q x scale is within scale / 2 of each value. One block (`block_size=None`) for
+    int8 per tensor and for top-k's kept values (of similar size in an Adam-trained update; the rounding error is
+    carried over by error feedback)."""
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
     levels = 2 ** (bits - 1) - 1
-    peak = float(np.abs(values).max()) if values.size else 0.0
-    scale = peak / levels if peak > 0 else 0.0
-    q = np.clip(np.rint(values / (scale or 1.0)), -levels, levels).astype(np.int8)
-    return q, np.float32(scale)
+    block = block_size or max(flat.size, 1)
+    num_blocks = max(math.ceil(flat.size / block), 1)
+    padded = np.zeros(num_blocks * block, dtype=np.float32)
+    padded[: flat.size] = flat
+    blocks = padded.reshape(num_blocks, block)
+    scale = (np.abs(blocks).max(axis=1) / float(levels)).astype(np.float32)
+    # an all-zero block has scale 0: any q decodes to 0, so divide by 1 instead
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
+    return q.reshape(-1)[: flat.size], scale
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:

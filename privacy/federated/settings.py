@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from privacy.federated.compression import COMPRESSIONS, TOPK_VALUE_BITS
+
 DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "task": "privacy.federated.task:tiny_synthetic_task",
     "seed": 0,
@@ -136,9 +138,9 @@ def resolve_run_config(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"run_config['{key}'] (federated.{field})={value!r}; expected an integer >= {low}")
     _check_dp_options(merged)
-    if merged["compression"] not in ("none", "int8", "topk"):
-        raise ValueError(f"run_config['compression']={merged['compression']!r}; expected none | int8 | topk")
-    if merged["topk-value-bits"] not in (16, 8, 4) or isinstance(merged["topk-value-bits"], bool):
+    if merged["compression"] not in COMPRESSIONS:
+        raise ValueError(f"run_config['compression']={merged['compression']!r}; expected {' | '.join(COMPRESSIONS)}")
+    if merged["topk-value-bits"] not in TOPK_VALUE_BITS or isinstance(merged["topk-value-bits"], bool):
         raise ValueError(f"run_config['topk-value-bits'] (compression.topk_value_bits)={merged['topk-value-bits']!r}; "
                          "expected 16 (fp16 values), 8 or 4 (int8 / int4 values + a bitmask)")
     fraction = merged["topk-fraction"]
