@@ -1022,6 +1022,34 @@ def test_cohort1600_experiment_is_the_adam_bc_experiment_at_four_times_the_cohor
     assert 1.7 < low / high < 1.8
 
 
+
+def test_12800_client_experiment_is_the_cohort1600_experiment_on_twice_the_population_at_half_the_rate():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.dp import noise_multiplier_for_budget
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        named = compose("config", overrides=["experiment=fl_population_12800_adam_bc"])
+        spelled = compose("config", overrides=["experiment=fl_population_6400_adam_bc_cohort1600", "data=synthgrid_population_12800_test200",
+                                               "federated.num_clients=12800", "federated.cohort_rate=0.125"])
+        small = compose("config", overrides=["experiment=fl_population_6400_adam_bc_cohort1600", "data=synthgrid_population_6400_test200"])
+    assert named == spelled
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-bc0.3-c12800-r100-cdp-eps8.0-b100x1q0.125"
+    # the same expected cohort (so the same client steps and run time) and everything but the population and q as there
+    assert named.federated.cohort_rate * named.federated.num_clients == small.federated.cohort_rate * small.federated.num_clients == 1600
+    for key in ("server_lr", "server_adam_bc", "num_rounds", "local_steps"):
+        assert named.federated[key] == small.federated[key], key
+    assert named.dp == small.dp
+    # one client per training speaker; the blocks before the extra speakers (public, first test speakers) are 6,400's
+    data, small_data = named.data, small.data
+    assert data.extra_train_speakers + data.splits.train == named.federated.num_clients
+    assert data.num_speakers - data.extra_train_speakers - data.extra_test_speakers == (
+        small_data.num_speakers - small_data.extra_train_speakers - small_data.extra_test_speakers)
+    assert data.extra_test_speakers == small_data.extra_test_speakers == 192
+    # the noise on the released mean, sigma C / (q N), is 1.63x lower than the 6,400-client experiment's
+    ratio = (noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100, "rdp") / 1600) / (noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600)
+    assert 1.6 < ratio < 1.7
+
+
 # --------------------------------------------------------------------------- PRV accounting of Poisson central DP
 @pytest.mark.parametrize("q,rounds,target", [(0.0625, 100, 8.0), (0.25, 100, 1.0)])
 def test_prv_calibrated_central_dp_spends_its_budget_by_an_independent_pld_accountant_with_less_noise(q, rounds, target):
