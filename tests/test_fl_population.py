@@ -418,6 +418,39 @@ def test_population_run_trains_only_lora_and_head_under_user_level_dp(corpus, pu
         assert len(r["clients"]) == int(r["cohort"]["cohort_size"])  # every sampled client, nobody else
 
 
+def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path):
+    import shutil
+
+    from models.wav2vec2_lora import encode_below
+    from privacy.federated import lora_task, synthgrid_task
+    from tests.test_fl_synthgrid import _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")  # its own corpus: the module's may already have a cache on disk
+    base, _, checksum = lora_task.load_public_start(public_start)
+    key = (str(corpus.resolve()), "train")
+    computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
+    assert key not in synthgrid_task._WAVE_CACHE  # ... which was read and not kept
+    cache_file = next((corpus / lora_task.FEATURE_CACHE_DIR).glob("*_train_layer1.pt"))
+    waves = synthgrid_task.read_split_waveforms(corpus, "train")
+    with torch.inference_mode():
+        expected = [encode_below(base, w, 1) for w in waves]
+    assert len(computed) == len(expected) and all(torch.equal(a, b) for a, b in zip(computed, expected))
+    # a new process (the in-memory caches cleared) loads the file; the sample counts it is checked against are the files'
+    for cache in (lora_task._FEATURE_CACHE, synthgrid_task._SPLIT_CACHE, synthgrid_task._WAVE_CACHE):
+        cache.clear()
+    loaded = lora_task.cached_features(base, checksum, corpus, "train", 1)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, expected)) and key not in synthgrid_task._WAVE_CACHE
+    _, _, num_samples, _ = synthgrid_task.load_split_without_audio(corpus, "train")
+    assert num_samples == [len(w) for w in waves]
+    # a cache file that does not fit the split (one utterance short) is recomputed, not trusted
+    lora_task._FEATURE_CACHE.clear()
+    torch.save(expected[:-1], cache_file)
+    again = lora_task.cached_features(base, checksum, corpus, "train", 1)
+    assert len(again) == len(expected) and all(torch.equal(a, b) for a, b in zip(again, expected))
+    assert len(torch.load(cache_file, weights_only=True)) == len(expected)
+    shutil.rmtree(corpus)
+
+
 def test_no_private_training_row_evaluates_the_start_and_centralised_matches_the_expected_sample_gradients(corpus, public_start, tmp_path):
     from training.wav2vec2.finetune import run_wav2vec2_task
     from training.wav2vec2.plan import centralised_steps, client_plan
@@ -439,8 +472,10 @@ def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corp
     def no_audio(*args, **kwargs):
         raise AssertionError("audio was read before the start-up checks failed")
 
-    monkeypatch.setattr(synthgrid_task, "load_split", no_audio)
-    monkeypatch.setattr(lora_task, "load_split", no_audio)
+    # every reader of a split's files goes through _split_entry; the lora task imports its two readers by name
+    monkeypatch.setattr(synthgrid_task, "_split_entry", no_audio)
+    monkeypatch.setattr(lora_task, "load_split_without_audio", no_audio)
+    monkeypatch.setattr(lora_task, "read_split_waveforms", no_audio)
     runs = tmp_path / "runs"
     with pytest.raises(DPPlanError, match=r"cohort_rate=1.5: the expected cohort q x N = 9 clients is larger than the population of N = 6"):
         run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.cohort_rate=1.5"))
