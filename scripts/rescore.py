@@ -94,7 +94,7 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
 
     from common.metrics import char_error_rate, utterance_word_errors
     from privacy.federated.server_app import GLOBAL_MODEL
-    from privacy.federated.synthgrid_task import load_split
+    from privacy.federated.synthgrid_task import load_split_without_audio
     from privacy.federated.task import load_federated_state, load_task, read_state_npz
     from training.config import CompressionConfig
     from training.starting_checkpoint import sha256_file
@@ -121,7 +121,7 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
     load_federated_state(model, read_state_npz(model_path))
     t0 = time.time()
     refs, hyps, loss = task.transcribe_split(model, split)
-    speakers = load_split(data_dir, split)[0]
+    speakers = load_split_without_audio(data_dir, split)[0]
     if len(speakers) != len(refs):
         raise RescoreError(f"{name}: {len(refs)} transcripts but {len(speakers)} utterances in split {split!r} of {data_dir}")
     errors, words = utterance_word_errors(refs, hyps)

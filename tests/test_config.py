@@ -182,3 +182,13 @@ def test_privacy_stats_corpus_has_40_trial_speakers_in_its_own_directories():
     assert sizes["attacker_trials"] >= 40 and sum(sizes.values()) == big.data.num_speakers
     assert big.data.dir != demo.data.dir and big.paths.run_dir != demo.paths.run_dir
     assert big.paths.pretrained_dir != demo.paths.pretrained_dir
+
+
+def test_privacy_terms_tag_reads_contrastive_as_a_bool_whatever_its_spelling():
+    # OmegaConf hands a resolver a bool, or the string a YAML/CLI value was written as; both must name the same run
+    from training.config import _privacy_terms_tag
+
+    for on in (True, "True", "true"):
+        assert _privacy_terms_tag(on, "identity", "noisy", 0, "fused", 0) == "pidentity-nnoisy"
+    for off in (False, "False", "false"):
+        assert _privacy_terms_tag(off, "identity", "noisy", 0, "fused", 0) == "none"

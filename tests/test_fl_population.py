@@ -418,6 +418,39 @@ def test_population_run_trains_only_lora_and_head_under_user_level_dp(corpus, pu
         assert len(r["clients"]) == int(r["cohort"]["cohort_size"])  # every sampled client, nobody else
 
 
+def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path):
+    import shutil
+
+    from models.wav2vec2_lora import encode_below
+    from privacy.federated import lora_task, synthgrid_task
+    from tests.test_fl_synthgrid import _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")  # its own corpus: the module's may already have a cache on disk
+    base, _, checksum = lora_task.load_public_start(public_start)
+    key = (str(corpus.resolve()), "train")
+    computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
+    assert key not in synthgrid_task._WAVE_CACHE  # ... which was read and not kept
+    cache_file = next((corpus / lora_task.FEATURE_CACHE_DIR).glob("*_train_layer1.pt"))
+    waves = synthgrid_task.read_split_waveforms(corpus, "train")
+    with torch.inference_mode():
+        expected = [encode_below(base, w, 1) for w in waves]
+    assert len(computed) == len(expected) and all(torch.equal(a, b) for a, b in zip(computed, expected))
+    # a new process (the in-memory caches cleared) loads the file; the sample counts it is checked against are the files'
+    for cache in (lora_task._FEATURE_CACHE, synthgrid_task._SPLIT_CACHE, synthgrid_task._WAVE_CACHE):
+        cache.clear()
+    loaded = lora_task.cached_features(base, checksum, corpus, "train", 1)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, expected)) and key not in synthgrid_task._WAVE_CACHE
+    _, _, num_samples, _ = synthgrid_task.load_split_without_audio(corpus, "train")
+    assert num_samples == [len(w) for w in waves]
+    # a cache file that does not fit the split (one utterance short) is recomputed, not trusted
+    lora_task._FEATURE_CACHE.clear()
+    torch.save(expected[:-1], cache_file)
+    again = lora_task.cached_features(base, checksum, corpus, "train", 1)
+    assert len(again) == len(expected) and all(torch.equal(a, b) for a, b in zip(again, expected))
+    assert len(torch.load(cache_file, weights_only=True)) == len(expected)
+    shutil.rmtree(corpus)
+
+
 def test_no_private_training_row_evaluates_the_start_and_centralised_matches_the_expected_sample_gradients(corpus, public_start, tmp_path):
     from training.wav2vec2.finetune import run_wav2vec2_task
     from training.wav2vec2.plan import centralised_steps, client_plan
@@ -439,8 +472,10 @@ def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corp
     def no_audio(*args, **kwargs):
         raise AssertionError("audio was read before the start-up checks failed")
 
-    monkeypatch.setattr(synthgrid_task, "load_split", no_audio)
-    monkeypatch.setattr(lora_task, "load_split", no_audio)
+    # every reader of a split's files goes through _split_entry; the lora task imports its two readers by name
+    monkeypatch.setattr(synthgrid_task, "_split_entry", no_audio)
+    monkeypatch.setattr(lora_task, "load_split_without_audio", no_audio)
+    monkeypatch.setattr(lora_task, "read_split_waveforms", no_audio)
     runs = tmp_path / "runs"
     with pytest.raises(DPPlanError, match=r"cohort_rate=1.5: the expected cohort q x N = 9 clients is larger than the population of N = 6"):
         run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.cohort_rate=1.5"))
@@ -565,6 +600,12 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     assert plain.system != reset.system
     assert _label(reset) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, optimiser re-created every 5 steps, 10x5 steps"
     assert "re-created" not in _label(plain)
+    # centralised baselines of different length (the budget's cohort rate) are two systems with two labels: the steps
+    short = Run(Path("s"), {**config, "federated": {**config["federated"], "cohort_rate": 0.0125}})
+    long = Run(Path("l"), {**config, "federated": {**config["federated"], "cohort_rate": 0.025}})
+    short.metrics["federated:steps"], long.metrics["federated:steps"] = 4000, 8000
+    assert short.system != long.system
+    assert _label(short).endswith("centralised, 4,000 steps") and _label(long).endswith("centralised, 8,000 steps")
     every_step = Run(Path("g"), {**config, "federated": {**config["federated"], "centralised_optimizer_reset_every": 1}})
     assert "optimiser re-created every step," in _label(every_step)
     # FedAvg with SGD clients and server Adam are systems of their own, with their options in the label
@@ -1020,6 +1061,34 @@ def test_cohort1600_experiment_is_the_adam_bc_experiment_at_four_times_the_cohor
     low = noise_multiplier_for_budget(8.0, 1e-5, 0.0625, 100, "rdp") / 400
     high = noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100, "rdp") / 1600
     assert 1.7 < low / high < 1.8
+
+
+
+def test_12800_client_experiment_is_the_cohort1600_experiment_on_twice_the_population_at_half_the_rate():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.dp import noise_multiplier_for_budget
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        named = compose("config", overrides=["experiment=fl_population_12800_adam_bc"])
+        spelled = compose("config", overrides=["experiment=fl_population_6400_adam_bc_cohort1600", "data=synthgrid_population_12800_test200",
+                                               "federated.num_clients=12800", "federated.cohort_rate=0.125"])
+        small = compose("config", overrides=["experiment=fl_population_6400_adam_bc_cohort1600", "data=synthgrid_population_6400_test200"])
+    assert named == spelled
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-bc0.3-c12800-r100-cdp-eps8.0-b100x1q0.125"
+    # the same expected cohort (so the same client steps and run time) and everything but the population and q as there
+    assert named.federated.cohort_rate * named.federated.num_clients == small.federated.cohort_rate * small.federated.num_clients == 1600
+    for key in ("server_lr", "server_adam_bc", "num_rounds", "local_steps"):
+        assert named.federated[key] == small.federated[key], key
+    assert named.dp == small.dp
+    # one client per training speaker; the blocks before the extra speakers (public, first test speakers) are 6,400's
+    data, small_data = named.data, small.data
+    assert data.extra_train_speakers + data.splits.train == named.federated.num_clients
+    assert data.num_speakers - data.extra_train_speakers - data.extra_test_speakers == (
+        small_data.num_speakers - small_data.extra_train_speakers - small_data.extra_test_speakers)
+    assert data.extra_test_speakers == small_data.extra_test_speakers == 192
+    # the noise on the released mean, sigma C / (q N), is 1.63x lower than the 6,400-client experiment's
+    ratio = (noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100, "rdp") / 1600) / (noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600)
+    assert 1.6 < ratio < 1.7
 
 
 # --------------------------------------------------------------------------- PRV accounting of Poisson central DP

@@ -569,7 +569,7 @@ def _privacy_terms_tag(contrastive: Any, projection: Any, negatives: Any, advers
                        adversary_input: Any, noise_weight: Any) -> str:
     """Run-name part for the privacy terms beyond loss.tag; "none" (dropped) at their defaults."""
     parts = []
-    if str(contrastive) == "True":
+    if _truthy(contrastive):
         if str(projection) != "learned":
             parts.append(f"p{projection}")
         if str(negatives) != "clean":

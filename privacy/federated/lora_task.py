@@ -34,7 +34,8 @@ from torch import nn
 from privacy.federated.synthgrid_task import (
     LABEL_PAD,
     SynthGridTask,
-    load_split,
+    load_split_without_audio,
+    read_split_waveforms,
     speaker_split_loaders,
     task_settings,
 )
@@ -79,27 +80,28 @@ def cached_features(base: nn.Module, checksum: str, data_dir: str | Path, split:
     key = (checksum, str(Path(data_dir).resolve()), split, int(first_layer))
     if key in _FEATURE_CACHE:
         return _FEATURE_CACHE[key]
-    _, _, waves, _ = load_split(data_dir, split)
+    # the audio is read only to compute features the disk cache lacks, and not kept (load_split_without_audio)
+    _, _, num_samples, _ = load_split_without_audio(data_dir, split)
     path = Path(data_dir) / FEATURE_CACHE_DIR / f"{checksum[:16]}_{split}_layer{first_layer}.pt"
     features = None
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(saved, list) and len(saved) == len(waves) and all(
-                f.shape[0] == base._get_feat_extract_output_lengths(len(w)) for f, w in zip(saved, waves)):
+        if isinstance(saved, list) and len(saved) == len(num_samples) and all(
+                f.shape[0] == base._get_feat_extract_output_lengths(n) for f, n in zip(saved, num_samples)):
             features = saved
         else:
-            log.warning("%s does not match split %s of %s (%d utterances); recomputing it", path, split, data_dir, len(waves))
+            log.warning("%s does not match split %s of %s (%d utterances); recomputing it", path, split, data_dir, len(num_samples))
     if features is None:
         import time
 
         t0 = time.time()
         with torch.inference_mode():
-            features = [encode_below(base, w, first_layer) for w in waves]
+            features = [encode_below(base, w, first_layer) for w in read_split_waveforms(data_dir, split)]
         buffer = io.BytesIO()
         torch.save(features, buffer)
         atomic_write_bytes(path, buffer.getvalue())
         log.info("cached the frozen encoder's output (layer %d input) for %d utterances of %s in %.1f s -> %s",
-                 first_layer, len(waves), split, time.time() - t0, path)
+                 first_layer, len(features), split, time.time() - t0, path)
     _FEATURE_CACHE[key] = features
     return features
 
@@ -186,7 +188,7 @@ def _build_task(run_config: Mapping[str, Any]) -> SynthGridTask:
         return copy.deepcopy(_TOPS[model_key]).train()
 
     def split_features(name: str):
-        speakers, _, _, targets_ = load_split(data_dir, name, tokenizer)
+        speakers, _, _, targets_ = load_split_without_audio(data_dir, name, tokenizer)
         return speakers, cached_features(base, checksum, data_dir, name, first_layer), targets_
 
     build_loaders, build_union_loader, build_split_loader = speaker_split_loaders(

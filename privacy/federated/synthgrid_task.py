@@ -121,7 +121,46 @@ def normalise_waveform(wave: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7))
 
 
-_SPLIT_CACHE: dict[tuple[str, str], tuple[list[str], list[str], list[str], list[torch.Tensor]]] = {}
+# (data dir, split) -> (utterance ids, speakers, transcripts, audio paths, samples per file, sample rate), validated
+_SPLIT_CACHE: dict[tuple[str, str], tuple[list[str], list[str], list[str], list[str], list[int], int]] = {}
+# (data dir, split) -> normalised waveforms; kept apart so that a task on cached features never holds the audio
+_WAVE_CACHE: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+
+def _split_entry(data_dir: str | Path, split: str, tokenizer=None) -> tuple[tuple[str, str], tuple]:
+    """The validated manifest of a split, read once per process: every file checked (transcripts against the first
+    caller's tokenizer, as AVSRDataset does), its sample count kept."""
+    import soundfile as sf
+
+    from data.dataset import AVSRDataset
+    from data.tokenizer import CharTokenizer
+
+    key = (str(Path(data_dir).resolve()), split)
+    if key not in _SPLIT_CACHE:
+        # the dataset validates every file (exists, decodes, sample rate, transcript in the vocabulary); the
+        # waveforms are read by load_split only, since its __getitem__ also computes filterbanks wav2vec2 does not use
+        dataset = AVSRDataset(data_dir, split, tokenizer=tokenizer or CharTokenizer(), modalities=("audio",), return_waveform=True)
+        utterances = list(dataset.utterances)
+        _SPLIT_CACHE[key] = (
+            [u.id for u in utterances], [u.speaker for u in utterances], [u.text for u in utterances],
+            [str(u.audio) for u in utterances], [int(sf.info(str(u.audio)).frames) for u in utterances], dataset.sample_rate,
+        )
+    return key, _SPLIT_CACHE[key]
+
+
+def _targets(ids: Sequence[str], texts: Sequence[str], tokenizer) -> list[torch.Tensor]:
+    from data.tokenizer import CharTokenizer
+
+    tokenizer = tokenizer or CharTokenizer()
+    return [torch.tensor(tokenizer.encode(text, utt_id=i), dtype=torch.long) for i, text in zip(ids, texts)]
+
+
+def read_split_waveforms(data_dir: str | Path, split: str) -> list[torch.Tensor]:
+    """Normalised waveforms of a split in manifest order, read now and not kept (see load_split for the kept ones)."""
+    from data.media import read_wav
+
+    _, (_, _, _, paths, _, rate) = _split_entry(data_dir, split)
+    return [normalise_waveform(read_wav(path, expected_rate=rate)) for path in paths]
 
 
 def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]:
@@ -132,26 +171,17 @@ def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[s
     cached: the targets are encoded with the tokenizer of each call (default: characters),
     so a char and a word run in one process never share token ids.
     """
-    from data.dataset import AVSRDataset
-    from data.media import read_wav
-    from data.tokenizer import CharTokenizer
+    key, (ids, speakers, texts, _, _, _) = _split_entry(data_dir, split, tokenizer)
+    if key not in _WAVE_CACHE:
+        _WAVE_CACHE[key] = read_split_waveforms(data_dir, split)
+    return speakers, texts, _WAVE_CACHE[key], _targets(ids, texts, tokenizer)
 
-    tokenizer = tokenizer or CharTokenizer()
-    key = (str(Path(data_dir).resolve()), split)
-    if key not in _SPLIT_CACHE:
-        # the dataset validates every file (exists, decodes, sample rate, transcript in the vocabulary);
-        # the waveforms are then read directly, since its __getitem__ also computes filterbanks wav2vec2 does not use
-        dataset = AVSRDataset(data_dir, split, tokenizer=tokenizer, modalities=("audio",), return_waveform=True)
-        ids, speakers, texts, waves = [], [], [], []
-        for u in dataset.utterances:
-            ids.append(u.id)
-            speakers.append(u.speaker)
-            texts.append(u.text)
-            waves.append(normalise_waveform(read_wav(u.audio, expected_rate=dataset.sample_rate)))
-        _SPLIT_CACHE[key] = (ids, speakers, texts, waves)
-    ids, speakers, texts, waves = _SPLIT_CACHE[key]
-    targets = [torch.tensor(tokenizer.encode(text, utt_id=i), dtype=torch.long) for i, text in zip(ids, texts)]
-    return speakers, texts, waves, targets
+
+def load_split_without_audio(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[str], list[str], list[int], list[torch.Tensor]]:
+    """(speakers, texts, samples per waveform, token ids) of a split, validated as by load_split but without keeping
+    its audio: for tasks that train on cached encoder outputs (a 12,800-speaker corpus's waveforms are ~4 GB)."""
+    _, (ids, speakers, texts, _, num_samples, _) = _split_entry(data_dir, split, tokenizer)
+    return speakers, texts, num_samples, _targets(ids, texts, tokenizer)
 
 
 def split_speakers(data_dir: str | Path, split: str) -> list[str]:
