@@ -138,7 +138,7 @@ def _split_entry(data_dir: str | Path, split: str, tokenizer=None) -> tuple[tupl
     key = (str(Path(data_dir).resolve()), split)
     if key not in _SPLIT_CACHE:
         # the dataset validates every file (exists, decodes, sample rate, transcript in the vocabulary); the
-        # waveforms are read by load_split only, since its __getitem__ also computes filterbanks wav2vec2 does not use
+        # waveforms are read by read_split_waveforms only, since its __getitem__ also computes filterbanks wav2vec2 does not use
         dataset = AVSRDataset(data_dir, split, tokenizer=tokenizer or CharTokenizer(), modalities=("audio",), return_waveform=True)
         utterances = list(dataset.utterances)
         _SPLIT_CACHE[key] = (
