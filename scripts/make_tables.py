@@ -397,11 +397,11 @@ def _label(run: Run) -> str:
                          + (f", C={run.axis('dp.clipping_norm'):g}" if dp == "central" and run.axis("dp.clipping_norm") is not None else ""))
         if run.axis("compression.name") not in (None, "none"):
             parts.append(compression_words(run))
-        steps = run.metrics.get("federated:steps") if fed in (None, "none") else None
-        if isinstance(steps, (int, float)) and steps == steps and steps > 0:
-            # the centralised baseline: the steps it took (its budget is q N R x local steps of a FedAvg reference,
-            # so "10x5 steps" named two baselines of different length the same: 4,000 and 8,000 steps, session 13)
-            parts.append(f"{int(steps):,} steps")
+        steps = _client_steps(run) if fed in (None, "none") else None
+        if steps:
+            # the centralised baseline: the steps it takes (q N R x local steps of a FedAvg reference, as in
+            # plot_cohort_size), since "10x5 steps" named baselines of different length the same (session 13)
+            parts.append(f"{steps:,.0f} steps")
         else:
             parts.append(f"{run.axis('federated.num_rounds')}x{run.axis('federated.local_steps') or 'epoch'} steps")
         if run.not_private:

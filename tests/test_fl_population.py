@@ -601,9 +601,9 @@ def test_table_keeps_the_optimizer_reset_diagnostic_apart_from_the_centralised_b
     assert _label(reset) == "wav2vec2_tiny, LoRA r=4 + CTC head, centralised, optimiser re-created every 5 steps, 10x5 steps"
     assert "re-created" not in _label(plain)
     # centralised baselines of different length (the budget's cohort rate) are two systems with two labels: the steps
-    short = Run(Path("s"), {**config, "federated": {**config["federated"], "cohort_rate": 0.0125}})
-    long = Run(Path("l"), {**config, "federated": {**config["federated"], "cohort_rate": 0.025}})
-    short.metrics["federated:steps"], long.metrics["federated:steps"] = 4000, 8000
+    population = {"num_clients": 6400, "cohort_sampling": "poisson"}
+    short = Run(Path("s"), {**config, "federated": {**config["federated"], **population, "cohort_rate": 0.0125}})
+    long = Run(Path("l"), {**config, "federated": {**config["federated"], **population, "cohort_rate": 0.025}})
     assert short.system != long.system
     assert _label(short).endswith("centralised, 4,000 steps") and _label(long).endswith("centralised, 8,000 steps")
     every_step = Run(Path("g"), {**config, "federated": {**config["federated"], "centralised_optimizer_reset_every": 1}})
