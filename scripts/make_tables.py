@@ -501,20 +501,27 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             by_budget[_budget(run)].append(run)
     lines = []
     for budget, members in sorted(by_budget.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        base = [r for r in members if _plain_centralised(r)]
-        if not base:
+        # Centralised baselines of one budget trained for different numbers of steps (the cohort rate sets them) are
+        # separate references, never averaged into one: each gets its own line, named by its steps.
+        by_steps: dict = defaultdict(list)
+        for r in members:
+            if _plain_centralised(r):
+                by_steps[_client_steps(r)].append(r)
+        if not by_steps:
             continue
-        reference = wer(base)
         groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
         for r in members:  # a NOT-PRIVATE row cannot support a privacy claim
             if r.axis("dp.name") not in (None, "none") and r.axis("federated.name") != "none" and not r.not_private:
                 groups[(r.axis("dp.name"), compression_words(r))][float(r.axis("dp.target_epsilon"))].append(r)
-        for (dp, comp), by_eps in sorted(groups.items()):
-            tried = sorted(by_eps)
-            ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
-            what = f"ε = {ok[0]:g} (WER {100 * wer(by_eps[ok[0]]):.1f} %)" if ok else f"none of ε ∈ {{{', '.join(f'{e:g}' for e in tried)}}}"
-            lines.append(f"- {budget[2]}{', ' + budget[5] if budget[5] else ''}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
-                         f"smallest ε within +{100 * margin:.0f} points of the centralised {100 * reference:.1f} % WER: {what}")
+        for steps, base in sorted(by_steps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            reference = wer(base)
+            which = f" ({steps:,.0f} steps)" if len(by_steps) > 1 and steps is not None else ""
+            for (dp, comp), by_eps in sorted(groups.items()):
+                tried = sorted(by_eps)
+                ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
+                what = f"ε = {ok[0]:g} (WER {100 * wer(by_eps[ok[0]]):.1f} %)" if ok else f"none of ε ∈ {{{', '.join(f'{e:g}' for e in tried)}}}"
+                lines.append(f"- {budget[2]}{', ' + budget[5] if budget[5] else ''}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
+                             f"smallest ε within +{100 * margin:.0f} points of the centralised{which} {100 * reference:.1f} % WER: {what}")
     return lines
 
 
