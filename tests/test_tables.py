@@ -642,3 +642,26 @@ def test_centralised_baselines_of_different_lengths_are_separate_epsilon_referen
     assert "centralised (4,000 steps) 57.5 % WER: ε = 8 (WER 59.0 %)" in lines[0]
     assert "centralised (8,000 steps) 53.5 % WER: none of ε ∈ {8}" in lines[1]  # not one reference of 55.5 %
     assert smallest_epsilon_within_margin(runs[1:]) == [lines[1].replace(" (8,000 steps)", "")]  # one baseline: unnamed
+
+
+def test_rounds_plot_draws_one_curve_per_system_and_names_what_tells_them_apart(tmp_path, monkeypatch):
+    """Two DP runs that differ only in the server lr share the legend text "FL (fedadam) + central DP ε=8": the
+    per-round plot keeps them as two curves (seeds of one system averaged), each named with its lr."""
+    import matplotlib.figure
+
+    from scripts.make_tables import find_runs, plot_federated_rounds
+
+    runs = tmp_path / "runs"
+    for name, lr, seed, wer in (("a", 0.01, 1, 0.58), ("a", 0.01, 2, 0.60), ("b", 0.02, 1, 0.56)):
+        cfg = population_config("fedadam", "central", seed)
+        cfg["federated"]["server_lr"] = lr
+        run = runs / name / f"s{seed}"
+        write_stage(run, "federated", cfg, {"wer": wer, "cer": wer, "dp/noise_from_os_csprng": 1})
+        evals = [{"server_round": r, "server_eval": {"loss": 2.0 - r / 10, "wer": wer + (3 - r) / 100}} for r in (1, 2, 3)]
+        (run / "federated" / "federated_rounds.json").write_text(json.dumps({"rounds": evals}))
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.update(
+        {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}))
+    assert plot_federated_rounds(find_runs(runs), tmp_path / "rounds.png")
+    assert set(drawn) == {"FL (fedadam) + central DP ε=8, server_lr=0.01 (mean of 2 seeds)", "FL (fedadam) + central DP ε=8, server_lr=0.02"}
+    assert drawn["FL (fedadam) + central DP ε=8, server_lr=0.02"] == [1.9, 1.8, 1.7]
