@@ -501,20 +501,27 @@ def smallest_epsilon_within_margin(runs: list[Run], margin: float = WER_MARGIN) 
             by_budget[_budget(run)].append(run)
     lines = []
     for budget, members in sorted(by_budget.items(), key=lambda kv: [str(x) for x in kv[0]]):
-        base = [r for r in members if _plain_centralised(r)]
-        if not base:
+        # Centralised baselines of one budget trained for different numbers of steps (the cohort rate sets them) are
+        # separate references, never averaged into one: each gets its own line, named by its steps.
+        by_steps: dict = defaultdict(list)
+        for r in members:
+            if _plain_centralised(r):
+                by_steps[_client_steps(r)].append(r)
+        if not by_steps:
             continue
-        reference = wer(base)
         groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
         for r in members:  # a NOT-PRIVATE row cannot support a privacy claim
             if r.axis("dp.name") not in (None, "none") and r.axis("federated.name") != "none" and not r.not_private:
                 groups[(r.axis("dp.name"), compression_words(r))][float(r.axis("dp.target_epsilon"))].append(r)
-        for (dp, comp), by_eps in sorted(groups.items()):
-            tried = sorted(by_eps)
-            ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
-            what = f"ε = {ok[0]:g} (WER {100 * wer(by_eps[ok[0]]):.1f} %)" if ok else f"none of ε ∈ {{{', '.join(f'{e:g}' for e in tried)}}}"
-            lines.append(f"- {budget[2]}{', ' + budget[5] if budget[5] else ''}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
-                         f"smallest ε within +{100 * margin:.0f} points of the centralised {100 * reference:.1f} % WER: {what}")
+        for steps, base in sorted(by_steps.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            reference = wer(base)
+            which = f" ({steps:,.0f} steps)" if len(by_steps) > 1 and steps is not None else ""
+            for (dp, comp), by_eps in sorted(groups.items()):
+                tried = sorted(by_eps)
+                ok = [e for e in tried if wer(by_eps[e]) - reference <= margin]
+                what = f"ε = {ok[0]:g} (WER {100 * wer(by_eps[ok[0]]):.1f} %)" if ok else f"none of ε ∈ {{{', '.join(f'{e:g}' for e in tried)}}}"
+                lines.append(f"- {budget[2]}{', ' + budget[5] if budget[5] else ''}, {budget[3]}x{budget[4] or 'epoch'} steps, FL + {dp} DP, compression {comp}: "
+                             f"smallest ε within +{100 * margin:.0f} points of the centralised{which} {100 * reference:.1f} % WER: {what}")
     return lines
 
 
@@ -827,6 +834,21 @@ def plot_epsilon_wer(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def _distinct_plain_labels(by_system: dict[tuple, Run]) -> dict[tuple, str]:
+    """plain_label of each system's run; systems whose plain labels coincide get the axes they differ in appended
+    ("FL (fedadam) + central DP ε=8, server_lr=0.02"), so a legend never shows one name for two systems."""
+    plain = {system: plain_label(run) for system, run in by_system.items()}
+    names = dict(plain)
+    for text in set(plain.values()):
+        same = [system for system in plain if plain[system] == text]
+        if len(same) < 2:
+            continue
+        differ = [i for i in range(len(AXES)) if len({repr(system[i]) for system in same}) > 1]
+        for system in same:
+            names[system] = text + "".join(f", {AXES[i].split('.')[-1]}={system[i]}" for i in differ)
+    return names
+
+
 def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     """Per-round federated evaluation (clients' held-out utterances) of every FL run: CTC loss and WER,
     each on its own automatic scale (log when the values span more than a factor of 10)."""
@@ -838,21 +860,24 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         all_rounds = json.loads(rounds_file.read_text()).get("rounds", [])
         server = [r for r in all_rounds if r.get("server_eval")]
         if server:  # the server scored the global model on the test speakers every round
-            curves.append((plain_label(run), [r["server_round"] for r in server], [r["server_eval"]["loss"] for r in server],
-                           [100 * r["server_eval"]["wer"] for r in server], run.axis("dp.name")))
+            curves.append((run, [r["server_round"] for r in server], [r["server_eval"]["loss"] for r in server],
+                           [100 * r["server_eval"]["wer"] for r in server]))
             continue
         rounds = [r for r in all_rounds if r.get("eval")]
         if rounds:
-            curves.append((plain_label(run), [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
-                           [100 * r["eval"]["eval_wer"] for r in rounds], run.axis("dp.name")))
+            curves.append((run, [r["server_round"] for r in rounds], [r["eval"]["eval_loss"] for r in rounds],
+                           [100 * r["eval"]["eval_wer"] for r in rounds]))
     if not curves:
         return False
-    # one curve per system: the mean over its seeds at each round (seeds are listed in the label)
+    # one curve per system (never per legend text: two systems that differ only in, say, the server lr share a plain
+    # label), the mean over its seeds at each round
     grouped: dict[tuple, list] = defaultdict(list)
-    for label, x, loss, wer, dp in curves:
-        grouped[(label, dp)].append((x, loss, wer))
+    for run, x, loss, wer in curves:
+        grouped[run.system].append((x, loss, wer))
+    names = _distinct_plain_labels({system: next(c[0] for c in curves if c[0].system == system) for system in grouped})
     curves = []
-    for (label, dp), members in grouped.items():
+    for system, members in grouped.items():
+        label, dp = names[system], system[AXES.index("dp.name")]
         common = sorted(set.intersection(*(set(m[0]) for m in members)))
         mean = lambda k: [statistics.mean(m[k][m[0].index(x)] for m in members) for x in common]
         curves.append((label + (f" (mean of {len(members)} seeds)" if len(members) > 1 else ""), common, mean(1), mean(2), dp))

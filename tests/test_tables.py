@@ -623,3 +623,45 @@ def test_topk_at_another_fraction_or_value_width_is_its_own_row_and_pairs_with_t
     old = next(r for r in rows if ", topk," in r)
     new = next(r for r in rows if ", topk 18 % int8 values," in r)
     assert "s1: +4.0, s2: +4.0" in old and "s1: +0.5, s2: +1.0" in new
+
+
+def test_centralised_baselines_of_different_lengths_are_separate_epsilon_references():
+    """Two centralised baselines of one budget (rounds, local steps, population) trained for 4,000 and 8,000 steps
+    (cohort rates 0.0125 and 0.025) are two references for the ε margin, each named by its steps, not one average."""
+    from scripts.make_tables import Run, smallest_epsilon_within_margin
+
+    def run(name, fed, dp, wer, q):
+        config = fl_config(fed, dp, 8.0)
+        config["federated"].update(cohort_sampling="poisson", cohort_rate=q, num_clients=6400, local_steps=5)
+        return Run(Path(name), config, {"federated:wer": wer, **({"federated:dp/noise_from_os_csprng": 1} if dp != "none" else {})})
+
+    runs = [run("c4000", "none", "none", 0.575, 0.0125), run("c8000", "none", "none", 0.535, 0.025),
+            run("dp", "fedavg", "central", 0.59, 0.0125)]
+    lines = smallest_epsilon_within_margin(runs)
+    assert len(lines) == 2
+    assert "centralised (4,000 steps) 57.5 % WER: ε = 8 (WER 59.0 %)" in lines[0]
+    assert "centralised (8,000 steps) 53.5 % WER: none of ε ∈ {8}" in lines[1]  # not one reference of 55.5 %
+    assert smallest_epsilon_within_margin(runs[1:]) == [lines[1].replace(" (8,000 steps)", "")]  # one baseline: unnamed
+
+
+def test_rounds_plot_draws_one_curve_per_system_and_names_what_tells_them_apart(tmp_path, monkeypatch):
+    """Two DP runs that differ only in the server lr share the legend text "FL (fedadam) + central DP ε=8": the
+    per-round plot keeps them as two curves (seeds of one system averaged), each named with its lr."""
+    import matplotlib.figure
+
+    from scripts.make_tables import find_runs, plot_federated_rounds
+
+    runs = tmp_path / "runs"
+    for name, lr, seed, wer in (("a", 0.01, 1, 0.58), ("a", 0.01, 2, 0.60), ("b", 0.02, 1, 0.56)):
+        cfg = population_config("fedadam", "central", seed)
+        cfg["federated"]["server_lr"] = lr
+        run = runs / name / f"s{seed}"
+        write_stage(run, "federated", cfg, {"wer": wer, "cer": wer, "dp/noise_from_os_csprng": 1})
+        evals = [{"server_round": r, "server_eval": {"loss": 2.0 - r / 10, "wer": wer + (3 - r) / 100}} for r in (1, 2, 3)]
+        (run / "federated" / "federated_rounds.json").write_text(json.dumps({"rounds": evals}))
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.update(
+        {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}))
+    assert plot_federated_rounds(find_runs(runs), tmp_path / "rounds.png")
+    assert set(drawn) == {"FL (fedadam) + central DP ε=8, server_lr=0.01 (mean of 2 seeds)", "FL (fedadam) + central DP ε=8, server_lr=0.02"}
+    assert drawn["FL (fedadam) + central DP ε=8, server_lr=0.02"] == [1.9, 1.8, 1.7]
