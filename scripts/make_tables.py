@@ -872,9 +872,12 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     # one curve per system (never per legend text: two systems that differ only in, say, the server lr share a plain
     # label), the mean over its seeds at each round
     grouped: dict[tuple, list] = defaultdict(list)
+    first: dict[tuple, Run] = {}  # a run of each system, for its name
     for run, x, loss, wer in curves:
-        grouped[run.system].append((x, loss, wer))
-    names = _distinct_plain_labels({system: next(c[0] for c in curves if c[0].system == system) for system in grouped})
+        system = run.system
+        grouped[system].append((x, loss, wer))
+        first.setdefault(system, run)
+    names = _distinct_plain_labels(first)
     curves = []
     for system, members in grouped.items():
         label, dp = names[system], system[AXES.index("dp.name")]
@@ -927,6 +930,7 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
     from common.metrics import det_curve, det_range, draw_det
 
     by_scenario: dict[str, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    names = _distinct_plain_labels({run.system: run for run in runs if run.det_scores})  # one colour per system, not per legend text
     for run in runs:
         for stage, scores_path in run.det_scores.items():
             rows = [line.split() for line in scores_path.read_text().splitlines() if line.strip()]
@@ -934,7 +938,7 @@ def plot_det_overlay(runs: list[Run], path: Path) -> bool:
             if len(set(labels)) < 2:
                 continue
             far, frr, _ = det_curve([float(r[-1]) for r in rows], labels)
-            by_scenario[stage.split("/")[-1]][plain_label(run)].append((far, frr))
+            by_scenario[stage.split("/")[-1]][names[run.system]].append((far, frr))
     if not by_scenario:
         return False
     baselines = {name: by_scenario.pop(name) for name in ("clean", "raw") if name in by_scenario}

@@ -665,3 +665,18 @@ def test_rounds_plot_draws_one_curve_per_system_and_names_what_tells_them_apart(
     assert plot_federated_rounds(find_runs(runs), tmp_path / "rounds.png")
     assert set(drawn) == {"FL (fedadam) + central DP ε=8, server_lr=0.01 (mean of 2 seeds)", "FL (fedadam) + central DP ε=8, server_lr=0.02"}
     assert drawn["FL (fedadam) + central DP ε=8, server_lr=0.02"] == [1.9, 1.8, 1.7]
+
+
+def test_det_overlay_colours_systems_not_legend_texts(tmp_path, monkeypatch):
+    """Two mask systems that differ only in their fine-tuning budget share the plain label "no masks": the DET
+    overlay gives them two legend entries (named by the budget), as the per-round plot does."""
+    figures = _capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    for name, steps in (("short", 1000), ("long", 3000)):
+        cfg = config("none", "ctc", 1)
+        cfg["trainer"] = {"max_steps": steps}
+        write_stage(runs / name / "s1", "attack/semi_informed", cfg, {"eer": 0.1, "min_dcf_p0.05": 0.5},
+                    scores=[(1, 0.9), (1, 0.7), (0, 0.2), (0, 0.6)])
+    make_tables(runs, tmp_path / "out")
+    fig = next(f for f in figures if f.legends and any("semi-informed" in ax.get_title() for ax in f.axes))
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {"no masks, max_steps=1000", "no masks, max_steps=3000"}
