@@ -94,7 +94,8 @@ def log_round(logger, entry: Mapping[str, Any]) -> None:
     """One federated round's entry of the server's summary (server_app.run_server) as a log row."""
     values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
               "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
-    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+    # sorted: an entry read back from federated_rounds.json (a resumed run's replayed rounds) has its keys sorted
+    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in sorted((entry.get("eval") or {}).items()) if isinstance(v, (int, float))})
     logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
 
 
@@ -226,7 +227,11 @@ def run_wav2vec2_task(cfg: DictConfig) -> dict:
     done = skip_if_done(cfg, "federated")
     if done is not None:
         return done
-    stage = open_stage(cfg, "federated")
+    from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_CSV, ROUNDS_JSON
+    from privacy.federated.server_checkpoint import SERVER_CHECKPOINT
+
+    # force=true deletes these too: a fresh attempt must not resume the old one's federation
+    stage = open_stage(cfg, "federated", attempt_outputs=(SERVER_CHECKPOINT, ROUNDS_JSON, ROUNDS_CSV, GLOBAL_MODEL))
     if not uses_lora(cfg):
         ensure_pretrained(cfg)
     if cfg.dp.name == "local":
