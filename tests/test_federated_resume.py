@@ -210,3 +210,93 @@ def test_an_interrupted_hydra_federated_stage_resumes_and_force_starts_over(tmp_
     again = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", *overrides, "force=true"))
     assert "resumed_after_round" not in json.loads((stage_dir / "federated_rounds.json").read_text())
     assert again["wer"] == whole["wer"]
+
+
+def _mlp_and_loader(seed: int):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.Generator().manual_seed(0)  # the same data every time; the model and the shuffling from `seed`
+    x, y = torch.randn(40, 6, generator=data), torch.randint(0, 3, (40,), generator=data)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def loss_fn(m, batch):
+        inputs, labels = batch
+        return torch.nn.functional.cross_entropy(m(inputs), labels), len(labels)
+
+    return model, loader, loss_fn
+
+
+def test_local_training_resumed_from_its_state_equals_an_uninterrupted_run():
+    """train_local (the centralised baseline's loop): state after step 7 of 17 (mid-epoch, 5 batches per epoch),
+    reloaded into a fresh model and loader, continues to the same parameters, loss and EMA; dropout, shuffling
+    across epochs, Adam's moments and the linear lr decay included."""
+    from privacy.federated.server_checkpoint import read_checkpoint, write_checkpoint
+    from privacy.federated.task import train_local
+
+    kwargs = dict(steps=17, lr=0.05, optimizer="adam", lr_decay="linear", ema=0.6)
+    model, loader, loss_fn = _mlp_and_loader(0)
+    states = []
+    whole = train_local(model, loader, loss_fn, checkpoint_every=7, on_checkpoint=states.append, **kwargs)
+    assert [s["done"] for s in states] == [7, 14]
+
+    def save_and_load(state):  # through the file, as the run directory keeps it
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint(Path(d) / "c.npz", state)
+            return read_checkpoint(Path(d) / "c.npz")
+
+    model_b, loader_b, _ = _mlp_and_loader(1)  # another start: everything that matters comes from the state
+    import torch
+
+    torch.manual_seed(123)
+    resumed = train_local(model_b, loader_b, loss_fn, resume_from=save_and_load(states[0]), **kwargs)
+    assert resumed == whole
+    for (name, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="generator"):
+        from torch.utils.data import DataLoader
+
+        train_local(model, DataLoader(loader.dataset, batch_size=8), loss_fn, steps=2, checkpoint_every=1, on_checkpoint=print)
+
+
+def test_an_interrupted_hydra_centralised_baseline_resumes_exactly(tmp_path, monkeypatch):
+    """federated=none (24 steps over a 4-batch union: six epochs), checkpoints every 6 steps, Ctrl-C at step 14:
+    the same command continues after step 12 to the uninterrupted run's model, metrics and log."""
+    import training.wav2vec2.finetune as finetune
+    from tests.test_fl_synthgrid import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    overrides = ("federated=none", "dp=none", "federated.num_rounds=3", "federated.local_steps=4", "trainer.log_every=2",
+                 "trainer.ckpt_every=5")
+    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
+    assert whole["steps"] == 24
+    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
+    stage_dir = Path(cfg.paths.run_dir) / "federated"
+    step_log = finetune._step_log
+
+    def dies_at_step_14(logger, total, every, initial=0):
+        inner = step_log(logger, total, every, initial)
+
+        def on_step(done, loss, examples):
+            inner(done, loss, examples)
+            if done == 14:
+                raise KeyboardInterrupt
+
+        return on_step
+
+    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_wav2vec2_task(cfg)
+    assert read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)["done"] == 12  # ckpt_every 5 -> whole log windows of 2
+    monkeypatch.setattr(finetune, "_step_log", step_log)
+    resumed = finetune.run_wav2vec2_task(cfg)
+    for key in ("wer", "cer", "test_loss", "train_loss", "steps"):
+        assert resumed[key] == whole[key], key
+    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
+    assert (stage_dir / "log.csv").read_text() == (whole_dir / "log.csv").read_text()
+    a, b = np.load(stage_dir / "global_model.npz"), np.load(whole_dir / "global_model.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in b.files)
