@@ -291,6 +291,9 @@ class FederatedConfig:
     # the server scores the global model on eval.split (test speakers) after every server_eval_every-th round and the
     # last one: the learning curve only; the reported WER is scored after the federation either way
     server_eval_every: int = 1
+    # the server checkpoints the federation after every checkpoint_every-th round (and the last); a run started again
+    # with the same configuration continues after it (trainer.resume; privacy/federated/server_checkpoint.py); 0: never
+    checkpoint_every: int = 1
     # federated=none only (a diagnostic of FedAvg's gap): the centralised baseline re-creates its optimiser (fresh Adam
     # moments) every k steps, as a FedAvg client does every round; 0: one optimiser for the whole run
     centralised_optimizer_reset_every: int = 0

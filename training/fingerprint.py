@@ -61,7 +61,8 @@ OPERATIONAL_FIELDS = {
     "pretrain": ("progress_bar", "log_every", "ckpt_every", "keep_checkpoints", "resume", "num_workers", "eval_every", "device"),
     "starting_checkpoint": ("path", "command_overrides"),
     "data": ("num_workers", "max_skip_fraction"),
-    "federated": ("server_eval_every",),  # the per-round learning curve's cadence (the final WER is scored after the federation)
+    # the per-round learning curve's cadence (the final WER is scored after the federation); the server checkpoints' cadence
+    "federated": ("server_eval_every", "checkpoint_every"),
 }
 # Which top-level groups each stage depends on (None: every non-operational group).
 STAGE_GROUPS: dict[str, tuple[str, ...] | None] = {

@@ -213,7 +213,9 @@ def run_federated(
 
 def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
                     on_step: Optional[Callable[[int, Optional[float], int], None]] = None,
-                    optimizer_reset_every: int = 0) -> dict[str, Any]:
+                    optimizer_reset_every: int = 0, checkpoint_every: int = 0,
+                    on_checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
+                    resume_from: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """The centralised baseline of a federation (see the module docstring).
 
     `task` (default: the run config's task) must provide ``build_union_loader``, as
@@ -222,6 +224,8 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
     (None without DP), and the ``utterances`` and ``batches`` of the union loader. ``on_step``:
     train_local's per-step callback (logging). ``optimizer_reset_every``: train_local's (k > 0: a fresh
     optimiser every k steps, as a FedAvg client makes every round; a diagnostic, refused with DP).
+    ``checkpoint_every`` / ``on_checkpoint`` / ``resume_from``: train_local's (its state every k steps, and a
+    state to continue from; without DP; training/wav2vec2/finetune.py keeps them in the run directory).
     """
     from common.seeding import seed_everything
     from privacy.federated.local_dp import LocalDPSession
@@ -249,6 +253,7 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
     t0 = time.time()
     stats = train_local(model, loader, task.loss_fn, steps=steps, lr=float(cfg["lr"]), optimizer=optimizer, dp=session,
                         device=resolve_device(str(cfg["device"])), on_step=on_step, optimizer_reset_every=optimizer_reset_every,
-                        lr_decay=lr_decay, ema=float(cfg["ema"]))
+                        lr_decay=lr_decay, ema=float(cfg["ema"]), checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                        resume_from=resume_from)
     return {"model": model, "stats": stats, "dp": session, "utterances": utterances, "batches": len(loader),
             "train_seconds": time.time() - t0}

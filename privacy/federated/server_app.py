@@ -18,6 +18,10 @@ loop written out, because it also has to
   planned round ran AND aggregated; a round that aggregated nothing (every
   client failed, was rejected, or too few for the aggregator) is listed in
   ``rounds_not_aggregated`` and named in the stop reason;
+* checkpoint the federation after every ``checkpoint-every``-th round (``<run-dir>/server_checkpoint.npz``,
+  written after the round's log) and, started again in a run directory holding one, continue after its round
+  (``resume``): the restored rounds are handed to ``on_round`` again first, so a log rebuilt from them equals an
+  uninterrupted run's (server_checkpoint.py: what is saved, and what blocks a resumption);
 * run federated evaluation on the clients' held-out data only when enabled
   (settings.client_evaluation_enabled: off under DP unless asked for, because it
   releases statistics of private data outside the guarantee); the summary says
@@ -37,6 +41,7 @@ import csv
 import io
 import json
 import logging
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +55,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.files import atomic_write_bytes
 from common.progress import Progress
+from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, check_resumable, context_states,
+                                                 generator_states, read_checkpoint, restore_context_states,
+                                                 set_generator_states, write_checkpoint)
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
 from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays, write_state_npz
@@ -82,7 +90,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     cfg = resolve_run_config(run_config, overrides)
     num_clients = int(cfg["num-clients"])
     run_dir = Path(cfg["run-dir"]) if cfg["run-dir"] else None
+    # every generator the server loop draws from: torch's (model init), Python's (Flower's fixed-cohort sampling,
+    # random.sample; unseeded, a run with fraction-train < 1 sampled other clients every time) and NumPy's
     torch.manual_seed(int(cfg["seed"]))
+    random.seed(int(cfg["seed"]))
+    np.random.seed(int(cfg["seed"]))
     task = load_task(cfg)
     initial = federated_state(task.build_model())
     subspace = None
@@ -102,7 +114,6 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     rounds_done = 0
     evaluate_on_clients = client_evaluation_enabled(cfg)
     not_aggregated: list[int] = []
-    t0 = time.time()
     summary: dict[str, Any] = {
         "config": dict(cfg),
         "rounds": [],
@@ -110,11 +121,32 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         "not_private": not_private(cfg),
         "dp_unit": cfg["dp-unit"] if cfg["dp"] != "none" else None,
     }
+    checkpoint_path = run_dir / SERVER_CHECKPOINT if run_dir is not None else None
+    checkpoint_every = int(cfg["checkpoint-every"])
+    if checkpoint_every < 0:
+        raise ValueError(f"run_config['checkpoint-every'] (federated.checkpoint_every)={checkpoint_every}: expected rounds "
+                         f"between server checkpoints (>= 1), or 0 for none")
+    seconds_before = 0.0  # the interrupted attempts' training time, when resumed
+    finished = False
+    if checkpoint_path is not None and checkpoint_path.exists():
+        resumed = _resume(checkpoint_path, cfg, grid, strategy, average)
+        arrays, rounds_done, seconds_before = resumed["arrays"], resumed["server_round"], resumed["seconds"]
+        finished, stop_reason = resumed["finished"], resumed["stop_reason"]
+        summary["rounds"] = resumed["entries"]
+        not_aggregated = [int(e["server_round"]) for e in summary["rounds"] if not e["aggregated"]]
+        summary["resumed_after_round"] = resumed["resumed_after_round"] + [rounds_done]  # every resumption of the run
+        released = state_to_arrays(average.average()) if average is not None and average.steps else arrays
+        if on_round is not None:  # the caller's log rebuilt from the restored rounds: it equals an uninterrupted run's
+            for entry in summary["rounds"]:
+                on_round(entry)
+    t0 = time.time() - seconds_before
     # a line per round, in a terminal too: rounds are few and slow, and the line carries the round's numbers
-    progress = Progress(total=int(cfg["num-rounds"]), desc="federated round", unit="round", every=1, terminal=False)
+    progress = Progress(total=int(cfg["num-rounds"]), desc="federated round", unit="round", every=1, terminal=False,
+                        initial=rounds_done)
     if summary["not_private"]:
         log.warning("dp-reproducible-noise-NOT-PRIVATE is on: the DP noise can be regenerated from the configuration; this run is NOT PRIVATE")
-    for server_round in range(1, int(cfg["num-rounds"]) + 1):
+    last_planned = rounds_done if finished else int(cfg["num-rounds"])
+    for server_round in range(rounds_done + 1, last_planned + 1):
         try:
             messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         except PrivacyBudgetExhausted as error:
@@ -165,13 +197,18 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         summary["rounds"].append(entry)
         summary.update(rounds_completed=rounds_done, rounds_not_aggregated=list(not_aggregated),
                        stop_reason=_honest(stop_reason, not_aggregated, strategy), seconds=time.time() - t0)
+        local_budget_spent = cfg["dp"] == "local" and entry["max_client_epsilon"] >= float(cfg["target-epsilon"])
+        if local_budget_spent:
+            stop_reason = f"local privacy budget reached after round {server_round}: epsilon {entry['max_client_epsilon']:.3f} >= {cfg['target-epsilon']}"
         if run_dir is not None:
             _write_round_log(run_dir, summary)
+            if checkpoint_every and (server_round % checkpoint_every == 0 or last_round or local_budget_spent):
+                _write_checkpoint(checkpoint_path, cfg, server_round, arrays, average, strategy, grid, time.time() - t0,
+                                  finished=last_round or local_budget_spent, stop_reason=stop_reason)
         if on_round is not None:
             on_round(entry)
         progress.update(extra=_round_numbers(entry))
-        if cfg["dp"] == "local" and entry["max_client_epsilon"] >= float(cfg["target-epsilon"]):
-            stop_reason = f"local privacy budget reached after round {server_round}: epsilon {entry['max_client_epsilon']:.3f} >= {cfg['target-epsilon']}"
+        if local_budget_spent:
             log.warning(stop_reason)
             break
 
@@ -205,6 +242,61 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
     summary["final_state"] = final
     summary["initial_state"] = initial
     return summary
+
+
+def _write_checkpoint(path: Path, cfg: Mapping[str, Any], server_round: int, arrays, average: Optional[IterateAverage],
+                      strategy, grid: Grid, seconds: float, finished: bool, stop_reason: str) -> None:
+    """The state after `server_round` (server_checkpoint.py), atomically, after that round's federated_rounds.json."""
+    write_checkpoint(path, {
+        "config": dict(cfg),
+        "server_round": int(server_round),
+        "finished": bool(finished),  # no round follows (the last planned one ran, or the local budget stopped the run)
+        "stop_reason": stop_reason,
+        "seconds": float(seconds),
+        "global_model": arrays_to_state(arrays),
+        "average": None if average is None else {"steps": average.steps, "accumulator": average.accumulator},
+        "strategy": strategy.state_dict(),
+        "generators": generator_states(),
+        "client_states": context_states(grid),
+    })
+
+
+def _resume(path: Path, cfg: Mapping[str, Any], grid: Grid, strategy, average: Optional[IterateAverage]) -> dict[str, Any]:
+    """Restore the server, its strategy, generators and (sequential grid) clients from `path`; the rounds run so far."""
+    saved = read_checkpoint(path)
+    done = int(saved["server_round"])
+    if not bool(cfg["resume"]):
+        raise CheckpointMismatch(
+            f"{path} holds an earlier attempt of this federation, stopped after round {done}, but resume is off; resume it "
+            f"(resume=true; Hydra: trainer.resume=true) or start from scratch (delete the file; Hydra: force=true)")
+    check_resumable(path, saved, cfg, grid)
+    rounds_path = path.parent / ROUNDS_JSON
+    logged_summary = json.loads(rounds_path.read_text()) if rounds_path.exists() else {}
+    logged = logged_summary.get("rounds", [])
+    entries = [entry for entry in logged if int(entry["server_round"]) <= done]
+    if [int(e["server_round"]) for e in entries] != list(range(1, done + 1)):
+        raise CheckpointMismatch(f"{path} is after round {done} but {rounds_path} holds rounds "
+                                 f"{[int(e['server_round']) for e in logged]}: the round log of the checkpoint's rounds is missing")
+    later = [int(e["server_round"]) for e in logged if int(e["server_round"]) > done]
+    if later and cfg["dp"] != "none":
+        raise CheckpointMismatch(
+            f"{path} is after round {done}, but the interrupted attempt also ran round(s) {later} ({ROUNDS_JSON}): under DP "
+            f"they were released, and resuming would run them again outside the accountant. Start from scratch (force=true); "
+            f"with checkpoint-every = 1 (federated.checkpoint_every) this happens only if the run stops between the two files' writes")
+    strategy.load_state_dict(saved["strategy"])
+    strategy.restore_rounds(entries)
+    if saved["client_states"] is not None and hasattr(grid, "contexts"):
+        restore_context_states(grid, saved["client_states"])
+    set_generator_states(saved["generators"])
+    if average is not None:
+        average.steps = int(saved["average"]["steps"])
+        average.accumulator = {k: np.asarray(v) for k, v in saved["average"]["accumulator"].items()}
+    log.info("resuming the federation in %s after round %d of %d%s (%s)", path.parent, done, int(cfg["num-rounds"]),
+             f"; dropping round(s) {later} of the interrupted attempt, which ran after the checkpoint" if later else "",
+             "already finished: " + saved["stop_reason"] if saved["finished"] else "the remaining rounds run now")
+    return {"arrays": state_to_arrays({k: np.asarray(v) for k, v in saved["global_model"].items()}), "server_round": done,
+            "seconds": float(saved["seconds"]), "finished": bool(saved["finished"]), "stop_reason": saved["stop_reason"],
+            "entries": entries, "resumed_after_round": list(logged_summary.get("resumed_after_round", []))}
 
 
 def _server_evaluation(task, arrays, split: str) -> dict[str, float]:

@@ -71,6 +71,8 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "max-num-examples": 0,  # > 0: the largest num-examples a client may claim (fedavg / fedprox / fedadam without DP)
     "max-update-norm": 1.0e6,
     "round-timeout": 3600.0,
+    "checkpoint-every": 1,  # the server writes <run-dir>/server_checkpoint.npz after every n-th round (and the last); 0: never (server_checkpoint.py)
+    "resume": True,  # a run started in a run-dir holding a checkpoint of the same configuration continues after its round
     "run-dir": "",
 }
 

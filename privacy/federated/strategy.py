@@ -241,6 +241,20 @@ class ValidatingStrategy(Strategy):
             record.skip_reason = f"{type(self.inner).__name__} returned no aggregate (e.g. central DP with fewer accepted clients than sampled)"
         return arrays, metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the aggregation carries from round to round (server_checkpoint.py): the wrapped strategies' optimiser
+        and accountant state. The per-round records are rebuilt from the round log (:meth:`restore_rounds`)."""
+        return strategy_state(self.inner)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_strategy_state(self.inner, state)
+
+    def restore_rounds(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """The per-round records of rounds already run, from their entries in ``federated_rounds.json``."""
+        names = RoundRecord.__dataclass_fields__
+        for entry in entries:
+            self.rounds[int(entry["server_round"])] = RoundRecord(**{k: copy.deepcopy(entry[k]) for k in names if k in entry})
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         record = self._record(server_round)
         errors = words = examples = 0.0
@@ -262,6 +276,38 @@ class ValidatingStrategy(Strategy):
         result = {"eval_loss": loss_sum / examples, "eval_wer": errors / max(words, 1.0), "eval_examples": examples}
         record.eval = result
         return MetricRecord(result)
+
+
+# Flower's FedOpt family (FedAdam) keeps its moments in these attributes (flwr/serverapp/strategy/fedopt.py)
+_FLOWER_MOMENT_ATTRIBUTES = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The state a strategy carries between rounds, as arrays and JSON values (server_checkpoint.py).
+
+    Ours: PoissonCohortFedAvg's optimiser, accountant and public subspace. Flower's: the central-DP wrapper's
+    RDP accountant (its own JSON state) around the strategy it wraps; FedAdam's moments. Flower's other
+    strategies (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum) keep nothing between rounds."""
+    if isinstance(strategy, PoissonCohortFedAvg):
+        return {"poisson": strategy.state_dict()}
+    if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+        return {"dp_accountant": strategy.accountant.state_dict() if strategy.accountant is not None else None,
+                "wrapped": strategy_state(strategy.strategy)}
+    moments = {name: dict(getattr(strategy, name)) for name in _FLOWER_MOMENT_ATTRIBUTES if hasattr(strategy, name)}
+    return {"flower_moments": moments} if moments else {}
+
+
+def load_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`strategy_state` on a strategy built from the same configuration."""
+    if isinstance(strategy, PoissonCohortFedAvg):
+        strategy.load_state_dict(state["poisson"])
+    elif isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+        if state["dp_accountant"] is not None:
+            strategy.accountant.load_state_dict(dict(state["dp_accountant"]))
+        load_strategy_state(strategy.strategy, state["wrapped"])
+    else:
+        for name, value in (state.get("flower_moments") or {}).items():
+            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})
 
 
 def robust_min_clients(cfg: Mapping[str, Any]) -> tuple[int, str]:
@@ -763,6 +809,27 @@ class PoissonCohortFedAvg(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server optimiser, the accountant's release count and the public subspace (round_stats are in the round log)."""
+        state: dict[str, Any] = {"server_steps": self.server_steps, "releases": self.releases,
+                                 "buffer_noise_var": self.buffer_noise_var,
+                                 "velocity": self.velocity, "second_moment": self.second_moment}
+        if self.subspace is not None and hasattr(self.subspace, "basis"):
+            state["subspace"] = {"basis": self.subspace.basis, "computed_at": self.subspace.computed_at}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server_steps, self.releases = int(state["server_steps"]), int(state["releases"])
+        self.buffer_noise_var = float(state["buffer_noise_var"])
+        self.velocity = None if state["velocity"] is None else np.asarray(state["velocity"])
+        self.second_moment = None if state["second_moment"] is None else np.asarray(state["second_moment"])
+        if "subspace" in state:
+            if self.subspace is None:
+                raise ValueError("the saved state has a public subspace, this strategy has none")
+            saved = state["subspace"]
+            self.subspace.basis = None if saved["basis"] is None else np.asarray(saved["basis"])
+            self.subspace.computed_at = saved["computed_at"]
 
     def epsilon(self, delta: float) -> float:
         """User-level epsilon after the rounds so far (Opacus' RDP or PRV accountant, Poisson rate q, sigma)."""

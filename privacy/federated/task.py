@@ -22,6 +22,7 @@ or transcripts in a record: :func:`federated_state` is the trainable
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from dataclasses import dataclass
@@ -199,6 +200,9 @@ def train_local(
     optimizer_reset_every: int = 0,
     lr_decay: str = "none",
     ema: float = 0.0,
+    checkpoint_every: int = 0,
+    on_checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
+    resume_from: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, float]:
     """Local SGD or Adam (DP-SGD / DP-Adam when `dp` is given) for `epochs`, or exactly `steps` steps if set.
 
@@ -223,6 +227,11 @@ def train_local(
     1/steps of it (the centralised baseline's side of federated.lr_decay); "none" keeps lr. Needs `steps`.
     ema: beta in (0, 1) leaves the model at the bias-corrected EMA of its trainable parameters after every step
     (:class:`IterateAverage`; the centralised baseline's side of federated.ema); 0 leaves the last step's.
+    checkpoint_every / on_checkpoint: k > 0 calls on_checkpoint(state) after every k-th step (after on_step) with
+    what continuing needs (:func:`local_training_state`: trainable parameters, optimiser, the loader's position and
+    generator, torch's generator, the EMA, the running loss); resume_from: such a state, to continue after its step
+    exactly as if never stopped. Both need a loader with a torch ``generator`` (its shuffle order) and no DP
+    (Opacus' Poisson loader and accountant are not checkpointed).
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
@@ -234,6 +243,9 @@ def train_local(
         raise ValueError(f"lr_decay={lr_decay!r}: expected none | linear")
     if lr_decay != "none" and (steps is None or steps < 1):
         raise ValueError(f"lr_decay={lr_decay!r} needs a step count (steps >= 1), got steps={steps!r}")
+    if (checkpoint_every or resume_from is not None) and (dp is not None or getattr(loader, "generator", None) is None):
+        raise ValueError("train_local checkpoints / resumption need a loader with a torch generator (DataLoader(..., "
+                         "generator=...)) and no DP" + (" (dp is set)" if dp is not None else " (the loader has none)"))
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -251,10 +263,32 @@ def train_local(
     total_loss, total_examples, done = 0.0, 0, 0
     max_epochs = epochs if steps is None else math.inf
     epoch = 0
+    generator = getattr(loader, "generator", None)
+    skip = 0  # batches of the resumed epoch that ran before the checkpoint
+    if resume_from is not None:
+        from privacy.federated.server_checkpoint import set_generator_states
+
+        done, epoch, skip = int(resume_from["done"]), int(resume_from["epoch"]), int(resume_from["batches_in_epoch"])
+        total_loss, total_examples = float(resume_from["total_loss"]), int(resume_from["total_examples"])
+        with torch.no_grad():
+            for name, value in resume_from["params"].items():
+                trainable[name].copy_(torch.as_tensor(np.asarray(value)).to(trainable[name]))
+        optimizer.load_state_dict(_tensors(resume_from["optimizer"]))
+        if average is not None:
+            average.steps = int(resume_from["ema"]["steps"])
+            average.accumulator = {k: np.asarray(v) for k, v in resume_from["ema"]["accumulator"].items()}
+        generator.set_state(torch.as_tensor(np.asarray(resume_from["epoch_generator"]), dtype=torch.uint8))
+        set_generator_states(resume_from["generators"])
     while epoch < max_epochs and (steps is None or done < steps):
+        epoch_generator = generator.get_state().clone() if generator is not None else None  # this epoch's shuffle order
+        batches_in_epoch = 0
         for batch in run_loader:
             if steps is not None and done >= steps:
                 break
+            batches_in_epoch += 1
+            if skip:
+                skip -= 1
+                continue
             if optimizer_reset_every and done and done % optimizer_reset_every == 0:
                 optimizer = build_local_optimizer(optimizer_name, list(trainable.values()), lr)
             if lr_decay == "linear":
@@ -281,6 +315,9 @@ def train_local(
                 average.update({name: p.detach().cpu().numpy() for name, p in trainable.items()})
             if on_step is not None:
                 on_step(done, float(loss.detach()) if n else None, n)
+            if checkpoint_every and on_checkpoint is not None and done % checkpoint_every == 0:
+                on_checkpoint(local_training_state(done, epoch, batches_in_epoch, epoch_generator, total_loss, total_examples,
+                                                   trainable, optimizer, average))
         epoch += 1
         if steps is not None and done == 0 and epoch > 3:
             raise RuntimeError("local training made no step in 3 passes over the loader: the client has no data")
@@ -289,6 +326,34 @@ def train_local(
             for name, value in average.average().items():
                 trainable[name].copy_(torch.as_tensor(value).to(trainable[name]))
     return {"train_loss": total_loss / max(total_examples, 1), "num-examples": total_examples, "steps": done}
+
+
+def local_training_state(done: int, epoch: int, batches_in_epoch: int, epoch_generator: torch.Tensor, total_loss: float,
+                         total_examples: int, trainable: Mapping[str, torch.Tensor], optimizer, average: Optional[IterateAverage]
+                         ) -> dict[str, Any]:
+    """:func:`train_local`'s state after step `done` (arrays, numbers and lists only: server_checkpoint.write_checkpoint
+    stores it without pickling). The loader's position is the generator state its epoch started from plus the
+    batches drawn since; the global generators (server_checkpoint.generator_states) are taken as they are now."""
+    from privacy.federated.server_checkpoint import generator_states
+
+    return {"done": done, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "epoch_generator": epoch_generator,
+            "total_loss": total_loss, "total_examples": total_examples,
+            "params": {name: p.detach().cpu().numpy().copy() for name, p in trainable.items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),  # a copy: the optimiser's tensors change in place
+            "generators": generator_states(),  # torch's (dropout) and NumPy's (transformers' SpecAugment time masks)
+            "ema": None if average is None else {"steps": average.steps, "accumulator": dict(average.accumulator)}}
+
+
+def _tensors(value: Any) -> Any:
+    """An optimiser state_dict read back from a checkpoint: arrays become tensors again (a step count stays a tensor
+    where torch saved one: torch's Adam keeps ``step`` as a 0-d tensor)."""
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    if isinstance(value, Mapping):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors(v) for v in value]
+    return value
 
 
 @torch.no_grad()

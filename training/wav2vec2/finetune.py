@@ -17,6 +17,8 @@ from training.wav2vec2.plan import centralised_steps, check_plan
 from training.wav2vec2.pretrain import checkpoint_ready, ensure_pretrained, pretrain
 from training.wav2vec2.run_config import wav2vec2_run_config
 
+CENTRALISED_CHECKPOINT = "centralised_checkpoint.npz"  # the centralised baseline's training state (trainer.ckpt_every)
+
 log = logging.getLogger(__name__)
 
 
@@ -25,12 +27,25 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
     """One data holder with the union of the clients' training data; DP-SGD when dp=local."""
     from privacy.federated.runner import run_centralised as train_centralised
     from privacy.federated.server_app import GLOBAL_MODEL
+    from privacy.federated.server_checkpoint import write_checkpoint
     from privacy.federated.task import federated_state, write_state_npz
 
     steps = centralised_steps(cfg, plan["clients"])
-    logger = open_run_log(cfg, Path(run_config["run-dir"]))
-    result = train_centralised(run_config, steps, task, on_step=_step_log(logger, steps, int(cfg.trainer.log_every)),
-                               optimizer_reset_every=int(cfg.federated.centralised_optimizer_reset_every))
+    path = Path(run_config["run-dir"]) / CENTRALISED_CHECKPOINT
+    checkpointing = cfg.dp.name == "none" and int(cfg.trainer.ckpt_every) > 0
+    logger = open_run_log(cfg, Path(run_config["run-dir"]), reset=not (checkpointing and path.exists()))
+    every = max(1, int(cfg.trainer.log_every))
+    checkpoint_every, on_checkpoint, resume_from = 0, None, None
+    if checkpointing:
+        # the training state every trainer.ckpt_every steps, rounded up to whole log windows (a window's partial
+        # sums are not saved), with the run log's length, so an interrupted run continues where it stopped
+        checkpoint_every = -(-int(cfg.trainer.ckpt_every) // every) * every
+        resume_from = _centralised_resume_state(cfg, path, logger, steps)
+        on_checkpoint = lambda state: write_checkpoint(path, {**state, "logger": logger.state_dict(), "steps": steps})  # noqa: E731
+    result = train_centralised(run_config, steps, task,
+                               on_step=_step_log(logger, steps, every, initial=int(resume_from["done"]) if resume_from else 0),
+                               optimizer_reset_every=int(cfg.federated.centralised_optimizer_reset_every),
+                               checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, resume_from=resume_from)
     stats, session = result["stats"], result["dp"]
     metrics = {"steps": int(stats["steps"]), "train_loss": float(stats["train_loss"]), "train_seconds": result["train_seconds"],
                "clients": 1, "rounds": 0, "train_utterances": result["utterances"]}
@@ -49,13 +64,31 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
     return metrics
 
 
-def _step_log(logger, total: int, every: int):
+def _centralised_resume_state(cfg: DictConfig, path: Path, logger, steps: int):
+    """The training state in `path` to continue from (its log truncated to the checkpoint's length), or None."""
+    from privacy.federated.server_checkpoint import CheckpointMismatch, read_checkpoint
+
+    if not path.exists():
+        return None
+    saved = read_checkpoint(path)
+    if not bool(cfg.trainer.resume):
+        raise CheckpointMismatch(f"{path} holds an earlier attempt of this centralised run, stopped after step {saved['done']}, "
+                                 f"but trainer.resume is off; resume it (trainer.resume=true) or start over (force=true)")
+    if int(saved["steps"]) != steps:  # the stage fingerprint already refuses another configuration; this is its step plan
+        raise CheckpointMismatch(f"{path} is of a {saved['steps']}-step run; this one plans {steps} steps")
+    logger.load_state_dict(saved["logger"])
+    log.info("resuming the centralised run in %s after step %d of %d", path.parent, int(saved["done"]), steps)
+    return saved
+
+
+def _step_log(logger, total: int, every: int, initial: int = 0):
     """train_local's on_step for the centralised baseline: every `every` steps a log row (the loss
-    averaged over the window's examples, as train_loss is over all) and a progress line with ETA."""
+    averaged over the window's examples, as train_loss is over all) and a progress line with ETA.
+    `initial`: the steps a resumed run made before (the progress line counts on from there)."""
     from common.progress import Progress
 
     every = max(1, every)
-    progress = Progress(total=total, desc="centralised step", unit="step", every=every, terminal=False)
+    progress = Progress(total=total, desc="centralised step", unit="step", every=every, terminal=False, initial=initial)
     window = [0.0, 0]  # loss x examples, examples
 
     def on_step(done: int, loss: float | None, examples: int) -> None:
@@ -75,18 +108,20 @@ def _step_log(logger, total: int, every: int):
     return on_step
 
 
-def open_run_log(cfg: DictConfig, out_dir: Path):
+def open_run_log(cfg: DictConfig, out_dir: Path, reset: bool = True):
     """The stage's log.csv / log.jsonl (and wandb under logger=wandb), as every other stage writes,
     emptied of a crashed attempt's entries. A federation writes one entry per round as the round
     ends (step = round: clients' weighted train loss, federated evaluation, epsilon so far, bytes
     sent; `log_round`), the centralised baseline one every trainer.log_every steps; then
-    `log_test_result` adds the test-set result at the last step."""
+    `log_test_result` adds the test-set result at the last step. reset=False keeps the files (a resumed
+    centralised run truncates them to its checkpoint's length instead)."""
     from omegaconf import OmegaConf
 
     from training.run_logger import logger_from_config
 
     logger = logger_from_config(cfg.logger, out_dir, OmegaConf.to_container(cfg, resolve=True), run_name=cfg.run_name)
-    logger.reset()
+    if reset:
+        logger.reset()
     return logger
 
 
@@ -94,7 +129,8 @@ def log_round(logger, entry: Mapping[str, Any]) -> None:
     """One federated round's entry of the server's summary (server_app.run_server) as a log row."""
     values = {"train/loss": entry.get("train_loss"), "epsilon/max_client": entry.get("max_client_epsilon"),
               "epsilon/central": entry.get("central_epsilon"), "bytes_sent_total": entry.get("bytes_sent_total")}
-    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in (entry.get("eval") or {}).items() if isinstance(v, (int, float))})
+    # sorted: an entry read back from federated_rounds.json (a resumed run's replayed rounds) has its keys sorted
+    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in sorted((entry.get("eval") or {}).items()) if isinstance(v, (int, float))})
     logger.log(int(entry["server_round"]), {k: v for k, v in values.items() if v is not None})
 
 
@@ -226,7 +262,12 @@ def run_wav2vec2_task(cfg: DictConfig) -> dict:
     done = skip_if_done(cfg, "federated")
     if done is not None:
         return done
-    stage = open_stage(cfg, "federated")
+    from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_CSV, ROUNDS_JSON
+    from privacy.federated.server_checkpoint import SERVER_CHECKPOINT
+
+    # force=true deletes these too: a fresh attempt must not resume the old one's federation
+    stage = open_stage(cfg, "federated", attempt_outputs=(SERVER_CHECKPOINT, CENTRALISED_CHECKPOINT, ROUNDS_JSON, ROUNDS_CSV,
+                                                          GLOBAL_MODEL))
     if not uses_lora(cfg):
         ensure_pretrained(cfg)
     if cfg.dp.name == "local":

@@ -83,6 +83,8 @@ FROM_HYDRA: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max-num-examples": ("federated.max_num_examples", int),
     "max-update-norm": ("federated.max_update_norm", float),
     "round-timeout": ("federated.round_timeout", float),
+    "checkpoint-every": ("federated.checkpoint_every", int),
+    "resume": ("trainer.resume", bool),
     "task-data-dir": ("data.dir", str),
     "task-tokenizer": ("data.tokenizer", str),
     "task-checkpoint": ("model.checkpoint", _checkpoint),

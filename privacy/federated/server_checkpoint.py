@@ -1,0 +1,192 @@
+"""The federation's checkpoint: everything the server loop needs to continue after round r as if never stopped.
+
+:func:`privacy.federated.server_app.run_server` writes ``<run-dir>/server_checkpoint.npz`` after every
+``checkpoint-every``-th round (and the last), right after that round's ``federated_rounds.json``; a run started
+again in the same directory with the same configuration continues after the checkpoint's round (``resume``,
+trainer.resume on the Hydra side). The file holds
+
+* the global model and, with ``ema`` > 0, the server's iterate average;
+* the strategy's state (:meth:`ValidatingStrategy.state_dict`): the server optimiser (FedAvgM velocity, server
+  Adam moments and step count, Flower's FedAdam moments), the privacy accountant (rounds released so far, so
+  epsilon composes over the whole run instead of restarting), the public-subspace basis;
+* the generators the server draws from (Python's ``random``, which Flower's fixed-cohort sampling uses, NumPy's
+  and torch's global ones);
+* the clients' ``context.state`` (local-DP accountants, top-k error-feedback residuals) when the grid is this
+  process's (:class:`privacy.federated.runner.InProcessGrid`). Under Ray or a deployment the SuperNodes hold it,
+  so a run whose clients keep state (``clients_keep_state``) is resumed only on the sequential grid.
+
+The per-round log is not duplicated: the rounds up to the checkpoint's are read back from ``federated_rounds.json``
+(written first, so it always reaches at least the checkpoint's round; later rounds of the interrupted attempt are
+dropped and run again).
+
+Under central DP with noise from the OS CSPRNG a resumed run draws fresh noise and cohorts for the rounds it
+repeats; the accountant counts every round released, including those of the interrupted attempt that are
+repeated (they were released: a server that crashed after sending a model cannot take it back), so epsilon is
+never under-reported. With reproducible noise (NOT private) or without DP a resumed run is bit-identical to an
+uninterrupted one.
+
+Format: an ``.npz`` read with ``allow_pickle=False``: the arrays, and one ``__meta__`` entry holding the rest as
+JSON (no pickled objects, so loading a checkpoint cannot run code).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from common.files import atomic_write_bytes
+
+SERVER_CHECKPOINT = "server_checkpoint.npz"
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
+# run-config keys that change neither what a round computes nor its accounting: a run may resume with others
+OPERATIONAL_KEYS = ("run-dir", "resume", "checkpoint-every", "round-timeout", "server-eval-every", "device")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in the run directory belongs to another configuration (or cannot be resumed here)."""
+
+
+# --------------------------------------------------------------------------- nested state <-> npz
+def _split_arrays(value: Any, arrays: dict[str, np.ndarray], path: str) -> Any:
+    """`value` with every ndarray replaced by {"__array__": key} (stored in `arrays`); the rest must be JSON."""
+    if isinstance(value, np.ndarray):
+        key = f"a{len(arrays)}"
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, torch.Tensor):
+        return _split_arrays(value.detach().cpu().numpy(), arrays, path)
+    if isinstance(value, Mapping):
+        return {"__dict__": [[str(k) if not isinstance(k, int) else k, _split_arrays(v, arrays, f"{path}.{k}")]
+                             for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split_arrays(v, arrays, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"server checkpoint: {path} is a {type(value).__name__}; expected arrays, numbers, strings, lists, dicts")
+
+
+def _join_arrays(value: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if "__array__" in value:
+            return np.array(arrays[value["__array__"]])
+        return {k: _join_arrays(v, arrays) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_join_arrays(v, arrays) for v in value]
+    return value
+
+
+def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """`state` (nested dicts / lists of arrays, numbers, strings) as one .npz, atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = _split_arrays(dict(state), arrays, "state")
+    arrays[META_KEY] = np.frombuffer(json.dumps({"version": FORMAT_VERSION, "state": meta}).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`write_checkpoint`'s state, read without unpickling anything."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    if META_KEY not in arrays:
+        raise ValueError(f"{path}: not a server checkpoint (no {META_KEY} entry)")
+    meta = json.loads(arrays.pop(META_KEY).tobytes().decode())
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: server checkpoint format {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
+    return _join_arrays(meta["state"], arrays)
+
+
+# --------------------------------------------------------------------------- generators
+def generator_states() -> dict[str, Any]:
+    """The global generators the server loop draws from (Python's random, NumPy's, torch's)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [name, keys, int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
+
+
+def set_generator_states(states: Mapping[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(np.asarray(states["torch"]), dtype=torch.uint8))
+
+
+# --------------------------------------------------------------------------- clients' state
+def context_states(grid: Any) -> Optional[dict[int, np.ndarray]]:
+    """node id -> its non-empty ``context.state`` as Flower's wire bytes; None when the grid keeps no contexts here."""
+    contexts = getattr(grid, "contexts", None)
+    if contexts is None:
+        return None
+    from flwr.common.serde import recorddict_to_proto
+
+    return {int(node): np.frombuffer(recorddict_to_proto(context.state).SerializeToString(), dtype=np.uint8)
+            for node, context in contexts.items() if len(context.state)}
+
+
+def restore_context_states(grid: Any, states: Mapping[int, np.ndarray]) -> None:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+
+    contexts = grid.contexts
+    for node, blob in states.items():
+        if int(node) not in contexts:
+            raise CheckpointMismatch(f"the checkpoint holds the state of client node {node}; this grid has nodes 1..{len(contexts)}")
+        proto = RecordDictProto()
+        proto.ParseFromString(np.asarray(blob, dtype=np.uint8).tobytes())
+        contexts[int(node)].state = recorddict_from_proto(proto)
+
+
+# --------------------------------------------------------------------------- checks
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """"key: saved -> current" for every run-config key that changes what the rounds compute."""
+    missing = object()
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        if key in OPERATIONAL_KEYS:
+            continue
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if json.dumps(a, default=str, sort_keys=True) != json.dumps(b, default=str, sort_keys=True):
+            lines.append(f"{key}: {'<absent>' if a is missing else repr(a)} -> {'<absent>' if b is missing else repr(b)}")
+    return lines
+
+
+def check_resumable(path: Path, checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], grid: Any) -> None:
+    """Raise CheckpointMismatch if `checkpoint` cannot continue this run (other configuration, or clients' state missing)."""
+    diff = config_differences(checkpoint["config"], cfg)
+    if diff:
+        raise CheckpointMismatch(
+            f"{path} was written by a federation with another configuration:\n  " + "\n  ".join(diff)
+            + "\nResume with the configuration it was written with, or start from scratch: delete the file "
+            "(Hydra runs: force=true, or another run directory)")
+    if checkpoint["client_states"] is None and clients_keep_state(cfg):
+        raise CheckpointMismatch(
+            f"{path}: the clients of this run keep state between rounds ({clients_state_reason(cfg)}); it lived in the "
+            f"Ray workers / SuperNodes of the interrupted run and is not in the checkpoint, so the run cannot resume "
+            f"exactly. Run it on the sequential grid (federated.backend=sequential), whose checkpoints hold the clients' "
+            f"state, or start from scratch (force=true)")
+
+
+def clients_keep_state(cfg: Mapping[str, Any]) -> bool:
+    return bool(clients_state_reason(cfg))
+
+
+def clients_state_reason(cfg: Mapping[str, Any]) -> str:
+    """Why the ClientApp keeps ``context.state`` between rounds under `cfg` ('' if it does not)."""
+    reasons = []
+    if cfg["dp"] == "local":
+        reasons.append("local-DP accountants")
+    if cfg["compression"] == "topk" and bool(cfg["error-feedback"]):
+        reasons.append("top-k error-feedback residuals")
+    return " and ".join(reasons)

@@ -1,0 +1,302 @@
+"""A federation stopped after round r continues from its server checkpoint as if it had never stopped.
+
+Without DP, or with reproducible (NOT private) noise, the resumed run equals an uninterrupted one bit for bit:
+global model, per-round log, the clients' state (top-k residuals, local-DP accountants) and the accountant's
+releases. With noise from the OS CSPRNG the noise differs but the accounting continues (epsilon over the whole run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privacy.federated.runner import run_federated
+from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, check_resumable, read_checkpoint,
+                                                 write_checkpoint)
+from privacy.federated.settings import resolve_run_config
+
+TINY = {"task": "privacy.federated.task:tiny_synthetic_task", "num-rounds": 4, "lr": 0.1, "seed": 3}
+
+
+class Stop(Exception):
+    """Raised by the round callback: the process "dies" after a round's log and checkpoint are written."""
+
+
+def _interrupted_then_resumed(cfg: dict, num_clients: int, run_dir: Path, stop_after: int) -> tuple[dict, list]:
+    """Run `cfg` in `run_dir`, stop it after round `stop_after`, run it again; the second run's summary and
+    the entries the round callback saw in the second run (replayed ones first)."""
+    cfg = {**cfg, "run-dir": str(run_dir)}
+
+    def stop(entry):
+        if entry["server_round"] == stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_federated(cfg, num_clients, backend="sequential", on_round=stop)
+    assert read_checkpoint(run_dir / SERVER_CHECKPOINT)["server_round"] == stop_after
+    seen: list = []
+    return run_federated(cfg, num_clients, backend="sequential", on_round=seen.append), seen
+
+
+def _comparable(rounds: list) -> str:
+    return json.dumps(rounds, sort_keys=True, default=float)
+
+
+CASES = {
+    # Flower's fixed cohorts (Python's random) and FedAvg; top-k residuals live in the clients' context.state
+    "fedavg-topk-error-feedback": ({**TINY, "compression": "topk", "topk-fraction": 0.2, "fraction-train": 0.67}, 3),
+    # Flower's FedAdam keeps its moments between rounds; an EMA of the global models
+    "flower-fedadam-ema": ({**TINY, "strategy": "fedadam", "server-lr": 0.05, "ema": 0.5}, 2),
+    # Poisson cohorts, server Adam with DP-AdamBC under central DP, noise reproducible from the seed (NOT private)
+    "poisson-adam-bc-central-dp": ({**TINY, "cohort-sampling": "poisson", "cohort-rate": 0.5, "strategy": "fedadam",
+                                    "server-lr": 0.01, "server-adam-bc": 0.3, "dp": "central", "target-epsilon": 8.0,
+                                    "target-delta": 1e-3, "dp-reproducible-noise-NOT-PRIVATE": True,
+                                    "local-steps": 2}, 6),
+    # Poisson cohorts, FedAvgM, linear lr decay, no DP
+    "poisson-fedavgm": ({**TINY, "cohort-sampling": "poisson", "cohort-rate": 0.5, "server-momentum": 0.9,
+                         "fedavg-server-lr": 0.5, "lr-decay": "linear"}, 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_resumed_federation_equals_an_uninterrupted_one(case, tmp_path):
+    cfg, clients = CASES[case]
+    seen_whole: list = []
+    whole = run_federated({**cfg, "run-dir": str(tmp_path / "whole")}, clients, backend="sequential", on_round=seen_whole.append)
+    resumed, seen = _interrupted_then_resumed(cfg, clients, tmp_path / "resumed", stop_after=2)
+
+    assert resumed["rounds_completed"] == whole["rounds_completed"] == 4
+    assert resumed["resumed_after_round"] == [2] and "resumed_after_round" not in whole
+    for name in whole["final_state"]:
+        np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])
+    assert _comparable(resumed["rounds"]) == _comparable(whole["rounds"])
+    assert _comparable(seen) == _comparable(seen_whole)  # the caller's log, rebuilt: rounds 1-2 replayed, then 3-4
+    assert resumed["stop_reason"] == whole["stop_reason"] == "completed"
+    assert resumed.get("central_epsilon") == whole.get("central_epsilon")
+    written = json.loads((tmp_path / "resumed" / "federated_rounds.json").read_text())
+    assert [r["server_round"] for r in written["rounds"]] == [1, 2, 3, 4]
+
+
+def test_central_dp_with_secure_noise_keeps_accounting_over_the_whole_run(tmp_path):
+    """Fresh noise after the resumption, but the accountant continues: 4 releases, the uninterrupted run's epsilon."""
+    cfg = {**CASES["poisson-adam-bc-central-dp"][0], "dp-reproducible-noise-NOT-PRIVATE": False}
+    whole = run_federated({**cfg, "run-dir": str(tmp_path / "whole")}, 6, backend="sequential")
+    resumed, _ = _interrupted_then_resumed(cfg, 6, tmp_path / "resumed", stop_after=2)
+    assert resumed["central_releases"] == whole["central_releases"] == 4
+    assert resumed["central_epsilon"] == pytest.approx(whole["central_epsilon"], rel=1e-12)
+    assert [r["central_epsilon"] for r in resumed["rounds"]] == pytest.approx([r["central_epsilon"] for r in whole["rounds"]])
+
+
+def test_flower_central_dp_accountant_and_local_dp_client_accountants_are_restored(tmp_path):
+    pytest.importorskip("opacus")
+    central = {**TINY, "dp": "central", "noise-multiplier": 1.0, "clipping-norm": 0.5, "target-epsilon": 1e6, "target-delta": 1e-3}
+    whole = run_federated({**central, "run-dir": str(tmp_path / "c_whole")}, 2, backend="sequential")
+    resumed, _ = _interrupted_then_resumed(central, 2, tmp_path / "c_resumed", stop_after=3)
+    assert resumed["central_epsilon"] == pytest.approx(whole["central_epsilon"], rel=1e-12)  # 4 releases, not 1
+
+    local = {**TINY, "dp": "local", "target-epsilon": 50.0, "target-delta": 1e-3, "local-steps": 2}
+    whole = run_federated({**local, "run-dir": str(tmp_path / "l_whole")}, 2, backend="sequential")
+    resumed, _ = _interrupted_then_resumed(local, 2, tmp_path / "l_resumed", stop_after=2)
+    eps = lambda summary: [c["epsilon"] for r in summary["rounds"] for c in r["clients"]]  # noqa: E731
+    assert eps(resumed) == pytest.approx(eps(whole), rel=1e-12)  # round 3's epsilon builds on rounds 1-2's, not on 0
+    assert eps(resumed)[-1] > eps(resumed)[2] > eps(resumed)[0] > 0
+
+
+def test_a_finished_federation_run_again_returns_its_result_without_training(tmp_path):
+    cfg = {**TINY, "run-dir": str(tmp_path)}
+    first = run_federated(cfg, 2, backend="sequential")
+    trained: list = []
+    again = run_federated(cfg, 2, backend="sequential", client_app=lambda node: trained.append(node))
+    assert trained == []  # no client was asked to train
+    for name in first["final_state"]:
+        np.testing.assert_array_equal(again["final_state"][name], first["final_state"][name])
+    assert _comparable(again["rounds"]) == _comparable(first["rounds"])
+
+
+def test_resume_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(Stop):
+        run_federated({**TINY, "run-dir": str(tmp_path)}, 2, backend="sequential",
+                      on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 2 else None)
+    # another configuration: the differing key, old and new value
+    with pytest.raises(CheckpointMismatch, match=r"lr: 0\.1 -> 0\.2"):
+        run_federated({**TINY, "lr": 0.2, "run-dir": str(tmp_path)}, 2, backend="sequential")
+    # operational settings may change
+    assert run_federated({**TINY, "round-timeout": 60.0, "run-dir": str(tmp_path)}, 2, backend="sequential")["rounds_completed"] == 4
+    # resume off while a checkpoint is there
+    with pytest.raises(CheckpointMismatch, match="resume is off"):
+        run_federated({**TINY, "resume": False, "run-dir": str(tmp_path)}, 2, backend="sequential")
+
+
+def test_dp_rounds_released_after_the_last_checkpoint_block_the_resumption(tmp_path):
+    """checkpoint-every=2, stopped after round 3: round 3's model was released under DP, the checkpoint is round 2's."""
+    cfg = {**TINY, "dp": "central", "noise-multiplier": 1.0, "target-epsilon": 1e6, "target-delta": 1e-3,
+           "checkpoint-every": 2, "run-dir": str(tmp_path)}
+    with pytest.raises(Stop):
+        run_federated(cfg, 2, backend="sequential", on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 3 else None)
+    with pytest.raises(CheckpointMismatch, match=r"also ran round\(s\) \[3\]"):
+        run_federated(cfg, 2, backend="sequential")
+    # without DP those rounds are simply run again
+    plain = {**TINY, "checkpoint-every": 2, "run-dir": str(tmp_path / "plain")}
+    with pytest.raises(Stop):
+        run_federated(plain, 2, backend="sequential", on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 3 else None)
+    whole = run_federated({**plain, "run-dir": str(tmp_path / "plain_whole")}, 2, backend="sequential")
+    resumed = run_federated(plain, 2, backend="sequential")
+    assert resumed["resumed_after_round"] == [2]
+    for name in whole["final_state"]:
+        np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])
+
+
+def test_clients_state_outside_this_process_blocks_the_resumption():
+    """Under Ray or a deployment the clients' context.state is not in the checkpoint (client_states None)."""
+    cfg = resolve_run_config({**TINY, "compression": "topk"})
+    saved = {"config": dict(cfg), "client_states": None}
+    with pytest.raises(CheckpointMismatch, match="top-k error-feedback residuals.*federated.backend=sequential"):
+        check_resumable(Path("server_checkpoint.npz"), saved, cfg, grid=object())
+    stateless = resolve_run_config({**TINY, "compression": "int8"})
+    check_resumable(Path("server_checkpoint.npz"), {"config": dict(stateless), "client_states": None}, stateless, grid=object())
+
+
+def test_checkpoint_file_round_trips_nested_state_without_pickle(tmp_path):
+    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "n": {1: [np.zeros(2), None, "x"], "k": 2.5}, "t": (1, True)}
+    write_checkpoint(tmp_path / "c.npz", state)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as data:  # nothing in the file needs unpickling
+        assert all(data[k].dtype != object for k in data.files)
+    back = read_checkpoint(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back["a"], state["a"])
+    assert back["a"].dtype == np.float32
+    assert back["n"]["k"] == 2.5 and back["n"][1][1:] == [None, "x"] and back["t"] == [1, True]
+    np.testing.assert_array_equal(back["n"][1][0], np.zeros(2))
+    with pytest.raises(TypeError, match=r"state\.f is a function"):
+        write_checkpoint(tmp_path / "bad.npz", {"f": lambda: 0})
+
+
+def test_an_interrupted_hydra_federated_stage_resumes_and_force_starts_over(tmp_path, monkeypatch):
+    """train_avhubert.py's federated stage: Ctrl-C after round 2 of 3, the same command again continues after round 2;
+    metrics and log.csv equal an uninterrupted run's; force=true deletes the checkpoint and starts from round 1."""
+    import training.wav2vec2.finetune as finetune
+    from tests.test_fl_synthgrid import _cfg, _write_corpus
+    from training.stage import stage_status
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    overrides = ("dp=none", "federated.num_rounds=3")
+    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
+
+    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
+    stage_dir = Path(cfg.paths.run_dir) / "federated"
+    log_round = finetune.log_round
+
+    def interrupt_after_round_2(logger, entry):
+        log_round(logger, entry)
+        if entry["server_round"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "log_round", interrupt_after_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_wav2vec2_task(cfg)
+    assert stage_status(stage_dir)["status"] == "interrupted"
+    monkeypatch.setattr(finetune, "log_round", log_round)
+    resumed = finetune.run_wav2vec2_task(cfg)
+
+    rounds = json.loads((stage_dir / "federated_rounds.json").read_text())
+    assert rounds["resumed_after_round"] == [2]
+    for key in ("wer", "cer", "test_loss", "rounds", "client_updates", "bytes_per_client_round"):
+        assert resumed[key] == whole[key], key
+    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
+    assert (stage_dir / "log.csv").read_text() == (whole_dir / "log.csv").read_text()
+
+    again = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "runs", *overrides, "force=true"))
+    assert "resumed_after_round" not in json.loads((stage_dir / "federated_rounds.json").read_text())
+    assert again["wer"] == whole["wer"]
+
+
+def _mlp_and_loader(seed: int):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.Generator().manual_seed(0)  # the same data every time; the model and the shuffling from `seed`
+    x, y = torch.randn(40, 6, generator=data), torch.randint(0, 3, (40,), generator=data)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def loss_fn(m, batch):
+        inputs, labels = batch
+        return torch.nn.functional.cross_entropy(m(inputs), labels), len(labels)
+
+    return model, loader, loss_fn
+
+
+def test_local_training_resumed_from_its_state_equals_an_uninterrupted_run():
+    """train_local (the centralised baseline's loop): state after step 7 of 17 (mid-epoch, 5 batches per epoch),
+    reloaded into a fresh model and loader, continues to the same parameters, loss and EMA; dropout, shuffling
+    across epochs, Adam's moments and the linear lr decay included."""
+    from privacy.federated.server_checkpoint import read_checkpoint, write_checkpoint
+    from privacy.federated.task import train_local
+
+    kwargs = dict(steps=17, lr=0.05, optimizer="adam", lr_decay="linear", ema=0.6)
+    model, loader, loss_fn = _mlp_and_loader(0)
+    states = []
+    whole = train_local(model, loader, loss_fn, checkpoint_every=7, on_checkpoint=states.append, **kwargs)
+    assert [s["done"] for s in states] == [7, 14]
+
+    def save_and_load(state):  # through the file, as the run directory keeps it
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            write_checkpoint(Path(d) / "c.npz", state)
+            return read_checkpoint(Path(d) / "c.npz")
+
+    model_b, loader_b, _ = _mlp_and_loader(1)  # another start: everything that matters comes from the state
+    import torch
+
+    torch.manual_seed(123)
+    resumed = train_local(model_b, loader_b, loss_fn, resume_from=save_and_load(states[0]), **kwargs)
+    assert resumed == whole
+    for (name, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="generator"):
+        from torch.utils.data import DataLoader
+
+        train_local(model, DataLoader(loader.dataset, batch_size=8), loss_fn, steps=2, checkpoint_every=1, on_checkpoint=print)
+
+
+def test_an_interrupted_hydra_centralised_baseline_resumes_exactly(tmp_path, monkeypatch):
+    """federated=none (24 steps over a 4-batch union: six epochs), checkpoints every 6 steps, Ctrl-C at step 14:
+    the same command continues after step 12 to the uninterrupted run's model, metrics and log."""
+    import training.wav2vec2.finetune as finetune
+    from tests.test_fl_synthgrid import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    overrides = ("federated=none", "dp=none", "federated.num_rounds=3", "federated.local_steps=4", "trainer.log_every=2",
+                 "trainer.ckpt_every=5")
+    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
+    assert whole["steps"] == 24
+    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
+    stage_dir = Path(cfg.paths.run_dir) / "federated"
+    step_log = finetune._step_log
+
+    def dies_at_step_14(logger, total, every, initial=0):
+        inner = step_log(logger, total, every, initial)
+
+        def on_step(done, loss, examples):
+            inner(done, loss, examples)
+            if done == 14:
+                raise KeyboardInterrupt
+
+        return on_step
+
+    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_wav2vec2_task(cfg)
+    assert read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)["done"] == 12  # ckpt_every 5 -> whole log windows of 2
+    monkeypatch.setattr(finetune, "_step_log", step_log)
+    resumed = finetune.run_wav2vec2_task(cfg)
+    for key in ("wer", "cer", "test_loss", "train_loss", "steps"):
+        assert resumed[key] == whole[key], key
+    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
+    assert (stage_dir / "log.csv").read_text() == (whole_dir / "log.csv").read_text()
+    a, b = np.load(stage_dir / "global_model.npz"), np.load(whole_dir / "global_model.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in b.files)
