@@ -457,3 +457,34 @@ def test_clients_reuse_one_model_per_process_and_train_exactly_as_with_a_fresh_c
     assert _changed(fresh) > 1e-3
     for k in fresh["final_state"]:
         np.testing.assert_array_equal(reused["final_state"][k], fresh["final_state"][k])
+
+
+def test_client_training_sees_the_same_random_numbers_whatever_ran_before_it(monkeypatch):
+    """A client's generators depend on (seed, round, partition) only: NumPy's global state as well as torch's, since
+    transformers draws Wav2Vec2's SpecAugment time masks from np.random. Scrambling both before every client call
+    (another client, another Ray worker, another process) leaves its draws unchanged."""
+    import privacy.federated.client_app as client_app
+
+    draws: list = []
+    original = client_app.train_local
+
+    def recording(*args, **kwargs):
+        draws.append((float(np.random.rand()), float(torch.rand(1))))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "train_local", recording)
+    cfg = {**TINY, "num-rounds": 2}
+    run_federated(cfg, num_clients=2, backend="sequential")
+    plain, draws[:] = list(draws), []
+    app = make_client_app(resolve_run_config(cfg))
+
+    def scrambled(node_id):
+        def call(message, context):
+            np.random.seed(1000 + 17 * len(draws) + node_id)
+            torch.manual_seed(2000 + len(draws))
+            return app(message, context)
+
+        return call
+
+    run_federated(cfg, num_clients=2, backend="sequential", client_app=scrambled)
+    assert draws == plain and len(set(plain)) == 4

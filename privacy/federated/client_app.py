@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -110,7 +111,12 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
     cfg = resolve_run_config(context.run_config, overrides)
     partition_id, num_partitions = _partition(context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    torch.manual_seed(int(cfg["seed"]) * 100003 + server_round * 1009 + partition_id)
+    # the client's generators depend only on (seed, round, partition): whoever trained before in this process (the
+    # sequential grid, a Ray worker) and whatever order. NumPy's too: transformers draws Wav2Vec2's SpecAugment time
+    # masks from np.random, which nothing seeded here before, so full-model runs differed from process to process
+    client_seed = int(cfg["seed"]) * 100003 + server_round * 1009 + partition_id
+    torch.manual_seed(client_seed)
+    np.random.seed(client_seed % 2**32)
 
     task = load_task(cfg)
     model = client_model(task, cfg)

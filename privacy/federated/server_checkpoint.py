@@ -19,11 +19,16 @@ The per-round log is not duplicated: the rounds up to the checkpoint's are read 
 (written first, so it always reaches at least the checkpoint's round; later rounds of the interrupted attempt are
 dropped and run again).
 
-Under central DP with noise from the OS CSPRNG a resumed run draws fresh noise and cohorts for the rounds it
-repeats; the accountant counts every round released, including those of the interrupted attempt that are
-repeated (they were released: a server that crashed after sending a model cannot take it back), so epsilon is
-never under-reported. With reproducible noise (NOT private) or without DP a resumed run is bit-identical to an
-uninterrupted one.
+Under DP nothing released may fall outside the accountant. The accountant is restored with the checkpoint, so it
+counts the rounds up to the checkpoint's; a round the interrupted attempt logged AFTER the checkpoint released a
+model (central DP) or its clients' updates (local DP) that a resumed run would release again, uncounted, so
+:func:`privacy.federated.server_app.run_server` then refuses to resume (with ``checkpoint-every`` = 1 that needs a
+stop between the round log's write and the checkpoint's). A round cut off before it was logged released nothing
+under central DP (the server had not aggregated it); under local DP the clients that had already replied to it
+had sent a noised update the restored accountants do not hold, as a run started again from scratch would forget
+its first attempt's replies: a simulation's server is this process, but a deployment should count them. Under
+central DP with noise from the OS CSPRNG the resumed rounds draw fresh noise and cohorts; with reproducible noise
+(NOT private) or without DP a resumed run is bit-identical to an uninterrupted one.
 
 Format: an ``.npz`` read with ``allow_pickle=False``: the arrays, and one ``__meta__`` entry holding the rest as
 JSON (no pickled objects, so loading a checkpoint cannot run code).
