@@ -96,14 +96,16 @@ def rescore_run(stage_dir: Path, data_dir: Path, split: str = "test", checkpoint
     from privacy.federated.server_app import GLOBAL_MODEL
     from privacy.federated.synthgrid_task import load_split_without_audio
     from privacy.federated.task import load_federated_state, load_task, read_state_npz
-    from training.config import CompressionConfig
+    from training.config import CompressionConfig, FederatedConfig
     from training.starting_checkpoint import sha256_file
     from training.wav2vec2.public_start import verify_public_start
     from training.wav2vec2.run_config import uses_lora, wav2vec2_run_config
 
     cfg = OmegaConf.load(stage_dir / "config.yaml")
-    # compression options added after a run was made: the schema's defaults, which are what that run did
+    # options added after a run was made (compression.topk_value_bits, federated.checkpoint_every, ...): the schema's
+    # defaults, which are what that run did (a new option defaults to the old behaviour)
     cfg.compression = OmegaConf.merge(OmegaConf.structured(CompressionConfig), cfg.compression)
+    cfg.federated = OmegaConf.merge(OmegaConf.structured(FederatedConfig), cfg.federated)
     name = f"{cfg.run_name}/s{cfg.seed}"
     model_path = stage_dir / GLOBAL_MODEL
     if not model_path.is_file():
