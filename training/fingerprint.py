@@ -39,18 +39,6 @@ def fingerprint_digest(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 20) -> list[str]:
-    """Human-readable differences "key: old -> new" (keys only one side has show <absent>)."""
-    missing = object()
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if json.dumps(a, default=str) != json.dumps(b, default=str):
-            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
-            lines.append(f"{key}: {show(a)} -> {show(b)}")
-    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
 # Top-level keys that never change a stage's result.
 OPERATIONAL_KEYS = ("task", "force", "dry_run", "run_name", "paths", "logger", "hydra", "eval_after_finetune", "defaults")
 # Fields that never change a stage's result (progress display, logging/checkpoint cadence,

@@ -52,17 +52,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from common.device import move_to_device
 from common.progress import Progress, format_duration
+from common.seeding import capture_rng_state, preserved_rng, restore_rng_state  # noqa: F401  (re-exported: tests import them from here)
 from training import ddp
 from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
@@ -84,47 +83,6 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
     checkpoint: Optional[Path] = None  # the last checkpoint written (rank 0) or None
     resumed_from: Optional[Path] = None
-
-
-# --------------------------------------------------------------------------- RNG state
-def capture_rng_state(generators: Mapping[str, torch.Generator] = {}) -> dict[str, Any]:
-    """All RNG states as tensors and primitives (loadable with weights_only=True)."""
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] = {}) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
-    py_state = state["python"]
-    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
-    missing = set(generators) - set(state["generators"])
-    if missing:
-        raise KeyError(f"checkpoint has no RNG state for generator(s) {sorted(missing)}; it holds {sorted(state['generators'])}")
-    for name, g in generators.items():
-        g.set_state(state["generators"][name])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng(generators: Mapping[str, torch.Generator] = {}) -> Iterator[None]:
-    """Run a block (evaluation) without moving any RNG the training sequence depends on."""
-    saved = capture_rng_state(generators)
-    try:
-        yield
-    finally:
-        restore_rng_state(saved, generators)
 
 
 # --------------------------------------------------------------------------- data position

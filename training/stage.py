@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from common.config_diff import config_diff
 from common.files import atomic_write_text, save_config, write_metrics
-from training.fingerprint import fingerprint_diff, fingerprint_digest, stage_fingerprint
+from training.fingerprint import fingerprint_digest, stage_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class Stage:
         saved = self.saved_fingerprint()
         if saved is None:
             return
-        diff = fingerprint_diff(saved, self.fingerprint)
+        diff = config_diff(saved, self.fingerprint)
         if diff:
             status = stage_status(self.dir).get("status", "?")
             raise StageConfigMismatch(

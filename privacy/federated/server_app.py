@@ -55,9 +55,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from common.files import atomic_write_bytes
 from common.progress import Progress
-from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, check_resumable, context_states,
-                                                 generator_states, read_checkpoint, restore_context_states,
-                                                 set_generator_states, write_checkpoint)
+from common.seeding import capture_rng_state, restore_rng_state
+from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, as_tensors, check_resumable,
+                                                 context_states, read_checkpoint, restore_context_states, write_checkpoint)
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
 from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays, write_state_npz
@@ -256,7 +256,7 @@ def _write_checkpoint(path: Path, cfg: Mapping[str, Any], server_round: int, arr
         "global_model": arrays_to_state(arrays),
         "average": None if average is None else {"steps": average.steps, "accumulator": average.accumulator},
         "strategy": strategy.state_dict(),
-        "generators": generator_states(),
+        "generators": capture_rng_state(),
         "client_states": context_states(grid),
     })
 
@@ -287,7 +287,7 @@ def _resume(path: Path, cfg: Mapping[str, Any], grid: Grid, strategy, average: O
     strategy.restore_rounds(entries)
     if saved["client_states"] is not None and hasattr(grid, "contexts"):
         restore_context_states(grid, saved["client_states"])
-    set_generator_states(saved["generators"])
+    restore_rng_state(as_tensors(saved["generators"]))
     if average is not None:
         average.steps = int(saved["average"]["steps"])
         average.accumulator = {k: np.asarray(v) for k, v in saved["average"]["accumulator"].items()}

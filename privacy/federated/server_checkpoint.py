@@ -10,7 +10,7 @@ trainer.resume on the Hydra side). The file holds
   Adam moments and step count, Flower's FedAdam moments), the privacy accountant (rounds released so far, so
   epsilon composes over the whole run instead of restarting), the public-subspace basis;
 * the generators the server draws from (Python's ``random``, which Flower's fixed-cohort sampling uses, NumPy's
-  and torch's global ones);
+  and torch's global ones; common.seeding.capture_rng_state);
 * the clients' ``context.state`` (local-DP accountants, top-k error-feedback residuals) when the grid is this
   process's (:class:`privacy.federated.runner.InProcessGrid`). Under Ray or a deployment the SuperNodes hold it,
   so a run whose clients keep state (``clients_keep_state``) is resumed only on the sequential grid.
@@ -38,17 +38,17 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
+from common.config_diff import config_diff
 from common.files import atomic_write_bytes
 
 SERVER_CHECKPOINT = "server_checkpoint.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the generators as common.seeding.capture_rng_state holds them
 META_KEY = "__meta__"
 # run-config keys that change neither what a round computes nor its accounting: a run may resume with others
 OPERATIONAL_KEYS = ("run-dir", "resume", "checkpoint-every", "round-timeout", "server-eval-every", "device")
@@ -111,21 +111,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _join_arrays(meta["state"], arrays)
 
 
-# --------------------------------------------------------------------------- generators
-def generator_states() -> dict[str, Any]:
-    """The global generators the server loop draws from (Python's random, NumPy's, torch's)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "numpy": [name, keys, int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state()}
-
-
-def set_generator_states(states: Mapping[str, Any]) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.as_tensor(np.asarray(states["torch"]), dtype=torch.uint8))
+# --------------------------------------------------------------------------- back to torch
+def as_tensors(value: Any) -> Any:
+    """A state read back with :func:`read_checkpoint`, its arrays tensors again: what torch-side state (an optimiser's
+    state_dict, common.seeding.capture_rng_state's generators) was saved from and loads into."""
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    if isinstance(value, Mapping):
+        return {k: as_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_tensors(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- clients' state
@@ -156,15 +152,10 @@ def restore_context_states(grid: Any, states: Mapping[int, np.ndarray]) -> None:
 # --------------------------------------------------------------------------- checks
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """"key: saved -> current" for every run-config key that changes what the rounds compute."""
-    missing = object()
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        if key in OPERATIONAL_KEYS:
-            continue
-        a, b = saved.get(key, missing), current.get(key, missing)
-        if json.dumps(a, default=str, sort_keys=True) != json.dumps(b, default=str, sort_keys=True):
-            lines.append(f"{key}: {'<absent>' if a is missing else repr(a)} -> {'<absent>' if b is missing else repr(b)}")
-    return lines
+    def kept(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in cfg.items() if key not in OPERATIONAL_KEYS}
+
+    return config_diff(kept(saved), kept(current))
 
 
 def check_resumable(path: Path, checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], grid: Any) -> None:

@@ -266,19 +266,20 @@ def train_local(
     generator = getattr(loader, "generator", None)
     skip = 0  # batches of the resumed epoch that ran before the checkpoint
     if resume_from is not None:
-        from privacy.federated.server_checkpoint import set_generator_states
+        from common.seeding import restore_rng_state
+        from privacy.federated.server_checkpoint import as_tensors
 
         done, epoch, skip = int(resume_from["done"]), int(resume_from["epoch"]), int(resume_from["batches_in_epoch"])
         total_loss, total_examples = float(resume_from["total_loss"]), int(resume_from["total_examples"])
         with torch.no_grad():
             for name, value in resume_from["params"].items():
                 trainable[name].copy_(torch.as_tensor(np.asarray(value)).to(trainable[name]))
-        optimizer.load_state_dict(_tensors(resume_from["optimizer"]))
+        optimizer.load_state_dict(as_tensors(resume_from["optimizer"]))
         if average is not None:
             average.steps = int(resume_from["ema"]["steps"])
             average.accumulator = {k: np.asarray(v) for k, v in resume_from["ema"]["accumulator"].items()}
         generator.set_state(torch.as_tensor(np.asarray(resume_from["epoch_generator"]), dtype=torch.uint8))
-        set_generator_states(resume_from["generators"])
+        restore_rng_state(as_tensors(resume_from["generators"]))
     while epoch < max_epochs and (steps is None or done < steps):
         epoch_generator = generator.get_state().clone() if generator is not None else None  # this epoch's shuffle order
         batches_in_epoch = 0
@@ -333,27 +334,15 @@ def local_training_state(done: int, epoch: int, batches_in_epoch: int, epoch_gen
                          ) -> dict[str, Any]:
     """:func:`train_local`'s state after step `done` (arrays, numbers and lists only: server_checkpoint.write_checkpoint
     stores it without pickling). The loader's position is the generator state its epoch started from plus the
-    batches drawn since; the global generators (server_checkpoint.generator_states) are taken as they are now."""
-    from privacy.federated.server_checkpoint import generator_states
+    batches drawn since; the global generators (common.seeding.capture_rng_state) are taken as they are now."""
+    from common.seeding import capture_rng_state
 
     return {"done": done, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "epoch_generator": epoch_generator,
             "total_loss": total_loss, "total_examples": total_examples,
             "params": {name: p.detach().cpu().numpy().copy() for name, p in trainable.items()},
             "optimizer": copy.deepcopy(optimizer.state_dict()),  # a copy: the optimiser's tensors change in place
-            "generators": generator_states(),  # torch's (dropout) and NumPy's (transformers' SpecAugment time masks)
+            "generators": capture_rng_state(),  # torch's (dropout) and NumPy's (transformers' SpecAugment time masks)
             "ema": None if average is None else {"steps": average.steps, "accumulator": dict(average.accumulator)}}
-
-
-def _tensors(value: Any) -> Any:
-    """An optimiser state_dict read back from a checkpoint: arrays become tensors again (a step count stays a tensor
-    where torch saved one: torch's Adam keeps ``step`` as a 0-d tensor)."""
-    if isinstance(value, np.ndarray):
-        return torch.as_tensor(value)
-    if isinstance(value, Mapping):
-        return {k: _tensors(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_tensors(v) for v in value]
-    return value
 
 
 @torch.no_grad()
