@@ -53,7 +53,7 @@ def run_splits(data_cfg: Any) -> dict[str, list[str]]:
 
     params = SynthGridParams.from_config(data_cfg)
     splits, _ = assign_splits(make_speakers(params.seed, params.num_speakers), params.splits,
-                              params.extra_train_speakers, params.extra_test_speakers)
+                              params.extra_train_speakers, params.extra_test_speakers, params.extra_train_speakers_after_test)
     return splits
 
 

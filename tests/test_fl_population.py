@@ -1091,6 +1091,34 @@ def test_12800_client_experiment_is_the_cohort1600_experiment_on_twice_the_popul
     assert 1.6 < ratio < 1.7
 
 
+
+def test_25600_client_experiment_is_the_12800_client_experiment_on_twice_the_users_with_the_same_test_set():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.dp import noise_multiplier_for_budget
+    from scripts.rescore import run_splits
+    from training.wav2vec2.plan import train_speaker_count
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        overrides = ["paths.data_dir=/nonexistent"]  # the plan from the configuration alone, not a prepared corpus
+        named = compose("config", overrides=["experiment=fl_population_25600_adam_bc", *overrides])
+        spelled = compose("config", overrides=["experiment=fl_population_12800_adam_bc", "data=synthgrid_population_25600_test200",
+                                               "federated.num_clients=25600", "federated.cohort_rate=0.0625",
+                                               "federated.num_rounds=400", "federated.server_eval_every=20", *overrides])
+        small = compose("config", overrides=["experiment=fl_population_12800_adam_bc", *overrides])
+    assert named == spelled
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-bc0.3-c25600-r400-cdp-eps8.0-b400x1q0.0625"
+    assert named.federated.cohort_rate * named.federated.num_clients == small.federated.cohort_rate * small.federated.num_clients == 1600
+    assert train_speaker_count(named) == named.federated.num_clients == 25600
+    # the 12,800 users first, then 12,800 more; the same public and test speakers (so the same test utterances)
+    big, little = run_splits(named.data), run_splits(small.data)
+    assert big["train"][: len(little["train"])] == little["train"] and len(big["train"]) == 2 * len(little["train"])
+    for split in ("public", "test", "valid", "attacker_train", "attacker_trials"):
+        assert big[split] == little[split], split
+    # 400 rounds at q = 0.0625 put no more noise per step on the released mean, sigma C / (q N), than 100 at q = 0.125
+    per_step = noise_multiplier_for_budget(8.0, 1e-5, 0.0625, 400, "rdp") / 1600
+    assert per_step <= noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600
+
+
 # --------------------------------------------------------------------------- PRV accounting of Poisson central DP
 @pytest.mark.parametrize("q,rounds,target", [(0.0625, 100, 8.0), (0.25, 100, 1.0)])
 def test_prv_calibrated_central_dp_spends_its_budget_by_an_independent_pld_accountant_with_less_noise(q, rounds, target):
