@@ -320,6 +320,17 @@ def test_central_dp_bound_holds_on_the_decoded_compressed_update():
     assert inner.round_stats[1]["clipped_fraction"] == 1.0
     assert all(c["bytes_sent"] < c["dense_bytes"] for c in strategy.rounds[1].clients)
 
+    # the dense size each reply is compared with is the uncompressed encoding's, whatever the values (it is
+    # encoded once per layout and remembered): zeros, large values, another dtype and another shape
+    from privacy.federated.compression import dense_nbytes
+
+    for delta in ({"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float32)},
+                  {"a": g.normal(size=(4, 5)).astype(np.float32) * 1e30, "b": np.full(3, np.nan, np.float32)},
+                  {"a": np.ones((4, 5), np.float64), "b": np.ones(3, np.float64)},
+                  {"a": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)}):
+        assert strategy._dense_nbytes(delta) == dense_nbytes(delta)
+    assert len(strategy._dense_array_bytes) == 3  # one encoding per layout: float32 (4, 5) for 5 deltas, float64, float32 (2, 5)
+
 
 def test_central_dp_noise_has_std_sigma_c_and_comes_from_the_os_csprng():
     from flwr.app import ConfigRecord
