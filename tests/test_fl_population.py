@@ -4,6 +4,7 @@ population of one-speaker clients with Poisson cohorts and user-level central DP
 from __future__ import annotations
 
 import json
+import logging
 import re
 import math
 from pathlib import Path
@@ -429,7 +430,7 @@ def test_population_run_trains_only_lora_and_head_under_user_level_dp(corpus, pu
         assert len(r["clients"]) == int(r["cohort"]["cohort_size"])  # every sampled client, nobody else
 
 
-def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path):
+def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path, caplog, monkeypatch):
     import shutil
 
     from models.wav2vec2_lora import encode_below
@@ -439,8 +440,12 @@ def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_t
     corpus = _write_corpus(tmp_path / "corpus")  # its own corpus: the module's may already have a cache on disk
     base, _, checksum = lora_task.load_public_start(public_start)
     key = (str(corpus.resolve()), "train")
-    computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
+    monkeypatch.setattr("common.progress.stderr_is_terminal", lambda: False)  # progress as log lines, as in a batch job
+    with caplog.at_level(logging.INFO, logger="common.progress"):
+        computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
     assert key not in synthgrid_task._WAVE_CACHE  # ... which was read and not kept
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding train below layer 1 ")]
+    assert done and f"{len(computed)}/{len(computed)} (100%)" in done[-1]  # progress of the long encoding, to its end
     cache_file = next((corpus / lora_task.FEATURE_CACHE_DIR).glob("*_train_layer1.pt"))
     waves = synthgrid_task.read_split_waveforms(corpus, "train")
     with torch.inference_mode():
@@ -486,7 +491,7 @@ def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corp
     # every reader of a split's files goes through _split_entry; the lora task imports its two readers by name
     monkeypatch.setattr(synthgrid_task, "_split_entry", no_audio)
     monkeypatch.setattr(lora_task, "load_split_without_audio", no_audio)
-    monkeypatch.setattr(lora_task, "read_split_waveforms", no_audio)
+    monkeypatch.setattr(lora_task, "iter_split_waveforms", no_audio)
     runs = tmp_path / "runs"
     with pytest.raises(DPPlanError, match=r"cohort_rate=1.5: the expected cohort q x N = 9 clients is larger than the population of N = 6"):
         run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.cohort_rate=1.5"))
