@@ -192,8 +192,9 @@ class ValidatingStrategy(Strategy):
 
     def _dense_nbytes(self, delta: dict[str, np.ndarray]) -> int:
         """Wire bytes of the delta's dense ArrayRecord. They depend on names, shapes and dtypes only (Flower serialises
-        an array as its raw bytes plus a header of those and an id of fixed length), so each layout is encoded once:
-        encoding the same delta again for every reply took ~3 s of a 1,600-client round."""
+        an array as its raw bytes plus a header of those and an id of fixed length), so each layout is encoded once.
+        Encoding it again for every reply was ~1 of the ~3 ms a reply's check takes (the 8,756-parameter LoRA update,
+        medians of 7 x 200 replies on the loaded 2-core machine): ~1.6 s of a 1,600-client round, a few per cent."""
         layout = tuple((name, value.shape, value.dtype.str) for name, value in delta.items())
         if layout not in self._dense_array_bytes:
             self._dense_array_bytes[layout] = wire_nbytes(state_to_arrays(NoCompression().compress(delta)))
