@@ -342,7 +342,8 @@ def _small_client_batch(run: Run) -> "int | None":
 
 def _population(run: Run) -> "str | None":
     """'1600 speakers x 2 utterances' for a SynthGRID population other than the one its data config extends
-    (data.extra_train_speakers / data.train_utterances_per_speaker set); None for the others."""
+    (data.extra_train_speakers, data.extra_train_speakers_after_test or data.train_utterances_per_speaker set);
+    None for the others."""
     extra = int(run.axis("data.extra_train_speakers") or 0) + int(run.axis("data.extra_train_speakers_after_test") or 0)
     per_speaker = run.axis("data.train_utterances_per_speaker")
     if not extra and per_speaker is None:
