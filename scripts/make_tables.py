@@ -82,6 +82,7 @@ AXES = (
     "federated.lr_decay",  # the run's own optimiser (centralised Adam / the Poisson-cohort server step) decayed linearly: another system
     "data.extra_train_speakers",  # SynthGRID populations (synthgrid_population_1600): other training data, another system
     "data.extra_test_speakers",  # a larger SynthGRID test set (synthgrid_population_6400_test200): another measurement
+    "data.extra_train_speakers_after_test",  # more SynthGRID training speakers after those: other training data
     "data.train_utterances_per_speaker",
 )
 
@@ -114,7 +115,7 @@ class Run:
                     "federated.cohort_rate": 1.0, "federated.fedavg_server_lr": 1.0, "federated.server_momentum": 0.0,
                     "federated.centralised_optimizer_reset_every": 0, "federated.lr_decay": "none", "federated.ema": 0.0,
                     "federated.server_shrink": 0.0, "federated.server_adam_bc": 0.0, "federated.public_subspace_dim": 0, "federated.public_subspace_refresh": 1,
-                    "data.extra_train_speakers": 0, "data.extra_test_speakers": 0}
+                    "data.extra_train_speakers": 0, "data.extra_test_speakers": 0, "data.extra_train_speakers_after_test": 0}
         for key, default in defaults.items():  # older runs lack the key: it had the default's meaning
             if axes[AXES.index(key)] is None:
                 axes[AXES.index(key)] = default
@@ -341,8 +342,10 @@ def _small_client_batch(run: Run) -> "int | None":
 
 def _population(run: Run) -> "str | None":
     """'1600 speakers x 2 utterances' for a SynthGRID population other than the one its data config extends
-    (data.extra_train_speakers / data.train_utterances_per_speaker set); None for the others."""
-    extra, per_speaker = run.axis("data.extra_train_speakers") or 0, run.axis("data.train_utterances_per_speaker")
+    (data.extra_train_speakers, data.extra_train_speakers_after_test or data.train_utterances_per_speaker set);
+    None for the others."""
+    extra = int(run.axis("data.extra_train_speakers") or 0) + int(run.axis("data.extra_train_speakers_after_test") or 0)
+    per_speaker = run.axis("data.train_utterances_per_speaker")
     if not extra and per_speaker is None:
         return None
     speakers = int(run.axis("data.splits.train") or 0) + int(extra)

@@ -10,10 +10,12 @@ baseline's trained model; centralised runs of code before session 11 did not kee
 skipped), rebuilds the model from the run's ``config.yaml`` with the corpus replaced by ``--data-dir``, and
 transcribes its ``--split``. Nothing is trained and nothing is selected on the test set.
 
-The other corpus must hold the SAME training data, or the score is of another model's test set: it must be a
-SynthGRID corpus with the run's generator fingerprint and the same public and training speakers (e.g.
-``data=synthgrid_population_6400_test200``, which only appends test speakers), and none of its test speakers
-may be a public or training speaker of the run. Where the run's own test speakers are all in it, their WER is
+The other corpus must hold the run's training data, or the score is of another model's test set: it must be a
+SynthGRID corpus with the run's generator fingerprint, the same public speakers and every training speaker of
+the run (e.g. ``data=synthgrid_population_6400_test200``, which only appends test speakers, or
+``data=synthgrid_population_25600_test200``, which appends training speakers after those: runs of both
+populations are then scored on the same test utterances and paired), and none of its test speakers may be a
+public or training speaker of the run. Where the run's own test speakers are all in it, their WER is
 recomputed and must reproduce the run's metrics.json (a check that the rebuilt model is the run's).
 
 Writes, per run, ``<run>/federated/rescore_<corpus>_<split>.json`` (WER, CER, CTC loss, per-utterance word
@@ -53,7 +55,7 @@ def run_splits(data_cfg: Any) -> dict[str, list[str]]:
 
     params = SynthGridParams.from_config(data_cfg)
     splits, _ = assign_splits(make_speakers(params.seed, params.num_speakers), params.splits,
-                              params.extra_train_speakers, params.extra_test_speakers)
+                              params.extra_train_speakers, params.extra_test_speakers, params.extra_train_speakers_after_test)
     return splits
 
 
@@ -74,10 +76,13 @@ def check_corpus(run_name: str, data_cfg: Any, data_dir: Path) -> dict[str, list
                            f"{mine.fingerprint()}: its utterances are other audio")
     splits = run_splits(data_cfg)
     theirs = meta.get("split_speakers", {})
-    for split in ("public", "train"):
-        if theirs.get(split) != splits[split]:
-            raise RescoreError(f"{run_name}: the {split} speakers of {data_dir} ({len(theirs.get(split, []))}) are not the run's "
-                               f"({len(splits[split])}): another training population, not another test set")
+    if theirs.get("public") != splits["public"]:
+        raise RescoreError(f"{run_name}: the public speakers of {data_dir} ({len(theirs.get('public', []))}) are not the run's "
+                           f"({len(splits['public'])}): another public start's data, not another test set")
+    missing = sorted(set(splits["train"]) - set(theirs.get("train", [])))
+    if missing:  # a corpus may train MORE speakers (a larger population); the run's own must all be training speakers there
+        raise RescoreError(f"{run_name}: {len(missing)} training speakers of the run are not training speakers of {data_dir} "
+                           f"(e.g. {missing[:3]}): another training population, not another test set")
     for key in ("public_utterances_per_speaker", "train_utterances_per_speaker"):
         if meta.get(key) != getattr(mine, key):
             raise RescoreError(f"{run_name}: {meta_path} has {key}={meta.get(key)}, the run's corpus {getattr(mine, key)}")

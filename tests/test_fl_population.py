@@ -4,6 +4,7 @@ population of one-speaker clients with Poisson cohorts and user-level central DP
 from __future__ import annotations
 
 import json
+import logging
 import re
 import math
 from pathlib import Path
@@ -320,6 +321,17 @@ def test_central_dp_bound_holds_on_the_decoded_compressed_update():
     assert inner.round_stats[1]["clipped_fraction"] == 1.0
     assert all(c["bytes_sent"] < c["dense_bytes"] for c in strategy.rounds[1].clients)
 
+    # the dense size each reply is compared with is the uncompressed encoding's, whatever the values (it is
+    # encoded once per layout and remembered): zeros, large values, another dtype and another shape
+    from privacy.federated.compression import dense_nbytes
+
+    for delta in ({"a": np.zeros((4, 5), np.float32), "b": np.zeros(3, np.float32)},
+                  {"a": g.normal(size=(4, 5)).astype(np.float32) * 1e30, "b": np.full(3, np.nan, np.float32)},
+                  {"a": np.ones((4, 5), np.float64), "b": np.ones(3, np.float64)},
+                  {"a": np.ones((2, 5), np.float32), "b": np.ones(3, np.float32)}):
+        assert strategy._dense_nbytes(delta) == dense_nbytes(delta)
+    assert len(strategy._dense_array_bytes) == 3  # one encoding per layout: float32 (4, 5) for 5 deltas, float64, float32 (2, 5)
+
 
 def test_central_dp_noise_has_std_sigma_c_and_comes_from_the_os_csprng():
     from flwr.app import ConfigRecord
@@ -418,7 +430,7 @@ def test_population_run_trains_only_lora_and_head_under_user_level_dp(corpus, pu
         assert len(r["clients"]) == int(r["cohort"]["cohort_size"])  # every sampled client, nobody else
 
 
-def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path):
+def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_the_waveforms(public_start, tmp_path, caplog, monkeypatch):
     import shutil
 
     from models.wav2vec2_lora import encode_below
@@ -428,8 +440,12 @@ def test_the_lora_task_keeps_no_audio_and_its_disk_cache_holds_the_features_of_t
     corpus = _write_corpus(tmp_path / "corpus")  # its own corpus: the module's may already have a cache on disk
     base, _, checksum = lora_task.load_public_start(public_start)
     key = (str(corpus.resolve()), "train")
-    computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
+    monkeypatch.setattr("common.progress.stderr_is_terminal", lambda: False)  # progress as log lines, as in a batch job
+    with caplog.at_level(logging.INFO, logger="common.progress"):
+        computed = lora_task.cached_features(base, checksum, corpus, "train", 1)  # no cache file: computed from the audio
     assert key not in synthgrid_task._WAVE_CACHE  # ... which was read and not kept
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding train below layer 1 ")]
+    assert done and f"{len(computed)}/{len(computed)} (100%)" in done[-1]  # progress of the long encoding, to its end
     cache_file = next((corpus / lora_task.FEATURE_CACHE_DIR).glob("*_train_layer1.pt"))
     waves = synthgrid_task.read_split_waveforms(corpus, "train")
     with torch.inference_mode():
@@ -475,7 +491,7 @@ def test_impossible_population_plans_fail_before_any_audio_with_the_numbers(corp
     # every reader of a split's files goes through _split_entry; the lora task imports its two readers by name
     monkeypatch.setattr(synthgrid_task, "_split_entry", no_audio)
     monkeypatch.setattr(lora_task, "load_split_without_audio", no_audio)
-    monkeypatch.setattr(lora_task, "read_split_waveforms", no_audio)
+    monkeypatch.setattr(lora_task, "iter_split_waveforms", no_audio)
     runs = tmp_path / "runs"
     with pytest.raises(DPPlanError, match=r"cohort_rate=1.5: the expected cohort q x N = 9 clients is larger than the population of N = 6"):
         run_wav2vec2_task(_cfg(corpus, runs, public_start, "federated.cohort_rate=1.5"))
@@ -1089,6 +1105,34 @@ def test_12800_client_experiment_is_the_cohort1600_experiment_on_twice_the_popul
     # the noise on the released mean, sigma C / (q N), is 1.63x lower than the 6,400-client experiment's
     ratio = (noise_multiplier_for_budget(8.0, 1e-5, 0.25, 100, "rdp") / 1600) / (noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600)
     assert 1.6 < ratio < 1.7
+
+
+
+def test_25600_client_experiment_is_the_12800_client_experiment_on_twice_the_users_with_the_same_test_set():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.dp import noise_multiplier_for_budget
+    from scripts.rescore import run_splits
+    from training.wav2vec2.plan import train_speaker_count
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        overrides = ["paths.data_dir=/nonexistent"]  # the plan from the configuration alone, not a prepared corpus
+        named = compose("config", overrides=["experiment=fl_population_25600_adam_bc", *overrides])
+        spelled = compose("config", overrides=["experiment=fl_population_12800_adam_bc", "data=synthgrid_population_25600_test200",
+                                               "federated.num_clients=25600", "federated.cohort_rate=0.0625",
+                                               "federated.num_rounds=400", "federated.server_eval_every=20", *overrides])
+        small = compose("config", overrides=["experiment=fl_population_12800_adam_bc", *overrides])
+    assert named == spelled
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-bc0.3-c25600-r400-cdp-eps8.0-b400x1q0.0625"
+    assert named.federated.cohort_rate * named.federated.num_clients == small.federated.cohort_rate * small.federated.num_clients == 1600
+    assert train_speaker_count(named) == named.federated.num_clients == 25600
+    # the 12,800 users first, then 12,800 more; the same public and test speakers (so the same test utterances)
+    big, little = run_splits(named.data), run_splits(small.data)
+    assert big["train"][: len(little["train"])] == little["train"] and len(big["train"]) == 2 * len(little["train"])
+    for split in ("public", "test", "valid", "attacker_train", "attacker_trials"):
+        assert big[split] == little[split], split
+    # 400 rounds at q = 0.0625 put no more noise per step on the released mean, sigma C / (q N), than 100 at q = 0.125
+    per_step = noise_multiplier_for_budget(8.0, 1e-5, 0.0625, 400, "rdp") / 1600
+    assert per_step <= noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600
 
 
 # --------------------------------------------------------------------------- PRV accounting of Poisson central DP

@@ -149,6 +149,7 @@ def test_runs_are_rescored_on_the_larger_test_set_and_reproduce_their_own_test_w
 
 
 def test_a_corpus_with_other_training_data_is_refused_naming_what_differs(corpora, tmp_path):
+    from data.synthgrid import generate_corpus
     from scripts.rescore import RescoreError, check_corpus
 
     small, large, start = corpora
@@ -158,6 +159,17 @@ def test_a_corpus_with_other_training_data_is_refused_naming_what_differs(corpor
         check_corpus("run", _cfg(small, tmp_path, start, "data.seed=99").data, large)
     with pytest.raises(RescoreError, match="another training population"):
         check_corpus("run", _cfg(small, tmp_path, start, "data.num_speakers=13", "data.extra_train_speakers=3").data, large)
+    # a corpus that trains MORE speakers after its test speakers (synthgrid_population_25600_test200) has the same
+    # test set: the run is scored there (and paired with the larger population's runs); the reverse is refused
+    grown = tmp_path / "grown"
+    shutil.copytree(large, grown, ignore=shutil.ignore_patterns("prepare", "feature_cache"))
+    grown_data = _cfg(grown, tmp_path, start, "data.num_speakers=17", "data.extra_test_speakers=3",
+                      "data.extra_train_speakers_after_test=2").data
+    generate_corpus(grown_data, grown, num_workers=0, progress=False)
+    large_data = _cfg(large, tmp_path, start, "data.num_speakers=15", "data.extra_test_speakers=3").data
+    assert check_corpus("run", large_data, grown)["test"] == check_corpus("run", large_data, large)["test"]
+    with pytest.raises(RescoreError, match="2 training speakers of the run are not training speakers"):
+        check_corpus("run", grown_data, large)
     with pytest.raises(RescoreError, match="train_utterances_per_speaker"):
         check_corpus("run", _cfg(small, tmp_path, start, "data.train_utterances_per_speaker=3").data, large)
     with pytest.raises(RescoreError, match="meta.json not found"):

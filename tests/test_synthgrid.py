@@ -303,3 +303,40 @@ def test_larger_test_set_appends_test_speakers_and_keeps_every_other_speaker_and
     assert b["test"] == a["test"] + ["s12", "s13", "s14"]
     with pytest.raises(ValueError, match="extra_test_speakers=12"):
         SynthGridParams(num_speakers=14, extra_train_speakers=2, extra_test_speakers=12).validate()
+
+
+def test_population_grown_after_the_extra_test_speakers_keeps_the_test_set_and_every_file(tmp_path):
+    """data.extra_train_speakers_after_test (synthgrid_population_25600_test200): more train speakers after the
+    extra test speakers, so a larger population keeps the test set (speakers and files) of the corpus with extra
+    test speakers, its training speakers first in the same order, and reuses its files."""
+    from data.synthgrid import SynthGridParams, generate_corpus
+    from data.synthgrid.generate import _read_checksums
+    from data.synthgrid.speakers import assign_splits, make_speakers
+
+    splits = {"public": 2, "train": 2, "valid": 1, "test": 1, "attacker_train": 1, "attacker_trials": 2}
+    common = dict(utterances_per_speaker=3, public_utterances_per_speaker=4, splits=splits, audio_only=True,
+                  train_utterances_per_speaker=2, extra_train_speakers=2, extra_test_speakers=3)
+    small = SynthGridParams(num_speakers=14, **common)
+    generate_corpus(small, tmp_path / "small", num_workers=0, progress=False)
+    shutil.copytree(tmp_path / "small", tmp_path / "large", ignore=shutil.ignore_patterns("prepare"))
+    large = SynthGridParams(num_speakers=16, extra_train_speakers_after_test=2, **common)
+    stats = generate_corpus(large, tmp_path / "large", num_workers=0, progress=False)
+    assert stats["generated"] == 2 * 2  # the 2 new train speakers x 2 utterances; everything else is kept
+    for split in SPLITS:
+        a = [u.id for u in read_split(tmp_path / "small", split)]
+        b = [u.id for u in read_split(tmp_path / "large", split)]
+        if split == "train":
+            assert b[: len(a)] == a and b[len(a):] == [f"s{s}/s{s}_u00{i}" for s in (15, 16) for i in (1, 2)]
+        else:
+            assert a == b, split
+    small_sums, large_sums = _read_checksums(tmp_path / "small"), _read_checksums(tmp_path / "large")
+    assert all(large_sums[k] == v for k, v in small_sums.items()) and len(large_sums) == len(small_sums) + 4
+    meta = json.loads((tmp_path / "large" / "meta.json").read_text())
+    assert meta["extra_train_speakers_after_test"] == 2 and meta["split_speakers"]["train"][-2:] == ["s15", "s16"]
+    # the split plan alone: without the option it is the old plan; with it only train grows, at its end
+    a, _ = assign_splits(make_speakers(1, 14), splits, 2, 3)
+    b, _ = assign_splits(make_speakers(1, 16), splits, 2, 3, 2)
+    assert {k: v for k, v in b.items() if k != "train"} == {k: v for k, v in a.items() if k != "train"}
+    assert b["train"] == a["train"] + ["s15", "s16"]
+    with pytest.raises(ValueError, match="extra_train_speakers_after_test=12"):
+        SynthGridParams(num_speakers=16, extra_train_speakers=2, extra_test_speakers=2, extra_train_speakers_after_test=12).validate()

@@ -104,6 +104,7 @@ class DataConfig:
     train_utterances_per_speaker: Optional[int] = None  # SynthGRID train-split speakers (None: utterances_per_speaker)
     extra_train_speakers: int = 0  # SynthGRID: train speakers appended after the public block (larger populations)
     extra_test_speakers: int = 0  # SynthGRID: test speakers appended after those (a larger test set, nothing else moves)
+    extra_train_speakers_after_test: int = 0  # SynthGRID: train speakers appended after the extra test ones (same test set)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     trials_per_speaker: int = 40  # verification trials per held-out speaker (half target, half non-target)
     sample_rate: int = 16000

@@ -67,6 +67,9 @@ class SynthGridParams:
     # Test speakers appended after those (speakers.assign_splits): a larger test set whose every other
     # speaker, and every utterance of theirs, is that of the corpus without them.
     extra_test_speakers: int = 0
+    # Train speakers appended after the extra test speakers: a larger population that keeps the test set of
+    # a corpus with extra test speakers (synthgrid_population_25600_test200 keeps 12,800's 200 test speakers).
+    extra_train_speakers_after_test: int = 0
     splits: dict[str, int] = field(
         default_factory=lambda: {"public": 80, "train": 12, "valid": 2, "test": 4, "attacker_train": 12, "attacker_trials": 8}
     )
@@ -123,6 +126,12 @@ class SynthGridParams:
             raise ValueError(
                 f"data.extra_test_speakers={self.extra_test_speakers}: expected 0 <= value < data.num_speakers - "
                 f"data.extra_train_speakers = {self.num_speakers - self.extra_train_speakers}"
+            )
+        if not 0 <= self.extra_train_speakers_after_test < self.num_speakers - self.extra_train_speakers - self.extra_test_speakers:
+            raise ValueError(
+                f"data.extra_train_speakers_after_test={self.extra_train_speakers_after_test}: expected 0 <= value < "
+                f"data.num_speakers - data.extra_train_speakers - data.extra_test_speakers = "
+                f"{self.num_speakers - self.extra_train_speakers - self.extra_test_speakers}"
             )
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
@@ -361,7 +370,8 @@ def generate_corpus(
     t0 = time.perf_counter()
 
     speakers = make_speakers(params.seed, params.num_speakers)
-    split_speakers, public_shares_train = assign_splits(speakers, params.splits, params.extra_train_speakers, params.extra_test_speakers)
+    split_speakers, public_shares_train = assign_splits(speakers, params.splits, params.extra_train_speakers, params.extra_test_speakers,
+                                                      params.extra_train_speakers_after_test)
     if public_shares_train:
         log.warning(
             "data.num_speakers=%d leaves no room for separate public speakers: the public split reuses the train speakers %s",
@@ -455,6 +465,7 @@ def generate_corpus(
         "train_utterances_per_speaker": params.train_utterances_per_speaker,
         "extra_train_speakers": params.extra_train_speakers,
         "extra_test_speakers": params.extra_test_speakers,
+        "extra_train_speakers_after_test": params.extra_train_speakers_after_test,
         "requested_split_speakers": dict(params.splits),
         "split_speakers": {s: split_speakers[s] for s in SPLITS},
         "public_shares_train_speakers": public_shares_train,

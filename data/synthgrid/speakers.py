@@ -162,7 +162,8 @@ def split_sizes(num_speakers: int, requested: dict[str, int]) -> tuple[dict[str,
 
 
 def assign_splits(
-    speakers: list[SpeakerParams], requested: dict[str, int], extra_train: int = 0, extra_test: int = 0
+    speakers: list[SpeakerParams], requested: dict[str, int], extra_train: int = 0, extra_test: int = 0,
+    extra_train_after_test: int = 0,
 ) -> tuple[dict[str, list[str]], bool]:
     """Contiguous blocks of speakers: train, valid, test, attacker_train, attacker_trials, then public last.
 
@@ -173,20 +174,28 @@ def assign_splits(
     speakers (the last `extra_test` of `speakers`), so that a larger training population or a larger
     test set keeps every other speaker where the smaller corpus has it: the same public speakers (the
     shipped start never saw a training speaker), the same training speakers and the same test speakers.
+    `extra_train_after_test` more train speakers come after the extra test speakers (the last of `speakers`),
+    so that a larger population keeps the test set of a corpus with extra test speakers too.
     """
     if not 0 <= extra_train < len(speakers):
         raise ValueError(f"data.extra_train_speakers={extra_train}: expected 0 <= value < data.num_speakers={len(speakers)}")
     if not 0 <= extra_test < len(speakers) - extra_train:
         raise ValueError(f"data.extra_test_speakers={extra_test}: expected 0 <= value < data.num_speakers - "
                          f"data.extra_train_speakers = {len(speakers) - extra_train}")
-    blocks = speakers[: len(speakers) - extra_train - extra_test]
+    if not 0 <= extra_train_after_test < len(speakers) - extra_train - extra_test:
+        raise ValueError(f"data.extra_train_speakers_after_test={extra_train_after_test}: expected 0 <= value < "
+                         f"data.num_speakers - data.extra_train_speakers - data.extra_test_speakers = "
+                         f"{len(speakers) - extra_train - extra_test}")
+    late = len(speakers) - extra_train_after_test  # the extra test block ends here
+    blocks = speakers[: late - extra_train - extra_test]
     sizes, share_public = split_sizes(len(blocks), requested)
     out, start = {}, 0
     for s in [*[s for s in SPLITS if s != "public"], "public"]:
         out[s] = [spk.id for spk in blocks[start : start + sizes[s]]]
         start += sizes[s]
-    out["train"] += [spk.id for spk in speakers[len(blocks) : len(speakers) - extra_test]]
-    out["test"] += [spk.id for spk in speakers[len(speakers) - extra_test :]]
+    out["train"] += [spk.id for spk in speakers[len(blocks) : late - extra_test]]
+    out["test"] += [spk.id for spk in speakers[late - extra_test : late]]
+    out["train"] += [spk.id for spk in speakers[late:]]
     if share_public:
         out["public"] = list(out["train"])
     return {s: out[s] for s in SPLITS}, share_public

@@ -35,7 +35,7 @@ from privacy.federated.synthgrid_task import (
     LABEL_PAD,
     SynthGridTask,
     load_split_without_audio,
-    read_split_waveforms,
+    iter_split_waveforms,
     speaker_split_loaders,
     task_settings,
 )
@@ -94,9 +94,17 @@ def cached_features(base: nn.Module, checksum: str, data_dir: str | Path, split:
     if features is None:
         import time
 
+        from common.progress import Progress
+
         t0 = time.time()
-        with torch.inference_mode():
-            features = [encode_below(base, w, first_layer) for w in read_split_waveforms(data_dir, split)]
+        bar = Progress(total=len(num_samples), desc=f"encoding {split} below layer {first_layer}", unit="utt",
+                       every=max(1, len(num_samples) // 10), seconds=60.0)
+        features = []
+        with torch.inference_mode():  # one waveform at a time: only the (smaller) features are kept
+            for wave in iter_split_waveforms(data_dir, split):
+                features.append(encode_below(base, wave, first_layer))
+                bar.update()
+        bar.close()
         buffer = io.BytesIO()
         torch.save(features, buffer)
         atomic_write_bytes(path, buffer.getvalue())

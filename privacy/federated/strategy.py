@@ -138,6 +138,7 @@ class ValidatingStrategy(Strategy):
         self.min_accepted_reason = min_accepted_reason
         self.current: dict[str, np.ndarray] = {}
         self.rounds: dict[int, RoundRecord] = {}
+        self._dense_array_bytes: dict[tuple, int] = {}  # (name, shape, dtype) of a delta -> its dense ArrayRecord's wire bytes
 
     @property
     def uniform_weights(self) -> bool:
@@ -184,10 +185,20 @@ class ValidatingStrategy(Strategy):
         sent = wire_nbytes(reply)
         payload = arrays_to_state(content["arrays"])
         delta = validate_update(payload, self.current, self.max_update_norm)
-        dense = sent - wire_nbytes(content["arrays"]) + wire_nbytes(state_to_arrays(NoCompression().compress(delta)))
+        dense = sent - wire_nbytes(content["arrays"]) + self._dense_nbytes(delta)
         if sent > 1.5 * dense + 4096:
             raise UpdateRejected(f"reply of {sent} bytes is larger than the dense update would be ({dense} bytes)")
         return delta, metrics, sent, dense
+
+    def _dense_nbytes(self, delta: dict[str, np.ndarray]) -> int:
+        """Wire bytes of the delta's dense ArrayRecord. They depend on names, shapes and dtypes only (Flower serialises
+        an array as its raw bytes plus a header of those and an id of fixed length), so each layout is encoded once.
+        Encoding it again for every reply was ~1 of the ~3 ms a reply's check takes (the 8,756-parameter LoRA update,
+        medians of 7 x 200 replies on the loaded 2-core machine): ~1.6 s of a 1,600-client round, a few per cent."""
+        layout = tuple((name, value.shape, value.dtype.str) for name, value in delta.items())
+        if layout not in self._dense_array_bytes:
+            self._dense_array_bytes[layout] = wire_nbytes(state_to_arrays(NoCompression().compress(delta)))
+        return self._dense_array_bytes[layout]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         record = self._record(server_round)

@@ -40,7 +40,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -155,12 +155,19 @@ def _targets(ids: Sequence[str], texts: Sequence[str], tokenizer) -> list[torch.
     return [torch.tensor(tokenizer.encode(text, utt_id=i), dtype=torch.long) for i, text in zip(ids, texts)]
 
 
-def read_split_waveforms(data_dir: str | Path, split: str) -> list[torch.Tensor]:
-    """Normalised waveforms of a split in manifest order, read now and not kept (see load_split for the kept ones)."""
+def iter_split_waveforms(data_dir: str | Path, split: str) -> Iterator[torch.Tensor]:
+    """Normalised waveforms of a split in manifest order, one at a time: the split's files are validated first
+    (`_split_entry`), then each is read when the caller asks for it, so a caller that keeps less than the audio
+    (the LoRA task's feature cache) never holds the whole split's waveforms (~8 GB for 51,200 utterances)."""
     from data.media import read_wav
 
     _, (_, _, _, paths, _, rate) = _split_entry(data_dir, split)
-    return [normalise_waveform(read_wav(path, expected_rate=rate)) for path in paths]
+    return (normalise_waveform(read_wav(path, expected_rate=rate)) for path in paths)
+
+
+def read_split_waveforms(data_dir: str | Path, split: str) -> list[torch.Tensor]:
+    """Normalised waveforms of a split in manifest order, read now and not kept (see load_split for the kept ones)."""
+    return list(iter_split_waveforms(data_dir, split))
 
 
 def load_split(data_dir: str | Path, split: str, tokenizer=None) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor]]:

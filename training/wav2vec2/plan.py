@@ -39,7 +39,7 @@ def train_speaker_count(cfg: DictConfig) -> int:
         return -1  # unknown until the corpus is prepared (check_plan checks it then)
     from data.synthgrid.speakers import split_sizes
 
-    extra = int(cfg.data.get("extra_train_speakers", 0))
+    extra = int(cfg.data.get("extra_train_speakers", 0)) + int(cfg.data.get("extra_train_speakers_after_test", 0))
     sizes, _ = split_sizes(int(cfg.data.num_speakers) - extra - int(cfg.data.get("extra_test_speakers", 0)), {k: int(v) for k, v in dict(cfg.data.splits).items()})
     return int(sizes["train"]) + extra
 
