@@ -13,7 +13,8 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 20)
     lines = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if json.dumps(a, default=str) != json.dumps(b, default=str):
+        # key order inside a nested mapping is not a difference (training/fingerprint.py's digest sorts keys too)
+        if json.dumps(a, default=str, sort_keys=True) != json.dumps(b, default=str, sort_keys=True):
             show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
             lines.append(f"{key}: {show(a)} -> {show(b)}")
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])

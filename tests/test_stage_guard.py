@@ -279,3 +279,15 @@ def test_exported_features_are_checked_against_their_recorded_sha256(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=rf"{path}: sha256 differs"):
         read_export(tmp_path, "attacker_trials")
+
+
+def test_config_diff_names_changed_keys_and_ignores_key_order_inside_nested_values():
+    from common.config_diff import config_diff
+
+    old = {"lr": 0.1, "splits": {"train": 12, "test": 4}, "gone": 1}
+    new = {"splits": {"test": 4, "train": 12}, "lr": 0.2, "added": [1, 2]}
+    assert config_diff(old, new) == ["added: <absent> -> [1, 2]", "gone: 1 -> <absent>", "lr: 0.1 -> 0.2"]
+    assert config_diff(old, {**old, "splits": {"test": 4, "train": 12}}) == []  # the same mapping, other order
+    assert config_diff(old, {**old, "splits": {"train": 12, "test": 5}}) == ["splits: {'train': 12, 'test': 4} -> {'train': 12, 'test': 5}"]
+    many = config_diff({f"k{i}": i for i in range(25)}, {})
+    assert len(many) == 21 and many[-1] == "... and 5 more"
