@@ -15,7 +15,7 @@ from training.train_state import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from training.loop import capture_rng_state, restore_rng_state
+from common.seeding import capture_rng_state, restore_rng_state
 
 
 def _state(step: int) -> dict:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from common.device import move_to_device
 from common.progress import Progress, format_duration
-from common.seeding import capture_rng_state, preserved_rng, restore_rng_state  # noqa: F401  (re-exported: tests import them from here)
+from common.seeding import capture_rng_state, preserved_rng, restore_rng_state
 from training import ddp
 from training.train_state import checkpoint_paths, load_latest_checkpoint, save_checkpoint
 
