@@ -32,6 +32,7 @@ from data.synthgrid.speakers import (
     UTTERANCE_STREAM,
     SpeakerParams,
     assign_splits,
+    check_extra_speakers,
     make_speaker,
     make_speakers,
     speaker_table_header,
@@ -118,21 +119,8 @@ class SynthGridParams:
             raise ValueError(
                 f"data.train_utterances_per_speaker={self.train_utterances_per_speaker}: expected >= 1 (or null)"
             )
-        if not 0 <= self.extra_train_speakers < self.num_speakers:
-            raise ValueError(
-                f"data.extra_train_speakers={self.extra_train_speakers}: expected 0 <= value < data.num_speakers={self.num_speakers}"
-            )
-        if not 0 <= self.extra_test_speakers < self.num_speakers - self.extra_train_speakers:
-            raise ValueError(
-                f"data.extra_test_speakers={self.extra_test_speakers}: expected 0 <= value < data.num_speakers - "
-                f"data.extra_train_speakers = {self.num_speakers - self.extra_train_speakers}"
-            )
-        if not 0 <= self.extra_train_speakers_after_test < self.num_speakers - self.extra_train_speakers - self.extra_test_speakers:
-            raise ValueError(
-                f"data.extra_train_speakers_after_test={self.extra_train_speakers_after_test}: expected 0 <= value < "
-                f"data.num_speakers - data.extra_train_speakers - data.extra_test_speakers = "
-                f"{self.num_speakers - self.extra_train_speakers - self.extra_test_speakers}"
-            )
+        check_extra_speakers(self.num_speakers, self.extra_train_speakers, self.extra_test_speakers,
+                             self.extra_train_speakers_after_test)
         if self.roi_size < 32:
             raise ValueError(f"data.roi_size={self.roi_size}: expected >= 32 pixels")
         if self.on_error not in ("raise", "skip"):

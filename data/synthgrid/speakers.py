@@ -161,6 +161,19 @@ def split_sizes(num_speakers: int, requested: dict[str, int]) -> tuple[dict[str,
     return {s: sizes[s] for s in SPLITS}, share_public
 
 
+def check_extra_speakers(num_speakers: int, extra_train: int = 0, extra_test: int = 0, extra_train_after_test: int = 0) -> None:
+    """The appended blocks of :func:`assign_splits` leave at least one speaker for the ordinary splits."""
+    if not 0 <= extra_train < num_speakers:
+        raise ValueError(f"data.extra_train_speakers={extra_train}: expected 0 <= value < data.num_speakers={num_speakers}")
+    if not 0 <= extra_test < num_speakers - extra_train:
+        raise ValueError(f"data.extra_test_speakers={extra_test}: expected 0 <= value < data.num_speakers - "
+                         f"data.extra_train_speakers = {num_speakers - extra_train}")
+    if not 0 <= extra_train_after_test < num_speakers - extra_train - extra_test:
+        raise ValueError(f"data.extra_train_speakers_after_test={extra_train_after_test}: expected 0 <= value < "
+                         f"data.num_speakers - data.extra_train_speakers - data.extra_test_speakers = "
+                         f"{num_speakers - extra_train - extra_test}")
+
+
 def assign_splits(
     speakers: list[SpeakerParams], requested: dict[str, int], extra_train: int = 0, extra_test: int = 0,
     extra_train_after_test: int = 0,
@@ -177,15 +190,7 @@ def assign_splits(
     `extra_train_after_test` more train speakers come after the extra test speakers (the last of `speakers`),
     so that a larger population keeps the test set of a corpus with extra test speakers too.
     """
-    if not 0 <= extra_train < len(speakers):
-        raise ValueError(f"data.extra_train_speakers={extra_train}: expected 0 <= value < data.num_speakers={len(speakers)}")
-    if not 0 <= extra_test < len(speakers) - extra_train:
-        raise ValueError(f"data.extra_test_speakers={extra_test}: expected 0 <= value < data.num_speakers - "
-                         f"data.extra_train_speakers = {len(speakers) - extra_train}")
-    if not 0 <= extra_train_after_test < len(speakers) - extra_train - extra_test:
-        raise ValueError(f"data.extra_train_speakers_after_test={extra_train_after_test}: expected 0 <= value < "
-                         f"data.num_speakers - data.extra_train_speakers - data.extra_test_speakers = "
-                         f"{len(speakers) - extra_train - extra_test}")
+    check_extra_speakers(len(speakers), extra_train, extra_test, extra_train_after_test)
     late = len(speakers) - extra_train_after_test  # the extra test block ends here
     blocks = speakers[: late - extra_train - extra_test]
     sizes, share_public = split_sizes(len(blocks), requested)
