@@ -86,7 +86,7 @@ def test_pretrain_finetune_evaluate_export_attack(tiny_corpus, caplog):
     lines = (run_dir / "attack" / "semi_informed" / "scores.txt").read_text().splitlines()
     assert len(lines) == attack["n_trials"] and (run_dir / "attack" / "semi_informed" / "det.png").is_file()
     # the attacker writes the same training log as the ASR stages (logger choice honoured)
-    from training.run_logger import read_jsonl
+    from common.files import read_jsonl
 
     log = read_jsonl(run_dir / "attack" / "semi_informed" / "log.jsonl")
     assert log and log[-1]["step"] == attack["steps"] and "train/loss" in log[-1]
