@@ -352,7 +352,10 @@ def test_a_checkpoint_from_before_the_appended_log_resumes_from_the_rewritten_su
     rounds = read_jsonl(run_dir / "federated_rounds.jsonl")
     (run_dir / "federated_rounds.jsonl").unlink()  # what such a run left: the summary as of its last round
     (run_dir / "federated_rounds.json").write_text(json.dumps({"rounds": rounds, "resumed_after_round": [1]}))
-    resumed = run_federated({**case, "run-dir": str(run_dir)}, clients, backend="sequential")
+    summary_on_disk: dict = {}  # while rounds 3-4 run, the old attempt's summary is gone (its rounds are in the .jsonl)
+    resumed = run_federated({**case, "run-dir": str(run_dir)}, clients, backend="sequential",
+                            on_round=lambda e: summary_on_disk.setdefault(e["server_round"], (run_dir / "federated_rounds.json").exists()))
+    assert summary_on_disk == {1: True, 2: True, 3: False, 4: False}  # 1-2: replayed while the checkpoint is read
     assert resumed["resumed_after_round"] == [1, 2]
     for name in whole["final_state"]:
         np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])

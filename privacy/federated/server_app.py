@@ -10,7 +10,8 @@ loop written out, because it also has to
   (fsynced; a crash leaves the complete rounds and at most a cut-off last line, which is not a round),
   a progress line (time per round, ETA; common.progress), and the entry handed to ``on_round``
   (the Hydra side writes its log.csv/wandb row there). The whole summary, ``federated_rounds.json``
-  and ``.csv`` (a row per client and round), is written once, when the run ends: rewriting it after
+  and ``.csv`` (a row per client and round), is written once, when the run ends (so it is on disk only for an
+  ended federation; a resumption removes an unfinished attempt's): rewriting it after
   every round cost time and disk in the square of the rounds (180 MB per round by round 400 of a
   1,600-client cohort);
 * stop early when the privacy budget is exhausted: central DP stops BEFORE a
@@ -152,6 +153,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
         # the log holds exactly the rounds run so far: none on a fresh start (an attempt that left no checkpoint runs
         # again from round 1), the checkpoint's on a resumption (the interrupted attempt's later rounds are dropped)
         atomic_write_text(run_dir / ROUNDS_LOG, "".join(_entry_line(entry) + "\n" for entry in summary["rounds"]))
+        if not finished:  # a summary on disk says the federation ended: an unfinished one's (an old attempt's) goes
+            for name in (ROUNDS_JSON, ROUNDS_CSV):
+                (run_dir / name).unlink(missing_ok=True)
     t0 = time.time() - seconds_before
     # a line per round, in a terminal too: rounds are few and slow, and the line carries the round's numbers
     progress = Progress(total=int(cfg["num-rounds"]), desc="federated round", unit="round", every=1, terminal=False,
