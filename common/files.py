@@ -40,6 +40,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a newline is added) and fsync: a log that grows by a record per step costs the record, not
+    the file. An interrupted append can leave a last line without its newline; readers drop it
+    (:func:`read_jsonl`)."""
+    with open(path, "ab") as f:
+        f.write(line.encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file (a run's `log.jsonl`, the federation's round log), in order. A last line
+    without its newline (an append cut off) is not a record; any other line that does not parse is an error naming
+    the file and line."""
+    complete = Path(path).read_bytes().split(b"\n")[:-1]  # what follows the last newline: b"" or a cut-off append
+    records = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error}); the file is damaged") from error
+    return records
+
+
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested dicts -> flat `a/b` keys; only numbers survive (bools become 0/1)."""
     flat: dict[str, float] = {}

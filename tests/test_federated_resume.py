@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.files import read_jsonl
 from privacy.federated.runner import run_federated
 from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, check_resumable, read_checkpoint,
                                                  write_checkpoint)
@@ -300,3 +301,74 @@ def test_an_interrupted_hydra_centralised_baseline_resumes_exactly(tmp_path, mon
     assert (stage_dir / "log.csv").read_text() == (whole_dir / "log.csv").read_text()
     a, b = np.load(stage_dir / "global_model.npz"), np.load(whole_dir / "global_model.npz")
     assert all(np.array_equal(a[k], b[k]) for k in b.files)
+
+
+def test_the_round_log_grows_by_a_line_per_round_and_the_summary_is_written_at_the_end(tmp_path):
+    """Each round appends its entry to federated_rounds.jsonl; federated_rounds.json/.csv are written once, at the
+    end (rewriting them every round cost time and disk in the square of the rounds)."""
+    log_path, summary_path = tmp_path / "federated_rounds.jsonl", tmp_path / "federated_rounds.json"
+    during: list = []
+    result = run_federated({**TINY, "run-dir": str(tmp_path)}, 2, backend="sequential",
+                           on_round=lambda e: during.append((e["server_round"], len(log_path.read_bytes().splitlines()),
+                                                              summary_path.exists())))
+    assert during == [(1, 1, False), (2, 2, False), (3, 3, False), (4, 4, False)]
+    assert read_jsonl(log_path) == json.loads(summary_path.read_text())["rounds"]
+    assert _comparable(json.loads(summary_path.read_text())["rounds"]) == _comparable(result["rounds"])
+    assert len((tmp_path / "federated_rounds.csv").read_text().splitlines()) == 1 + 4 * 2  # header + client rows
+
+
+def test_a_cut_off_last_line_of_the_round_log_is_not_a_round(tmp_path):
+    """A crash in the middle of an append leaves a last line without its newline: dropped on resumption, as a round
+    that was never logged; a damaged line before it is an error naming the file and line."""
+    cfg = {**TINY, "checkpoint-every": 2}
+    whole = run_federated({**cfg, "run-dir": str(tmp_path / "whole")}, 2, backend="sequential")
+    run_dir = tmp_path / "cut"
+    with pytest.raises(Stop):
+        run_federated({**cfg, "run-dir": str(run_dir)}, 2, backend="sequential",
+                      on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 2 else None)
+    with open(run_dir / "federated_rounds.jsonl", "ab") as f:
+        f.write(b'{"server_round": 3, "clie')  # round 3's append, cut off
+    resumed = run_federated({**cfg, "run-dir": str(run_dir)}, 2, backend="sequential")
+    assert resumed["resumed_after_round"] == [2]
+    for name in whole["final_state"]:
+        np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])
+    assert [e["server_round"] for e in read_jsonl(run_dir / "federated_rounds.jsonl")] == [1, 2, 3, 4]
+
+    lines = (run_dir / "federated_rounds.jsonl").read_bytes().splitlines(keepends=True)
+    (run_dir / "federated_rounds.jsonl").write_bytes(lines[0] + b"{damaged\n" + b"".join(lines[2:]))
+    with pytest.raises(ValueError, match=r"federated_rounds\.jsonl, line 2: not a JSON record"):
+        read_jsonl(run_dir / "federated_rounds.jsonl")
+
+
+def test_a_checkpoint_from_before_the_appended_log_resumes_from_the_rewritten_summary(tmp_path):
+    """Runs started before the round log was appended rewrote federated_rounds.json every round and have no .jsonl:
+    their checkpoint resumes from that file, and the resumptions it lists are kept."""
+    case, clients = CASES["poisson-fedavgm"]
+    whole = run_federated({**case, "run-dir": str(tmp_path / "whole")}, clients, backend="sequential")
+    run_dir = tmp_path / "old"
+    with pytest.raises(Stop):
+        run_federated({**case, "run-dir": str(run_dir)}, clients, backend="sequential",
+                      on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 2 else None)
+    rounds = read_jsonl(run_dir / "federated_rounds.jsonl")
+    (run_dir / "federated_rounds.jsonl").unlink()  # what such a run left: the summary as of its last round
+    (run_dir / "federated_rounds.json").write_text(json.dumps({"rounds": rounds, "resumed_after_round": [1]}))
+    summary_on_disk: dict = {}  # while rounds 3-4 run, the old attempt's summary is gone (its rounds are in the .jsonl)
+    resumed = run_federated({**case, "run-dir": str(run_dir)}, clients, backend="sequential",
+                            on_round=lambda e: summary_on_disk.setdefault(e["server_round"], (run_dir / "federated_rounds.json").exists()))
+    assert summary_on_disk == {1: True, 2: True, 3: False, 4: False}  # 1-2: replayed while the checkpoint is read
+    assert resumed["resumed_after_round"] == [1, 2]
+    for name in whole["final_state"]:
+        np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])
+    assert _comparable(resumed["rounds"]) == _comparable(whole["rounds"])
+
+
+def test_a_run_resumed_twice_lists_both_resumptions(tmp_path):
+    """The summary is written at the end, so the rounds a run was resumed after travel in its checkpoint."""
+    cfg = {**TINY, "run-dir": str(tmp_path)}
+    for stop_after in (1, 3):
+        with pytest.raises(Stop):
+            run_federated(cfg, 2, backend="sequential",
+                          on_round=lambda e, r=stop_after: (_ for _ in ()).throw(Stop) if e["server_round"] == r else None)
+    resumed = run_federated(cfg, 2, backend="sequential")
+    assert resumed["resumed_after_round"] == [1, 3]
+    assert json.loads((tmp_path / "federated_rounds.json").read_text())["resumed_after_round"] == [1, 3]

@@ -107,7 +107,7 @@ def test_fl_local_dp_run_writes_metrics_and_clients_send_only_parameter_updates(
     assert written["bytes_per_client_round"] < 0.3 * written["dense_bytes_per_client_round"]
     assert metrics["wer"] == written["wer"]
     # the same logs as every other stage: one entry per round, then the test result
-    from training.run_logger import read_jsonl
+    from common.files import read_jsonl
 
     log = read_jsonl(Path(cfg.paths.run_dir) / "federated" / "log.jsonl")
     assert [e["step"] for e in log] == [1, 1] and log[-1]["test/wer"] == written["wer"]
@@ -162,7 +162,7 @@ def test_centralised_baseline_makes_the_federations_steps_on_the_clients_union(c
     assert metrics["epsilon/max"] == 0.0
     assert 0.0 <= metrics["wer"] and np.isfinite(metrics["test_loss"])
     assert (Path(cfg.paths.run_dir) / "federated" / "metrics.json").is_file()
-    from training.run_logger import read_jsonl
+    from common.files import read_jsonl
 
     assert read_jsonl(Path(cfg.paths.run_dir) / "federated" / "log.jsonl")[-1]["test/wer"] == metrics["wer"]
 

@@ -30,21 +30,22 @@ def _rows(path: Path) -> list[tuple[int, str, str]]:
 
 def test_federated_log_has_each_round_before_the_next_one_ends_with_a_progress_line(corpus, tmp_path, monkeypatch, caplog):
     from privacy.federated import server_app
-    from training.run_logger import RunLogger, read_jsonl
+    from common.files import read_jsonl
+    from training.run_logger import RunLogger
     from training.wav2vec2.finetune import log_round, run_wav2vec2_task
     import models.wav2vec2
 
     cfg = _cfg(corpus, tmp_path / "runs", "dp=none", "federated.num_rounds=3", "pretrain.log_every=1")
     run_dir = Path(cfg.paths.run_dir) / "federated"
     checkpoint = Path(cfg.model.checkpoint)
-    seen_by_round: list[list[int]] = []  # log.csv's steps when the server writes its round summary
-    original_write = server_app._write_round_log
+    seen_by_round: list[list[int]] = []  # log.csv's steps when the server appends a round to its round log
+    original_append = server_app.append_line
 
-    def snapshot_then_write(directory, summary):
+    def snapshot_then_append(path, line):
         seen_by_round.append(sorted({step for step, _, _ in _rows(run_dir / "log.csv")}))
-        original_write(directory, summary)
+        original_append(path, line)
 
-    monkeypatch.setattr(server_app, "_write_round_log", snapshot_then_write)
+    monkeypatch.setattr(server_app, "append_line", snapshot_then_append)
     pretrain_seen: list[int] = []  # pretraining's log.csv rows at each step, and each step's loss
     pretrain_losses: list[float] = []
     original_loss = models.wav2vec2.pretraining_loss
@@ -59,9 +60,9 @@ def test_federated_log_has_each_round_before_the_next_one_ends_with_a_progress_l
     caplog.set_level(logging.INFO, logger="common.progress")
     metrics = run_wav2vec2_task(cfg)
 
-    # the server writes its summary after each round (then once more at the end): log.csv already
-    # holds every earlier round, i.e. each row is on disk while the federation still runs
-    assert seen_by_round == [[], [1], [1, 2], [1, 2, 3]]
+    # the server appends each round to federated_rounds.jsonl as it ends: log.csv already holds every earlier
+    # round, i.e. each row is on disk while the federation still runs
+    assert seen_by_round == [[], [1], [1, 2]]
     # wav2vec2 pretraining (log_every=1): the row of step s is on disk before step s + 1 runs
     assert pretrain_seen == [0, 1] and [v for _, _, v in _rows(checkpoint / "log.csv")] == [repr(x) for x in pretrain_losses]
 
@@ -70,6 +71,7 @@ def test_federated_log_has_each_round_before_the_next_one_ends_with_a_progress_l
     import json
 
     summary = json.loads((run_dir / "federated_rounds.json").read_text())
+    assert read_jsonl(run_dir / "federated_rounds.jsonl") == summary["rounds"]  # the live log = the summary's rounds
     expected = RunLogger(tmp_path / "expected")
     for entry in summary["rounds"]:
         log_round(expected, entry)
@@ -101,7 +103,7 @@ def test_round_callback_does_not_change_the_federation():
 
 def test_centralised_log_has_a_row_every_log_every_steps_before_evaluation(corpus, tmp_path, monkeypatch, caplog):
     from privacy.federated import task as task_module
-    from training.run_logger import read_jsonl
+    from common.files import read_jsonl
     from training.wav2vec2.finetune import run_wav2vec2_task
 
     # rounds x local steps x clients = 2 x 2 x 2 = 8 steps, a row after steps 3, 6 and 8

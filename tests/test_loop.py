@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.run_logger import RunLogger, plot_curves, read_jsonl
+from common.files import read_jsonl
+from training.run_logger import RunLogger, plot_curves
 from training.loop import TrainingDiverged, train
 from training.optim import build_optimizer, build_scheduler, lr_schedule
 from common.seeding import seed_everything

@@ -145,7 +145,7 @@ def test_a_second_run_on_a_locked_stage_stops_at_once_naming_the_holder(tmp_path
         with pytest.raises(StageLocked) as e:
             with open_stage(cfg, "finetune"):
                 pytest.fail("two runs in one stage directory")
-        assert time.time() - t0 < 2
+        assert time.time() - t0 < 30  # it does not wait for the lock: the holder keeps it for 60 s
         assert f"PID {proc.pid}" in str(e.value) and f"host {socket.gethostname()}" in str(e.value)
         assert stage_status(Path(cfg.paths.run_dir) / "finetune")["status"] == "running"
         assert StageLock.holder(Path(cfg.paths.run_dir) / "finetune")["pid"] == proc.pid
@@ -185,17 +185,16 @@ def test_an_exception_records_failed_with_the_error(tmp_path):
     ("eval.modalities=[audio,vidoe]", "eval.modalities"), ("attacker.scenario=lazy", "attacker.scenario"),
 ])
 def test_enum_like_options_fail_at_composition(tmp_path, override, field):
-    """These used to fail only after data validation and model building (17-21 s), or never (eval.decoder)."""
-    import training.attack  # noqa: F401  (imported here so that the timing below measures the checks, not imports)
+    """These used to fail only after data validation and model building (17-21 s), or never (eval.decoder). No corpus
+    exists under tmp_path, so a task that read data or built a stage before checking its options would fail with
+    another error, or leave a run directory."""
     from training.tasks import run_asr_task, run_attack_task
 
-    cfg = compose_cfg(tmp_path, override)  # no corpus exists under tmp_path: nothing else may run first
-    t0 = time.time()
+    cfg = compose_cfg(tmp_path, override)
     for task in (run_asr_task, run_attack_task):
         with pytest.raises(ConfigChoiceError) as e:
             task(cfg)
         assert str(e.value).startswith(f"{field}=") and "expected one of" in str(e.value)
-    assert time.time() - t0 < 2.0  # tens of milliseconds on an idle machine; the bound leaves room for a loaded one
     assert not (tmp_path / "runs").exists()
 
 

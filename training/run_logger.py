@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from common.files import read_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -156,12 +158,6 @@ def logger_from_config(logger_cfg: Any, directory: str | os.PathLike, config_dic
         run_name=run_name,
         enabled=enabled,
     )
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The entries of a `log.jsonl`, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_curves(log_jsonl: str | os.PathLike, out_png: str | os.PathLike, keys: Iterable[str] | None = None) -> Path:

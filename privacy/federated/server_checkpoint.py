@@ -1,7 +1,7 @@
 """The federation's checkpoint: everything the server loop needs to continue after round r as if never stopped.
 
 :func:`privacy.federated.server_app.run_server` writes ``<run-dir>/server_checkpoint.npz`` after every
-``checkpoint-every``-th round (and the last), right after that round's ``federated_rounds.json``; a run started
+``checkpoint-every``-th round (and the last), right after that round's line in ``federated_rounds.jsonl``; a run started
 again in the same directory with the same configuration continues after the checkpoint's round (``resume``,
 trainer.resume on the Hydra side). The file holds
 
@@ -15,9 +15,10 @@ trainer.resume on the Hydra side). The file holds
   process's (:class:`privacy.federated.runner.InProcessGrid`). Under Ray or a deployment the SuperNodes hold it,
   so a run whose clients keep state (``clients_keep_state``) is resumed only on the sequential grid.
 
-The per-round log is not duplicated: the rounds up to the checkpoint's are read back from ``federated_rounds.json``
-(written first, so it always reaches at least the checkpoint's round; later rounds of the interrupted attempt are
-dropped and run again).
+The per-round log is not duplicated: the rounds up to the checkpoint's are read back from ``federated_rounds.jsonl``
+(appended first, so it always reaches at least the checkpoint's round; later rounds of the interrupted attempt are
+dropped and run again; a checkpoint written before the log was appended, when ``federated_rounds.json`` was rewritten
+every round, is resumed from that file). The checkpoint also lists the rounds the run was resumed after so far.
 
 Under DP nothing released may fall outside the accountant. The accountant is restored with the checkpoint, so it
 counts the rounds up to the checkpoint's; a round the interrupted attempt logged AFTER the checkpoint released a

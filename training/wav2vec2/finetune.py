@@ -262,11 +262,11 @@ def run_wav2vec2_task(cfg: DictConfig) -> dict:
     done = skip_if_done(cfg, "federated")
     if done is not None:
         return done
-    from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_CSV, ROUNDS_JSON
+    from privacy.federated.server_app import GLOBAL_MODEL, ROUNDS_CSV, ROUNDS_JSON, ROUNDS_LOG
     from privacy.federated.server_checkpoint import SERVER_CHECKPOINT
 
     # force=true deletes these too: a fresh attempt must not resume the old one's federation
-    stage = open_stage(cfg, "federated", attempt_outputs=(SERVER_CHECKPOINT, CENTRALISED_CHECKPOINT, ROUNDS_JSON, ROUNDS_CSV,
+    stage = open_stage(cfg, "federated", attempt_outputs=(SERVER_CHECKPOINT, CENTRALISED_CHECKPOINT, ROUNDS_JSON, ROUNDS_LOG, ROUNDS_CSV,
                                                           GLOBAL_MODEL))
     if not uses_lora(cfg):
         ensure_pretrained(cfg)
