@@ -12,8 +12,8 @@ loop written out, because it also has to
   (the Hydra side writes its log.csv/wandb row there). The whole summary, ``federated_rounds.json``
   and ``.csv`` (a row per client and round), is written once, when the run ends (so it is on disk only for an
   ended federation; a resumption removes an unfinished attempt's): rewriting it after
-  every round cost time and disk in the square of the rounds (180 MB per round by round 400 of a
-  1,600-client cohort);
+  every round cost time and disk in the square of the rounds (68 MB written in round 126 of a run with
+  ~1,600 clients per round, 55.6 MB of JSON and 12.4 MB of CSV; its line in the ``.jsonl`` is ~0.3 MB);
 * stop early when the privacy budget is exhausted: central DP stops BEFORE a
   release that would exceed ``target-epsilon`` (Flower's accountant raises
   ``PrivacyBudgetExhausted`` in ``configure_train``); local DP stops once a
