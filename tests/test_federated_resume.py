@@ -372,3 +372,59 @@ def test_a_run_resumed_twice_lists_both_resumptions(tmp_path):
     resumed = run_federated(cfg, 2, backend="sequential")
     assert resumed["resumed_after_round"] == [1, 3]
     assert json.loads((tmp_path / "federated_rounds.json").read_text())["resumed_after_round"] == [1, 3]
+
+
+def _start_and_corpus(root: Path, manifest: str = "s1/u1\ts1/u1.wav\n") -> tuple[Path, Path]:
+    start, corpus = root / "checkpoints" / "start.pt", root / "datasets" / "corpus"
+    start.parent.mkdir(parents=True)
+    start.write_bytes(b"public start weights")
+    (corpus / "manifests").mkdir(parents=True)
+    (corpus / "manifests" / "train.tsv").write_text(manifest)
+    (corpus / "checksums.sha256").write_text("0123  audio/s1/u1.wav\n")
+    return start, corpus
+
+
+def test_a_moved_project_resumes_when_its_files_are_the_same_and_is_refused_when_they_differ(tmp_path):
+    """The run config names the public start and the corpus by path; the checkpoint keeps their content digests, so a
+    project moved (or copied) with its runs resumes, and other content, even at the same path, is refused."""
+    import shutil
+
+    from privacy.federated.server_checkpoint import content_digest
+
+    start, corpus = _start_and_corpus(tmp_path / "old")
+    paths = {"task-checkpoint": str(start), "task-data-dir": str(corpus)}
+    whole = run_federated({**TINY, **paths, "run-dir": str(tmp_path / "whole")}, 2, backend="sequential")
+    with pytest.raises(Stop):
+        run_federated({**TINY, **paths, "run-dir": str(tmp_path / "old" / "run")}, 2, backend="sequential",
+                      on_round=lambda e: (_ for _ in ()).throw(Stop) if e["server_round"] == 2 else None)
+    saved = read_checkpoint(tmp_path / "old" / "run" / SERVER_CHECKPOINT)
+    assert saved["location_digests"] == {"task-checkpoint": content_digest(start), "task-data-dir": content_digest(corpus)}
+
+    shutil.copytree(tmp_path / "old", tmp_path / "new")  # the project, its files and the run, moved
+    moved = {"task-checkpoint": str(tmp_path / "new" / "checkpoints" / "start.pt"),
+             "task-data-dir": str(tmp_path / "new" / "datasets" / "corpus")}
+    resumed = run_federated({**TINY, **moved, "run-dir": str(tmp_path / "new" / "run")}, 2, backend="sequential")
+    assert resumed["resumed_after_round"] == [2] and resumed["rounds_completed"] == 4
+    for name in whole["final_state"]:
+        np.testing.assert_array_equal(resumed["final_state"][name], whole["final_state"][name])
+
+    shutil.copytree(tmp_path / "old", tmp_path / "other")  # moved, and the corpus is another one
+    (tmp_path / "other" / "datasets" / "corpus" / "manifests" / "train.tsv").write_text("s2/u1\ts2/u1.wav\n")
+    other = {"task-checkpoint": str(tmp_path / "other" / "checkpoints" / "start.pt"),
+             "task-data-dir": str(tmp_path / "other" / "datasets" / "corpus")}
+    with pytest.raises(CheckpointMismatch, match=r"task-data-dir: '.*old/datasets/corpus \(content sha256 [0-9a-f]{16}\.\.\.\)' -> '.*other/datasets/corpus \(content"):
+        run_federated({**TINY, **other, "run-dir": str(tmp_path / "other" / "run")}, 2, backend="sequential")
+
+    start.write_bytes(b"another public start")  # the same path, other weights: refused, which comparing paths missed
+    with pytest.raises(CheckpointMismatch, match="task-checkpoint: .*start.pt \\(content sha256"):
+        run_federated({**TINY, **paths, "run-dir": str(tmp_path / "old" / "run")}, 2, backend="sequential")
+
+
+def test_a_checkpoint_without_content_digests_compares_the_paths(tmp_path):
+    start, corpus = _start_and_corpus(tmp_path / "old")
+    cfg = resolve_run_config({**TINY, "task-checkpoint": str(start), "task-data-dir": str(corpus)})
+    saved = {"config": dict(cfg), "client_states": None}  # as written before the digests were kept
+    check_resumable(tmp_path / SERVER_CHECKPOINT, saved, cfg, grid=None)
+    moved = {**cfg, "task-checkpoint": str(tmp_path / "elsewhere.pt")}
+    with pytest.raises(CheckpointMismatch, match="task-checkpoint: .*start.pt' -> .*elsewhere.pt'"):
+        check_resumable(tmp_path / SERVER_CHECKPOINT, saved, moved, grid=None)

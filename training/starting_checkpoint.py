@@ -43,7 +43,7 @@ from data.ctc_decode import ctc_greedy_decode
 from training.loop import loop_kwargs_from_config, train
 from common.metrics import word_error_rate
 from training.optim import optimizer_and_scheduler_from_config
-from common.files import atomic_write_text
+from common.files import atomic_write_text, file_sha256
 from common.seeding import seed_everything
 from training.stage import open_stage
 
@@ -66,12 +66,7 @@ def card_paths(checkpoint: str | Path) -> tuple[Path, Path]:
     return checkpoint.with_suffix(".card.json"), checkpoint.with_suffix(".md")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = file_sha256  # the name this module's users import (one implementation: common.files)
 
 
 def verify_starting_checkpoint(path: str | Path, regenerate: str = REGENERATE) -> Optional[dict]:

@@ -13,7 +13,6 @@ video lengths agree to the frame.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -25,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common.files import file_sha256
 from data.media import check_existing, write_wav
 from data.manifest import SPLITS, Trial, Utterance, write_split, write_trials
 from data.synthgrid.grammar import GRID_WORDS, espeak_text, sample_sentence
@@ -236,10 +236,6 @@ def synthesize_utterance(
     return audio, frames, phonemes
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _media_rels(plan: UtterancePlan, audio_only: bool) -> tuple[str, ...]:
     return (plan.audio_rel,) if audio_only else (plan.audio_rel, plan.video_rel)
 
@@ -248,7 +244,7 @@ def _checksum_differs(out_dir: Path, plan: UtterancePlan, checksums: Mapping[str
     """True if a file of this utterance exists but differs from the checksum recorded when it was generated."""
     for rel in _media_rels(plan, audio_only):
         path = out_dir / rel
-        if rel in checksums and path.is_file() and _sha256(path) != checksums[rel]:
+        if rel in checksums and path.is_file() and file_sha256(path) != checksums[rel]:
             log.info("%s: checksum differs from %s; regenerating", rel, CHECKSUMS)
             return True
     return False
@@ -438,7 +434,7 @@ def generate_corpus(
     for p in plans:
         if p.id in ok:
             for rel in _media_rels(p, params.audio_only):
-                sums.append(f"{_sha256(out_dir / rel)}  {rel}")
+                sums.append(f"{file_sha256(out_dir / rel)}  {rel}")
     atomic_write_text(out_dir / CHECKSUMS, "\n".join(sums) + "\n")
 
     audio_seconds = sum(results[i]["n_samples"] for i in ok) / params.sample_rate

@@ -22,7 +22,6 @@ plus ``task-lora-rank``, ``task-lora-alpha``, ``task-lora-targets`` (comma-separ
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from common.files import file_sha256
 from privacy.federated.synthgrid_task import (
     LABEL_PAD,
     SynthGridTask,
@@ -49,14 +49,6 @@ _BASE_CACHE: dict[tuple[str, float], tuple[nn.Module, list[str], str]] = {}
 _FEATURE_CACHE: dict[tuple[str, str, str, int], list[torch.Tensor]] = {}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_public_start(checkpoint: str | Path) -> tuple[nn.Module, list[str], str]:
     """(Wav2Vec2ForCTC, vocabulary, sha256) of the public start, read once per process."""
     from models.wav2vec2_lora import load_wav2vec2_ctc
@@ -68,7 +60,7 @@ def load_public_start(checkpoint: str | Path) -> tuple[nn.Module, list[str], str
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _BASE_CACHE:
         model, vocabulary, _ = load_wav2vec2_ctc(path)
-        _BASE_CACHE[key] = (model, vocabulary, _sha256(path))
+        _BASE_CACHE[key] = (model, vocabulary, file_sha256(path))
     return _BASE_CACHE[key]
 
 

@@ -61,7 +61,8 @@ from common.files import append_line, atomic_write_bytes, atomic_write_text, rea
 from common.progress import Progress
 from common.seeding import capture_rng_state, restore_rng_state
 from privacy.federated.server_checkpoint import (SERVER_CHECKPOINT, CheckpointMismatch, as_tensors, check_resumable,
-                                                 context_states, read_checkpoint, restore_context_states, write_checkpoint)
+                                                 context_states, location_digests, read_checkpoint, restore_context_states,
+                                                 write_checkpoint)
 from privacy.federated.settings import client_evaluation_enabled, not_private, resolve_run_config
 from privacy.federated.strategy import PoissonCohortFedAvg, build_strategy
 from privacy.federated.task import IterateAverage, arrays_to_state, federated_state, load_federated_state, load_task, state_to_arrays, write_state_npz
@@ -138,8 +139,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
                          f"between server checkpoints (>= 1), or 0 for none")
     seconds_before = 0.0  # the interrupted attempts' training time, when resumed
     finished = False
+    # what the paths in the run config name, by content: a checkpoint resumes in a moved project if they are the same
+    digests = location_digests(cfg) if checkpoint_path is not None else {}
     if checkpoint_path is not None and checkpoint_path.exists():
-        resumed = _resume(checkpoint_path, cfg, grid, strategy, average)
+        resumed = _resume(checkpoint_path, cfg, grid, strategy, average, digests)
         arrays, rounds_done, seconds_before = resumed["arrays"], resumed["server_round"], resumed["seconds"]
         finished, stop_reason = resumed["finished"], resumed["stop_reason"]
         summary["rounds"] = resumed["entries"]
@@ -222,7 +225,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
             if checkpoint_every and (server_round % checkpoint_every == 0 or last_round or local_budget_spent):
                 _write_checkpoint(checkpoint_path, cfg, server_round, arrays, average, strategy, grid, time.time() - t0,
                                   finished=last_round or local_budget_spent, stop_reason=stop_reason,
-                                  resumed_after_round=summary.get("resumed_after_round", []))
+                                  resumed_after_round=summary.get("resumed_after_round", []), digests=digests)
         if on_round is not None:
             on_round(entry)
         progress.update(extra=_round_numbers(entry))
@@ -264,10 +267,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], overrides: Optional[Ma
 
 def _write_checkpoint(path: Path, cfg: Mapping[str, Any], server_round: int, arrays, average: Optional[IterateAverage],
                       strategy, grid: Grid, seconds: float, finished: bool, stop_reason: str,
-                      resumed_after_round: list[int]) -> None:
+                      resumed_after_round: list[int], digests: Mapping[str, str]) -> None:
     """The state after `server_round` (server_checkpoint.py), atomically, after that round's line in federated_rounds.jsonl."""
     write_checkpoint(path, {
         "config": dict(cfg),
+        "location_digests": dict(digests),  # the start's and the corpus's content (server_checkpoint.location_digests)
         "server_round": int(server_round),
         "finished": bool(finished),  # no round follows (the last planned one ran, or the local budget stopped the run)
         "stop_reason": stop_reason,
@@ -283,7 +287,8 @@ def _write_checkpoint(path: Path, cfg: Mapping[str, Any], server_round: int, arr
     })
 
 
-def _resume(path: Path, cfg: Mapping[str, Any], grid: Grid, strategy, average: Optional[IterateAverage]) -> dict[str, Any]:
+def _resume(path: Path, cfg: Mapping[str, Any], grid: Grid, strategy, average: Optional[IterateAverage],
+            digests: Mapping[str, str]) -> dict[str, Any]:
     """Restore the server, its strategy, generators and (sequential grid) clients from `path`; the rounds run so far."""
     saved = read_checkpoint(path)
     done = int(saved["server_round"])
@@ -291,7 +296,7 @@ def _resume(path: Path, cfg: Mapping[str, Any], grid: Grid, strategy, average: O
         raise CheckpointMismatch(
             f"{path} holds an earlier attempt of this federation, stopped after round {done}, but resume is off; resume it "
             f"(resume=true; Hydra: trainer.resume=true) or start from scratch (delete the file; Hydra: force=true)")
-    check_resumable(path, saved, cfg, grid)
+    check_resumable(path, saved, cfg, grid, digests)
     rounds_path = path.parent / ROUNDS_LOG
     if rounds_path.exists():
         logged = read_jsonl(rounds_path)

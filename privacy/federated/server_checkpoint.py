@@ -31,6 +31,11 @@ its first attempt's replies: a simulation's server is this process, but a deploy
 central DP with noise from the OS CSPRNG the resumed rounds draw fresh noise and cohorts; with reproducible noise
 (NOT private) or without DP a resumed run is bit-identical to an uninterrupted one.
 
+A checkpoint names the public start and the corpus by path (``task-checkpoint``, ``task-data-dir``) and by content
+(:func:`location_digests`: the start's sha256, the corpus's media checksums and manifests). A project moved or
+copied elsewhere with its runs resumes when the files there are the same; other contents are refused as another
+configuration. (A checkpoint written before the digests were kept compares the paths.)
+
 Format: an ``.npz`` read with ``allow_pickle=False``: the arrays, and one ``__meta__`` entry holding the rest as
 JSON (no pickled objects, so loading a checkpoint cannot run code).
 """
@@ -53,6 +58,11 @@ FORMAT_VERSION = 2  # 2: the generators as common.seeding.capture_rng_state hold
 META_KEY = "__meta__"
 # run-config keys that change neither what a round computes nor its accounting: a run may resume with others
 OPERATIONAL_KEYS = ("run-dir", "resume", "checkpoint-every", "round-timeout", "server-eval-every", "device")
+
+
+# run-config keys that name files by where they are: compared by content when both sides have its digest
+LOCATION_KEYS = ("task-checkpoint", "task-data-dir")
+CORPUS_FILES = ("checksums.sha256", "manifests")  # what a corpus's content digest covers (media checksums, manifests)
 
 
 class CheckpointMismatch(ValueError):
@@ -151,17 +161,62 @@ def restore_context_states(grid: Any, states: Mapping[int, np.ndarray]) -> None:
 
 
 # --------------------------------------------------------------------------- checks
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """"key: saved -> current" for every run-config key that changes what the rounds compute."""
-    def kept(cfg: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in cfg.items() if key not in OPERATIONAL_KEYS}
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file; of a corpus directory, of its media checksums and manifests (CORPUS_FILES); '' for neither."""
+    import hashlib
 
-    return config_diff(kept(saved), kept(current))
+    from common.files import file_sha256
+
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        return ""
+    files = []
+    for name in CORPUS_FILES:
+        entry = path / name
+        files += sorted(p for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else ([entry] if entry.is_file() else [])
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
-def check_resumable(path: Path, checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], grid: Any) -> None:
-    """Raise CheckpointMismatch if `checkpoint` cannot continue this run (other configuration, or clients' state missing)."""
-    diff = config_differences(checkpoint["config"], cfg)
+def location_digests(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """{key: content digest} of the files the run config names by path (LOCATION_KEYS; unset or missing ones left out)."""
+    digests = {}
+    for key in LOCATION_KEYS:
+        value = str(cfg.get(key) or "")
+        digest = content_digest(value) if value else ""
+        if digest:
+            digests[key] = digest
+    return digests
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], saved_digests: Optional[Mapping[str, str]] = None,
+                       current_digests: Optional[Mapping[str, str]] = None) -> list[str]:
+    """"key: saved -> current" for every run-config key that changes what the rounds compute. A path key
+    (LOCATION_KEYS) is compared by the content digest of what it names when both sides have one, else as text."""
+    def kept(cfg: Mapping[str, Any], digests: Mapping[str, str], other: Mapping[str, str]) -> dict[str, Any]:
+        out = {key: value for key, value in cfg.items() if key not in OPERATIONAL_KEYS}
+        for key in LOCATION_KEYS:
+            mine, theirs = digests.get(key), other.get(key)
+            if mine and theirs:  # where the same content lies is no difference; other content at the same path is one
+                out[key] = {"content sha256": mine} if mine == theirs else f"{out.get(key)} (content sha256 {mine[:16]}...)"
+        return out
+
+    saved_digests, current_digests = dict(saved_digests or {}), dict(current_digests or {})
+    return config_diff(kept(saved, saved_digests, current_digests), kept(current, current_digests, saved_digests))
+
+
+def check_resumable(path: Path, checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], grid: Any,
+                    digests: Optional[Mapping[str, str]] = None) -> None:
+    """Raise CheckpointMismatch if `checkpoint` cannot continue this run (other configuration, or clients' state missing).
+    `digests`: this run's :func:`location_digests` (None: computed here)."""
+    digests = location_digests(cfg) if digests is None else digests
+    diff = config_differences(checkpoint["config"], cfg, checkpoint.get("location_digests"), digests)
     if diff:
         raise CheckpointMismatch(
             f"{path} was written by a federation with another configuration:\n  " + "\n  ".join(diff)
