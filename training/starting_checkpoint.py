@@ -28,7 +28,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
