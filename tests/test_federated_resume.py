@@ -264,6 +264,123 @@ def test_local_training_resumed_from_its_state_equals_an_uninterrupted_run():
         train_local(model, DataLoader(loader.dataset, batch_size=8), loss_fn, steps=2, checkpoint_every=1, on_checkpoint=print)
 
 
+def _tiny_dp_run(steps: int, **train_kwargs):
+    """Client 0 of the tiny task (2 clients), trained with DP-SGD (Opacus, noise from the OS CSPRNG) for `steps` steps;
+    returns (stats, session, model)."""
+    import torch
+
+    from privacy.federated.local_dp import LocalDPSession
+    from privacy.federated.task import tiny_synthetic_task, train_local
+
+    cfg = resolve_run_config({**TINY, "dp": "local", "target-epsilon": 4.0, "target-delta": 1e-3, "num-rounds": 1,
+                              "local-steps": steps, "batch-size": 4})
+    task = tiny_synthetic_task(cfg)
+    model = task.build_model()
+    loader, _ = task.build_loaders(0, 2)
+    session = LocalDPSession.from_run_config(cfg, len(loader.dataset), None)
+    stats = train_local(model, loader, task.loss_fn, steps=steps, lr=0.1, optimizer="adam", dp=session, **train_kwargs)
+    return stats, session, model
+
+
+def _through_file(state):
+    """`state` written and read back as the run directory keeps it (npz + JSON, no pickle)."""
+    import tempfile
+
+    from privacy.federated.server_checkpoint import write_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        write_checkpoint(Path(d) / "c.npz", state)
+        return read_checkpoint(Path(d) / "c.npz")
+
+
+def test_dp_sgd_resumed_from_its_state_continues_the_privacy_ledger():
+    """Under DP-SGD train_local's state holds the ledger: a run resumed after step 7 of 17 ends with the ledger, the
+    epsilon and the step count of an uninterrupted run (the noise and batches are new, from the CSPRNG), and starts
+    from the checkpoint's parameters and Adam moments; states with and without a ledger are not mixed up."""
+    pytest.importorskip("opacus")
+    from privacy.federated.local_dp import LocalDPSession
+
+    states: list = []
+    whole, whole_session, _ = _tiny_dp_run(17, checkpoint_every=7, on_checkpoint=states.append)
+    assert [s["done"] for s in states] == [7, 14]
+    assert [LocalDPSession.from_run_config(resolve_run_config({**TINY, "dp": "local"}), 1, s["dp_ledger"]).accountant.steps
+            for s in states] == [7, 14]
+    assert states[0]["epoch_generator"] is None  # no loader position under DP
+
+    resumed, session, _ = _tiny_dp_run(17, resume_from=_through_file(states[0]))
+    assert resumed["steps"] == whole["steps"] == 17
+    assert session.accountant.history == whole_session.accountant.history  # one (sigma, q, 17) entry
+    assert session.epsilon(1e-3) == whole_session.epsilon(1e-3) <= 4.0 * 1.001
+    assert session.noise_multiplier == whole_session.noise_multiplier
+
+    # nothing left to do: the model is the checkpoint's (the parameters were restored, not retrained)
+    _, at_checkpoint, model = _tiny_dp_run(7, resume_from=_through_file(states[0]))
+    assert at_checkpoint.accountant.steps == 7
+    trained = {name: p.detach().numpy() for name, p in model.named_parameters() if p.requires_grad}
+    assert trained.keys() == states[0]["params"].keys()
+    assert all(np.array_equal(trained[k], states[0]["params"][k]) for k in trained)
+
+    import torch
+
+    from privacy.federated.task import tiny_synthetic_task, train_local
+
+    task = tiny_synthetic_task(resolve_run_config(TINY))
+    plain = task.build_model()
+    loader, _ = task.build_loaders(0, 2)
+    with pytest.raises(ValueError, match="privacy ledger"):  # a DP state continued without DP
+        train_local(plain, loader, task.loss_fn, steps=17, lr=0.1, optimizer="adam", resume_from=states[0])
+    without_dp: list = []
+    train_local(plain, loader, task.loss_fn, steps=3, lr=0.1, optimizer="adam", checkpoint_every=3, on_checkpoint=without_dp.append)
+    with pytest.raises(ValueError, match="no privacy ledger"):  # a non-DP state continued under DP
+        _tiny_dp_run(17, resume_from=without_dp[0])
+    forged = dict(states[0], done=8)
+    with pytest.raises(ValueError, match="ledger counts 7 steps"):
+        _tiny_dp_run(17, resume_from=forged)
+
+
+def test_an_interrupted_hydra_dp_sgd_centralised_run_resumes_with_its_ledger(tmp_path, monkeypatch):
+    """federated=none dp=local (DP-SGD on the union): stopped at step 14 with checkpoints every 6, the same command
+    continues after step 12 and ends with the epsilon, noise multiplier, step count and log length of an
+    uninterrupted run; the checkpoint holds the ledger of its 12 steps."""
+    pytest.importorskip("opacus")
+    import training.wav2vec2.finetune as finetune
+    from privacy.dp import ClientPrivacyAccountant
+    from tests.test_fl_synthgrid import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    overrides = ("federated=none", "dp=local", "dp.target_epsilon=8", "federated.num_rounds=3", "federated.local_steps=4",
+                 "trainer.log_every=2", "trainer.ckpt_every=5")
+    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
+    assert whole["steps"] == 24
+    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
+    stage_dir = Path(cfg.paths.run_dir) / "federated"
+    step_log = finetune._step_log
+
+    def dies_at_step_14(logger, total, every, initial=0):
+        inner = step_log(logger, total, every, initial)
+
+        def on_step(done, loss, examples):
+            inner(done, loss, examples)
+            if done == 14:
+                raise KeyboardInterrupt
+
+        return on_step
+
+    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_wav2vec2_task(cfg)
+    saved = read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)
+    assert saved["done"] == 12
+    assert ClientPrivacyAccountant.from_state(json.loads(saved["dp_ledger"])).steps == 12
+    monkeypatch.setattr(finetune, "_step_log", step_log)
+    resumed = finetune.run_wav2vec2_task(cfg)
+    for key in ("steps", "epsilon/max", "noise_multiplier"):
+        assert resumed[key] == whole[key], key
+    assert resumed["epsilon/max"] <= 8.0 * 1.001
+    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
+    assert len((stage_dir / "log.csv").read_text().splitlines()) == len((whole_dir / "log.csv").read_text().splitlines())
+
+
 def test_an_interrupted_hydra_centralised_baseline_resumes_exactly(tmp_path, monkeypatch):
     """federated=none (24 steps over a 4-batch union: six epochs), checkpoints every 6 steps, Ctrl-C at step 14:
     the same command continues after step 12 to the uninterrupted run's model, metrics and log."""

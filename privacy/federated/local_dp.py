@@ -98,3 +98,12 @@ class LocalDPSession:
 
     def to_json(self) -> str:
         return json.dumps(self.accountant.to_state())
+
+    def restore(self, saved: str) -> None:
+        """Continue the ledger of a :meth:`to_json` (a checkpoint's), before :meth:`attach`: the steps recorded
+        from then on add to it."""
+        accountant = ClientPrivacyAccountant.from_state(json.loads(saved))
+        if accountant.mechanism != self.accountant.mechanism:
+            raise ValueError(f"the saved privacy ledger composes with the {accountant.mechanism!r} accountant, this run with "
+                             f"{self.accountant.mechanism!r} (dp-accountant)")
+        self.accountant = accountant

@@ -225,7 +225,8 @@ def run_centralised(run_config: Mapping[str, Any], steps: int, task=None,
     train_local's per-step callback (logging). ``optimizer_reset_every``: train_local's (k > 0: a fresh
     optimiser every k steps, as a FedAvg client makes every round; a diagnostic, refused with DP).
     ``checkpoint_every`` / ``on_checkpoint`` / ``resume_from``: train_local's (its state every k steps, and a
-    state to continue from; without DP; training/wav2vec2/finetune.py keeps them in the run directory).
+    state to continue from, under DP with its privacy ledger; training/wav2vec2/finetune.py keeps them in the run
+    directory).
     """
     from common.seeding import seed_everything
     from privacy.federated.local_dp import LocalDPSession

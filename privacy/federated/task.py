@@ -56,6 +56,10 @@ class LocalDP(Protocol):
 
     def epsilon(self, delta: float) -> float: ...
 
+    def to_json(self) -> str: ...  # the privacy ledger so far (kept in checkpoints and client state)
+
+    def restore(self, saved: str) -> None: ...  # continue a to_json() ledger (before attach)
+
 
 def load_object(reference: str) -> Any:
     """'package.module:attribute' -> the attribute."""
@@ -230,8 +234,12 @@ def train_local(
     checkpoint_every / on_checkpoint: k > 0 calls on_checkpoint(state) after every k-th step (after on_step) with
     what continuing needs (:func:`local_training_state`: trainable parameters, optimiser, the loader's position and
     generator, torch's generator, the EMA, the running loss); resume_from: such a state, to continue after its step
-    exactly as if never stopped. Both need a loader with a torch ``generator`` (its shuffle order) and no DP
-    (Opacus' Poisson loader and accountant are not checkpointed).
+    exactly as if never stopped. Without DP both need a loader with a torch ``generator`` (its shuffle order).
+    Under DP the state also holds the privacy ledger (``dp.to_json()``), and a resumed run continues it: its epsilon
+    counts every step of the model it releases. The DP loader's batches and noise come from the OS CSPRNG, never
+    stored, so the resumed steps draw new ones (no loader position is restored) and the run is not bit-identical
+    to an uninterrupted one; the steps an interrupted attempt ran after its checkpoint released nothing (their
+    model was not written), so the ledger does not hold them.
     """
     if prox_mu > 0 and global_params is None:
         raise ValueError("FedProx (prox_mu > 0) needs global_params")
@@ -243,9 +251,9 @@ def train_local(
         raise ValueError(f"lr_decay={lr_decay!r}: expected none | linear")
     if lr_decay != "none" and (steps is None or steps < 1):
         raise ValueError(f"lr_decay={lr_decay!r} needs a step count (steps >= 1), got steps={steps!r}")
-    if (checkpoint_every or resume_from is not None) and (dp is not None or getattr(loader, "generator", None) is None):
-        raise ValueError("train_local checkpoints / resumption need a loader with a torch generator (DataLoader(..., "
-                         "generator=...)) and no DP" + (" (dp is set)" if dp is not None else " (the loader has none)"))
+    if (checkpoint_every or resume_from is not None) and dp is None and getattr(loader, "generator", None) is None:
+        raise ValueError("train_local checkpoints / resumption without DP need a loader with a torch generator "
+                         "(DataLoader(..., generator=...)): its shuffle order is the data's position (the loader has none)")
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -257,19 +265,31 @@ def train_local(
     if dp is not None:
         from privacy.dp import dp_step_on_empty_batch
 
+        if resume_from is not None:
+            if resume_from.get("dp_ledger") is None:
+                raise ValueError("resume_from holds no privacy ledger (a state of a run without DP): resuming it under DP "
+                                 "would release steps no accountant counts")
+            dp.restore(str(resume_from["dp_ledger"]))
         run_model, optimizer, run_loader = dp.attach(model, optimizer, loader)
+    elif resume_from is not None and resume_from.get("dp_ledger") is not None:
+        raise ValueError("resume_from is the state of a DP run (it holds a privacy ledger); resume it with its DP session")
     average = IterateAverage(ema) if ema else None
     run_model.train()
     total_loss, total_examples, done = 0.0, 0, 0
     max_epochs = epochs if steps is None else math.inf
     epoch = 0
-    generator = getattr(loader, "generator", None)
+    generator = getattr(loader, "generator", None) if dp is None else None  # under DP the order is the CSPRNG's
     skip = 0  # batches of the resumed epoch that ran before the checkpoint
     if resume_from is not None:
         from common.seeding import restore_rng_state
         from privacy.federated.server_checkpoint import as_tensors
 
         done, epoch, skip = int(resume_from["done"]), int(resume_from["epoch"]), int(resume_from["batches_in_epoch"])
+        if dp is not None:
+            skip = 0  # no position to return to: the DP loader draws every batch afresh from the CSPRNG
+            ledger_steps = int(getattr(getattr(dp, "accountant", None), "steps", done))
+            if ledger_steps != done:
+                raise ValueError(f"resume_from is after step {done} but its privacy ledger counts {ledger_steps} steps")
         total_loss, total_examples = float(resume_from["total_loss"]), int(resume_from["total_examples"])
         with torch.no_grad():
             for name, value in resume_from["params"].items():
@@ -278,7 +298,8 @@ def train_local(
         if average is not None:
             average.steps = int(resume_from["ema"]["steps"])
             average.accumulator = {k: np.asarray(v) for k, v in resume_from["ema"]["accumulator"].items()}
-        generator.set_state(torch.as_tensor(np.asarray(resume_from["epoch_generator"]), dtype=torch.uint8))
+        if generator is not None:
+            generator.set_state(torch.as_tensor(np.asarray(resume_from["epoch_generator"]), dtype=torch.uint8))
         restore_rng_state(as_tensors(resume_from["generators"]))
     while epoch < max_epochs and (steps is None or done < steps):
         epoch_generator = generator.get_state().clone() if generator is not None else None  # this epoch's shuffle order
@@ -318,7 +339,7 @@ def train_local(
                 on_step(done, float(loss.detach()) if n else None, n)
             if checkpoint_every and on_checkpoint is not None and done % checkpoint_every == 0:
                 on_checkpoint(local_training_state(done, epoch, batches_in_epoch, epoch_generator, total_loss, total_examples,
-                                                   trainable, optimizer, average))
+                                                   trainable, optimizer, average, dp))
         epoch += 1
         if steps is not None and done == 0 and epoch > 3:
             raise RuntimeError("local training made no step in 3 passes over the loader: the client has no data")
@@ -330,14 +351,16 @@ def train_local(
 
 
 def local_training_state(done: int, epoch: int, batches_in_epoch: int, epoch_generator: torch.Tensor, total_loss: float,
-                         total_examples: int, trainable: Mapping[str, torch.Tensor], optimizer, average: Optional[IterateAverage]
-                         ) -> dict[str, Any]:
-    """:func:`train_local`'s state after step `done` (arrays, numbers and lists only: server_checkpoint.write_checkpoint
-    stores it without pickling). The loader's position is the generator state its epoch started from plus the
-    batches drawn since; the global generators (common.seeding.capture_rng_state) are taken as they are now."""
+                         total_examples: int, trainable: Mapping[str, torch.Tensor], optimizer, average: Optional[IterateAverage],
+                         dp: Optional[LocalDP] = None) -> dict[str, Any]:
+    """:func:`train_local`'s state after step `done` (arrays, numbers, strings and lists only:
+    server_checkpoint.write_checkpoint stores it without pickling). Without DP the loader's position is the generator
+    state its epoch started from plus the batches drawn since; under DP (no position: epoch_generator None) the
+    privacy ledger after step `done`. The global generators (common.seeding.capture_rng_state) are taken as they are now."""
     from common.seeding import capture_rng_state
 
     return {"done": done, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "epoch_generator": epoch_generator,
+            "dp_ledger": None if dp is None else dp.to_json(),
             "total_loss": total_loss, "total_examples": total_examples,
             "params": {name: p.detach().cpu().numpy().copy() for name, p in trainable.items()},
             "optimizer": copy.deepcopy(optimizer.state_dict()),  # a copy: the optimiser's tensors change in place

@@ -32,7 +32,7 @@ def run_centralised(cfg: DictConfig, run_config: dict[str, Any], task, plan: dic
 
     steps = centralised_steps(cfg, plan["clients"])
     path = Path(run_config["run-dir"]) / CENTRALISED_CHECKPOINT
-    checkpointing = cfg.dp.name == "none" and int(cfg.trainer.ckpt_every) > 0
+    checkpointing = int(cfg.trainer.ckpt_every) > 0  # under DP-SGD (dp=local) with the privacy ledger
     logger = open_run_log(cfg, Path(run_config["run-dir"]), reset=not (checkpointing and path.exists()))
     every = max(1, int(cfg.trainer.log_every))
     checkpoint_every, on_checkpoint, resume_from = 0, None, None
@@ -76,8 +76,12 @@ def _centralised_resume_state(cfg: DictConfig, path: Path, logger, steps: int):
                                  f"but trainer.resume is off; resume it (trainer.resume=true) or start over (force=true)")
     if int(saved["steps"]) != steps:  # the stage fingerprint already refuses another configuration; this is its step plan
         raise CheckpointMismatch(f"{path} is of a {saved['steps']}-step run; this one plans {steps} steps")
+    if (saved.get("dp_ledger") is not None) != (cfg.dp.name != "none"):  # the fingerprint refuses this too; say it here
+        raise CheckpointMismatch(f"{path} is of a run {'with' if saved.get('dp_ledger') is not None else 'without'} DP; "
+                                 f"this one has dp={cfg.dp.name}")
     logger.load_state_dict(saved["logger"])
-    log.info("resuming the centralised run in %s after step %d of %d", path.parent, int(saved["done"]), steps)
+    log.info("resuming the centralised run in %s after step %d of %d%s", path.parent, int(saved["done"]), steps,
+             " (DP-SGD: the privacy ledger continues; new noise and batches from the OS CSPRNG)" if saved.get("dp_ledger") else "")
     return saved
 
 
