@@ -19,6 +19,8 @@
    client (``task.build_model()``) against the one reused model per process of
    ``privacy.federated.client_app.client_model``, each followed by loading the global state and one
    SGD step; interleaved, ratio of medians.
+5. The same client step (the reused model) as trained, without attention dropout, and compiled with
+   torch.compile: what a round could save (section 5's docstring); interleaved, ratios of medians.
 """
 
 from __future__ import annotations
@@ -237,11 +239,61 @@ def _client_model_reuse(clients: int = 60, repeats: int = 5) -> dict:
             "reused_over_fresh": reuse / fresh}
 
 
+# --------------------------------------------------------------------------- 5. client step: where it could be cheaper
+def _client_step_levers(clients: int = 40, repeats: int = 5) -> dict:
+    """The one-step LoRA client of section 4 (the reused model) as the federation trains it, against the same step
+    without attention dropout (p = 0 in scaled-dot-product attention; the trained model would differ, so this
+    prices the option, it does not change it) and with the layer compiled (torch.compile, dynamic shapes; lengths
+    vary between 100 and 150 frames as utterances do). Interleaved; ratios of medians to the step as trained."""
+    from models.wav2vec2 import build_wav2vec2_ctc
+    from models.wav2vec2_lora import CachedTopCTC, add_lora, ctc_loss_on_cached
+
+    torch.manual_seed(0)
+    template = CachedTopCTC(build_wav2vec2_ctc(60, size="tiny"), 3)
+    add_lora(template, 4, 8.0, ["q_proj", "v_proj"])
+    attention_dropout = float(template.config.attention_dropout)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(clients):
+        lengths = torch.randint(100, 151, (2,), generator=gen)
+        hidden = torch.randn(2, int(lengths.max()), 128, generator=gen)
+        hidden[(torch.arange(hidden.shape[1])[None, :] >= lengths[:, None])] = 0
+        batches.append((hidden, lengths, torch.randint(1, 60, (2, 12), generator=gen)))
+    models = {"as_trained": copy.deepcopy(template), "no_attention_dropout": copy.deepcopy(template),
+              "compiled": copy.deepcopy(template)}
+    for layer in models["no_attention_dropout"].layers:
+        layer.attention.dropout = 0.0
+    models["compiled"].forward = torch.compile(models["compiled"].forward, dynamic=True)
+
+    def clients_pass(model):
+        for hidden, lengths, labels in batches:
+            model.zero_grad(set_to_none=True)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+            ctc_loss_on_cached(model.train(), hidden, lengths, labels, 0).backward()
+            opt.step()
+
+    t0 = time.perf_counter()
+    clients_pass(models["compiled"])  # compilation (and recompilation for new shapes) happens here
+    compile_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            clients_pass(model)
+            times[name].append((time.perf_counter() - t0) / clients)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"clients_per_repeat": clients, "attention_dropout": attention_dropout, "compile_first_pass_s": compile_s,
+            **{f"{name}_ms": 1e3 * m for name, m in median.items()},
+            "no_attention_dropout_over_as_trained": median["no_attention_dropout"] / median["as_trained"],
+            "compiled_over_as_trained": median["compiled"] / median["as_trained"]}
+
+
 def run() -> dict:
     from training.config import PROJECT_ROOT
 
     torch.set_num_threads(1)  # the machine is shared; one thread gives steadier ratios
-    result = {"dp_step": _dp_step_times(), "compression": _compression(), "client_model": _client_model_reuse()}
+    result = {"dp_step": _dp_step_times(), "compression": _compression(), "client_model": _client_model_reuse(),
+              "client_step_levers": _client_step_levers()}
     data_dir = PROJECT_ROOT / "datasets" / "synthgrid"
     if (data_dir / "manifests" / "train.tsv").is_file():
         result["flower_overhead"] = _flower_overhead(data_dir)
