@@ -234,7 +234,6 @@ def test_local_training_resumed_from_its_state_equals_an_uninterrupted_run():
     """train_local (the centralised baseline's loop): state after step 7 of 17 (mid-epoch, 5 batches per epoch),
     reloaded into a fresh model and loader, continues to the same parameters, loss and EMA; dropout, shuffling
     across epochs, Adam's moments and the linear lr decay included."""
-    from privacy.federated.server_checkpoint import read_checkpoint, write_checkpoint
     from privacy.federated.task import train_local
 
     kwargs = dict(steps=17, lr=0.05, optimizer="adam", lr_decay="linear", ema=0.6)
@@ -243,18 +242,11 @@ def test_local_training_resumed_from_its_state_equals_an_uninterrupted_run():
     whole = train_local(model, loader, loss_fn, checkpoint_every=7, on_checkpoint=states.append, **kwargs)
     assert [s["done"] for s in states] == [7, 14]
 
-    def save_and_load(state):  # through the file, as the run directory keeps it
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            write_checkpoint(Path(d) / "c.npz", state)
-            return read_checkpoint(Path(d) / "c.npz")
-
     model_b, loader_b, _ = _mlp_and_loader(1)  # another start: everything that matters comes from the state
     import torch
 
     torch.manual_seed(123)
-    resumed = train_local(model_b, loader_b, loss_fn, resume_from=save_and_load(states[0]), **kwargs)
+    resumed = train_local(model_b, loader_b, loss_fn, resume_from=_through_file(states[0]), **kwargs)
     assert resumed == whole
     for (name, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
@@ -338,85 +330,68 @@ def test_dp_sgd_resumed_from_its_state_continues_the_privacy_ledger():
         _tiny_dp_run(17, resume_from=forged)
 
 
+def _interrupted_hydra_centralised_run(tmp_path, monkeypatch, *dp_overrides: str) -> dict:
+    """A federated=none run (24 steps over a 4-batch union: six epochs; checkpoints every 5 steps, rounded up to
+    whole log windows of 2, so every 6) uninterrupted, and the same run Ctrl-C'd at step 14 and started again with
+    the same command. Returns both runs' metrics and stage directories and the interrupted attempt's checkpoint
+    (asserted to be after step 12)."""
+    import training.wav2vec2.finetune as finetune
+    from tests.test_fl_synthgrid import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    overrides = ("federated=none", *dp_overrides, "federated.num_rounds=3", "federated.local_steps=4",
+                 "trainer.log_every=2", "trainer.ckpt_every=5")
+    whole_cfg = _cfg(corpus, tmp_path / "whole", *overrides)
+    whole = finetune.run_wav2vec2_task(whole_cfg)
+    assert whole["steps"] == 24
+    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
+    stage_dir = Path(cfg.paths.run_dir) / "federated"
+    step_log = finetune._step_log
+
+    def dies_at_step_14(logger, total, every, initial=0):
+        inner = step_log(logger, total, every, initial)
+
+        def on_step(done, loss, examples):
+            inner(done, loss, examples)
+            if done == 14:
+                raise KeyboardInterrupt
+
+        return on_step
+
+    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_wav2vec2_task(cfg)
+    checkpoint = read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)
+    assert checkpoint["done"] == 12
+    monkeypatch.setattr(finetune, "_step_log", step_log)
+    resumed = finetune.run_wav2vec2_task(cfg)
+    return {"whole": whole, "resumed": resumed, "checkpoint": checkpoint, "stage_dir": stage_dir,
+            "whole_dir": Path(whole_cfg.paths.run_dir) / "federated"}
+
+
 def test_an_interrupted_hydra_dp_sgd_centralised_run_resumes_with_its_ledger(tmp_path, monkeypatch):
     """federated=none dp=local (DP-SGD on the union): stopped at step 14 with checkpoints every 6, the same command
     continues after step 12 and ends with the epsilon, noise multiplier, step count and log length of an
     uninterrupted run; the checkpoint holds the ledger of its 12 steps."""
     pytest.importorskip("opacus")
-    import training.wav2vec2.finetune as finetune
     from privacy.dp import ClientPrivacyAccountant
-    from tests.test_fl_synthgrid import _cfg, _write_corpus
 
-    corpus = _write_corpus(tmp_path / "corpus")
-    overrides = ("federated=none", "dp=local", "dp.target_epsilon=8", "federated.num_rounds=3", "federated.local_steps=4",
-                 "trainer.log_every=2", "trainer.ckpt_every=5")
-    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
-    assert whole["steps"] == 24
-    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
-    stage_dir = Path(cfg.paths.run_dir) / "federated"
-    step_log = finetune._step_log
-
-    def dies_at_step_14(logger, total, every, initial=0):
-        inner = step_log(logger, total, every, initial)
-
-        def on_step(done, loss, examples):
-            inner(done, loss, examples)
-            if done == 14:
-                raise KeyboardInterrupt
-
-        return on_step
-
-    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.run_wav2vec2_task(cfg)
-    saved = read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)
-    assert saved["done"] == 12
-    assert ClientPrivacyAccountant.from_state(json.loads(saved["dp_ledger"])).steps == 12
-    monkeypatch.setattr(finetune, "_step_log", step_log)
-    resumed = finetune.run_wav2vec2_task(cfg)
+    run = _interrupted_hydra_centralised_run(tmp_path, monkeypatch, "dp=local", "dp.target_epsilon=8")
+    assert ClientPrivacyAccountant.from_state(json.loads(run["checkpoint"]["dp_ledger"])).steps == 12
     for key in ("steps", "epsilon/max", "noise_multiplier"):
-        assert resumed[key] == whole[key], key
-    assert resumed["epsilon/max"] <= 8.0 * 1.001
-    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
-    assert len((stage_dir / "log.csv").read_text().splitlines()) == len((whole_dir / "log.csv").read_text().splitlines())
+        assert run["resumed"][key] == run["whole"][key], key
+    assert run["resumed"]["epsilon/max"] <= 8.0 * 1.001
+    assert len((run["stage_dir"] / "log.csv").read_text().splitlines()) == len((run["whole_dir"] / "log.csv").read_text().splitlines())
 
 
 def test_an_interrupted_hydra_centralised_baseline_resumes_exactly(tmp_path, monkeypatch):
     """federated=none (24 steps over a 4-batch union: six epochs), checkpoints every 6 steps, Ctrl-C at step 14:
     the same command continues after step 12 to the uninterrupted run's model, metrics and log."""
-    import training.wav2vec2.finetune as finetune
-    from tests.test_fl_synthgrid import _cfg, _write_corpus
-
-    corpus = _write_corpus(tmp_path / "corpus")
-    overrides = ("federated=none", "dp=none", "federated.num_rounds=3", "federated.local_steps=4", "trainer.log_every=2",
-                 "trainer.ckpt_every=5")
-    whole = finetune.run_wav2vec2_task(_cfg(corpus, tmp_path / "whole", *overrides))
-    assert whole["steps"] == 24
-    cfg = _cfg(corpus, tmp_path / "runs", *overrides)
-    stage_dir = Path(cfg.paths.run_dir) / "federated"
-    step_log = finetune._step_log
-
-    def dies_at_step_14(logger, total, every, initial=0):
-        inner = step_log(logger, total, every, initial)
-
-        def on_step(done, loss, examples):
-            inner(done, loss, examples)
-            if done == 14:
-                raise KeyboardInterrupt
-
-        return on_step
-
-    monkeypatch.setattr(finetune, "_step_log", dies_at_step_14)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.run_wav2vec2_task(cfg)
-    assert read_checkpoint(stage_dir / finetune.CENTRALISED_CHECKPOINT)["done"] == 12  # ckpt_every 5 -> whole log windows of 2
-    monkeypatch.setattr(finetune, "_step_log", step_log)
-    resumed = finetune.run_wav2vec2_task(cfg)
+    run = _interrupted_hydra_centralised_run(tmp_path, monkeypatch, "dp=none")
     for key in ("wer", "cer", "test_loss", "train_loss", "steps"):
-        assert resumed[key] == whole[key], key
-    whole_dir = Path(_cfg(corpus, tmp_path / "whole", *overrides).paths.run_dir) / "federated"
-    assert (stage_dir / "log.csv").read_text() == (whole_dir / "log.csv").read_text()
-    a, b = np.load(stage_dir / "global_model.npz"), np.load(whole_dir / "global_model.npz")
+        assert run["resumed"][key] == run["whole"][key], key
+    assert (run["stage_dir"] / "log.csv").read_text() == (run["whole_dir"] / "log.csv").read_text()
+    a, b = np.load(run["stage_dir"] / "global_model.npz"), np.load(run["whole_dir"] / "global_model.npz")
     assert all(np.array_equal(a[k], b[k]) for k in b.files)
 
 

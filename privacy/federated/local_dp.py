@@ -99,11 +99,13 @@ class LocalDPSession:
     def to_json(self) -> str:
         return json.dumps(self.accountant.to_state())
 
-    def restore(self, saved: str) -> None:
-        """Continue the ledger of a :meth:`to_json` (a checkpoint's), before :meth:`attach`: the steps recorded
-        from then on add to it."""
+    def restore(self, saved: str, steps: int) -> None:
+        """Continue the ledger of a :meth:`to_json` (a checkpoint's, after its `steps` steps), before :meth:`attach`:
+        the steps recorded from then on add to it."""
         accountant = ClientPrivacyAccountant.from_state(json.loads(saved))
         if accountant.mechanism != self.accountant.mechanism:
             raise ValueError(f"the saved privacy ledger composes with the {accountant.mechanism!r} accountant, this run with "
                              f"{self.accountant.mechanism!r} (dp-accountant)")
+        if accountant.steps != int(steps):
+            raise ValueError(f"the state is after step {steps} but its privacy ledger counts {accountant.steps} steps")
         self.accountant = accountant
