@@ -21,6 +21,11 @@
    SGD step; interleaved, ratio of medians.
 5. The same client step (the reused model) as trained, without attention dropout, and compiled with
    torch.compile: what a round could save (section 5's docstring); interleaved, ratios of medians.
+6. The message path around that step (session 20; py-spy put it at ~35 % of a round of ~400 one-step clients):
+   seeding torch, decoding the global state, encoding the reply, and the server's decode and wire-byte count of
+   the reply, as Flower's own calls do it (torch.manual_seed, Array.numpy, each object's id recomputed) against
+   this project's (common.seeding.seed_torch, task.arrays_to_state, compression.wire_nbytes_with_part), which
+   give the same results (tests); interleaved, ratio of medians; and both as a fraction of section 5's step.
 """
 
 from __future__ import annotations
@@ -288,12 +293,65 @@ def _client_step_levers(clients: int = 40, repeats: int = 5) -> dict:
             "compiled_over_as_trained": median["compiled"] / median["as_trained"]}
 
 
+# --------------------------------------------------------------------------- 6. the message path around a client step
+def _message_path(messages: int = 200, repeats: int = 5) -> dict:
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from common.seeding import seed_torch
+    from models.wav2vec2 import build_wav2vec2_ctc
+    from models.wav2vec2_lora import CachedTopCTC, add_lora
+    from privacy.federated.compression import wire_nbytes_with_part
+    from privacy.federated.runner import _set_task_identity
+    from privacy.federated.task import arrays_to_state, compute_delta, federated_state, state_to_arrays
+
+    torch.manual_seed(0)
+    model = CachedTopCTC(build_wav2vec2_ctc(60, size="tiny"), 3)
+    add_lora(model, 4, 8.0, ["q_proj", "v_proj"])
+    global_state = federated_state(model)
+    new_state = {name: value + np.float32(1e-3) for name, value in global_state.items()}
+    _set_task_identity(1)
+    global_arrays = state_to_arrays(global_state)
+
+    def wire_as_flower(obj) -> int:  # each object's id computed afresh, as compression.wire_nbytes did until session 20
+        return sum(len(child.deflate()) + len(object_id) for object_id, child in get_all_nested_objects(obj).items())
+
+    def one_message(flower: bool, seed: int) -> int:
+        torch.manual_seed(seed) if flower else seed_torch(seed)
+        state = {n: a.numpy() for n, a in global_arrays.items()} if flower else arrays_to_state(global_arrays)
+        reply = Message(RecordDict({"arrays": state_to_arrays(compute_delta(new_state, state)),
+                                    "metrics": MetricRecord({"num-examples": 2, "partition-id": seed})}),
+                        dst_node_id=5, message_type="train")
+        if flower:  # the server: bytes of the reply and of its arrays, then the update
+            sent, arrays = wire_as_flower(reply), wire_as_flower(reply.content["arrays"])
+            {n: a.numpy() for n, a in reply.content["arrays"].items()}
+        else:
+            sent, arrays = wire_nbytes_with_part(reply, reply.content["arrays"])
+            arrays_to_state(reply.content["arrays"])
+        return sent - arrays
+
+    assert one_message(True, 7) == one_message(False, 7)
+    times: dict[str, list[float]] = {"flower_calls": [], "this_project": []}
+    for _ in range(repeats):
+        for name in times:
+            t0 = time.perf_counter()
+            for i in range(messages):
+                one_message(name == "flower_calls", i)
+            times[name].append((time.perf_counter() - t0) / messages)
+    flower, ours = statistics.median(times["flower_calls"]), statistics.median(times["this_project"])
+    return {"messages_per_repeat": messages, "trainable_parameters": int(sum(v.size for v in global_state.values())),
+            "flower_calls_ms": 1e3 * flower, "this_project_ms": 1e3 * ours, "this_project_over_flower_calls": ours / flower}
+
+
 def run() -> dict:
     from training.config import PROJECT_ROOT
 
     torch.set_num_threads(1)  # the machine is shared; one thread gives steadier ratios
     result = {"dp_step": _dp_step_times(), "compression": _compression(), "client_model": _client_model_reuse(),
-              "client_step_levers": _client_step_levers()}
+              "client_step_levers": _client_step_levers(), "message_path": _message_path()}
+    step = result["client_step_levers"]["as_trained_ms"]
+    result["message_path"]["as_fraction_of_the_step"] = {
+        "flower_calls": result["message_path"]["flower_calls_ms"] / step, "this_project": result["message_path"]["this_project_ms"] / step}
     data_dir = PROJECT_ROOT / "datasets" / "synthgrid"
     if (data_dir / "manifests" / "train.tsv").is_file():
         result["flower_overhead"] = _flower_overhead(data_dir)

@@ -408,3 +408,29 @@ def test_topk_keep_biases_sends_every_1d_parameter_and_picks_topk_among_the_matr
     assert np.count_nonzero(matrices) == int(np.ceil(0.05 * (x.size - 52)))
     plain = decompress(build_compressor("topk", topk_fraction=0.05).compress(delta), LORA_SHAPES)
     assert not plain["lm_head.bias"].any()
+
+
+@pytest.mark.parametrize("name, kwargs", [("none", {}), ("int8", {"int8_block_size": 256}), ("topk", {"topk_fraction": 0.05})])
+def test_wire_bytes_with_part_are_the_sum_over_the_message_tree(name, kwargs):
+    """The cached-id measurement (one pass, Flower's no_object_id_recompute) gives the bytes of the plain definition:
+    every distinct object of the tree, deflated, plus its id; the part is the reply's ArrayRecord subtree."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from privacy.federated.compression import wire_nbytes_with_part
+    from privacy.federated.runner import _set_task_identity
+    from privacy.federated.task import state_to_arrays
+
+    def plain(obj):
+        return sum(len(child.deflate()) + len(object_id) for object_id, child in get_all_nested_objects(obj).items())
+
+    _set_task_identity(1)
+    arrays = state_to_arrays(build_compressor(name, **kwargs).compress(_lora_delta()))
+    reply = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 2, "partition-id": 7})}),
+                    dst_node_id=5, message_type="train")
+    total, part = wire_nbytes_with_part(reply, reply.content["arrays"])
+    assert total == plain(reply) == wire_nbytes(reply)
+    assert part == plain(reply.content["arrays"]) and 0 < part < total
+    assert total - part < 1_000  # the message, its RecordDict and the metrics around the update
+    with pytest.raises(ValueError, match="not nested"):
+        wire_nbytes_with_part(reply, state_to_arrays({"w": np.ones(3, np.float32)}))

@@ -1201,3 +1201,35 @@ def test_a_prv_calibrated_population_run_is_cross_checked_with_dp_accountings_pl
     assert 0 < metrics["epsilon/max"] <= 8.0 * 1.001 and "epsilon/independent_rdp" not in metrics
     assert metrics["epsilon/independent_rel_diff"] < 0.03 and metrics["epsilon/independent_pld"] > 0
     assert "-prv" in next((tmp_path / "runs").glob("**/federated")).parent.parent.name
+
+
+def test_arrays_decode_as_flower_decodes_them_and_parse_each_header_once():
+    """arrays_to_state parses a .npy header once and then copies the bytes after it: the arrays equal Array.numpy()'s
+    (dtype, shape, memory order, values, writeable) for every kind an update or a state holds."""
+    from flwr.app import Array, ArrayRecord
+
+    from privacy.federated import task
+    from privacy.federated.task import arrays_to_state
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "lora_A": rng.standard_normal((4, 128)).astype(np.float32), "scalar": np.array(3.5, np.float32),
+        "empty": np.zeros((0, 4), np.int8), "fortran": np.asfortranarray(rng.standard_normal((3, 4))),
+        "big_endian": np.arange(5, dtype=">i4"), "bools": np.array([True, False]), "half": rng.random(6).astype(np.float16),
+        "packed": rng.integers(0, 255, 1000).astype(np.uint8),
+    }
+    record = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    task._NPY_HEADERS.clear()
+    for attempt in range(2):
+        decoded = arrays_to_state(record)
+        for name, value in arrays.items():
+            flower = record[name].numpy()
+            got = decoded[name]
+            assert got.dtype == flower.dtype and got.shape == flower.shape, name
+            assert got.flags.f_contiguous == flower.flags.f_contiguous and got.flags.writeable, name
+            np.testing.assert_array_equal(got, flower)
+        assert len(task._NPY_HEADERS) == len(arrays)  # each distinct header parsed once, on the first pass
+    # an array whose bytes do not match its header goes through np.load, which says what is wrong
+    broken = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=record["lora_A"].data[:-4])
+    with pytest.raises(ValueError):
+        arrays_to_state(ArrayRecord({"w": broken}))

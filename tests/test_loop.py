@@ -352,3 +352,21 @@ def test_wandb_logger_runs_offline_inside_the_run_dir(tmp_path):
     logger.close()
     assert state["wandb_id"] and list((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
     assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "x": 1.0}]
+
+
+def test_seed_torch_draws_what_torch_manual_seed_draws():
+    """A federated client seeds torch with seed_torch (no lazy CUDA seeding on a CPU build): the same normal draws,
+    dropout masks and permutations as after torch.manual_seed, and the same generator state."""
+    from common.seeding import seed_torch
+
+    def draws():
+        return torch.randn(5), torch.nn.functional.dropout(torch.ones(64), 0.5, training=True), torch.randperm(9)
+
+    for seed in (0, 1, 100003 * 3 + 1009 * 7 + 12345):
+        torch.manual_seed(seed)
+        expected, state = draws(), torch.get_rng_state()
+        torch.manual_seed(seed + 1)  # move the generator away first
+        seed_torch(seed)
+        for got, want in zip(draws(), expected):
+            assert torch.equal(got, want)
+        assert torch.equal(torch.get_rng_state(), state)

@@ -44,6 +44,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.device import resolve_device
+from common.seeding import seed_torch
 from privacy.federated.compression import build_compressor
 from privacy.federated.settings import client_evaluation_enabled, resolve_run_config
 from privacy.federated.task import (
@@ -115,7 +116,7 @@ def handle_train(msg: Message, context: Context, overrides: Optional[Mapping[str
     # sequential grid, a Ray worker) and whatever order. NumPy's too: transformers draws Wav2Vec2's SpecAugment time
     # masks from np.random, which nothing seeded here before, so full-model runs differed from process to process
     client_seed = int(cfg["seed"]) * 100003 + server_round * 1009 + partition_id
-    torch.manual_seed(client_seed)
+    seed_torch(client_seed)
     np.random.seed(client_seed % 2**32)
 
     task = load_task(cfg)

@@ -556,9 +556,26 @@ def wire_nbytes(obj) -> int:
     sent in the same tree (same id) is not sent again. This sums exactly those
     bytes; the gRPC/HTTP-2 framing around them is not counted.
     """
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    return wire_nbytes_with_part(obj)[0]
 
-    return int(sum(len(child.deflate()) + len(object_id) for object_id, child in get_all_nested_objects(obj).items()))
+
+def wire_nbytes_with_part(obj, part=None) -> tuple[int, int]:
+    """(bytes on the wire of ``obj``, of which those of ``part``, an object nested in it, e.g. a reply's ArrayRecord).
+
+    Each object is deflated once for its id and once for its size, inside Flower's ``no_object_id_recompute`` (an
+    object's id is the hash of its content, which holds its children's ids: without it every id was recomputed,
+    down the whole tree, each time a parent was deflated). The server measures every reply this way:
+    benchmarks/bench_fl_dp.py, "message_path".
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+
+    with no_object_id_recompute():
+        sizes = {object_id: len(child.deflate()) + len(object_id) for object_id, child in get_all_nested_objects(obj).items()}
+        part_ids = get_all_nested_objects(part).keys() if part is not None else ()
+        missing = [object_id for object_id in part_ids if object_id not in sizes]
+        if missing:
+            raise ValueError(f"wire_nbytes_with_part: {type(part).__name__} is not nested in the {type(obj).__name__} measured")
+        return int(sum(sizes.values())), int(sum(sizes[object_id] for object_id in part_ids))
 
 
 def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:

@@ -68,7 +68,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privacy.dp import ACCOUNTANTS, central_noise_multiplier_for_budget
-from privacy.federated.compression import MalformedPayload, NoCompression, decompress, wire_nbytes
+from privacy.federated.compression import MalformedPayload, NoCompression, decompress, wire_nbytes, wire_nbytes_with_part
 from privacy.federated.task import apply_delta, arrays_to_state, state_to_arrays, update_norm
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,10 @@ class ValidatingStrategy(Strategy):
                     f"num-examples {weight!r} exceeds {self.max_num_examples:g}, the most a client can have processed in a round "
                     f"(max-num-examples, or local-steps x batch-size)"
                 )
-        sent = wire_nbytes(reply)
+        sent, sent_arrays = wire_nbytes_with_part(reply, content["arrays"])
         payload = arrays_to_state(content["arrays"])
         delta = validate_update(payload, self.current, self.max_update_norm)
-        dense = sent - wire_nbytes(content["arrays"]) + self._dense_nbytes(delta)
+        dense = sent - sent_arrays + self._dense_nbytes(delta)
         if sent > 1.5 * dense + 4096:
             raise UpdateRejected(f"reply of {sent} bytes is larger than the dense update would be ({dense} bytes)")
         return delta, metrics, sent, dense
