@@ -854,7 +854,11 @@ def _distinct_plain_labels(by_system: dict[tuple, Run]) -> dict[tuple, str]:
 
 def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     """Per-round federated evaluation (clients' held-out utterances) of every FL run: CTC loss and WER,
-    each on its own automatic scale (log when the values span more than a factor of 10)."""
+    each on its own automatic scale (log when the values span more than a factor of 10).
+
+    When the plotted systems spend their client steps at different rates (e.g. 100 rounds of ~1,600 clients
+    against 400 rounds of ~400), the x axis is the expected client steps so far (round x q x N x local steps), so
+    that schedules of one budget end at the same x; otherwise it is the round."""
     curves = []
     for run in runs:
         rounds_file = run.run_dir / "federated" / "federated_rounds.json"
@@ -886,7 +890,13 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         label, dp = names[system], system[AXES.index("dp.name")]
         common = sorted(set.intersection(*(set(m[0]) for m in members)))
         mean = lambda k: [statistics.mean(m[k][m[0].index(x)] for m in members) for x in common]
-        curves.append((label + (f" (mean of {len(members)} seeds)" if len(members) > 1 else ""), common, mean(1), mean(2), dp))
+        budget, rounds = _client_steps(first[system]), first[system].axis("federated.num_rounds")
+        per_round = budget / float(rounds) if budget and rounds else None
+        curves.append((label + (f" (mean of {len(members)} seeds)" if len(members) > 1 else ""), common, mean(1), mean(2), dp, per_round))
+    rates = {c[5] for c in curves}
+    by_client_steps = len(rates) > 1 and None not in rates
+    if by_client_steps:
+        curves = [(label, [r * per_round / 1000 for r in x], loss, wer, dp, per_round) for label, x, loss, wer, dp, per_round in curves]
     starts = [100 * r.metrics["federated:wer"] for r in runs if _no_training(r) and "federated:wer" in r.metrics]
     on_test = any(r.run_dir.joinpath("federated", "federated_rounds.json").is_file() and '"server_eval"' in
                   r.run_dir.joinpath("federated", "federated_rounds.json").read_text() for r in runs if "federated:wer" in r.metrics)
@@ -897,7 +907,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
     fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"local": "--", "central": ":"}  # line style = kind of DP, colour = run
     colours = _distinct_colours()
-    for i, (label, x, loss, wer, dp) in enumerate(sorted(curves)):
+    for i, (label, x, loss, wer, dp, _) in enumerate(sorted(curves)):
         kwargs = dict(ls=style.get(dp, "-"), marker="o", ms=3, color=colours[i % len(colours)])
         ax_loss.plot(x, loss, label=label, **kwargs)
         ax_wer.plot(x, wer, **kwargs)
@@ -906,7 +916,7 @@ def plot_federated_rounds(runs: list[Run], path: Path) -> bool:
         if positive and max(positive) / min(positive) > 10:
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
+        ax.set_xlabel("expected client steps so far (thousands; round x q x N x local steps)" if by_client_steps else "round")
         ax.grid(alpha=0.3)
     ax_loss.set_ylabel(f"CTC loss, {where}")
     ax_wer.set_ylabel(f"Word error rate, {where} (%)")

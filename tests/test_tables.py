@@ -680,3 +680,34 @@ def test_det_overlay_colours_systems_not_legend_texts(tmp_path, monkeypatch):
     make_tables(runs, tmp_path / "out")
     fig = next(f for f in figures if f.legends and any("semi-informed" in ax.get_title() for ax in f.axes))
     assert {t.get_text() for t in fig.legends[0].get_texts()} == {"no masks, max_steps=1000", "no masks, max_steps=3000"}
+
+
+def test_rounds_plot_puts_schedules_of_one_budget_on_a_client_step_axis(tmp_path, monkeypatch):
+    """100 rounds of ~1,600 clients and 400 rounds of ~400 spend the same client steps: with two such systems the
+    x axis is the expected client steps so far (round x q x N, in thousands), and both curves end at the budget;
+    systems of one rate keep the round axis."""
+    import matplotlib.figure
+
+    from scripts.make_tables import find_runs, plot_federated_rounds
+
+    def write(runs, name, q, rounds):
+        cfg = population_config("fedadam", "central", 1)
+        cfg["federated"].update(num_clients=12800, cohort_rate=q, num_rounds=rounds, local_steps=1)
+        run = runs / name / "s1"
+        write_stage(run, "federated", cfg, {"wer": 0.55, "cer": 0.4, "dp/noise_from_os_csprng": 1})
+        evals = [{"server_round": r, "server_eval": {"loss": 2.0 - r / rounds, "wer": 0.6}} for r in (rounds // 2, rounds)]
+        (run / "federated" / "federated_rounds.json").write_text(json.dumps({"rounds": evals}))
+
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.update(
+        {"xlabel": fig.axes[0].get_xlabel(), **{line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()}}))
+    runs = tmp_path / "runs"
+    write(runs, "r100", 0.125, 100)
+    assert plot_federated_rounds(find_runs(runs), tmp_path / "one.png")
+    assert drawn["xlabel"] == "round"
+    write(runs, "r400", 0.03125, 400)
+    drawn.clear()
+    assert plot_federated_rounds(find_runs(runs), tmp_path / "two.png")
+    assert drawn["xlabel"].startswith("expected client steps so far")
+    curves = [x for label, x in drawn.items() if label != "xlabel"]
+    assert sorted(curves) == [[80.0, 160.0], [80.0, 160.0]]  # 50 x 1,600 and 200 x 400 clients, then the budget
