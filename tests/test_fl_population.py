@@ -1233,3 +1233,28 @@ def test_arrays_decode_as_flower_decodes_them_and_parse_each_header_once():
     broken = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=record["lora_A"].data[:-4])
     with pytest.raises(ValueError):
         arrays_to_state(ArrayRecord({"w": broken}))
+
+
+def test_400_round_experiment_spends_the_12800_client_budget_on_four_times_the_server_steps():
+    import training.config  # noqa: F401  (resolvers, schemas)
+    from privacy.dp import noise_multiplier_for_budget
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        overrides = ["paths.data_dir=/nonexistent"]  # the plan from the configuration alone, not a prepared corpus
+        named = compose("config", overrides=["experiment=fl_population_12800_adam_bc_r400", *overrides])
+        spelled = compose("config", overrides=["experiment=fl_population_12800_adam_bc", "federated.cohort_rate=0.03125",
+                                               "federated.num_rounds=400", "federated.server_eval_every=40", *overrides])
+        base = compose("config", overrides=["experiment=fl_population_12800_adam_bc", *overrides])
+    assert named == spelled  # what session 20's runs were started with
+    assert named.run_name == "wav2vec2_tiny-lora-ctc-fedadam-slr0.01-b0.9-0.999-tau1e-08-sgd1-bc0.3-c12800-r400-cdp-eps8.0-b400x1q0.03125"
+    fed, small = named.federated, base.federated
+    assert fed.num_rounds * fed.cohort_rate * fed.num_clients == small.num_rounds * small.cohort_rate * small.num_clients == 160_000
+    assert fed.num_rounds == 4 * small.num_rounds
+    for key in ("server_lr", "server_adam_bc", "local_steps", "num_clients"):
+        assert fed[key] == small[key], key
+    assert named.dp == base.dp and named.data == base.data
+    # the price: 2.8x the noise per coordinate on each released mean (sigma C / (q N)), as at epsilon ~2 of 100 rounds
+    noise = noise_multiplier_for_budget(8.0, 1e-5, 0.03125, 400, "rdp") / 400
+    noise_100 = noise_multiplier_for_budget(8.0, 1e-5, 0.125, 100, "rdp") / 1600
+    assert 2.7 < noise / noise_100 < 2.9
+    assert noise_multiplier_for_budget(3.0, 1e-5, 0.125, 100, "rdp") / 1600 < noise < noise_multiplier_for_budget(1.0, 1e-5, 0.125, 100, "rdp") / 1600
