@@ -21,7 +21,7 @@
    SGD step; interleaved, ratio of medians.
 5. The same client step (the reused model) as trained, without attention dropout, and compiled with
    torch.compile: what a round could save (section 5's docstring); interleaved, ratios of medians.
-6. The message path around that step (session 20; py-spy put it at ~35 % of a round of ~400 one-step clients):
+6. The message path around that step (session 20; py-spy put 39 % of a round of ~400 one-step clients outside the step):
    seeding torch, decoding the global state, encoding the reply, and the server's decode and wire-byte count of
    the reply, as Flower's own calls do it (torch.manual_seed, Array.numpy, each object's id recomputed) against
    this project's (common.seeding.seed_torch, task.arrays_to_state, compression.wire_nbytes_with_part), which

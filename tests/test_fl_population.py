@@ -1203,7 +1203,7 @@ def test_a_prv_calibrated_population_run_is_cross_checked_with_dp_accountings_pl
     assert "-prv" in next((tmp_path / "runs").glob("**/federated")).parent.parent.name
 
 
-def test_arrays_decode_as_flower_decodes_them_and_parse_each_header_once():
+def test_arrays_decode_as_flower_decodes_them_and_parse_each_header_once(monkeypatch):
     """arrays_to_state parses a .npy header once and then copies the bytes after it: the arrays equal Array.numpy()'s
     (dtype, shape, memory order, values, writeable) for every kind an update or a state holds."""
     from flwr.app import Array, ArrayRecord
@@ -1229,6 +1229,11 @@ def test_arrays_decode_as_flower_decodes_them_and_parse_each_header_once():
             assert got.flags.f_contiguous == flower.flags.f_contiguous and got.flags.writeable, name
             np.testing.assert_array_equal(got, flower)
         assert len(task._NPY_HEADERS) == len(arrays)  # each distinct header parsed once, on the first pass
+    # the cache is bounded: past its size, headers are parsed every time (a client cannot grow the server's memory)
+    monkeypatch.setattr(task, "_NPY_HEADERS_KEPT", len(arrays))
+    odd = ArrayRecord({"odd": Array(np.zeros((7, 3), np.float32))})
+    np.testing.assert_array_equal(arrays_to_state(odd)["odd"], np.zeros((7, 3), np.float32))
+    assert len(task._NPY_HEADERS) == len(arrays)
     # an array whose bytes do not match its header goes through np.load, which says what is wrong
     broken = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=record["lora_A"].data[:-4])
     with pytest.raises(ValueError):

@@ -131,6 +131,7 @@ def state_to_arrays(state: Mapping[str, np.ndarray]):
 
 # the parsed header of each .npy header seen (bytes -> dtype, fortran order, shape, data offset); see _array_numpy
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, bool, tuple[int, ...], int]] = {}
+_NPY_HEADERS_KEPT = 1024
 
 
 def _array_numpy(array) -> np.ndarray:
@@ -158,7 +159,9 @@ def _array_numpy(array) -> np.ndarray:
         shape, fortran, dtype = read_header(stream)
         if dtype.hasobject or stream.tell() != offset:
             return array.numpy()
-        parsed = _NPY_HEADERS[header] = (dtype, fortran, shape, offset)
+        parsed = (dtype, fortran, shape, offset)
+        if len(_NPY_HEADERS) < _NPY_HEADERS_KEPT:  # bounded: a client sending ever new shapes cannot grow the server
+            _NPY_HEADERS[header] = parsed
     dtype, fortran, shape, offset = parsed
     count = int(np.prod(shape, dtype=np.int64))
     if len(data) != offset + count * dtype.itemsize:
