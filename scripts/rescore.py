@@ -228,7 +228,8 @@ def markdown(summary: dict[str, Any]) -> str:
     for row in summary["rows"]:
         low, high = row["wer_mean_ci"]
         own = f"{row['own_test_wer_mean']:.1f}" if row["own_test_wer_mean"] is not None else "-"
-        diff = ("baseline", "-", "-") if "diff" not in row else (
+        is_base = row["label"] == summary["baseline"]  # without --baseline no row is one, and there is no Δ
+        diff = (("baseline" if is_base else "-"), "-", "-") if "diff" not in row else (
             f"{row['diff']:+.1f}", f"[{row['diff_ci'][0]:+.1f}, {row['diff_ci'][1]:+.1f}]", f"{row['diff_seed_std']:.1f}")
         lines.append(f"| {row['label']} | {len(row['seeds'])} | {' / '.join(f'{v:.1f}' for v in row['wer'])} | "
                      f"{row['wer_mean']:.1f} ± {row['wer_std']:.1f} | [{low:.1f}, {high:.1f}] | {row['test_loss_mean']:.3f} | {own} | "

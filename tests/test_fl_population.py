@@ -150,6 +150,25 @@ def test_central_dp_clips_every_update_and_divides_by_the_expected_cohort():
     assert metrics["noise_norm"] == 0.0 and metrics["signal_norm"] > 0
 
 
+def test_noise_std_on_the_released_mean_is_the_noise_a_round_adds(caplog):
+    """The start-up log's sigma C / (q N) is the std per coordinate of what an empty cohort's round releases (the
+    noise alone); without DP it is 0."""
+    from privacy.federated.strategy import PoissonCohortFedAvg
+    from privacy.federated.task import arrays_to_state, state_to_arrays
+
+    n, q, sigma, clip = 50, 0.2, 1.5, 0.5
+    strategy = PoissonCohortFedAvg(n, q, noise_multiplier=sigma, clipping_norm=clip, reproducible_seed=4)
+    assert strategy.noise_std_on_mean() == pytest.approx(sigma * clip / (q * n)) == pytest.approx(0.075)
+    with caplog.at_level("INFO", logger="privacy.federated.strategy"):
+        strategy.summary()
+    assert "noise std on the released mean 0.075 per coordinate" in caplog.text
+    current = {"w": np.zeros(40_000, np.float32)}
+    strategy.configure_train(1, state_to_arrays(current), __import__("flwr").app.ConfigRecord(), _Grid(n))
+    arrays, _ = strategy.aggregate_train(1, [])  # nobody replied: the round releases the noise alone
+    assert np.std(arrays_to_state(arrays)["w"]) == pytest.approx(strategy.noise_std_on_mean(), rel=0.02)
+    assert PoissonCohortFedAvg(n, q).noise_std_on_mean() == 0.0
+
+
 def test_server_momentum_and_learning_rate_act_on_the_released_mean():
     from flwr.app import ConfigRecord
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -260,6 +261,27 @@ def test_logger_writes_nonfinite_as_null_and_truncates_on_resume(tmp_path):
     RunLogger(tmp_path).load_state_dict(state)
     assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "a": 1.5}]
     assert (tmp_path / "log.csv").read_text() == "step,key,value\n1,a,1.5\n"
+
+
+def test_logger_state_fsyncs_the_lines_it_counts(tmp_path, monkeypatch):
+    """A checkpoint records the logs' byte lengths; those bytes must be on disk before it, or a machine crash leaves
+    logs shorter than the checkpoint says (entries lost on resume)."""
+    import training.run_logger as run_logger
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(run_logger.os, "fsync", recording_fsync)
+    logger = RunLogger(tmp_path)
+    logger.log(1, {"a": 1.5})
+    assert synced == []  # appends are not flushed one by one
+    state = logger.state_dict()
+    assert sorted(synced) == sorted([(str((tmp_path / "log.csv").resolve()), state["csv_bytes"]),
+                                     (str((tmp_path / "log.jsonl").resolve()), state["jsonl_bytes"])])
 
 
 # --------------------------------------------------------------------------- bad steps and hook order

@@ -59,6 +59,23 @@ def test_speaker_bootstrap_wer_brackets_the_corpus_wer_pairs_systems_and_narrows
         speaker_bootstrap_wer([errors[:-1]], words, speakers)
 
 
+def test_the_report_names_a_baseline_row_only_when_there_is_one():
+    from scripts.rescore import markdown
+
+    def row(label, diff=None):
+        r = {"label": label, "seeds": [1], "wer": [50.0], "wer_mean": 50.0, "wer_std": 0.0, "wer_mean_ci": (49.0, 51.0),
+             "test_loss_mean": 1.5, "own_test_wer_mean": None}
+        if diff is not None:
+            r.update(diff=diff, diff_ci=(diff - 1, diff + 1), diff_seed_std=0.0)
+        return r
+
+    common = {"split": "test", "corpus": "c", "utterances": 20, "speakers": 2, "resamples": 10}
+    without = markdown({**common, "baseline": None, "rows": [row("a"), row("b")]})
+    assert "baseline" not in without and without.count("| - | - | - |") == 2
+    with_base = markdown({**common, "baseline": "a", "rows": [row("a"), row("b", diff=2.0)]})
+    assert with_base.count("| baseline | - | - |") == 1 and "| +2.0 | [+1.0, +3.0] | 0.0 |" in with_base
+
+
 # --------------------------------------------------------------------------- the script, end to end
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
