@@ -158,15 +158,15 @@ def test_noise_std_on_the_released_mean_is_the_noise_a_round_adds(caplog):
 
     n, q, sigma, clip = 50, 0.2, 1.5, 0.5
     strategy = PoissonCohortFedAvg(n, q, noise_multiplier=sigma, clipping_norm=clip, reproducible_seed=4)
-    assert strategy.noise_std_on_mean() == pytest.approx(sigma * clip / (q * n)) == pytest.approx(0.075)
+    assert strategy.mean_noise_std() == pytest.approx(sigma * clip / (q * n)) == pytest.approx(0.075)
     with caplog.at_level("INFO", logger="privacy.federated.strategy"):
         strategy.summary()
     assert "noise std on the released mean 0.075 per coordinate" in caplog.text
     current = {"w": np.zeros(40_000, np.float32)}
     strategy.configure_train(1, state_to_arrays(current), __import__("flwr").app.ConfigRecord(), _Grid(n))
     arrays, _ = strategy.aggregate_train(1, [])  # nobody replied: the round releases the noise alone
-    assert np.std(arrays_to_state(arrays)["w"]) == pytest.approx(strategy.noise_std_on_mean(), rel=0.02)
-    assert PoissonCohortFedAvg(n, q).noise_std_on_mean() == 0.0
+    assert np.std(arrays_to_state(arrays)["w"]) == pytest.approx(strategy.mean_noise_std(), rel=0.02)
+    assert PoissonCohortFedAvg(n, q).mean_noise_std() == 0.0
 
 
 def test_server_momentum_and_learning_rate_act_on_the_released_mean():

@@ -680,16 +680,8 @@ class PoissonCohortFedAvg(Strategy):
         log.info("PoissonCohortFedAvg(N=%d, q=%g, expected cohort %.1f, %s, %s)", self.population,
                  self.cohort_rate, self.population * self.cohort_rate, server,
                  f"user-level DP: sigma={self.noise_multiplier:.4g}, C={self.clipping_norm:g}, {self.accountant.upper()} accountant, "
-                 f"noise std on the released mean {self.noise_std_on_mean():.3g} per coordinate"
+                 f"noise std on the released mean {self.mean_noise_std():.3g} per coordinate"
                  if self.private else "no DP")
-
-    def noise_std_on_mean(self) -> float:
-        """sigma C / (q N): the std per coordinate of the DP noise on each round's released mean (the noised sum over
-        the expected cohort). At a fixed epsilon it, not sigma alone, compares schedules: it grows with the square root
-        of the rounds whatever the cohort (docs/results.md, session 20). 0 without DP."""
-        if not self.private:
-            return 0.0
-        return float(self.noise_multiplier) * self.clipping_norm / (self.cohort_rate * self.population)
 
     def _generator(self, server_round: int, stream: int):
         import torch
@@ -812,7 +804,9 @@ class PoissonCohortFedAvg(Strategy):
         return lr_t * self.shrunk(self.velocity) / (np.sqrt(self.second_moment) + self.server_tau)
 
     def mean_noise_std(self) -> float:
-        """Per-coordinate standard deviation of the DP noise in a round's released mean: sigma C / (q N); 0 without DP."""
+        """Per-coordinate standard deviation of the DP noise in a round's released mean: sigma C / (q N); 0 without DP.
+        At a fixed epsilon it, not sigma alone, compares schedules: it grows with the square root of the rounds
+        whatever the cohort (docs/results.md, session 20); the start-up log states it."""
         if not self.private:
             return 0.0
         return float(self.noise_multiplier) * self.clipping_norm / (self.cohort_rate * self.population)
